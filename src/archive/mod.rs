@@ -1,0 +1,5 @@
+//! The two commands PostgreSQL calls: `archive-push` (archive_command) and `archive-get`
+//! (restore_command).
+
+pub mod get;
+pub mod push;

@@ -1,0 +1,70 @@
+//! Command-line arguments (the contract in DESIGN.md). Global flags are accepted before or after the
+//! subcommand and each has an environment variable, since `archive_command` strings are awkward to
+//! extend.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use crate::compress::Compression;
+
+/// pitr: PostgreSQL WAL archiving and point-in-time recovery to object storage.
+#[derive(Debug, Parser)]
+#[command(name = "pitr", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Flags every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Clone, Debug, Args)]
+pub struct GlobalArgs {
+    /// Repository: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
+    #[arg(long, global = true, env = "PITR_REPO", value_name = "URL")]
+    pub repo: Option<String>,
+    /// TOML config file (repo, compress); flags and environment override it.
+    #[arg(long, global = true, env = "PITR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Compression of new objects [default: zstd, level 3].
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_COMPRESS",
+        value_enum,
+        value_name = "ALGO"
+    )]
+    pub compress: Option<Compression>,
+    /// More detail on stderr (-vv for even more).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Archive one WAL file: archive_command = 'pitr archive-push %p'.
+    ///
+    /// Exits 0 only once the file is durably stored (or an identical copy already is); any failure
+    /// exits 1 so PostgreSQL keeps the file and retries.
+    ArchivePush {
+        /// The file to archive (%p), relative to the working directory (the data directory).
+        wal_path: PathBuf,
+    },
+    /// Fetch one WAL file: restore_command = 'pitr archive-get %f %p'.
+    ///
+    /// Exits 0 when written, 1 when the repository does not hold the file, 200 when the file exists
+    /// but cannot be fetched intact (so recovery stops instead of ending early).
+    ArchiveGet {
+        /// The file PostgreSQL wants (%f).
+        wal_name: String,
+        /// Where to write it (%p), relative to the working directory.
+        dest_path: PathBuf,
+    },
+}

@@ -1,0 +1,180 @@
+//! Resolved settings: flags > environment > config file > defaults.
+//!
+//! Flags and environment variables are merged by clap (`cli::GlobalArgs`); this module adds the TOML
+//! file (`--config` / `PITR_CONFIG`) underneath them and validates the result.
+//!
+//! ```toml
+//! repo = "s3://bucket/prefix"
+//! compress = "zstd"      # zstd | lz4 | none
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::cli::GlobalArgs;
+use crate::compress::Compression;
+
+/// The config file's contents. Unknown keys are refused so a typo is not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Repository URL.
+    pub repo: Option<String>,
+    /// Compression for new objects.
+    pub compress: Option<Compression>,
+}
+
+/// Why settings could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No repository from any source.
+    #[error("no repository configured")]
+    NoRepo,
+    /// The config file cannot be read.
+    #[error("read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, on one line.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// What to do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            ConfigError::NoRepo => {
+                "pass --repo URL, set PITR_REPO, or put repo = \"URL\" in the file named by --config / PITR_CONFIG"
+            }
+            ConfigError::Read { .. } => {
+                "check the path given by --config / PITR_CONFIG and its permissions"
+            }
+            ConfigError::Parse { .. } => {
+                "the file takes repo = \"URL\" and compress = \"zstd|lz4|none\""
+            }
+        }
+    }
+}
+
+/// Settings every command uses.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Repository URL.
+    pub repo: String,
+    /// Compression for new objects.
+    pub compress: Compression,
+    /// The config file in use, if any (passed on to `restore_command`s pitr writes).
+    pub config_path: Option<PathBuf>,
+}
+
+/// Read a config file.
+///
+/// # Errors
+/// `Read` or `Parse`.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.message().to_string(),
+    })
+}
+
+/// Merge flags/environment over the config file over defaults.
+///
+/// # Errors
+/// A `ConfigError`.
+pub fn resolve(args: &GlobalArgs) -> Result<Settings, ConfigError> {
+    let file = match &args.config {
+        Some(p) => read_file(p)?,
+        None => FileConfig::default(),
+    };
+    let repo = args
+        .repo
+        .clone()
+        .or(file.repo)
+        .filter(|r| !r.is_empty())
+        .ok_or(ConfigError::NoRepo)?;
+    let compress = args.compress.or(file.compress).unwrap_or_default();
+    Ok(Settings {
+        repo,
+        compress,
+        config_path: args.config.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(
+        repo: Option<&str>,
+        compress: Option<Compression>,
+        config: Option<PathBuf>,
+    ) -> GlobalArgs {
+        GlobalArgs {
+            repo: repo.map(Into::into),
+            compress,
+            config,
+            verbose: 0,
+            quiet: false,
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pitr.toml");
+        std::fs::write(&path, "repo = \"file:///from/file\"\ncompress = \"lz4\"\n").unwrap();
+        let s = resolve(&args(None, None, Some(path.clone()))).unwrap();
+        assert_eq!(
+            (s.repo.as_str(), s.compress),
+            ("file:///from/file", Compression::Lz4)
+        );
+        let s = resolve(&args(Some("s3://b/p"), Some(Compression::None), Some(path))).unwrap();
+        assert_eq!(
+            (s.repo.as_str(), s.compress),
+            ("s3://b/p", Compression::None)
+        );
+        let s = resolve(&args(Some("file:///x"), None, None)).unwrap();
+        assert_eq!(s.compress, Compression::Zstd);
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        assert!(matches!(
+            resolve(&args(None, None, None)),
+            Err(ConfigError::NoRepo)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pitr.toml");
+        std::fs::write(&path, "repository = \"typo\"\n").unwrap();
+        let err = resolve(&args(None, None, Some(path.clone()))).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Parse { .. }) && err.to_string().contains("pitr.toml"),
+            "{err}"
+        );
+        std::fs::write(&path, "compress = \"brotli\"\n").unwrap();
+        assert!(matches!(
+            resolve(&args(None, None, Some(path))),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            resolve(&args(None, None, Some(dir.path().join("missing.toml")))),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

@@ -1,0 +1,16 @@
+//! pitr: PostgreSQL WAL archiving and point-in-time recovery over object storage.
+//!
+//! The binary (`main.rs`) only parses arguments and maps outcomes to exit codes; everything else is
+//! here, one module per concept.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod archive;
+pub mod cli;
+pub mod compress;
+pub mod config;
+pub mod durable;
+pub mod error;
+pub mod exit;
+pub mod pg;
+pub mod storage;

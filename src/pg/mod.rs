@@ -1,0 +1,13 @@
+//! PostgreSQL formats: LSNs, WAL file names, per-version constants, segment headers, history files.
+//!
+//! Nothing outside this module knows PostgreSQL's byte layouts.
+
+pub mod lsn;
+pub mod segment;
+pub mod timeline;
+pub mod version;
+pub mod walname;
+
+pub use lsn::Lsn;
+pub use version::PgMajor;
+pub use walname::{SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};

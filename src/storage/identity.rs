@@ -1,0 +1,118 @@
+//! `pitr.json`: which cluster a repository belongs to.
+//!
+//! Written by the first `archive-push` of a WAL segment (from that segment's long page header) with a
+//! conditional create; every later segment must match it. The content is deterministic (no
+//! timestamps), so two first pushes racing each other write identical bytes.
+
+use serde::{Deserialize, Serialize};
+
+use super::layout::ObjectKey;
+use super::{Repo, RepoError};
+use crate::compress::Compression;
+use crate::pg::segment::SegmentHeader;
+
+/// The repository format this pitr writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The identity of the cluster a repository holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoIdentity {
+    /// Repository format version.
+    pub format_version: u32,
+    /// The cluster's system identifier, as text (it exceeds JSON's exact integer range).
+    pub system_identifier: String,
+    /// PostgreSQL major version.
+    pub pg_version: u32,
+    /// WAL segment size in bytes.
+    pub wal_segment_size: u32,
+    /// WAL page size in bytes.
+    pub wal_page_size: u32,
+}
+
+impl RepoIdentity {
+    /// The identity a segment header describes.
+    pub fn from_header(h: &SegmentHeader) -> RepoIdentity {
+        RepoIdentity {
+            format_version: FORMAT_VERSION,
+            system_identifier: h.system_identifier.to_string(),
+            pg_version: h.major.number(),
+            wal_segment_size: h.seg_size.bytes(),
+            wal_page_size: h.page_size,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "cluster {} (PostgreSQL {}, {} MiB WAL segments)",
+            self.system_identifier,
+            self.pg_version,
+            self.wal_segment_size >> 20
+        )
+    }
+}
+
+impl Repo {
+    /// The recorded identity, if any.
+    ///
+    /// # Errors
+    /// Store failures, or a corrupt / unreadable `pitr.json`.
+    pub async fn identity(&self) -> Result<Option<RepoIdentity>, RepoError> {
+        let key = ObjectKey::Identity;
+        let Some(bytes) = self.get(&key).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| RepoError::Corrupt {
+                key: key.key(),
+                repo: self.location().to_string(),
+                detail: format!("not a pitr identity: {e}"),
+            })
+    }
+
+    /// Record `want` as this repository's identity if it has none, or check that it matches.
+    ///
+    /// # Errors
+    /// `IdentityMismatch` when the repository belongs to another cluster or format.
+    pub async fn ensure_identity(&self, want: &RepoIdentity) -> Result<(), RepoError> {
+        let have = match self.identity().await? {
+            Some(have) => have,
+            None => {
+                let json = serde_json::to_vec_pretty(want).expect("identity serializes");
+                match self
+                    .put_new(&ObjectKey::Identity, &json, Compression::None)
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    // Someone else created it meanwhile: compare with theirs.
+                    Err(RepoError::Conflict { .. }) => {
+                        self.identity().await?.unwrap_or_else(|| want.clone())
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if have.format_version > FORMAT_VERSION {
+            return Err(RepoError::IdentityMismatch {
+                repo: self.location().to_string(),
+                repo_has: format!("repository format {}", have.format_version),
+                found: format!(
+                    "pitr {} which writes format {FORMAT_VERSION}",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            });
+        }
+        if have.system_identifier != want.system_identifier
+            || have.pg_version != want.pg_version
+            || have.wal_segment_size != want.wal_segment_size
+            || have.wal_page_size != want.wal_page_size
+        {
+            return Err(RepoError::IdentityMismatch {
+                repo: self.location().to_string(),
+                repo_has: have.describe(),
+                found: want.describe(),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,502 @@
+//! The repository: one object-store prefix holding one cluster's WAL (and later its backups).
+//!
+//! Every object is written once with a conditional create and wrapped in an envelope carrying
+//! checksums of its bytes (`envelope`); every read verifies them. Keys come from `layout`.
+//!
+//! Durability: the local store is opened with fsync of file and directory before a put returns; cloud
+//! stores acknowledge a PUT only once the object is stored. Where a store cannot do conditional
+//! creates (some S3-compatible servers), pitr checks for an existing object first and reads the new
+//! one back to compare.
+
+pub mod envelope;
+pub mod identity;
+pub mod layout;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+
+use crate::compress::Compression;
+use layout::ObjectKey;
+
+/// How many times a read that fails verification is retried before the object is called corrupt.
+pub const READ_ATTEMPTS: u32 = 3;
+
+/// Errors from the repository. Each names the object key it concerns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    /// The repository URL cannot be used.
+    #[error("repository {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The store failed an operation (after its own retries).
+    #[error("{op} {key} in {repo}: {source}")]
+    Store {
+        /// The operation, e.g. "read".
+        op: &'static str,
+        /// The object key.
+        key: String,
+        /// The repository location.
+        repo: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// The object exists but fails verification.
+    #[error("stored object {key} in {repo} is corrupt: {detail}")]
+    Corrupt {
+        /// The object key.
+        key: String,
+        /// The repository location.
+        repo: String,
+        /// What check failed.
+        detail: String,
+    },
+    /// A different object already exists under this key.
+    #[error("{key} in {repo} already holds different content")]
+    Conflict {
+        /// The object key.
+        key: String,
+        /// The repository location.
+        repo: String,
+    },
+    /// The repository belongs to another cluster (or was written by an incompatible pitr).
+    #[error("repository {repo} belongs to {repo_has}, but this is {found}")]
+    IdentityMismatch {
+        /// The repository location.
+        repo: String,
+        /// What the repository records.
+        repo_has: String,
+        /// What the caller has.
+        found: String,
+    },
+}
+
+impl RepoError {
+    /// A suggestion for the operator, shown after the error.
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self {
+            RepoError::BadUrl { .. } => {
+                "use file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+            }
+            RepoError::Store { .. } => {
+                "check that the store is reachable and the credentials in the environment (AWS_*, GOOGLE_*, AZURE_*) are valid"
+            }
+            RepoError::Corrupt { .. } => {
+                "the stored copy failed its checksum; keep it for inspection, then restore the file from another copy or remove the object so it can be archived again"
+            }
+            RepoError::Conflict { .. } => {
+                "two clusters (or a split brain) are archiving into one repository; give each cluster its own --repo"
+            }
+            RepoError::IdentityMismatch { .. } => {
+                "give each cluster its own repository (--repo / PITR_REPO)"
+            }
+        })
+    }
+
+    /// True for a store failure that may go away by itself (network, throttling, 5xx).
+    pub fn is_store_failure(&self) -> bool {
+        matches!(self, RepoError::Store { .. })
+    }
+}
+
+/// What a conditional create did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was stored now.
+    Stored {
+        /// Bytes written to the store (compressed, with header).
+        stored_bytes: u64,
+    },
+    /// An identical object was already stored; nothing was written.
+    AlreadyStored,
+}
+
+/// Whether a store's conditional create can be trusted on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CreateCheck {
+    /// The store implements `PutMode::Create` natively (local files, GCS, Azure, memory).
+    Trust,
+    /// S3-compatible servers differ: look before writing, and fall back to read-back-and-compare
+    /// where conditional puts are not available.
+    LookFirst,
+}
+
+/// A repository opened on an object store.
+#[derive(Clone, Debug)]
+pub struct Repo {
+    store: Arc<dyn ObjectStore>,
+    location: String,
+    create_check: CreateCheck,
+}
+
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(60),
+    }
+}
+
+impl Repo {
+    /// Open the repository at `url`: `file:///path` (or an absolute path), `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials and endpoints come from each
+    /// cloud's standard environment variables.
+    ///
+    /// # Errors
+    /// `RepoError::BadUrl` for an unusable URL or a local directory that cannot be created.
+    pub fn open(url: &str) -> Result<Repo, RepoError> {
+        let bad = |reason: String| RepoError::BadUrl {
+            url: url.to_string(),
+            reason,
+        };
+        if url.starts_with('/') {
+            return Repo::open_local(url, std::path::Path::new(url));
+        }
+        let parsed = url::Url::parse(url).map_err(|e| bad(format!("not a URL ({e})")))?;
+        let prefix = parsed.path().trim_matches('/').to_string();
+        let host = parsed.host_str().unwrap_or("").to_string();
+        let store: Arc<dyn ObjectStore> = match parsed.scheme() {
+            "file" => {
+                if !host.is_empty() && host != "localhost" {
+                    return Err(bad(
+                        "file URLs take no host: write file:///absolute/path".into()
+                    ));
+                }
+                let path = parsed
+                    .to_file_path()
+                    .map_err(|()| bad("not a local path".into()))?;
+                return Repo::open_local(url, &path);
+            }
+            "s3" | "s3a" => {
+                let b = AmazonS3Builder::from_env()
+                    .with_bucket_name(need_host(url, &host)?)
+                    .with_retry(retry_config());
+                Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+            }
+            "gs" => {
+                let b = GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(need_host(url, &host)?)
+                    .with_retry(retry_config());
+                Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+            }
+            "az" | "azure" => {
+                let b = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(need_host(url, &host)?)
+                    .with_retry(retry_config());
+                Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
+            }
+            other => return Err(bad(format!("unsupported scheme {other:?}"))),
+        };
+        let create_check = if parsed.scheme().starts_with("s3") {
+            CreateCheck::LookFirst
+        } else {
+            CreateCheck::Trust
+        };
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            store
+        } else {
+            Arc::new(PrefixStore::new(store, prefix.as_str()))
+        };
+        Ok(Repo {
+            store,
+            location: url.to_string(),
+            create_check,
+        })
+    }
+
+    fn open_local(url: &str, path: &std::path::Path) -> Result<Repo, RepoError> {
+        let bad = |reason: String| RepoError::BadUrl {
+            url: url.to_string(),
+            reason,
+        };
+        std::fs::create_dir_all(path)
+            .map_err(|e| bad(format!("create directory {}: {e}", path.display())))?;
+        let fs = LocalFileSystem::new_with_prefix(path)
+            .map_err(|e| bad(e.to_string()))?
+            .with_fsync(true);
+        Ok(Repo {
+            store: Arc::new(fs),
+            location: url.to_string(),
+            create_check: CreateCheck::Trust,
+        })
+    }
+
+    /// A repository over any store (tests use `object_store::memory::InMemory`).
+    pub fn from_store(store: Arc<dyn ObjectStore>, location: &str) -> Repo {
+        Repo {
+            store,
+            location: location.to_string(),
+            create_check: CreateCheck::Trust,
+        }
+    }
+
+    /// Like `from_store`, but treating the store as an S3-compatible one without trusted
+    /// conditional creates.
+    pub fn from_store_look_first(store: Arc<dyn ObjectStore>, location: &str) -> Repo {
+        Repo {
+            store,
+            location: location.to_string(),
+            create_check: CreateCheck::LookFirst,
+        }
+    }
+
+    /// The repository URL, for messages.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn store_err(
+        &self,
+        op: &'static str,
+        key: &ObjectKey,
+        source: object_store::Error,
+    ) -> RepoError {
+        RepoError::Store {
+            op,
+            key: key.key(),
+            repo: self.location.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, key: &ObjectKey, detail: String) -> RepoError {
+        RepoError::Corrupt {
+            key: key.key(),
+            repo: self.location.clone(),
+            detail,
+        }
+    }
+
+    /// Read and verify an object. `Ok(None)` means the store positively answered that it does not
+    /// hold it. A read that fails verification is retried (`READ_ATTEMPTS`) before it is reported
+    /// as `Corrupt`, since a transfer can be damaged in flight.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be read, `Corrupt` when the object fails verification.
+    pub async fn get(&self, key: &ObjectKey) -> Result<Option<Vec<u8>>, RepoError> {
+        let path = key.path();
+        let mut last = String::new();
+        for attempt in 1..=READ_ATTEMPTS {
+            let stored = match self.store.get(&path).await {
+                Ok(r) => r.bytes().await,
+                Err(e) => Err(e),
+            };
+            let stored = match stored {
+                Ok(b) => b,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.store_err("read", key, e)),
+            };
+            match envelope::decode(&stored) {
+                Ok(data) => return Ok(Some(data)),
+                Err(detail) => {
+                    tracing::warn!(key = %key.key(), attempt, "stored object failed verification: {detail}");
+                    last = detail;
+                }
+            }
+        }
+        Err(self.corrupt(key, last))
+    }
+
+    /// Store `data` under `key` unless something is already there. An identical existing object is
+    /// success (`AlreadyStored`); a different one is `Conflict` and stays untouched.
+    ///
+    /// # Errors
+    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
+    pub async fn put_new(
+        &self,
+        key: &ObjectKey,
+        data: &[u8],
+        compression: Compression,
+    ) -> Result<PutOutcome, RepoError> {
+        let path = key.path();
+        if self.create_check == CreateCheck::LookFirst {
+            match self.store.head(&path).await {
+                Ok(_) => return self.compare_existing(key, data).await,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.store_err("look up", key, e)),
+            }
+        }
+        let stored = envelope::encode(data, compression)
+            .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
+        let stored_bytes = stored.len() as u64;
+        let payload = PutPayload::from(stored);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(&path, payload.clone(), opts).await {
+            Ok(_) => Ok(PutOutcome::Stored { stored_bytes }),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                self.compare_existing(key, data).await
+            }
+            Err(object_store::Error::NotImplemented { .. }) => {
+                // No conditional create here: we looked first; write, then read back and compare so
+                // a concurrent writer of different bytes is caught rather than acknowledged.
+                tracing::debug!(key = %key.key(), "store lacks conditional create; writing and reading back");
+                self.store
+                    .put(&path, payload)
+                    .await
+                    .map_err(|e| self.store_err("write", key, e))?;
+                match self.compare_existing(key, data).await? {
+                    PutOutcome::AlreadyStored => Ok(PutOutcome::Stored { stored_bytes }),
+                    other => Ok(other),
+                }
+            }
+            Err(e) => Err(self.store_err("write", key, e)),
+        }
+    }
+
+    async fn compare_existing(
+        &self,
+        key: &ObjectKey,
+        data: &[u8],
+    ) -> Result<PutOutcome, RepoError> {
+        match self.get(key).await? {
+            Some(existing) if existing == data => Ok(PutOutcome::AlreadyStored),
+            Some(_) => Err(RepoError::Conflict {
+                key: key.key(),
+                repo: self.location.clone(),
+            }),
+            None => Err(self.store_err(
+                "read back",
+                key,
+                object_store::Error::Generic {
+                    store: "pitr",
+                    source: "object vanished right after it was found".into(),
+                },
+            )),
+        }
+    }
+
+    /// The underlying store (for listing and tests).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+}
+
+fn need_host(url: &str, host: &str) -> Result<String, RepoError> {
+    if host.is_empty() {
+        return Err(RepoError::BadUrl {
+            url: url.to_string(),
+            reason: "the URL names no bucket or container".into(),
+        });
+    }
+    Ok(host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::Wal(name.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn put_is_idempotent_and_refuses_conflicts() {
+        for repo in [
+            Repo::from_store(Arc::new(InMemory::new()), "memory://a"),
+            Repo::from_store_look_first(Arc::new(InMemory::new()), "memory://b"),
+        ] {
+            let k = key("000000010000000000000003");
+            let data = vec![7u8; 10_000];
+            assert!(matches!(
+                repo.put_new(&k, &data, Compression::Zstd).await.unwrap(),
+                PutOutcome::Stored { .. }
+            ));
+            // Identical content, even compressed differently, is success.
+            assert_eq!(
+                repo.put_new(&k, &data, Compression::Lz4).await.unwrap(),
+                PutOutcome::AlreadyStored
+            );
+            // Different content is refused and the original stays.
+            let mut other = data.clone();
+            other[5000] = 8;
+            let err = repo
+                .put_new(&k, &other, Compression::Zstd)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, RepoError::Conflict { .. }), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("wal/00000001/000000010000000000000003.pitr")
+            );
+            assert_eq!(repo.get(&k).await.unwrap().unwrap(), data);
+            assert_eq!(
+                repo.get(&key("000000010000000000000004")).await.unwrap(),
+                None
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_objects_are_reported_not_hidden() {
+        let mem = Arc::new(InMemory::new());
+        let repo = Repo::from_store(mem.clone(), "memory://c");
+        let k = key("00000002.history");
+        repo.put_new(
+            &k,
+            b"1\t0/3000000\tno recovery target specified\n",
+            Compression::None,
+        )
+        .await
+        .unwrap();
+        let mut raw = mem
+            .get(&k.path())
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let last = raw.len() - 1;
+        raw[last] ^= 0x20;
+        mem.put(&k.path(), raw.into()).await.unwrap();
+        let err = repo.get(&k).await.unwrap_err();
+        assert!(matches!(err, RepoError::Corrupt { .. }), "{err}");
+        // A push of the same name cannot tell whether it is identical: it fails, nothing overwritten.
+        assert!(matches!(
+            repo.put_new(&k, b"x", Compression::None).await.unwrap_err(),
+            RepoError::Corrupt { .. }
+        ));
+    }
+
+    #[test]
+    fn urls() {
+        assert!(matches!(
+            Repo::open("ftp://x/y").unwrap_err(),
+            RepoError::BadUrl { .. }
+        ));
+        assert!(matches!(
+            Repo::open("relative/path").unwrap_err(),
+            RepoError::BadUrl { .. }
+        ));
+        assert!(matches!(
+            Repo::open("file://host/x").unwrap_err(),
+            RepoError::BadUrl { .. }
+        ));
+        assert!(matches!(
+            Repo::open("s3:///prefix").unwrap_err(),
+            RepoError::BadUrl { .. }
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/repo", dir.path().display());
+        assert_eq!(Repo::open(&url).unwrap().location(), url);
+        assert!(dir.path().join("repo").is_dir());
+    }
+}
