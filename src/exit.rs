@@ -76,10 +76,10 @@ mod tests {
             op: "read",
             key: "wal/00000001/000000010000000000000003.pitr".into(),
             repo: "s3://b".into(),
-            source: object_store::Error::Generic {
+            source: Box::new(object_store::Error::Generic {
                 store: "S3",
                 source: "connection refused".into(),
-            },
+            }),
         })
         .context("fetch 000000010000000000000003")
     }

