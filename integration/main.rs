@@ -6,3 +6,4 @@
 
 mod archive;
 mod harness;
+mod walindex;

@@ -12,5 +12,6 @@ pub mod config;
 pub mod durable;
 pub mod error;
 pub mod exit;
+pub mod index;
 pub mod pg;
 pub mod storage;

@@ -11,3 +11,5 @@ pub mod walname;
 pub use lsn::Lsn;
 pub use version::PgMajor;
 pub use walname::{SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
+pub mod waldecoder;
+pub mod xlogrecord;

@@ -1,0 +1,227 @@
+//! The WAL index: a small summary of each archived segment, written by `archive-push` from the bytes
+//! it already holds, so the catalog knows commit times, restore points, checkpoints and timeline
+//! switches without downloading WAL.
+//!
+//! A record that spans two segments is seen whole by neither: segment N keeps the start of it (a tail
+//! fragment) and segment N+1 the rest (a head fragment); the catalog joins them, verifies the CRC,
+//! and attributes the record to segment N, where it starts. So nothing is lost or counted twice.
+//!
+//! A segment that fails to decode is still archived: its summary records where and why, keeping what
+//! was read before the damage.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pg::waldecoder::{DecodeError, End, HeadFragment, SegmentDecoder, TailFragment};
+use crate::pg::xlogrecord::{Event, PgTimestamp, XactKind, event};
+use crate::pg::{Lsn, PgMajor, SegmentName, WalSegSize};
+
+/// Summary format version.
+pub const SUMMARY_FORMAT: u32 = 1;
+
+/// A transaction end seen in WAL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XactRef {
+    /// Start LSN of the commit/abort record.
+    pub lsn: Lsn,
+    /// The xid recovery compares.
+    pub xid: u32,
+    /// `xact_time`.
+    pub time: PgTimestamp,
+    /// Commit or abort.
+    pub kind: XactKind,
+}
+
+/// A named restore point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestorePoint {
+    /// The name given to `pg_create_restore_point`.
+    pub name: String,
+    /// When.
+    pub time: PgTimestamp,
+    /// The record's LSN.
+    pub lsn: Lsn,
+}
+
+/// A checkpoint record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The record's LSN.
+    pub lsn: Lsn,
+    /// Redo pointer.
+    pub redo: Lsn,
+    /// `ThisTimeLineID`.
+    pub timeline: u32,
+    /// `PrevTimeLineID`.
+    pub prev_timeline: u32,
+    /// Shutdown / end-of-recovery checkpoint.
+    pub shutdown: bool,
+    /// Checkpoint time, seconds since the Unix epoch.
+    pub unix_secs: i64,
+}
+
+/// Whether the whole segment decoded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum ParseStatus {
+    /// Every record decoded and verified.
+    #[default]
+    Ok,
+    /// Decoding stopped at `lsn`.
+    Failed {
+        /// Where.
+        lsn: Lsn,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What one segment holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentSummary {
+    /// Summary format.
+    pub format: u32,
+    /// Decode status.
+    pub status: ParseStatus,
+    /// Records that start in this segment (a spanning one joined later is not counted here).
+    pub records: u64,
+    /// First record starting in this segment.
+    pub first_lsn: Option<Lsn>,
+    /// Last complete record starting in this segment.
+    pub last_lsn: Option<Lsn>,
+    /// Transaction ends in this segment.
+    pub xacts: u64,
+    /// First transaction end in WAL order.
+    pub first_xact: Option<XactRef>,
+    /// Last transaction end in WAL order.
+    pub last_xact: Option<XactRef>,
+    /// Largest `xact_time` (commit times are not monotonic in WAL order).
+    pub max_xact_time: Option<PgTimestamp>,
+    /// Smallest xid of a transaction end.
+    pub min_xid: Option<u32>,
+    /// Largest xid of a transaction end.
+    pub max_xid: Option<u32>,
+    /// Restore points.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_points: Vec<RestorePoint>,
+    /// Checkpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<Checkpoint>,
+    /// `XLOG_END_OF_RECOVERY` records: (LSN, new timeline, previous timeline, time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub end_of_recovery: Vec<(Lsn, u32, u32, PgTimestamp)>,
+    /// `XLOG_BACKUP_END` records: (LSN, the backup's start LSN).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backup_ends: Vec<(Lsn, Lsn)>,
+    /// The `XLOG_SWITCH` record, if the segment was switched early.
+    pub switch_lsn: Option<Lsn>,
+    /// The end of a record that began in the previous segment.
+    pub head: Option<HeadFragment>,
+    /// The start of a record that continues in the next segment.
+    pub tail: Option<TailFragment>,
+}
+
+impl SegmentSummary {
+    /// Fold one event at `lsn` into the summary.
+    pub fn add_event(&mut self, lsn: Lsn, ev: Event) {
+        match ev {
+            Event::Xact { kind, xid, time } => {
+                let x = XactRef {
+                    lsn,
+                    xid,
+                    time,
+                    kind,
+                };
+                self.xacts += 1;
+                self.first_xact.get_or_insert(x);
+                self.last_xact = Some(x);
+                self.max_xact_time = Some(self.max_xact_time.map_or(time, |m| m.max(time)));
+                // xid 0 appears on COMMIT PREPARED run outside a transaction; it is not a target.
+                if xid != 0 {
+                    self.min_xid = Some(self.min_xid.map_or(xid, |m| m.min(xid)));
+                    self.max_xid = Some(self.max_xid.map_or(xid, |m| m.max(xid)));
+                }
+            }
+            Event::RestorePoint { name, time } => {
+                self.restore_points.push(RestorePoint { name, time, lsn })
+            }
+            Event::Checkpoint {
+                shutdown,
+                redo,
+                tli,
+                prev_tli,
+                unix_secs,
+            } => self.checkpoints.push(Checkpoint {
+                lsn,
+                redo,
+                timeline: tli,
+                prev_timeline: prev_tli,
+                shutdown,
+                unix_secs,
+            }),
+            Event::EndOfRecovery {
+                time,
+                tli,
+                prev_tli,
+            } => self.end_of_recovery.push((lsn, tli, prev_tli, time)),
+            Event::BackupEnd { start } => self.backup_ends.push((lsn, start)),
+            Event::Switch => self.switch_lsn = Some(lsn),
+        }
+    }
+}
+
+/// Decode `bytes`, the segment `name`, into its summary. Never fails: damage is recorded in `status`.
+pub fn summarize(
+    bytes: &[u8],
+    name: SegmentName,
+    seg_size: WalSegSize,
+    page_size: u32,
+    major: PgMajor,
+) -> SegmentSummary {
+    let mut s = SegmentSummary {
+        format: SUMMARY_FORMAT,
+        ..Default::default()
+    };
+    let start = name
+        .segno(seg_size)
+        .and_then(|n| n.start_lsn(seg_size))
+        .unwrap_or_default();
+    let failed = |e: DecodeError| ParseStatus::Failed {
+        lsn: e.lsn,
+        reason: e.msg,
+    };
+    let mut dec = match SegmentDecoder::new(bytes, start, page_size, major) {
+        Ok(d) => d,
+        Err(e) => {
+            s.status = failed(e);
+            return s;
+        }
+    };
+    loop {
+        match dec.next_record() {
+            Ok(Some(rec)) => {
+                s.records += 1;
+                s.first_lsn.get_or_insert(rec.lsn);
+                s.last_lsn = Some(rec.lsn);
+                match event(&rec, major) {
+                    Ok(Some(ev)) => s.add_event(rec.lsn, ev),
+                    Ok(None) => {}
+                    Err(e) => {
+                        s.status = failed(e);
+                        break;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                s.status = failed(e);
+                break;
+            }
+        }
+    }
+    s.head = dec.head.take();
+    s.tail = dec.tail.take();
+    if let Some(End::Switch(lsn)) = dec.end {
+        s.switch_lsn = Some(lsn);
+    }
+    s
+}

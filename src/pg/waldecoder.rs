@@ -1,0 +1,435 @@
+//! A WAL record decoder for one segment held in memory (sans-IO: bytes in, records out).
+//!
+//! Follows `XLogDecodeNextRecord()` / `XLogReaderValidatePageHeader()` / `ValidXLogRecord()` in
+//! PostgreSQL's `src/backend/access/transam/xlogreader.c`:
+//! * every page header is checked (magic of the segment's major, known flag bits, `xlp_pageaddr`
+//!   equal to the page's LSN, timeline never decreasing);
+//! * records start MAXALIGN(8)ed, are reassembled across pages (each continuation page must carry
+//!   `XLP_FIRST_IS_CONTRECORD` and the exact remaining length), and their CRC-32C (body, then the
+//!   first 20 header bytes) is verified before any field beyond the length is trusted;
+//! * a record that began in the previous segment is skipped (its bytes are returned as a head
+//!   fragment), and one that runs past the end of the segment is returned as a tail fragment, so the
+//!   index can join the two and no record is lost or counted twice;
+//! * `XLOG_SWITCH` ends the segment (the rest is zero-filled);
+//! * a zero `xl_tot_len` ends the data (the unused rest of a `.partial` file).
+//!
+//! It never panics on arbitrary input: every read is bounds-checked, and errors carry the LSN.
+
+use super::lsn::Lsn;
+use super::segment::{SIZE_OF_LONG_PHD, XLP_ALL_FLAGS, XLP_LONG_HEADER};
+use super::version::PgMajor;
+
+/// `XLP_FIRST_IS_CONTRECORD`.
+pub const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
+/// `SizeOfXLogShortPHD`.
+pub const SIZE_OF_SHORT_PHD: usize = 24;
+/// `SizeOfXLogRecord`.
+pub const SIZE_OF_XLOG_RECORD: usize = 24;
+/// `XLogRecordMaxSize`.
+pub const MAX_RECORD_SIZE: u32 = 1020 * 1024 * 1024;
+/// Records that span segments are kept as fragments only up to this size (commit, checkpoint and
+/// restore-point records are far smaller; big spanning records are full-page images).
+pub const MAX_FRAGMENT: usize = 64 * 1024;
+
+/// A decoding failure, with the LSN where it happened.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{msg} at {lsn}")]
+pub struct DecodeError {
+    /// What is wrong.
+    pub msg: String,
+    /// Where.
+    pub lsn: Lsn,
+}
+
+/// One complete, CRC-checked record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Start LSN (`ReadRecPtr`).
+    pub lsn: Lsn,
+    /// LSN just past the record's last byte (before alignment).
+    pub end_lsn: Lsn,
+    /// The reassembled record: 24-byte header then body.
+    pub bytes: Vec<u8>,
+}
+
+impl Record {
+    /// `xl_xid`.
+    pub fn xid(&self) -> u32 {
+        le_u32(&self.bytes, 4)
+    }
+    /// `xl_prev`.
+    pub fn prev(&self) -> Lsn {
+        Lsn(le_u64(&self.bytes, 8))
+    }
+    /// `xl_info`.
+    pub fn info(&self) -> u8 {
+        self.bytes[16]
+    }
+    /// `xl_rmid`.
+    pub fn rmid(&self) -> u8 {
+        self.bytes[17]
+    }
+}
+
+/// The start of a record that continues in the next segment.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TailFragment {
+    /// The record's start LSN.
+    pub lsn: Lsn,
+    /// `xl_tot_len`.
+    pub tot_len: u32,
+    /// The record bytes in this segment (empty when the record exceeds `MAX_FRAGMENT`).
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// The end of a record that began in the previous segment.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeadFragment {
+    /// `xlp_rem_len` of the segment's first page: bytes of the record in this segment.
+    pub rem_len: u32,
+    /// Those bytes (empty when longer than `MAX_FRAGMENT`).
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+mod hex_bytes {
+    pub(super) fn serialize<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(b.len() * 2);
+        for x in b {
+            out.push_str(&format!("{x:02x}"));
+        }
+        s.serialize_str(&out)
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        if !s.len().is_multiple_of(2) {
+            return Err(serde::de::Error::custom("odd hex length"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| {
+                u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16)
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+/// How decoding a segment ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Reached the segment's end (possibly with a tail fragment).
+    SegmentEnd,
+    /// An `XLOG_SWITCH` record at this LSN; the rest of the segment is unused.
+    Switch(Lsn),
+    /// A zero-length record header: no more data (the unused part of a `.partial` file).
+    NoMoreData(Lsn),
+}
+
+pub(crate) fn le_u16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+pub(crate) fn le_u32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+pub(crate) fn le_u64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn maxalign(x: u64) -> u64 {
+    (x + 7) & !7
+}
+
+/// Decodes the records of one segment.
+#[derive(Debug)]
+pub struct SegmentDecoder<'a> {
+    seg: &'a [u8],
+    start: Lsn,
+    page_size: usize,
+    magic: u16,
+    /// Offset of the next record inside `seg` (`None` when finished).
+    pos: Option<usize>,
+    last_tli: u32,
+    prev_lsn: Option<Lsn>,
+    /// Set once decoding stops at the segment end with an incomplete record.
+    pub tail: Option<TailFragment>,
+    /// The continuation bytes at the segment start, if it began inside a record.
+    pub head: Option<HeadFragment>,
+    /// How decoding ended, once it has.
+    pub end: Option<End>,
+}
+
+impl<'a> SegmentDecoder<'a> {
+    /// Start decoding `seg`, a whole segment beginning at `start`.
+    ///
+    /// # Errors
+    /// The first page header is invalid, or the continuation at the start cannot be skipped.
+    pub fn new(
+        seg: &'a [u8],
+        start: Lsn,
+        page_size: u32,
+        major: PgMajor,
+    ) -> Result<Self, DecodeError> {
+        let mut d = SegmentDecoder {
+            seg,
+            start,
+            page_size: page_size as usize,
+            magic: major.xlog_page_magic(),
+            pos: None,
+            last_tli: 0,
+            prev_lsn: None,
+            tail: None,
+            head: None,
+            end: None,
+        };
+        let (info, rem_len) = d.page_header(0)?;
+        let mut pos = SIZE_OF_LONG_PHD;
+        if info & XLP_FIRST_IS_CONTRECORD != 0 && rem_len > 0 {
+            // Skip (and keep, if small) the end of a record that began in the previous segment.
+            let keep = rem_len as usize <= MAX_FRAGMENT;
+            let mut bytes = Vec::new();
+            let mut remaining = rem_len as usize;
+            let mut page = 0usize;
+            loop {
+                let here = remaining.min(d.page_size - (pos - page));
+                let chunk = d
+                    .seg
+                    .get(pos..pos + here)
+                    .ok_or_else(|| d.err(pos, "continuation runs past the segment"))?;
+                if keep {
+                    bytes.extend_from_slice(chunk);
+                }
+                remaining -= here;
+                pos += here;
+                if remaining == 0 {
+                    break;
+                }
+                page += d.page_size;
+                if page >= d.seg.len() {
+                    return Err(d.err(page, "continuation record runs past the end of the segment"));
+                }
+                let (info, rem) = d.page_header(page)?;
+                if info & XLP_FIRST_IS_CONTRECORD == 0 || rem as usize != remaining {
+                    return Err(d.err(
+                        page,
+                        &format!("continuation page says {rem} bytes remain, expected {remaining}"),
+                    ));
+                }
+                pos = page + SIZE_OF_SHORT_PHD;
+            }
+            d.head = Some(HeadFragment { rem_len, bytes });
+            pos = maxalign(pos as u64) as usize;
+        }
+        d.pos = Some(pos);
+        Ok(d)
+    }
+
+    fn lsn_at(&self, off: usize) -> Lsn {
+        Lsn(self.start.0 + off as u64)
+    }
+
+    fn err(&self, off: usize, msg: &str) -> DecodeError {
+        DecodeError {
+            msg: msg.to_string(),
+            lsn: self.lsn_at(off),
+        }
+    }
+
+    /// Validate the page header at `off` (a page boundary); returns (info, rem_len).
+    fn page_header(&mut self, off: usize) -> Result<(u16, u32), DecodeError> {
+        let long = off == 0;
+        let size = if long {
+            SIZE_OF_LONG_PHD
+        } else {
+            SIZE_OF_SHORT_PHD
+        };
+        let h = self
+            .seg
+            .get(off..off + size)
+            .ok_or_else(|| self.err(off, "page header runs past the segment"))?;
+        let magic = le_u16(h, 0);
+        if magic != self.magic {
+            return Err(self.err(off, &format!("invalid page magic 0x{magic:04X}")));
+        }
+        let info = le_u16(h, 2);
+        if info & !XLP_ALL_FLAGS != 0 || (info & XLP_LONG_HEADER != 0) != long {
+            return Err(self.err(off, &format!("invalid page info flags 0x{info:04X}")));
+        }
+        let tli = le_u32(h, 4);
+        if tli < self.last_tli {
+            return Err(self.err(
+                off,
+                &format!(
+                    "page timeline {tli} is older than the previous page's {}",
+                    self.last_tli
+                ),
+            ));
+        }
+        self.last_tli = tli;
+        let addr = Lsn(le_u64(h, 8));
+        if addr != self.lsn_at(off) {
+            return Err(self.err(
+                off,
+                &format!("page address {addr} does not match its position"),
+            ));
+        }
+        Ok((info, le_u32(h, 16)))
+    }
+
+    /// The next record, `Ok(None)` when the segment is done (see `end`, `tail`).
+    ///
+    /// # Errors
+    /// A `DecodeError` with the LSN of the damage; the decoder then stops.
+    pub fn next_record(&mut self) -> Result<Option<Record>, DecodeError> {
+        let Some(mut pos) = self.pos else {
+            return Ok(None);
+        };
+        let result = self.read_record(&mut pos);
+        match &result {
+            Ok(Some(_)) => self.pos = Some(pos),
+            _ => self.pos = None,
+        }
+        result
+    }
+
+    fn read_record(&mut self, pos: &mut usize) -> Result<Option<Record>, DecodeError> {
+        let ps = self.page_size;
+        if *pos >= self.seg.len() {
+            self.end = Some(End::SegmentEnd);
+            return Ok(None);
+        }
+        if (*pos).is_multiple_of(ps) {
+            let (info, _) = self.page_header(*pos)?;
+            if info & XLP_FIRST_IS_CONTRECORD != 0 {
+                return Err(self.err(
+                    *pos,
+                    "unexpected continuation page where a record should start",
+                ));
+            }
+            *pos += SIZE_OF_SHORT_PHD;
+        }
+        let rec_off = *pos;
+        let lsn = self.lsn_at(rec_off);
+        let tot_len = le_u32(self.seg, rec_off); // MAXALIGN leaves >= 8 bytes on the page
+        if tot_len == 0 {
+            self.end = Some(End::NoMoreData(lsn));
+            return Ok(None);
+        }
+        if (tot_len as usize) < SIZE_OF_XLOG_RECORD || tot_len > MAX_RECORD_SIZE {
+            return Err(self.err(rec_off, &format!("invalid record length {tot_len}")));
+        }
+        let total = tot_len as usize;
+        let keep_all = total <= MAX_FRAGMENT;
+        let mut bytes = Vec::with_capacity(total.min(MAX_FRAGMENT));
+        let mut got = 0usize;
+        let mut off = rec_off;
+        loop {
+            let page_start = off - off % ps;
+            let here = (total - got).min(page_start + ps - off);
+            bytes.extend_from_slice(&self.seg[off..off + here]);
+            got += here;
+            off += here;
+            if got == total {
+                break;
+            }
+            // Continue on the next page, if this segment has one.
+            if off >= self.seg.len() {
+                let kept = if keep_all { bytes } else { Vec::new() };
+                self.tail = Some(TailFragment {
+                    lsn,
+                    tot_len,
+                    bytes: kept,
+                });
+                self.end = Some(End::SegmentEnd);
+                return Ok(None);
+            }
+            let (info, rem) = self.page_header(off)?;
+            if info & XLP_FIRST_IS_CONTRECORD == 0 || rem as usize != total - got {
+                return Err(self.err(off, &format!("record at {lsn} continues with a page that says {rem} bytes remain, expected {}", total - got)));
+            }
+            off += SIZE_OF_SHORT_PHD;
+        }
+        let record = Record {
+            lsn,
+            end_lsn: self.lsn_at(off),
+            bytes,
+        };
+        verify_record(&record, self.prev_lsn)?;
+        self.prev_lsn = Some(lsn);
+        *pos = maxalign(off as u64) as usize;
+        if record.rmid() == RM_XLOG_ID && record.info() & 0xF0 == XLOG_SWITCH {
+            self.end = Some(End::Switch(lsn));
+            *pos = self.seg.len();
+            self.pos = None;
+        }
+        Ok(Some(record))
+    }
+
+    /// The LSN of the first record that started in this segment after the decoder's position.
+    pub fn start(&self) -> Lsn {
+        self.start
+    }
+}
+
+/// `RM_XLOG_ID`.
+pub const RM_XLOG_ID: u8 = 0;
+/// `RM_XACT_ID`.
+pub const RM_XACT_ID: u8 = 1;
+/// `XLOG_SWITCH`.
+pub const XLOG_SWITCH: u8 = 0x40;
+
+/// Check a reassembled record's header and CRC (`ValidXLogRecordHeader`, `ValidXLogRecord`).
+///
+/// # Errors
+/// Length, resource manager, `xl_prev` or CRC problems.
+pub fn verify_record(r: &Record, expected_prev: Option<Lsn>) -> Result<(), DecodeError> {
+    let err = |msg: String| DecodeError { msg, lsn: r.lsn };
+    if r.bytes.len() < SIZE_OF_XLOG_RECORD || le_u32(&r.bytes, 0) as usize != r.bytes.len() {
+        return Err(err(format!(
+            "record length {} does not match its header",
+            r.bytes.len()
+        )));
+    }
+    if r.rmid() > 21 && r.rmid() < 128 {
+        return Err(err(format!("invalid resource manager id {}", r.rmid())));
+    }
+    if let Some(prev) = expected_prev
+        && r.prev() != prev
+    {
+        return Err(err(format!(
+            "record points back to {}, expected {prev}",
+            r.prev()
+        )));
+    }
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c(&r.bytes[SIZE_OF_XLOG_RECORD..]),
+        &r.bytes[..20],
+    );
+    if crc != le_u32(&r.bytes, 20) {
+        return Err(err("incorrect record checksum".to_string()));
+    }
+    Ok(())
+}
+
+/// Join a tail fragment of segment N with the head fragment of segment N+1 into a verified record.
+/// `None` when either side was too large to keep or the bytes do not form a valid record.
+pub fn join_fragments(tail: &TailFragment, head: &HeadFragment) -> Option<Record> {
+    let total = tail.tot_len as usize;
+    if tail.bytes.is_empty()
+        || head.bytes.len() != head.rem_len as usize
+        || tail.bytes.len() + head.bytes.len() != total
+    {
+        return None;
+    }
+    let mut bytes = tail.bytes.clone();
+    bytes.extend_from_slice(&head.bytes);
+    let r = Record {
+        lsn: tail.lsn,
+        end_lsn: Lsn(0),
+        bytes,
+    };
+    verify_record(&r, None).ok().map(|()| r)
+}

@@ -1,0 +1,332 @@
+//! What pitr reads out of WAL records: transaction ends, restore points, checkpoints,
+//! end-of-recovery, backup-end, switches.
+//!
+//! Layouts from `src/include/access/xlogrecord.h` (block headers, walked as `DecodeXLogRecord()` in
+//! `xlogreader.c` does to find the main data), `src/include/access/xact.h` (parsing as
+//! `ParseCommitRecord()` / `ParseAbortRecord()` in `xactdesc.c`) and `src/include/catalog/pg_control.h`.
+//! Only called on records whose CRC already matched; reads are still bounds-checked.
+
+use super::lsn::Lsn;
+use super::version::PgMajor;
+use super::waldecoder::{DecodeError, RM_XACT_ID, RM_XLOG_ID, Record, XLOG_SWITCH, le_u32, le_u64};
+
+/// Microseconds since 2000-01-01 00:00:00 UTC (`TimestampTz`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PgTimestamp(pub i64);
+
+/// Seconds between the Unix epoch and PostgreSQL's (2000-01-01).
+pub const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
+
+impl PgTimestamp {
+    /// Microseconds since the Unix epoch.
+    pub fn unix_micros(self) -> i64 {
+        self.0.saturating_add(PG_EPOCH_UNIX_SECS * 1_000_000)
+    }
+
+    /// From microseconds since the Unix epoch.
+    pub fn from_unix_micros(us: i64) -> PgTimestamp {
+        PgTimestamp(us.saturating_sub(PG_EPOCH_UNIX_SECS * 1_000_000))
+    }
+
+    /// RFC 3339 in UTC with microseconds, e.g. `2026-11-21T10:13:04.919520Z`.
+    pub fn rfc3339(self) -> String {
+        let us = self.unix_micros();
+        let secs = us.div_euclid(1_000_000);
+        let micros = us.rem_euclid(1_000_000);
+        match u64::try_from(secs) {
+            Ok(s) => {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+                let base = humantime::format_rfc3339_seconds(t).to_string();
+                format!("{}.{micros:06}Z", base.trim_end_matches('Z'))
+            }
+            Err(_) => format!("{us}us-before-1970"),
+        }
+    }
+}
+
+impl serde::Serialize for PgTimestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.rfc3339())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PgTimestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        let t = humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)?;
+        let us = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(serde::de::Error::custom)?
+            .as_micros();
+        Ok(PgTimestamp::from_unix_micros(
+            i64::try_from(us).map_err(serde::de::Error::custom)?,
+        ))
+    }
+}
+
+/// How a transaction ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XactKind {
+    /// `XLOG_XACT_COMMIT`.
+    Commit,
+    /// `XLOG_XACT_ABORT`.
+    Abort,
+    /// `XLOG_XACT_COMMIT_PREPARED`.
+    CommitPrepared,
+    /// `XLOG_XACT_ABORT_PREPARED`.
+    AbortPrepared,
+}
+
+/// Something in a record that matters for recovery targets and the catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A transaction ended (what `recovery_target_time` / `_xid` look at).
+    Xact {
+        /// Commit or abort, plain or prepared.
+        kind: XactKind,
+        /// The transaction id recovery compares (the prepared xid for two-phase records).
+        xid: u32,
+        /// `xact_time`.
+        time: PgTimestamp,
+    },
+    /// `pg_create_restore_point(name)`.
+    RestorePoint {
+        /// The name.
+        name: String,
+        /// When it was created.
+        time: PgTimestamp,
+    },
+    /// A checkpoint record.
+    Checkpoint {
+        /// Shutdown (or end-of-recovery) checkpoint rather than online.
+        shutdown: bool,
+        /// The redo pointer.
+        redo: Lsn,
+        /// `ThisTimeLineID`.
+        tli: u32,
+        /// `PrevTimeLineID`.
+        prev_tli: u32,
+        /// `time` (seconds since the Unix epoch).
+        unix_secs: i64,
+    },
+    /// `XLOG_END_OF_RECOVERY` (promotion).
+    EndOfRecovery {
+        /// When.
+        time: PgTimestamp,
+        /// The new timeline.
+        tli: u32,
+        /// The previous timeline.
+        prev_tli: u32,
+    },
+    /// `XLOG_BACKUP_END`: a base backup that started at `start` is consistent here.
+    BackupEnd {
+        /// The backup's start LSN.
+        start: Lsn,
+    },
+    /// `XLOG_SWITCH`.
+    Switch,
+}
+
+const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
+const XLR_BLOCK_ID_DATA_LONG: u8 = 254;
+const XLR_BLOCK_ID_ORIGIN: u8 = 253;
+const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
+const XLR_MAX_BLOCK_ID: u8 = 32;
+const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
+const BKPBLOCK_SAME_REL: u8 = 0x80;
+
+/// The record's main data, found by walking its block headers.
+///
+/// # Errors
+/// A header walk that does not account for the record's length exactly.
+pub fn main_data(r: &Record, major: PgMajor) -> Result<&[u8], DecodeError> {
+    let b = &r.bytes;
+    let err = |m: &str| DecodeError {
+        msg: m.to_string(),
+        lsn: r.lsn,
+    };
+    let byte = |p: usize| {
+        b.get(p)
+            .copied()
+            .ok_or_else(|| err("record headers run past the record"))
+    };
+    let u16_at = |p: usize| -> Result<usize, DecodeError> {
+        Ok(usize::from(byte(p)?) | usize::from(byte(p + 1)?) << 8)
+    };
+    let mut pos = super::waldecoder::SIZE_OF_XLOG_RECORD;
+    let mut datatotal = 0usize;
+    let mut main_len = 0usize;
+    while pos < b.len() {
+        let id = byte(pos)?;
+        pos += 1;
+        match id {
+            XLR_BLOCK_ID_DATA_SHORT => {
+                main_len = usize::from(byte(pos)?);
+                pos += 1;
+                break;
+            }
+            XLR_BLOCK_ID_DATA_LONG => {
+                main_len = (0..4).try_fold(0usize, |acc, i| {
+                    Ok::<_, DecodeError>(acc | usize::from(byte(pos + i)?) << (8 * i))
+                })?;
+                pos += 4;
+                break;
+            }
+            XLR_BLOCK_ID_ORIGIN => pos += 2,
+            XLR_BLOCK_ID_TOPLEVEL_XID if major >= PgMajor::V14 => pos += 4,
+            id if id <= XLR_MAX_BLOCK_ID => {
+                let fork_flags = byte(pos)?;
+                datatotal += u16_at(pos + 1)?;
+                pos += 3;
+                if fork_flags & BKPBLOCK_HAS_IMAGE != 0 {
+                    let img_len = u16_at(pos)?;
+                    let bimg_info = byte(pos + 4)?;
+                    pos += 5;
+                    datatotal += img_len;
+                    let compressed = if major >= PgMajor::V15 {
+                        bimg_info & 0x1C != 0
+                    } else {
+                        bimg_info & 0x02 != 0
+                    };
+                    if compressed && bimg_info & 0x01 != 0 {
+                        pos += 2;
+                    }
+                }
+                if fork_flags & BKPBLOCK_SAME_REL == 0 {
+                    pos += 12;
+                }
+                pos += 4;
+            }
+            other => return Err(err(&format!("invalid block id {other}"))),
+        }
+    }
+    if pos + datatotal + main_len != b.len() {
+        return Err(err("block headers do not account for the record length"));
+    }
+    Ok(&b[b.len() - main_len..])
+}
+
+fn need(data: &[u8], len: usize, r: &Record, what: &str) -> Result<(), DecodeError> {
+    if data.len() < len {
+        return Err(DecodeError {
+            msg: format!("{what} main data is {} bytes, expected {len}", data.len()),
+            lsn: r.lsn,
+        });
+    }
+    Ok(())
+}
+
+/// The event in `r`, if it is one pitr indexes.
+///
+/// # Errors
+/// A record of an indexed kind whose main data is malformed.
+pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
+    let info = r.info() & 0xF0;
+    match r.rmid() {
+        RM_XLOG_ID => match info {
+            0x00 | 0x10 => {
+                let d = main_data(r, major)?;
+                need(d, 72, r, "checkpoint")?;
+                Ok(Some(Event::Checkpoint {
+                    shutdown: info == 0x00,
+                    redo: Lsn(le_u64(d, 0)),
+                    tli: le_u32(d, 8),
+                    prev_tli: le_u32(d, 12),
+                    unix_secs: le_u64(d, 64) as i64,
+                }))
+            }
+            XLOG_SWITCH => Ok(Some(Event::Switch)),
+            0x50 => {
+                let d = main_data(r, major)?;
+                need(d, 8, r, "backup end")?;
+                Ok(Some(Event::BackupEnd {
+                    start: Lsn(le_u64(d, 0)),
+                }))
+            }
+            0x70 => {
+                let d = main_data(r, major)?;
+                need(d, 8 + 64, r, "restore point")?;
+                let raw = &d[8..8 + 64];
+                let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+                Ok(Some(Event::RestorePoint {
+                    name: String::from_utf8_lossy(&raw[..end]).into_owned(),
+                    time: PgTimestamp(le_u64(d, 0) as i64),
+                }))
+            }
+            0x90 => {
+                let d = main_data(r, major)?;
+                need(d, 16, r, "end of recovery")?;
+                Ok(Some(Event::EndOfRecovery {
+                    time: PgTimestamp(le_u64(d, 0) as i64),
+                    tli: le_u32(d, 8),
+                    prev_tli: le_u32(d, 12),
+                }))
+            }
+            _ => Ok(None),
+        },
+        RM_XACT_ID => {
+            let kind = match r.info() & 0x70 {
+                0x00 => XactKind::Commit,
+                0x20 => XactKind::Abort,
+                0x30 => XactKind::CommitPrepared,
+                0x40 => XactKind::AbortPrepared,
+                _ => return Ok(None),
+            };
+            let d = main_data(r, major)?;
+            need(d, 8, r, "transaction end")?;
+            let time = PgTimestamp(le_u64(d, 0) as i64);
+            let xid = match kind {
+                XactKind::Commit | XactKind::Abort => r.xid(),
+                XactKind::CommitPrepared | XactKind::AbortPrepared => {
+                    twophase_xid(r, d, major, kind)?
+                }
+            };
+            Ok(Some(Event::Xact { kind, xid, time }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The prepared transaction's xid from `xl_xact_twophase` (walking the optional pieces in order).
+fn twophase_xid(r: &Record, d: &[u8], major: PgMajor, kind: XactKind) -> Result<u32, DecodeError> {
+    let err = |m: &str| DecodeError {
+        msg: format!("two-phase transaction record: {m}"),
+        lsn: r.lsn,
+    };
+    if r.info() & 0x80 == 0 {
+        return Err(err("no xinfo"));
+    }
+    let at = |p: usize| -> Result<u32, DecodeError> {
+        d.get(p..p + 4)
+            .map(|_| le_u32(d, p))
+            .ok_or_else(|| err("runs past the main data"))
+    };
+    let xinfo = at(8)?;
+    let mut p = 12usize;
+    let count = |p: usize, item: usize| -> Result<usize, DecodeError> {
+        let n = at(p)? as i32;
+        usize::try_from(n)
+            .map(|n| 4 + n * item)
+            .map_err(|_| err("negative count"))
+    };
+    if xinfo & (1 << 0) != 0 {
+        p += 8; // dbinfo
+    }
+    if xinfo & (1 << 1) != 0 {
+        p += count(p, 4)?; // subxacts
+    }
+    if xinfo & (1 << 2) != 0 {
+        p += count(p, 12)?; // relfilelocators
+    }
+    if xinfo & (1 << 8) != 0 {
+        p += count(p, if major >= PgMajor::V18 { 16 } else { 12 })?; // dropped stats
+    }
+    if kind == XactKind::CommitPrepared && xinfo & (1 << 3) != 0 {
+        p += count(p, 16)?; // invalidations
+    }
+    if xinfo & (1 << 4) == 0 {
+        return Err(err("no two-phase xid"));
+    }
+    at(p)
+}
