@@ -11,5 +11,7 @@ pub mod walname;
 pub use lsn::Lsn;
 pub use version::PgMajor;
 pub use walname::{SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
+#[cfg(test)]
+pub(crate) mod walbuilder;
 pub mod waldecoder;
 pub mod xlogrecord;

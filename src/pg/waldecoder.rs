@@ -298,7 +298,8 @@ impl<'a> SegmentDecoder<'a> {
     fn read_record(&mut self, pos: &mut usize) -> Result<Option<Record>, DecodeError> {
         let ps = self.page_size;
         if *pos >= self.seg.len() {
-            self.end = Some(End::SegmentEnd);
+            // Keep `Switch` if that is what ended the segment.
+            self.end.get_or_insert(End::SegmentEnd);
             return Ok(None);
         }
         if (*pos).is_multiple_of(ps) {
@@ -363,7 +364,6 @@ impl<'a> SegmentDecoder<'a> {
         if record.rmid() == RM_XLOG_ID && record.info() & 0xF0 == XLOG_SWITCH {
             self.end = Some(End::Switch(lsn));
             *pos = self.seg.len();
-            self.pos = None;
         }
         Ok(Some(record))
     }
@@ -432,4 +432,202 @@ pub fn join_fragments(tail: &TailFragment, head: &HeadFragment) -> Option<Record
         bytes,
     };
     verify_record(&r, None).ok().map(|()| r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::walbuilder::WalBuilder;
+    use crate::pg::xlogrecord::{Event, event};
+
+    const MIB: usize = 1 << 20;
+
+    fn decode_all(
+        seg: &[u8],
+        start: u64,
+    ) -> (Vec<Record>, SegmentDecoder<'_>, Option<DecodeError>) {
+        let mut d = SegmentDecoder::new(seg, Lsn(start), 8192, PgMajor::V15).unwrap();
+        let mut v = Vec::new();
+        let err = loop {
+            match d.next_record() {
+                Ok(Some(r)) => v.push(r),
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        (v, d, err)
+    }
+
+    fn sample() -> (Vec<u8>, Vec<u64>) {
+        let mut b = WalBuilder::new(3 * MIB as u64, MIB, PgMajor::V15);
+        let mut lsns = vec![b.commit(700, 1_000_000)];
+        lsns.push(b.filler(20_000)); // spans three pages
+        lsns.push(b.restore_point("before_migration", 2_000_000));
+        for i in 0..50 {
+            lsns.push(b.filler(300 + i * 7));
+            lsns.push(b.commit(701 + i as u32, 3_000_000 + i as i64));
+        }
+        lsns.push(b.switch());
+        (b.finish(), lsns)
+    }
+
+    #[test]
+    fn decodes_records_and_events() {
+        let (seg, lsns) = sample();
+        assert_eq!(seg.len(), MIB);
+        let (records, d, err) = decode_all(&seg, 3 * MIB as u64);
+        assert_eq!(err, None);
+        assert_eq!(records.iter().map(|r| r.lsn.0).collect::<Vec<_>>(), lsns);
+        assert_eq!(d.end, Some(End::Switch(Lsn(*lsns.last().unwrap()))));
+        let events: Vec<Event> = records
+            .iter()
+            .filter_map(|r| event(r, PgMajor::V15).unwrap())
+            .collect();
+        assert_eq!(events.len(), 1 + 1 + 50 + 1);
+        assert!(
+            matches!(&events[1], Event::RestorePoint { name, .. } if name == "before_migration")
+        );
+        assert!(matches!(events[2], Event::Xact { xid: 701, .. }));
+    }
+
+    #[test]
+    fn records_spanning_segments_join() {
+        let mut b = WalBuilder::new(0, MIB, PgMajor::V15);
+        let mut lsns = Vec::new();
+        while b.buf.len() < MIB - 5000 {
+            lsns.push(b.filler(3000));
+        }
+        let spanning = b.commit(999, 42); // small record: may or may not span
+        let big = b.filler(30_000); // certainly spans into segment 2
+        let after = b.commit(1000, 43);
+        let all = b.finish();
+        let (s1, s2) = all.split_at(MIB);
+        let (r1, d1, e1) = decode_all(s1, 0);
+        let (r2, d2, e2) = decode_all(s2, MIB as u64);
+        assert_eq!((e1, e2), (None, None));
+        let tail = d1.tail.clone().expect("the 30 kB record continues");
+        assert_eq!(tail.lsn.0, big);
+        let head = d2.head.clone().expect("segment 2 starts inside it");
+        let joined = join_fragments(&tail, &head).expect("joins with a valid CRC");
+        assert_eq!(joined.lsn.0, big);
+        // Each record exactly once: segment 1's, the joined one, segment 2's.
+        let mut seen: Vec<u64> = r1
+            .iter()
+            .chain(std::iter::once(&joined))
+            .chain(&r2)
+            .map(|r| r.lsn.0)
+            .collect();
+        seen.sort();
+        let mut want = lsns;
+        want.extend([spanning, big, after]);
+        assert_eq!(seen, want);
+        // A damaged fragment does not join.
+        let mut bad = head.clone();
+        bad.bytes[10] ^= 1;
+        assert!(join_fragments(&tail, &bad).is_none());
+    }
+
+    #[test]
+    fn corruption_is_reported_with_the_lsn() {
+        let (seg, lsns) = sample();
+        let start = 3 * MIB as u64;
+        let first_error = |bytes: &[u8]| decode_all(bytes, start).2;
+
+        // A flipped byte in a record body: CRC failure at that record.
+        let mut b = seg.clone();
+        let off = (lsns[4] - start) as usize + 30;
+        b[off] ^= 0x01;
+        let e = first_error(&b).expect("bad CRC found");
+        assert_eq!(
+            (e.lsn.0, e.msg.as_str()),
+            (lsns[4], "incorrect record checksum")
+        );
+
+        // Bad magic on page 2, bad page address on page 3.
+        let mut b = seg.clone();
+        b[8192] ^= 0xFF;
+        let e = first_error(&b).unwrap();
+        assert_eq!(e.lsn.0, start + 8192);
+        assert!(e.msg.contains("magic"), "{e}");
+        let mut b = seg.clone();
+        b[2 * 8192 + 9] ^= 0x01;
+        let e = first_error(&b).unwrap();
+        assert_eq!(e.lsn.0, start + 2 * 8192);
+        assert!(e.msg.contains("page address"), "{e}");
+
+        // A continuation page with the wrong remaining length (the 20 kB record spans pages 1-3).
+        let mut b = seg.clone();
+        b[8192 + 16] ^= 0x04;
+        assert!(first_error(&b).unwrap().msg.contains("remain"));
+
+        // Truncated record: an impossible length.
+        let mut b = seg.clone();
+        let off = (lsns[2] - start) as usize;
+        b[off..off + 4].copy_from_slice(&10u32.to_le_bytes());
+        let e = first_error(&b).unwrap();
+        assert_eq!(e.lsn.0, lsns[2]);
+        assert!(e.msg.contains("invalid record length"));
+
+        // A broken xl_prev chain.
+        let mut b = seg.clone();
+        let off = (lsns[5] - start) as usize + 8;
+        b[off] ^= 0x08;
+        assert_eq!(first_error(&b).unwrap().lsn.0, lsns[5]);
+
+        // The first page itself is checked by `new`.
+        let mut b = seg.clone();
+        b[0] = 0;
+        assert!(SegmentDecoder::new(&b, Lsn(start), 8192, PgMajor::V15).is_err());
+        assert!(
+            SegmentDecoder::new(&seg, Lsn(start), 8192, PgMajor::V18).is_err(),
+            "wrong major's magic"
+        );
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn run(bytes: &[u8], start: u64) {
+            for major in [PgMajor::V13, PgMajor::V15, PgMajor::V18] {
+                let s = crate::index::summarize(
+                    bytes,
+                    crate::pg::SegmentName::new(
+                        crate::pg::TimelineId::ONE,
+                        crate::pg::SegNo(start / MIB as u64),
+                        crate::pg::WalSegSize::new(MIB as u32).unwrap(),
+                    )
+                    .unwrap(),
+                    crate::pg::WalSegSize::new(MIB as u32).unwrap(),
+                    8192,
+                    major,
+                );
+                let _ = serde_json::to_string(&s).unwrap();
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            #[test]
+            fn mutated_segments_never_panic(edits in proptest::collection::vec((0usize..(1 << 20), any::<u8>()), 1..40)) {
+                let (mut seg, _) = sample();
+                for (pos, val) in edits {
+                    seg[pos] = val;
+                }
+                run(&seg, 3 * MIB as u64);
+            }
+
+            #[test]
+            fn random_bytes_never_panic(mut head in proptest::collection::vec(any::<u8>(), 0..20_000), magic_ok: bool) {
+                if magic_ok && head.len() >= 40 {
+                    head[0..2].copy_from_slice(&PgMajor::V15.xlog_page_magic().to_le_bytes());
+                    head[2] = 0x02;
+                    head[8..16].copy_from_slice(&(3u64 << 20).to_le_bytes());
+                }
+                head.resize(MIB, 0);
+                run(&head, 3 * MIB as u64);
+            }
+        }
+    }
 }
