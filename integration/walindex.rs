@@ -204,3 +204,155 @@ fn pg15_decoder_matches_pg_waldump() {
 fn pg18_decoder_matches_pg_waldump() {
     decoder_matches_waldump(18);
 }
+
+/// `pitr info --json` on a real archive: the window's latest time is the last commit's timestamp as
+/// PostgreSQL reports it, and the restore points are listed.
+fn info_shows_the_window(major: u32) {
+    let Some(bin) = harness::pg_bin(major) else {
+        return;
+    };
+    let scratch = harness::Scratch::new();
+    let url = format!("file://{}", scratch.subdir("repo").display());
+    let c = Cluster::start(
+        major,
+        &bin,
+        &format!("{{pitr}} --repo {url} archive-push %p"),
+        "track_commit_timestamp = on\nautovacuum = off",
+        &[],
+    );
+    c.sql("CREATE TABLE marks(id int primary key, at timestamptz default clock_timestamp())");
+    for i in 1..=5 {
+        c.sql(&format!("INSERT INTO marks(id) VALUES ({i})"));
+        if i == 2 || i == 4 {
+            c.sql(&format!("SELECT pg_create_restore_point('after_{i}')"));
+        }
+    }
+    c.sql("SELECT count(pg_logical_emit_message(false, 'fill', repeat('x', 8000))) FROM generate_series(1, 2500)");
+    c.sql("INSERT INTO marks(id) VALUES (6)");
+    let last_commit = c.sql(
+        "SELECT to_char(pg_xact_commit_timestamp(xmin) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM marks WHERE id = 6",
+    );
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+
+    let out = harness::pitr(scratch.path(), &["--repo", &url, "info", "--json"], &[]);
+    assert_eq!(harness::code(&out), 0, "{}", harness::stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        info["window"]["latest"],
+        serde_json::json!(last_commit),
+        "{info:#}"
+    );
+    assert_eq!(info["window"]["latest_timeline"], 1);
+    assert_eq!(info["window"]["wal_end_segment"], serde_json::json!(last));
+    assert_eq!(info["pg_version"], major);
+    let sysid = c.sql("SELECT system_identifier FROM pg_control_system()");
+    assert_eq!(info["system_identifier"], serde_json::json!(sysid));
+    let names: Vec<&str> = info["restore_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["after_2", "after_4"]);
+    assert!(
+        info["timelines"][0]["wal_ranges"][0]["first"]
+            .as_str()
+            .unwrap()
+            .starts_with("00000001")
+    );
+    assert_eq!(info["timelines"][0]["gaps"], serde_json::json!([]));
+    assert_eq!(info["index_problems"], serde_json::json!([]));
+
+    let out = harness::pitr(scratch.path(), &["--repo", &url, "info"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&last_commit) && text.contains("after_4"),
+        "{text}"
+    );
+    eprintln!("PG {major}: info window latest {last_commit} on {last}");
+}
+
+#[test]
+fn pg15_info_shows_the_window() {
+    info_shows_the_window(15);
+}
+
+#[test]
+fn pg18_info_shows_the_window() {
+    info_shows_the_window(18);
+}
+
+/// Loading the catalog of a repository with 10 000 segments reads only summaries, and stays quick.
+#[test]
+fn catalog_of_10k_segments() {
+    use pitr::compress::Compression;
+    use pitr::index::{SegmentSummary, XactRef};
+    use pitr::pg::xlogrecord::{PgTimestamp, XactKind};
+    use pitr::pg::{SegNo, SegmentName, TimelineId, WalSegSize};
+    use pitr::storage::envelope;
+    use pitr::storage::layout::ObjectKey;
+
+    let scratch = harness::Scratch::new();
+    let root = scratch.subdir("repo");
+    let write = |key: &ObjectKey, data: &[u8]| {
+        let p = root.join(key.key());
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, envelope::encode(data, Compression::Zstd).unwrap()).unwrap();
+    };
+    let ident = pitr::storage::identity::RepoIdentity {
+        format_version: 1,
+        system_identifier: "7".into(),
+        pg_version: 15,
+        wal_segment_size: 16 << 20,
+        wal_page_size: 8192,
+    };
+    write(&ObjectKey::Identity, &serde_json::to_vec(&ident).unwrap());
+    let n = 10_000u64;
+    for i in 1..=n {
+        if i == 5000 {
+            continue; // one gap
+        }
+        let seg = SegmentName::new(TimelineId::ONE, SegNo(i), WalSegSize::DEFAULT).unwrap();
+        let x = XactRef {
+            lsn: Lsn(i << 24),
+            xid: i as u32,
+            time: PgTimestamp(i as i64 * 1_000_000),
+            kind: XactKind::Commit,
+        };
+        let s = SegmentSummary {
+            format: 1,
+            records: 1000,
+            xacts: 10,
+            first_xact: Some(x),
+            last_xact: Some(x),
+            max_xact_time: Some(x.time),
+            ..Default::default()
+        };
+        write(
+            &ObjectKey::Wal(WalFileName::Segment(seg)),
+            b"stand-in for a segment",
+        );
+        write(&ObjectKey::Summary(seg), &serde_json::to_vec(&s).unwrap());
+    }
+    let url = format!("file://{}", root.display());
+    let repo = pitr::storage::Repo::open(&url).unwrap();
+    let start = std::time::Instant::now();
+    let catalog = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(pitr::catalog::Catalog::load(&repo))
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(catalog.summaries.len(), n as usize - 1);
+    assert_eq!(
+        catalog.ranges(TimelineId::ONE),
+        vec![(SegNo(1), SegNo(4999)), (SegNo(5001), SegNo(n))]
+    );
+    // The window stops at the gap.
+    assert_eq!(catalog.window().unwrap().latest.unwrap().xid, 4999);
+    eprintln!(
+        "catalog of {} segments + summaries loaded from the local store in {:.0} ms",
+        n - 1,
+        elapsed.as_secs_f64() * 1e3
+    );
+}

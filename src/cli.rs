@@ -67,4 +67,11 @@ pub enum Command {
         /// Where to write it (%p), relative to the working directory.
         dest_path: PathBuf,
     },
+    /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the
+    /// recoverable window.
+    Info {
+        /// Machine-readable JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -6,6 +6,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod archive;
+pub mod catalog;
 pub mod cli;
 pub mod compress;
 pub mod config;
@@ -13,5 +14,6 @@ pub mod durable;
 pub mod error;
 pub mod exit;
 pub mod index;
+pub mod info;
 pub mod pg;
 pub mod storage;

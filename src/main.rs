@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Command::ArchiveGet { .. } => Contract::ArchiveGet {
             standby: Path::new("standby.signal").exists(),
         },
+        Command::Info { .. } => Contract::Other,
     };
     let name = command_name(&cli.command);
     // A panic is a bug, but it must still answer on the safe side of PostgreSQL's contract.
@@ -54,6 +55,7 @@ fn command_name(c: &Command) -> &'static str {
     match c {
         Command::ArchivePush { .. } => "archive-push",
         Command::ArchiveGet { .. } => "archive-get",
+        Command::Info { .. } => "info",
     }
 }
 
@@ -96,6 +98,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 GetOutcome::Written { .. } => Ok(exit::SUCCESS),
                 GetOutcome::NotFound => Ok(exit::FAILURE),
             },
+            Command::Info { json } => {
+                let catalog = pitr::catalog::Catalog::load(&repo).await?;
+                let info = pitr::info::Info::new(repo.location(), &catalog);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&info)?);
+                } else {
+                    print!("{}", info.render());
+                }
+                Ok(exit::SUCCESS)
+            }
         }
     })
 }

@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::compress::Compression;
+use crate::index::{self, ParseStatus, SegmentSummary};
+use crate::pg::SegmentName;
 use crate::pg::WalFileName;
 use crate::pg::segment::validate_segment;
 use crate::pg::timeline::History;
+use crate::storage::RepoError;
 use crate::storage::identity::RepoIdentity;
 use crate::storage::layout::ObjectKey;
 use crate::storage::{PutOutcome, Repo};
@@ -59,12 +62,19 @@ pub async fn push(
     let data = tokio::fs::read(wal_path)
         .await
         .with_context(|| format!("read {}", wal_path.display()))?;
+    let mut summary = None;
     match name {
         WalFileName::Segment(seg) | WalFileName::Partial(seg) => {
             let header = validate_segment(seg, &data).with_context(|| format!("refuse {name}"))?;
             repo.ensure_identity(&RepoIdentity::from_header(&header))
                 .await
                 .with_context(|| format!("refuse {name}"))?;
+            if matches!(name, WalFileName::Segment(_)) {
+                summary = Some((
+                    seg,
+                    index::summarize(&data, seg, header.seg_size, header.page_size, header.major),
+                ));
+            }
         }
         WalFileName::History(tli) => {
             History::parse(tli, &data).with_context(|| format!("refuse {name}"))?;
@@ -82,6 +92,11 @@ pub async fn push(
         .put_new(&ObjectKey::Wal(name), &data, compression)
         .await
         .with_context(|| format!("archive {name}"))?;
+    if let Some((seg, summary)) = summary {
+        store_summary(repo, seg, &summary)
+            .await
+            .with_context(|| format!("index {name}"))?;
+    }
     let report = PushReport {
         name,
         outcome,
@@ -99,4 +114,30 @@ pub async fn push(
         }
     }
     Ok(report)
+}
+
+/// Store a segment's summary after the segment itself. The summary is derived data: if one is already
+/// stored (an earlier push, or an older pitr), it is kept, and a differing one is not an error.
+async fn store_summary(
+    repo: &Repo,
+    seg: SegmentName,
+    summary: &SegmentSummary,
+) -> anyhow::Result<()> {
+    if let ParseStatus::Failed { lsn, reason } = &summary.status {
+        tracing::warn!(
+            "{seg}: WAL records could not be indexed past {lsn}: {reason}; the segment is archived as is"
+        );
+    }
+    let json = serde_json::to_vec(summary)?;
+    match repo
+        .put_new(&ObjectKey::Summary(seg), &json, Compression::Zstd)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(RepoError::Conflict { .. }) => {
+            tracing::debug!("{seg}: a different summary is already stored; keeping it");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -30,10 +30,10 @@ impl WalBuilder {
 
     /// Write a page header if at a page boundary.
     fn page_header(&mut self, rem_len: u32) {
-        if self.buf.len() % self.page != 0 {
+        if !self.buf.len().is_multiple_of(self.page) {
             return;
         }
-        let long = self.lsn() % self.seg_size as u64 == 0;
+        let long = self.lsn().is_multiple_of(self.seg_size as u64);
         let mut info: u16 = if rem_len > 0 { 0x0001 } else { 0 };
         if long {
             info |= 0x0002;
@@ -57,7 +57,7 @@ impl WalBuilder {
 
     /// Append a record with `body` after the 24-byte header; returns its LSN.
     pub(crate) fn record(&mut self, rmid: u8, info: u8, xid: u32, body: &[u8]) -> u64 {
-        while self.buf.len() % 8 != 0 {
+        while !self.buf.len().is_multiple_of(8) {
             self.buf.push(0);
         }
         self.page_header(0);

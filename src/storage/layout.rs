@@ -3,14 +3,16 @@
 //! ```text
 //! pitr.json                                  repository identity (cluster, version, segment size)
 //! wal/<TTTTTTTT>/<segment>.pitr              WAL segments, `.partial` and `.backup` files
+//! wal/<TTTTTTTT>/<segment>.idx               the segment's WAL index summary (see `index`)
 //! wal/history/<TTTTTTTT>.history.pitr        timeline history files
 //! ```
+//! Every object, summaries and `pitr.json` included, is wrapped in the checksummed envelope.
 //! WAL objects keep PostgreSQL's file names so a person can find a segment by eye; `.pitr` marks
 //! pitr's envelope (checksums and compression, see `envelope`).
 
 use object_store::path::Path;
 
-use crate::pg::WalFileName;
+use crate::pg::{SegmentName, TimelineId, WalFileName};
 
 /// Something stored in a repository.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +21,45 @@ pub enum ObjectKey {
     Identity,
     /// A file PostgreSQL archived.
     Wal(WalFileName),
+    /// The index summary of a segment.
+    Summary(SegmentName),
+}
+
+/// What a key under `wal/` names, as found by a listing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listed {
+    /// An archived WAL file.
+    Wal(WalFileName),
+    /// A segment's summary.
+    Summary(SegmentName),
+}
+
+/// Prefix of every WAL-related key.
+pub const WAL_PREFIX: &str = "wal";
+
+/// Parse a key found under `wal/`; `None` for anything pitr did not write.
+pub fn parse_wal_key(key: &str) -> Option<Listed> {
+    let rest = key.strip_prefix("wal/")?;
+    let (dir, file) = rest.split_once('/')?;
+    if let Some(name) = file.strip_suffix(SUFFIX) {
+        let name: WalFileName = name.parse().ok()?;
+        let expected_dir = match name {
+            WalFileName::History(_) => "history".to_string(),
+            other => tli_dir(other.timeline()),
+        };
+        return (dir == expected_dir).then_some(Listed::Wal(name));
+    }
+    if let Some(seg) = file.strip_suffix(".idx") {
+        return match seg.parse().ok()? {
+            WalFileName::Segment(s) if dir == tli_dir(s.tli) => Some(Listed::Summary(s)),
+            _ => None,
+        };
+    }
+    None
+}
+
+fn tli_dir(tli: TimelineId) -> String {
+    format!("{:08X}", tli.get())
 }
 
 /// Suffix of every enveloped object.
@@ -30,7 +71,8 @@ impl ObjectKey {
         match self {
             ObjectKey::Identity => "pitr.json".to_string(),
             ObjectKey::Wal(name @ WalFileName::History(_)) => format!("wal/history/{name}{SUFFIX}"),
-            ObjectKey::Wal(name) => format!("wal/{:08X}/{name}{SUFFIX}", name.timeline().get()),
+            ObjectKey::Wal(name) => format!("wal/{}/{name}{SUFFIX}", tli_dir(name.timeline())),
+            ObjectKey::Summary(seg) => format!("wal/{}/{seg}.idx", tli_dir(seg.tli)),
         }
     }
 
@@ -61,6 +103,38 @@ mod tests {
             k("000000010000000000000003.00000028.backup"),
             "wal/00000001/000000010000000000000003.00000028.backup.pitr"
         );
+        // Listing parses back exactly what `key` writes, and nothing else.
+        for name in [
+            "000000010000000000000003",
+            "00000002.history",
+            "000000010000000000000007.partial",
+        ] {
+            let n: WalFileName = name.parse().unwrap();
+            assert_eq!(
+                parse_wal_key(&ObjectKey::Wal(n).key()),
+                Some(Listed::Wal(n))
+            );
+        }
+        let WalFileName::Segment(seg) = "000000020000000000000003".parse().unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            ObjectKey::Summary(seg).key(),
+            "wal/00000002/000000020000000000000003.idx"
+        );
+        assert_eq!(
+            parse_wal_key(&ObjectKey::Summary(seg).key()),
+            Some(Listed::Summary(seg))
+        );
+        for junk in [
+            "wal/00000002/000000010000000000000003.pitr",
+            "wal/x",
+            "wal/history/00000002.history",
+            "backups/x/y",
+            "wal/00000001/foo.idx",
+        ] {
+            assert_eq!(parse_wal_key(junk), None, "{junk}");
+        }
         // The object-store path is the same text (no escaping needed for these names).
         assert_eq!(ObjectKey::Identity.path().as_ref(), "pitr.json");
     }

@@ -1,0 +1,554 @@
+//! The manifest timeline: what a repository holds and what it can recover.
+//!
+//! Derived entirely from the objects (listing, `.history` files, segment summaries), so it can always
+//! be rebuilt; nothing here downloads WAL. `Catalog::build` is pure and unit-tested; `load` does the
+//! I/O: one listing, then history files and summaries fetched in parallel.
+//!
+//! Timelines follow PostgreSQL's rules: the history file of timeline N lists its ancestors and the
+//! LSN where each one ended. The segment holding a switch point is read from the newer timeline (its
+//! first pages are the parent's WAL up to the switch).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::index::{RestorePoint, SegmentSummary, XactRef};
+use crate::pg::timeline::History;
+use crate::pg::waldecoder::join_fragments;
+use crate::pg::xlogrecord::{PgTimestamp, event};
+use crate::pg::{Lsn, PgMajor, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
+use crate::storage::Repo;
+use crate::storage::identity::RepoIdentity;
+use crate::storage::layout::{Listed, ObjectKey, WAL_PREFIX, parse_wal_key};
+
+/// How many objects are fetched at once while loading.
+pub const LOAD_CONCURRENCY: usize = 32;
+
+/// Everything known about one timeline.
+#[derive(Clone, Debug, Default)]
+pub struct TimelineInfo {
+    /// Parent timeline (from this timeline's history file).
+    pub parent: Option<TimelineId>,
+    /// Where this timeline branched off its parent.
+    pub switch_lsn: Option<Lsn>,
+    /// Archived segments.
+    pub segments: BTreeSet<SegNo>,
+    /// Archived `.partial` segments.
+    pub partials: BTreeSet<SegNo>,
+    /// Segments with no summary (archived by something else, or the summary is unreadable).
+    pub unindexed: BTreeSet<SegNo>,
+}
+
+/// A restore point found in the index.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FoundRestorePoint {
+    /// Name.
+    pub name: String,
+    /// Time.
+    pub time: PgTimestamp,
+    /// LSN.
+    pub lsn: Lsn,
+    /// Timeline whose WAL holds it.
+    pub timeline: TimelineId,
+}
+
+/// A segment whose records could not all be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct IndexProblem {
+    /// The segment.
+    pub segment: String,
+    /// Where decoding stopped (absent when the summary itself was unreadable).
+    pub lsn: Option<Lsn>,
+    /// Why.
+    pub reason: String,
+}
+
+/// The recoverable window along the newest timeline's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Earliest restorable time: the end of the oldest restorable backup (`None` without backups).
+    pub earliest: Option<PgTimestamp>,
+    /// The latest commit/abort reachable through contiguous WAL.
+    pub latest: Option<XactRef>,
+    /// The timeline that WAL ends on.
+    pub latest_timeline: TimelineId,
+    /// The last segment of that contiguous WAL.
+    pub last_segment: SegmentName,
+}
+
+/// The catalog of a repository.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    /// The cluster identity (`None` for an empty repository).
+    pub identity: Option<RepoIdentity>,
+    /// Timelines by id.
+    pub timelines: BTreeMap<TimelineId, TimelineInfo>,
+    /// Parsed history files.
+    pub histories: BTreeMap<TimelineId, History>,
+    /// Summaries by (timeline, segment), with segment-spanning records already joined in.
+    pub summaries: BTreeMap<(TimelineId, SegNo), SegmentSummary>,
+    /// Problems met while indexing.
+    pub problems: Vec<IndexProblem>,
+}
+
+/// What `load` read, before any interpretation (the input of `build`).
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// `pitr.json`.
+    pub identity: Option<RepoIdentity>,
+    /// WAL files listed.
+    pub wal: Vec<WalFileName>,
+    /// History files read.
+    pub histories: Vec<(TimelineId, Vec<u8>)>,
+    /// Summaries read (raw JSON).
+    pub summaries: Vec<(SegmentName, Vec<u8>)>,
+}
+
+impl Catalog {
+    /// Read the repository's catalog.
+    ///
+    /// # Errors
+    /// Store failures; corrupt history files and summaries are reported as problems instead.
+    pub async fn load(repo: &Repo) -> anyhow::Result<Catalog> {
+        let identity = repo
+            .identity()
+            .await
+            .context("read the repository identity")?;
+        let prefix = object_store::path::Path::from(WAL_PREFIX);
+        let listed: Vec<Listed> = repo
+            .store()
+            .list(Some(&prefix))
+            .map_ok(|meta| parse_wal_key(meta.location.as_ref()))
+            .try_collect::<Vec<_>>()
+            .await
+            .with_context(|| format!("list {} in {}", WAL_PREFIX, repo.location()))?
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut loaded = Loaded {
+            identity,
+            ..Default::default()
+        };
+        let mut fetch = Vec::new();
+        for item in listed {
+            match item {
+                Listed::Wal(name @ WalFileName::History(_)) => {
+                    loaded.wal.push(name);
+                    fetch.push(ObjectKey::Wal(name));
+                }
+                Listed::Wal(name) => loaded.wal.push(name),
+                Listed::Summary(seg) => fetch.push(ObjectKey::Summary(seg)),
+            }
+        }
+        let fetched: Vec<(ObjectKey, anyhow::Result<Option<Vec<u8>>>)> =
+            futures::stream::iter(fetch)
+                .map(|key| async move { (key, repo.get(&key).await.map_err(anyhow::Error::from)) })
+                .buffer_unordered(LOAD_CONCURRENCY)
+                .collect()
+                .await;
+        let mut problems = Vec::new();
+        for (key, got) in fetched {
+            match (key, got) {
+                (ObjectKey::Wal(WalFileName::History(tli)), Ok(Some(b))) => {
+                    loaded.histories.push((tli, b))
+                }
+                (ObjectKey::Summary(seg), Ok(Some(b))) => loaded.summaries.push((seg, b)),
+                (_, Ok(None)) | (_, Ok(Some(_))) => {} // deleted between listing and reading / not fetched
+                (key, Err(e)) => {
+                    // A corrupt object is a finding, not a reason to show nothing; store failures abort.
+                    if e.downcast_ref::<crate::storage::RepoError>()
+                        .is_some_and(|r| r.is_store_failure())
+                    {
+                        return Err(e.context(format!("read {}", key.key())));
+                    }
+                    problems.push(IndexProblem {
+                        segment: key.key(),
+                        lsn: None,
+                        reason: format!("{e:#}"),
+                    });
+                }
+            }
+        }
+        let mut catalog = Catalog::build(loaded);
+        catalog.problems.extend(problems);
+        Ok(catalog)
+    }
+
+    /// Interpret what `load` read. Pure.
+    pub fn build(loaded: Loaded) -> Catalog {
+        let mut c = Catalog {
+            identity: loaded.identity,
+            ..Default::default()
+        };
+        let Some(identity) = c.identity.clone() else {
+            return c;
+        };
+        let seg_size = WalSegSize::new(identity.wal_segment_size).unwrap_or(WalSegSize::DEFAULT);
+        let major = PgMajor::from_number(identity.pg_version);
+        for name in loaded.wal {
+            match name {
+                WalFileName::Segment(s) => {
+                    if let Some(n) = s.segno(seg_size) {
+                        c.timelines.entry(s.tli).or_default().segments.insert(n);
+                    }
+                }
+                WalFileName::Partial(s) => {
+                    if let Some(n) = s.segno(seg_size) {
+                        c.timelines.entry(s.tli).or_default().partials.insert(n);
+                    }
+                }
+                WalFileName::History(tli) => {
+                    c.timelines.entry(tli).or_default();
+                }
+                WalFileName::BackupHistory { .. } => {}
+            }
+        }
+        for (tli, bytes) in loaded.histories {
+            match History::parse(tli, &bytes) {
+                Ok(h) => {
+                    if let Some(last) = h.entries.last() {
+                        let t = c.timelines.entry(tli).or_default();
+                        t.parent = Some(last.parent);
+                        t.switch_lsn = Some(last.switch_lsn);
+                    }
+                    c.histories.insert(tli, h);
+                }
+                Err(e) => c.problems.push(IndexProblem {
+                    segment: format!("{:08X}.history", tli.get()),
+                    lsn: None,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        for (seg, bytes) in loaded.summaries {
+            let Some(n) = seg.segno(seg_size) else {
+                continue;
+            };
+            match serde_json::from_slice::<SegmentSummary>(&bytes) {
+                Ok(s) => {
+                    if let crate::index::ParseStatus::Failed { lsn, reason } = &s.status {
+                        c.problems.push(IndexProblem {
+                            segment: seg.to_string(),
+                            lsn: Some(*lsn),
+                            reason: reason.clone(),
+                        });
+                    }
+                    c.summaries.insert((seg.tli, n), s);
+                }
+                Err(e) => c.problems.push(IndexProblem {
+                    segment: seg.to_string(),
+                    lsn: None,
+                    reason: format!("unreadable summary: {e}"),
+                }),
+            }
+        }
+        for (tli, t) in c.timelines.iter_mut() {
+            t.unindexed = t
+                .segments
+                .iter()
+                .copied()
+                .filter(|n| !c.summaries.contains_key(&(*tli, *n)))
+                .collect();
+        }
+        if let Some(major) = major {
+            c.join_spanning_records(major);
+        }
+        c
+    }
+
+    /// Attribute each record that spans two segments to the segment where it starts.
+    fn join_spanning_records(&mut self, major: PgMajor) {
+        let keys: Vec<(TimelineId, SegNo)> = self.summaries.keys().copied().collect();
+        for (tli, n) in keys {
+            let Some(tail) = self.summaries.get(&(tli, n)).and_then(|s| s.tail.clone()) else {
+                continue;
+            };
+            // The continuation is on the same timeline, or on a newer one whose first pages copy it.
+            let next = SegNo(n.0 + 1);
+            let head = self
+                .summaries
+                .range((tli, next)..)
+                .find(|((_, m), s)| *m == next && s.head.is_some())
+                .and_then(|(_, s)| s.head.clone());
+            let Some(head) = head else { continue };
+            let Some(record) = join_fragments(&tail, &head) else {
+                continue;
+            };
+            if let (Ok(Some(ev)), Some(s)) =
+                (event(&record, major), self.summaries.get_mut(&(tli, n)))
+            {
+                s.add_event(record.lsn, ev);
+            }
+        }
+    }
+
+    /// The segment size of the cluster.
+    pub fn seg_size(&self) -> WalSegSize {
+        self.identity
+            .as_ref()
+            .and_then(|i| WalSegSize::new(i.wal_segment_size))
+            .unwrap_or(WalSegSize::DEFAULT)
+    }
+
+    /// Contiguous runs of segments on `tli`, as (first, last).
+    pub fn ranges(&self, tli: TimelineId) -> Vec<(SegNo, SegNo)> {
+        let mut out: Vec<(SegNo, SegNo)> = Vec::new();
+        for &n in self
+            .timelines
+            .get(&tli)
+            .map(|t| &t.segments)
+            .into_iter()
+            .flatten()
+        {
+            match out.last_mut() {
+                Some((_, last)) if last.0 + 1 == n.0 => *last = n,
+                _ => out.push((n, n)),
+            }
+        }
+        out
+    }
+
+    /// The segment name of `n` on `tli`.
+    pub fn name(&self, tli: TimelineId, n: SegNo) -> SegmentName {
+        SegmentName::new(tli, n, self.seg_size()).expect("segment numbers come from valid names")
+    }
+
+    /// The newest timeline the repository knows.
+    pub fn newest_timeline(&self) -> Option<TimelineId> {
+        self.timelines.keys().next_back().copied()
+    }
+
+    /// The timeline path to `tli`: (timeline, first segment read from it), oldest first.
+    pub fn path_to(&self, tli: TimelineId) -> Vec<(TimelineId, SegNo)> {
+        let seg_size = self.seg_size();
+        let mut path = Vec::new();
+        let mut begin = SegNo(0);
+        if let Some(h) = self.histories.get(&tli) {
+            for e in &h.entries {
+                path.push((e.parent, begin));
+                begin = e.switch_lsn.segno(seg_size);
+            }
+        }
+        path.push((tli, begin));
+        path
+    }
+
+    /// Walk contiguous WAL from segment `start` along the path to `tli`, calling `f` for each
+    /// segment read; returns the last (timeline, segment) reached.
+    pub fn walk(
+        &self,
+        tli: TimelineId,
+        start: SegNo,
+        mut f: impl FnMut(TimelineId, SegNo),
+    ) -> Option<(TimelineId, SegNo)> {
+        let path = self.path_to(tli);
+        let mut n = start;
+        let mut last = None;
+        loop {
+            let on = path
+                .iter()
+                .rev()
+                .find(|(_, begin)| *begin <= n)
+                .map(|(t, _)| *t)?;
+            if !self
+                .timelines
+                .get(&on)
+                .is_some_and(|t| t.segments.contains(&n))
+            {
+                return last;
+            }
+            f(on, n);
+            last = Some((on, n));
+            n = SegNo(n.0 + 1);
+        }
+    }
+
+    /// All restore points, in LSN order.
+    pub fn restore_points(&self) -> Vec<FoundRestorePoint> {
+        let mut v: Vec<FoundRestorePoint> = self
+            .summaries
+            .iter()
+            .flat_map(|((tli, _), s)| {
+                s.restore_points
+                    .iter()
+                    .map(move |RestorePoint { name, time, lsn }| FoundRestorePoint {
+                        name: name.clone(),
+                        time: *time,
+                        lsn: *lsn,
+                        timeline: *tli,
+                    })
+            })
+            .collect();
+        v.sort_by_key(|r| (r.lsn, r.timeline));
+        v
+    }
+
+    /// The latest transaction end (by time) in the segments `f` selects.
+    fn latest_xact_in(
+        &self,
+        segs: impl IntoIterator<Item = (TimelineId, SegNo)>,
+    ) -> Option<XactRef> {
+        segs.into_iter()
+            .filter_map(|k| self.summaries.get(&k))
+            .filter_map(|s| {
+                s.last_xact
+                    .map(|last| (s.max_xact_time.unwrap_or(last.time), last))
+            })
+            .max_by_key(|(t, x)| (*t, x.lsn))
+            .map(|(t, x)| XactRef { time: t, ..x })
+    }
+
+    /// The latest commit/abort on timeline `tli` (any of its segments).
+    pub fn latest_xact_on(&self, tli: TimelineId) -> Option<XactRef> {
+        let segs = self
+            .timelines
+            .get(&tli)
+            .map(|t| t.segments.iter().map(|n| (tli, *n)).collect::<Vec<_>>());
+        self.latest_xact_in(segs.into_iter().flatten())
+    }
+
+    /// The recoverable window along the newest timeline. Until base backups exist it is measured
+    /// from the oldest archived segment of the first timeline, and `earliest` is `None`.
+    pub fn window(&self) -> Option<Window> {
+        let newest = self.newest_timeline()?;
+        let (first_tli, _) = *self.path_to(newest).first()?;
+        let start = self
+            .path_to(newest)
+            .iter()
+            .find_map(|(t, _)| {
+                self.timelines
+                    .get(t)
+                    .and_then(|i| i.segments.first().copied())
+            })
+            .or_else(|| {
+                self.timelines
+                    .get(&first_tli)
+                    .and_then(|t| t.segments.first().copied())
+            })?;
+        let mut walked = Vec::new();
+        let (last_tli, last_n) = self.walk(newest, start, |t, n| walked.push((t, n)))?;
+        Some(Window {
+            earliest: None,
+            latest: self.latest_xact_in(walked),
+            latest_timeline: last_tli,
+            last_segment: self.name(last_tli, last_n),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::XactRef;
+    use crate::pg::xlogrecord::XactKind;
+
+    fn ident() -> RepoIdentity {
+        RepoIdentity {
+            format_version: 1,
+            system_identifier: "1".into(),
+            pg_version: 15,
+            wal_segment_size: 16 << 20,
+            wal_page_size: 8192,
+        }
+    }
+
+    fn seg(tli: u32, n: u64) -> SegmentName {
+        SegmentName::new(TimelineId::new(tli).unwrap(), SegNo(n), WalSegSize::DEFAULT).unwrap()
+    }
+
+    fn summary(time: i64) -> Vec<u8> {
+        let x = XactRef {
+            lsn: Lsn(time as u64),
+            xid: 1,
+            time: PgTimestamp(time),
+            kind: XactKind::Commit,
+        };
+        serde_json::to_vec(&SegmentSummary {
+            format: 1,
+            xacts: 1,
+            first_xact: Some(x),
+            last_xact: Some(x),
+            max_xact_time: Some(PgTimestamp(time)),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn loaded(segs: &[(u32, u64)], histories: &[(u32, &str)]) -> Loaded {
+        Loaded {
+            identity: Some(ident()),
+            wal: segs
+                .iter()
+                .map(|&(t, n)| WalFileName::Segment(seg(t, n)))
+                .chain(
+                    histories
+                        .iter()
+                        .map(|(t, _)| WalFileName::History(TimelineId::new(*t).unwrap())),
+                )
+                .collect(),
+            histories: histories
+                .iter()
+                .map(|(t, h)| (TimelineId::new(*t).unwrap(), h.as_bytes().to_vec()))
+                .collect(),
+            summaries: segs
+                .iter()
+                .map(|&(t, n)| (seg(t, n), summary((t as i64) * 1000 + n as i64)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn ranges_and_gaps() {
+        let c = Catalog::build(loaded(
+            &[(1, 1), (1, 2), (1, 3), (1, 5), (1, 6), (1, 9)],
+            &[],
+        ));
+        let one = TimelineId::ONE;
+        assert_eq!(
+            c.ranges(one),
+            vec![
+                (SegNo(1), SegNo(3)),
+                (SegNo(5), SegNo(6)),
+                (SegNo(9), SegNo(9))
+            ]
+        );
+        // The window stops at the first gap.
+        let w = c.window().unwrap();
+        assert_eq!(w.last_segment, seg(1, 3));
+        assert_eq!(w.latest.unwrap().time, PgTimestamp(1003));
+        assert_eq!(w.earliest, None);
+    }
+
+    #[test]
+    fn window_follows_the_newest_timeline() {
+        // Timeline 2 branched from 1 inside segment 3; timeline 1 went on to segment 5 (abandoned).
+        let c = Catalog::build(loaded(
+            &[(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 3), (2, 4)],
+            &[(2, "1\t0/3001000\tbefore 2026-01-01 00:00:00+00\n\n")],
+        ));
+        let two = TimelineId::new(2).unwrap();
+        assert_eq!(
+            c.path_to(two),
+            vec![(TimelineId::ONE, SegNo(0)), (two, SegNo(3))]
+        );
+        assert_eq!(c.timelines[&two].parent, Some(TimelineId::ONE));
+        let w = c.window().unwrap();
+        assert_eq!((w.latest_timeline, w.last_segment), (two, seg(2, 4)));
+        // Segment 5 of timeline 1 (time 1005) is not on the path; 2/4 (2004) is the latest.
+        assert_eq!(w.latest.unwrap().time, PgTimestamp(2004));
+        let mut walked = Vec::new();
+        c.walk(two, SegNo(1), |t, n| walked.push((t.get(), n.0)));
+        assert_eq!(walked, vec![(1, 1), (1, 2), (2, 3), (2, 4)]);
+    }
+
+    #[test]
+    fn problems_are_reported_not_fatal() {
+        let mut l = loaded(&[(1, 1), (1, 2)], &[(2, "garbage")]);
+        l.summaries[1].1 = b"{not json".to_vec();
+        let c = Catalog::build(l);
+        assert_eq!(c.problems.len(), 2, "{:?}", c.problems);
+        assert!(c.timelines[&TimelineId::ONE].unindexed.contains(&SegNo(2)));
+        assert_eq!(Catalog::build(Loaded::default()).window(), None);
+    }
+}

@@ -1,0 +1,281 @@
+//! `pitr info`: what the repository holds and what it can recover, for people and for machines.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::catalog::{Catalog, FoundRestorePoint, IndexProblem};
+use crate::index::XactRef;
+use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::{Lsn, TimelineId};
+
+/// `info --json`. Field names are a contract (DESIGN.md).
+#[derive(Debug, Serialize)]
+pub struct Info {
+    /// The repository URL.
+    pub repository: String,
+    /// The cluster's system identifier (text: it exceeds JSON's exact integers).
+    pub system_identifier: Option<String>,
+    /// PostgreSQL major version.
+    pub pg_version: Option<u32>,
+    /// WAL segment size in bytes.
+    pub wal_segment_size: Option<u32>,
+    /// Timelines, oldest first.
+    pub timelines: Vec<TimelineJson>,
+    /// Base backups (none until `pitr backup` exists).
+    pub backups: Vec<serde_json::Value>,
+    /// Restore points in LSN order.
+    pub restore_points: Vec<FoundRestorePoint>,
+    /// The recoverable window; `null` for an empty repository.
+    pub window: Option<WindowJson>,
+    /// Segments whose WAL could not be fully indexed, and unreadable summaries or history files.
+    pub index_problems: Vec<IndexProblem>,
+}
+
+/// One timeline.
+#[derive(Debug, Serialize)]
+pub struct TimelineJson {
+    /// Timeline id.
+    pub timeline: u32,
+    /// Parent timeline.
+    pub parent: Option<u32>,
+    /// Where it branched off its parent.
+    pub switch_lsn: Option<Lsn>,
+    /// Contiguous runs of archived segments.
+    pub wal_ranges: Vec<Range>,
+    /// Missing segments between those runs.
+    pub gaps: Vec<Gap>,
+    /// `.partial` segments archived at a promotion.
+    pub partial_segments: Vec<String>,
+    /// Segments archived without a summary.
+    pub unindexed_segments: usize,
+    /// The latest commit/abort on this timeline.
+    pub latest_commit: Option<XactJson>,
+}
+
+/// A contiguous run of segments.
+#[derive(Debug, Serialize)]
+pub struct Range {
+    /// First segment.
+    pub first: String,
+    /// Last segment.
+    pub last: String,
+}
+
+/// A hole between two runs.
+#[derive(Debug, Serialize)]
+pub struct Gap {
+    /// The last segment before the hole.
+    pub after: String,
+    /// The first segment after it.
+    pub before: String,
+}
+
+/// A transaction end.
+#[derive(Debug, Serialize)]
+pub struct XactJson {
+    /// `xact_time`.
+    pub time: PgTimestamp,
+    /// Transaction id.
+    pub xid: u32,
+    /// Record LSN.
+    pub lsn: Lsn,
+}
+
+impl From<XactRef> for XactJson {
+    fn from(x: XactRef) -> Self {
+        XactJson {
+            time: x.time,
+            xid: x.xid,
+            lsn: x.lsn,
+        }
+    }
+}
+
+/// The recoverable window.
+#[derive(Debug, Serialize)]
+pub struct WindowJson {
+    /// End of the oldest restorable backup (`null` until a backup exists).
+    pub earliest: Option<PgTimestamp>,
+    /// The latest commit/abort reachable through contiguous WAL.
+    pub latest: Option<PgTimestamp>,
+    /// The timeline that WAL ends on.
+    pub latest_timeline: u32,
+    /// The transaction at `latest`.
+    pub latest_xid: Option<u32>,
+    /// The last segment of the contiguous WAL.
+    pub wal_end_segment: String,
+}
+
+impl Info {
+    /// Summarize a catalog.
+    pub fn new(repository: &str, c: &Catalog) -> Info {
+        let timelines = c
+            .timelines
+            .iter()
+            .map(|(&tli, t)| {
+                let ranges = c.ranges(tli);
+                TimelineJson {
+                    timeline: tli.get(),
+                    parent: t.parent.map(TimelineId::get),
+                    switch_lsn: t.switch_lsn,
+                    wal_ranges: ranges
+                        .iter()
+                        .map(|&(a, b)| Range {
+                            first: c.name(tli, a).to_string(),
+                            last: c.name(tli, b).to_string(),
+                        })
+                        .collect(),
+                    gaps: ranges
+                        .windows(2)
+                        .map(|w| Gap {
+                            after: c.name(tli, w[0].1).to_string(),
+                            before: c.name(tli, w[1].0).to_string(),
+                        })
+                        .collect(),
+                    partial_segments: t
+                        .partials
+                        .iter()
+                        .map(|&n| format!("{}.partial", c.name(tli, n)))
+                        .collect(),
+                    unindexed_segments: t.unindexed.len(),
+                    latest_commit: c.latest_xact_on(tli).map(XactJson::from),
+                }
+            })
+            .collect();
+        let window = c.window().map(|w| WindowJson {
+            earliest: w.earliest,
+            latest: w.latest.map(|x| x.time),
+            latest_timeline: w.latest_timeline.get(),
+            latest_xid: w.latest.map(|x| x.xid),
+            wal_end_segment: w.last_segment.to_string(),
+        });
+        Info {
+            repository: repository.to_string(),
+            system_identifier: c.identity.as_ref().map(|i| i.system_identifier.clone()),
+            pg_version: c.identity.as_ref().map(|i| i.pg_version),
+            wal_segment_size: c.identity.as_ref().map(|i| i.wal_segment_size),
+            timelines,
+            backups: Vec::new(),
+            restore_points: c.restore_points(),
+            window,
+            index_problems: c.problems.clone(),
+        }
+    }
+
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "repository   {}", self.repository);
+        let (Some(id), Some(v), Some(sz)) = (
+            &self.system_identifier,
+            self.pg_version,
+            self.wal_segment_size,
+        ) else {
+            let _ = writeln!(
+                o,
+                "\nThe repository is empty: nothing has been archived into it yet."
+            );
+            return o;
+        };
+        let _ = writeln!(
+            o,
+            "cluster      {id} (PostgreSQL {v}, {} MiB WAL segments)",
+            sz >> 20
+        );
+        let _ = writeln!(o, "\nWAL");
+        let _ = writeln!(
+            o,
+            "  timeline parent  switch LSN   {:<51} latest commit",
+            "archived segments"
+        );
+        for t in &self.timelines {
+            let parent = t.parent.map_or("-".to_string(), |p| p.to_string());
+            let switch = t.switch_lsn.map_or("-".to_string(), |l| l.to_string());
+            let latest = t
+                .latest_commit
+                .as_ref()
+                .map_or("-".to_string(), |x| x.time.rfc3339());
+            let mut ranges = t
+                .wal_ranges
+                .iter()
+                .map(|r| format!("{}-{}", r.first, &r.last[16..]));
+            let first = ranges
+                .next()
+                .unwrap_or_else(|| "(history file only)".to_string());
+            let _ = writeln!(
+                o,
+                "  {:<8} {:<7} {:<12} {:<51} {}",
+                t.timeline, parent, switch, first, latest
+            );
+            for r in ranges {
+                let _ = writeln!(o, "  {:<8} {:<7} {:<12} {}", "", "", "", r);
+            }
+            for g in &t.gaps {
+                let _ = writeln!(
+                    o,
+                    "  {:<29}GAP: missing after {} and before {}",
+                    "", g.after, g.before
+                );
+            }
+            for p in &t.partial_segments {
+                let _ = writeln!(o, "  {:<29}{p}", "");
+            }
+            if t.unindexed_segments > 0 {
+                let _ = writeln!(
+                    o,
+                    "  {:<29}{} segment(s) without an index summary",
+                    "", t.unindexed_segments
+                );
+            }
+        }
+        let _ = writeln!(o, "\nbackups      none yet");
+        if !self.restore_points.is_empty() {
+            let _ = writeln!(o, "\nrestore points");
+            for r in &self.restore_points {
+                let _ = writeln!(
+                    o,
+                    "  {:<24} {}  LSN {:<12} timeline {}",
+                    r.name,
+                    r.time.rfc3339(),
+                    r.lsn.to_string(),
+                    r.timeline
+                );
+            }
+        }
+        let _ = writeln!(o, "\nrecoverable window");
+        match &self.window {
+            Some(w) => {
+                let earliest = w.earliest.map_or(
+                    "- (no base backup yet: nothing is restorable until one completes)".to_string(),
+                    |t| t.rfc3339(),
+                );
+                let latest = w
+                    .latest
+                    .map_or("- (no commit in the archived WAL)".to_string(), |t| {
+                        t.rfc3339()
+                    });
+                let _ = writeln!(o, "  earliest   {earliest}");
+                let _ = writeln!(
+                    o,
+                    "  latest     {latest}  (timeline {}, WAL contiguous to {})",
+                    w.latest_timeline, w.wal_end_segment
+                );
+            }
+            None => {
+                let _ = writeln!(o, "  - (no WAL archived)");
+            }
+        }
+        if !self.index_problems.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nindex problems (the WAL is archived as PostgreSQL wrote it; `pitr verify` will check it)"
+            );
+            for p in &self.index_problems {
+                let at = p.lsn.map_or(String::new(), |l| format!(" at {l}"));
+                let _ = writeln!(o, "  {}{at}: {}", p.segment, p.reason);
+            }
+        }
+        o
+    }
+}
