@@ -46,6 +46,17 @@ fn postgres_ids() -> (u32, u32) {
     (out("-u"), out("-g"))
 }
 
+/// Give a whole tree to the `postgres` user when we are root.
+pub fn chown_tree(path: &Path) {
+    if is_root() {
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(path),
+        );
+    }
+}
+
 /// Run `cmd` as the `postgres` user when we are root.
 pub fn as_postgres(cmd: &mut Command) -> &mut Command {
     if is_root() {
@@ -230,6 +241,67 @@ impl Cluster {
         };
         cluster.pg_ctl_start(extra_env);
         cluster
+    }
+
+    /// Start a server on an existing (restored) data directory, on its own socket, with settings
+    /// appended to `postgresql.auto.conf`.
+    pub fn existing(
+        major: u32,
+        bin: &Path,
+        data: PathBuf,
+        scratch: Scratch,
+        auto_conf: &str,
+    ) -> Cluster {
+        let sock = scratch.subdir(&format!(
+            "sock-{}",
+            data.file_name().unwrap().to_string_lossy()
+        ));
+        let log = scratch.path().join(format!(
+            "{}.log",
+            data.file_name().unwrap().to_string_lossy()
+        ));
+        let conf = format!(
+            "unix_socket_directories = '{}'\nlisten_addresses = ''\n{auto_conf}\n",
+            sock.display()
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(data.join("postgresql.auto.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        chown_tree(&data);
+        let mut c = Cluster {
+            major,
+            bin: bin.to_path_buf(),
+            data,
+            sock,
+            log,
+            scratch,
+            running: false,
+        };
+        c.pg_ctl_start(&[]);
+        c
+    }
+
+    /// Run a client program of this installation (pgbench, pg_dump, pg_amcheck…) against the server.
+    pub fn client(&self, program: &str, args: &[&str]) -> Output {
+        run(Command::new(self.bin.join(program))
+            .arg("-h")
+            .arg(&self.sock)
+            .args(["-U", "postgres"])
+            .args(args))
+    }
+
+    /// Wait until recovery has finished and the server accepts writes.
+    pub fn wait_promoted(&self) {
+        poll("end of recovery", Duration::from_secs(180), || {
+            let out = run(Command::new(self.bin.join("psql"))
+                .args(["-X", "-A", "-t", "-U", "postgres", "-d", "postgres", "-h"])
+                .arg(&self.sock)
+                .args(["-c", "SELECT pg_is_in_recovery()"]));
+            (String::from_utf8_lossy(&out.stdout).trim() == "f").then_some(())
+        });
     }
 
     pub fn pg_ctl_start(&mut self, extra_env: &[(&str, &str)]) {

@@ -5,5 +5,6 @@
 //! the rest, except under `CI=true`, where anything missing is a failure.
 
 mod archive;
+mod backup;
 mod harness;
 mod walindex;

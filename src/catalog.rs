@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 
+use crate::backup::manifest::BackupManifest;
 use crate::index::{RestorePoint, SegmentSummary, XactRef};
 use crate::pg::timeline::History;
 use crate::pg::waldecoder::join_fragments;
@@ -20,7 +21,7 @@ use crate::pg::xlogrecord::{PgTimestamp, event};
 use crate::pg::{Lsn, PgMajor, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
 use crate::storage::Repo;
 use crate::storage::identity::RepoIdentity;
-use crate::storage::layout::{Listed, ObjectKey, WAL_PREFIX, parse_wal_key};
+use crate::storage::layout::{BACKUP_PREFIX, Listed, ObjectKey, WAL_PREFIX, parse_wal_key};
 
 /// How many objects are fetched at once while loading.
 pub const LOAD_CONCURRENCY: usize = 32;
@@ -90,6 +91,10 @@ pub struct Catalog {
     pub summaries: BTreeMap<(TimelineId, SegNo), SegmentSummary>,
     /// Problems met while indexing.
     pub problems: Vec<IndexProblem>,
+    /// Complete base backups (those with a manifest), oldest first.
+    pub backups: Vec<BackupManifest>,
+    /// Backup directories without a manifest (interrupted or still running).
+    pub incomplete_backups: Vec<String>,
 }
 
 /// What `load` read, before any interpretation (the input of `build`).
@@ -103,6 +108,8 @@ pub struct Loaded {
     pub histories: Vec<(TimelineId, Vec<u8>)>,
     /// Summaries read (raw JSON).
     pub summaries: Vec<(SegmentName, Vec<u8>)>,
+    /// Backup manifests read (raw JSON), and ids without one.
+    pub backups: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Catalog {
@@ -143,7 +150,10 @@ impl Catalog {
         }
         let fetched: Vec<(ObjectKey, anyhow::Result<Option<Vec<u8>>>)> =
             futures::stream::iter(fetch)
-                .map(|key| async move { (key, repo.get(&key).await.map_err(anyhow::Error::from)) })
+                .map(|key| async move {
+                    let got = repo.get(&key).await.map_err(anyhow::Error::from);
+                    (key, got)
+                })
                 .buffer_unordered(LOAD_CONCURRENCY)
                 .collect()
                 .await;
@@ -164,6 +174,44 @@ impl Catalog {
                     }
                     problems.push(IndexProblem {
                         segment: key.key(),
+                        lsn: None,
+                        reason: format!("{e:#}"),
+                    });
+                }
+            }
+        }
+        let backup_prefix = object_store::path::Path::from(BACKUP_PREFIX);
+        let ids: Vec<String> = repo
+            .store()
+            .list_with_delimiter(Some(&backup_prefix))
+            .await
+            .with_context(|| format!("list {BACKUP_PREFIX} in {}", repo.location()))?
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect();
+        let manifests: Vec<(String, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let got = repo
+                    .get(&ObjectKey::BackupManifest(id.clone()))
+                    .await
+                    .map_err(anyhow::Error::from);
+                (id, got)
+            })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .collect()
+            .await;
+        for (id, got) in manifests {
+            match got {
+                Ok(m) => loaded.backups.push((id, m)),
+                Err(e) => {
+                    if e.downcast_ref::<crate::storage::RepoError>()
+                        .is_some_and(|r| r.is_store_failure())
+                    {
+                        return Err(e.context(format!("read the manifest of backup {id}")));
+                    }
+                    problems.push(IndexProblem {
+                        segment: format!("backup {id}"),
                         lsn: None,
                         reason: format!("{e:#}"),
                     });
@@ -254,7 +302,37 @@ impl Catalog {
         if let Some(major) = major {
             c.join_spanning_records(major);
         }
+        for (id, manifest) in loaded.backups {
+            match manifest.map(|b| serde_json::from_slice::<BackupManifest>(&b)) {
+                Some(Ok(m)) => c.backups.push(m),
+                Some(Err(e)) => c.problems.push(IndexProblem {
+                    segment: format!("backup {id}"),
+                    lsn: None,
+                    reason: format!("unreadable manifest: {e}"),
+                }),
+                None => c.incomplete_backups.push(id),
+            }
+        }
+        c.backups
+            .sort_by(|a, b| (a.stop_time, &a.id).cmp(&(b.stop_time, &b.id)));
+        c.incomplete_backups.sort();
         c
+    }
+
+    /// Whether every WAL segment from `b`'s start to its stop is archived.
+    pub fn is_restorable(&self, b: &BackupManifest) -> bool {
+        let Some(tli) = TimelineId::new(b.timeline) else {
+            return false;
+        };
+        let Some(t) = self.timelines.get(&tli) else {
+            return false;
+        };
+        crate::backup::needed_segments(tli, b.start_lsn, b.stop_lsn, self.seg_size())
+            .iter()
+            .all(|s| {
+                s.segno(self.seg_size())
+                    .is_some_and(|n| t.segments.contains(&n))
+            })
     }
 
     /// Attribute each record that spans two segments to the segment where it starts.
@@ -408,10 +486,51 @@ impl Catalog {
         self.latest_xact_in(segs.into_iter().flatten())
     }
 
-    /// The recoverable window along the newest timeline. Until base backups exist it is measured
-    /// from the oldest archived segment of the first timeline, and `earliest` is `None`.
+    /// The recoverable window along the newest timeline: from the end of the oldest restorable
+    /// backup to the latest commit reachable through contiguous WAL from a restorable backup. Without
+    /// a restorable backup it is measured from the oldest archived segment, and `earliest` is `None`.
     pub fn window(&self) -> Option<Window> {
         let newest = self.newest_timeline()?;
+        let restorable: Vec<&BackupManifest> = self
+            .backups
+            .iter()
+            .filter(|b| self.is_restorable(b))
+            .collect();
+        if !restorable.is_empty() {
+            let mut best: Option<Window> = None;
+            for b in &restorable {
+                let start = b.start_lsn.segno(self.seg_size());
+                let mut walked = Vec::new();
+                let Some((t, n)) = self.walk(newest, start, |t, n| walked.push((t, n))) else {
+                    continue;
+                };
+                let w = Window {
+                    earliest: None,
+                    latest: self.latest_xact_in(walked),
+                    latest_timeline: t,
+                    last_segment: self.name(t, n),
+                };
+                let better = match &best {
+                    None => true,
+                    Some(cur) => {
+                        (
+                            w.last_segment.segno(self.seg_size()),
+                            w.latest.map(|x| x.time),
+                        ) > (
+                            cur.last_segment.segno(self.seg_size()),
+                            cur.latest.map(|x| x.time),
+                        )
+                    }
+                };
+                if better {
+                    best = Some(w);
+                }
+            }
+            if let Some(mut w) = best {
+                w.earliest = restorable.iter().map(|b| b.stop_time).min();
+                return Some(w);
+            }
+        }
         let (first_tli, _) = *self.path_to(newest).first()?;
         let start = self
             .path_to(newest)
@@ -495,6 +614,7 @@ mod tests {
                 .iter()
                 .map(|&(t, n)| (seg(t, n), summary((t as i64) * 1000 + n as i64)))
                 .collect(),
+            backups: Vec::new(),
         }
     }
 

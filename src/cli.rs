@@ -67,6 +67,31 @@ pub enum Command {
         /// Where to write it (%p), relative to the working directory.
         dest_path: PathBuf,
     },
+    /// Take a base backup of a running cluster (run on the database host).
+    ///
+    /// The backup is listed (and usable) only once its manifest is written, after every file is
+    /// stored and the WAL from its start to its end is in the repository.
+    Backup {
+        /// The cluster's data directory.
+        #[arg(long, env = "PGDATA", value_name = "DIR")]
+        pgdata: PathBuf,
+        /// libpq connection string or URI [default: PGHOST/PGPORT/PGUSER/PGDATABASE, then the socket
+        /// of the server running on --pgdata].
+        #[arg(long, value_name = "CONNINFO")]
+        dbname: Option<String>,
+        /// Label passed to pg_backup_start [default: "pitr <id>"].
+        #[arg(long)]
+        label: Option<String>,
+        /// Parallel copy streams [default: number of CPUs].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// How long to wait for the backup's WAL to be archived.
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        archive_timeout: std::time::Duration,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the
     /// recoverable window.
     Info {

@@ -22,14 +22,47 @@ pub struct Info {
     pub wal_segment_size: Option<u32>,
     /// Timelines, oldest first.
     pub timelines: Vec<TimelineJson>,
-    /// Base backups (none until `pitr backup` exists).
-    pub backups: Vec<serde_json::Value>,
+    /// Complete base backups, oldest first.
+    pub backups: Vec<BackupJson>,
+    /// Backups without a manifest (interrupted, or still running): not restorable.
+    pub incomplete_backups: Vec<String>,
     /// Restore points in LSN order.
     pub restore_points: Vec<FoundRestorePoint>,
     /// The recoverable window; `null` for an empty repository.
     pub window: Option<WindowJson>,
     /// Segments whose WAL could not be fully indexed, and unreadable summaries or history files.
     pub index_problems: Vec<IndexProblem>,
+}
+
+/// One base backup.
+#[derive(Debug, Serialize)]
+pub struct BackupJson {
+    /// Label given to `pg_backup_start`.
+    pub label: String,
+    /// Key-safe id (the directory under `backups/`).
+    pub id: String,
+    /// Timeline.
+    pub timeline: u32,
+    /// Redo LSN where recovery starts.
+    pub start_lsn: Lsn,
+    /// End of the backup: recovery is consistent after it.
+    pub stop_lsn: Lsn,
+    /// Start time.
+    pub start_time: PgTimestamp,
+    /// Stop time: the earliest moment a restore from this backup can stop at.
+    pub stop_time: PgTimestamp,
+    /// First WAL segment needed.
+    pub start_wal: String,
+    /// Last WAL segment needed to be consistent.
+    pub stop_wal: String,
+    /// Files copied.
+    pub files: usize,
+    /// Bytes copied.
+    pub size_bytes: u64,
+    /// Bytes stored.
+    pub stored_bytes: u64,
+    /// Whether every WAL segment from start to stop is in the repository.
+    pub restorable: bool,
 }
 
 /// One timeline.
@@ -156,7 +189,26 @@ impl Info {
             pg_version: c.identity.as_ref().map(|i| i.pg_version),
             wal_segment_size: c.identity.as_ref().map(|i| i.wal_segment_size),
             timelines,
-            backups: Vec::new(),
+            backups: c
+                .backups
+                .iter()
+                .map(|b| BackupJson {
+                    label: b.label.clone(),
+                    id: b.id.clone(),
+                    timeline: b.timeline,
+                    start_lsn: b.start_lsn,
+                    stop_lsn: b.stop_lsn,
+                    start_time: b.start_time,
+                    stop_time: b.stop_time,
+                    start_wal: b.start_wal.clone(),
+                    stop_wal: b.stop_wal.clone(),
+                    files: b.files.len(),
+                    size_bytes: b.size_bytes,
+                    stored_bytes: b.stored_bytes,
+                    restorable: c.is_restorable(b),
+                })
+                .collect(),
+            incomplete_backups: c.incomplete_backups.clone(),
             restore_points: c.restore_points(),
             window,
             index_problems: c.problems.clone(),
@@ -229,7 +281,41 @@ impl Info {
                 );
             }
         }
-        let _ = writeln!(o, "\nbackups      none yet");
+        if self.backups.is_empty() {
+            let _ = writeln!(o, "\nbackups      none yet");
+        } else {
+            let _ = writeln!(o, "\nbackups");
+            let _ = writeln!(
+                o,
+                "  {:<18} {:<3} {:<28} {:<12} {:<12} {:>10} {:>10}",
+                "id", "tli", "stop time", "start LSN", "stop LSN", "size MiB", "stored MiB"
+            );
+            for b in &self.backups {
+                let mib = |x: u64| format!("{:.1}", x as f64 / 1048576.0);
+                let flag = if b.restorable {
+                    ""
+                } else {
+                    "  NOT RESTORABLE: WAL missing"
+                };
+                let _ = writeln!(
+                    o,
+                    "  {:<18} {:<3} {:<28} {:<12} {:<12} {:>10} {:>10}{flag}",
+                    b.id,
+                    b.timeline,
+                    b.stop_time.rfc3339(),
+                    b.start_lsn.to_string(),
+                    b.stop_lsn.to_string(),
+                    mib(b.size_bytes),
+                    mib(b.stored_bytes)
+                );
+            }
+        }
+        for id in &self.incomplete_backups {
+            let _ = writeln!(
+                o,
+                "  {id:<18} incomplete (no manifest: interrupted or still running), not restorable"
+            );
+        }
         if !self.restore_points.is_empty() {
             let _ = writeln!(o, "\nrestore points");
             for r in &self.restore_points {

@@ -6,6 +6,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod archive;
+pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod compress;
@@ -16,4 +17,6 @@ pub mod exit;
 pub mod index;
 pub mod info;
 pub mod pg;
+pub mod pgconn;
+pub mod restore;
 pub mod storage;

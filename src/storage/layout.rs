@@ -5,6 +5,10 @@
 //! wal/<TTTTTTTT>/<segment>.pitr              WAL segments, `.partial` and `.backup` files
 //! wal/<TTTTTTTT>/<segment>.idx               the segment's WAL index summary (see `index`)
 //! wal/history/<TTTTTTTT>.history.pitr        timeline history files
+//! backups/<id>/data/<path>.<part>.pitr        base backup files, in pieces of at most 16 MiB
+//! backups/<id>/backup_label.pitr             byte-exact from pg_backup_stop
+//! backups/<id>/tablespace_map.pitr            byte-exact from pg_backup_stop (when there are tablespaces)
+//! backups/<id>/manifest.pitr                 written LAST: a backup exists only once this does
 //! ```
 //! Every object, summaries and `pitr.json` included, is wrapped in the checksummed envelope.
 //! WAL objects keep PostgreSQL's file names so a person can find a segment by eye; `.pitr` marks
@@ -15,7 +19,7 @@ use object_store::path::Path;
 use crate::pg::{SegmentName, TimelineId, WalFileName};
 
 /// Something stored in a repository.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ObjectKey {
     /// The repository identity.
     Identity,
@@ -23,7 +27,25 @@ pub enum ObjectKey {
     Wal(WalFileName),
     /// The index summary of a segment.
     Summary(SegmentName),
+    /// A base backup's manifest.
+    BackupManifest(String),
+    /// A base backup's `backup_label`.
+    BackupLabel(String),
+    /// A base backup's `tablespace_map`.
+    TablespaceMap(String),
+    /// Piece `part` of file `path` of backup `id`.
+    BackupPart {
+        /// Backup id.
+        id: String,
+        /// File path relative to the data directory.
+        path: String,
+        /// Piece number, from 0.
+        part: u32,
+    },
 }
+
+/// Prefix of every backup key.
+pub const BACKUP_PREFIX: &str = "backups";
 
 /// What a key under `wal/` names, as found by a listing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +95,12 @@ impl ObjectKey {
             ObjectKey::Wal(name @ WalFileName::History(_)) => format!("wal/history/{name}{SUFFIX}"),
             ObjectKey::Wal(name) => format!("wal/{}/{name}{SUFFIX}", tli_dir(name.timeline())),
             ObjectKey::Summary(seg) => format!("wal/{}/{seg}.idx", tli_dir(seg.tli)),
+            ObjectKey::BackupManifest(id) => format!("{BACKUP_PREFIX}/{id}/manifest{SUFFIX}"),
+            ObjectKey::BackupLabel(id) => format!("{BACKUP_PREFIX}/{id}/backup_label{SUFFIX}"),
+            ObjectKey::TablespaceMap(id) => format!("{BACKUP_PREFIX}/{id}/tablespace_map{SUFFIX}"),
+            ObjectKey::BackupPart { id, path, part } => {
+                format!("{BACKUP_PREFIX}/{id}/data/{path}.{part}{SUFFIX}")
+            }
         }
     }
 
@@ -135,6 +163,19 @@ mod tests {
         ] {
             assert_eq!(parse_wal_key(junk), None, "{junk}");
         }
+        assert_eq!(
+            ObjectKey::BackupPart {
+                id: "20261121T101304Z".into(),
+                path: "base/5/16384".into(),
+                part: 2
+            }
+            .key(),
+            "backups/20261121T101304Z/data/base/5/16384.2.pitr"
+        );
+        assert_eq!(
+            ObjectKey::BackupManifest("x".into()).key(),
+            "backups/x/manifest.pitr"
+        );
         // The object-store path is the same text (no escaping needed for these names).
         assert_eq!(ObjectKey::Identity.path().as_ref(), "pitr.json");
     }

@@ -360,6 +360,58 @@ impl Repo {
         }
     }
 
+    /// Store an already-enveloped object under a key nothing else uses (backup pieces): a
+    /// conditional create, where an existing object is a `Conflict`.
+    ///
+    /// # Errors
+    /// `Conflict` or `Store`.
+    pub async fn create_encoded(&self, key: &ObjectKey, stored: Vec<u8>) -> Result<u64, RepoError> {
+        let path = key.path();
+        let len = stored.len() as u64;
+        let payload = PutPayload::from(stored);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(&path, payload.clone(), opts).await {
+            Ok(_) => Ok(len),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(RepoError::Conflict {
+                key: key.key(),
+                repo: self.location.clone(),
+            }),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                match self.store.head(&path).await {
+                    Ok(_) => {
+                        return Err(RepoError::Conflict {
+                            key: key.key(),
+                            repo: self.location.clone(),
+                        });
+                    }
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(self.store_err("look up", key, e)),
+                }
+                self.store
+                    .put(&path, payload)
+                    .await
+                    .map_err(|e| self.store_err("write", key, e))?;
+                Ok(len)
+            }
+            Err(e) => Err(self.store_err("write", key, e)),
+        }
+    }
+
+    /// Whether an object exists.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot answer.
+    pub async fn exists(&self, key: &ObjectKey) -> Result<bool, RepoError> {
+        match self.store.head(&key.path()).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.store_err("look up", key, e)),
+        }
+    }
+
     async fn compare_existing(
         &self,
         key: &ObjectKey,

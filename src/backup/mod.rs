@@ -1,0 +1,515 @@
+//! `pitr backup`: a consistent, verifiable base backup of a running cluster, taken on its host.
+//!
+//! 1. Connect (one session from start to stop) and check the server is the one whose data
+//!    directory we copy, that it archives WAL, and that it is the repository's cluster.
+//! 2. `pg_backup_start(label, fast)` (`pg_start_backup(label, fast, false)` before 15).
+//! 3. Copy the data directory and tablespaces in parallel pieces of at most `CHUNK_SIZE` (memory stays
+//!    at about jobs × chunk whatever the database size), skipping what PostgreSQL's own base backup
+//!    skips; `global/pg_control` last. Files that vanish are skipped, files that shrink are copied as
+//!    they are: WAL replay from the backup's start repairs both, as it does for PostgreSQL's backups.
+//! 4. `pg_backup_stop(false)`; store `backup_label` and `tablespace_map` byte for byte.
+//! 5. Wait (with a deadline) until every WAL segment from start to stop is in the repository.
+//! 6. Write the manifest, last. If anything fails or the process dies before, there is no
+//!    manifest, the server session ends (which aborts the backup on the server), and the backup is
+//!    not listed anywhere.
+
+pub mod manifest;
+pub mod walk;
+
+use std::io::{IsTerminal, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+
+use crate::compress::Compression;
+use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::{Lsn, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
+use crate::pgconn;
+use crate::storage::layout::ObjectKey;
+use crate::storage::{Repo, envelope};
+use manifest::{BackupManifest, CHUNK_SIZE, FileEntry, MANIFEST_FORMAT, Part};
+use walk::SourceFile;
+
+/// What to back up and how.
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    /// The data directory.
+    pub pgdata: PathBuf,
+    /// Connection string (`None`: PG* variables and the data directory's socket).
+    pub dbname: Option<String>,
+    /// Label for `pg_backup_start`.
+    pub label: Option<String>,
+    /// Parallel copy streams.
+    pub jobs: usize,
+    /// Compression of the stored files.
+    pub compression: Compression,
+    /// How long to wait for the backup's WAL to be archived.
+    pub archive_timeout: Duration,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// The label file fields pitr needs (`read_backup_label()` in xlogrecovery.c reads the same).
+#[derive(Debug, PartialEq, Eq)]
+pub struct LabelInfo {
+    /// START WAL LOCATION.
+    pub start_lsn: Lsn,
+    /// The segment named on that line.
+    pub start_wal: String,
+    /// CHECKPOINT LOCATION.
+    pub checkpoint_lsn: Lsn,
+    /// START TIMELINE.
+    pub timeline: TimelineId,
+}
+
+/// Parse the `backup_label` content returned by `pg_backup_stop`.
+///
+/// # Errors
+/// A missing or malformed line.
+pub fn parse_label(text: &str) -> anyhow::Result<LabelInfo> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let start = field("START WAL LOCATION:").context("backup_label has no START WAL LOCATION")?;
+    let (lsn, file) = start
+        .split_once(" (file ")
+        .context("malformed START WAL LOCATION")?;
+    let start_lsn: Lsn = lsn.parse()?;
+    let start_wal = file.trim_end_matches(')').to_string();
+    let checkpoint_lsn: Lsn = field("CHECKPOINT LOCATION:")
+        .context("backup_label has no CHECKPOINT LOCATION")?
+        .parse()?;
+    let tli: u32 = field("START TIMELINE:")
+        .context("backup_label has no START TIMELINE")?
+        .parse()?;
+    let timeline = TimelineId::new(tli).context("START TIMELINE 0")?;
+    Ok(LabelInfo {
+        start_lsn,
+        start_wal,
+        checkpoint_lsn,
+        timeline,
+    })
+}
+
+/// `YYYYMMDDTHHMMSSZ` for a Unix time in microseconds.
+pub fn backup_id(unix_micros: i64) -> String {
+    let ts = PgTimestamp::from_unix_micros(unix_micros).rfc3339(); // 2026-11-21T10:13:04.919520Z
+    let digits: String = ts[..19].chars().filter(|c| c.is_ascii_digit()).collect();
+    format!("{}T{}Z", &digits[..8], &digits[8..14])
+}
+
+struct CopyJob {
+    file: Arc<SourceFile>,
+    part: u32,
+    offset: u64,
+    len: u64,
+}
+
+enum PartOutcome {
+    Stored(Part),
+    Vanished,
+}
+
+/// Read one piece of a file and wrap it (blocking: runs on the blocking pool).
+fn read_piece(
+    job: &CopyJob,
+    compression: Compression,
+) -> std::io::Result<Option<(Vec<u8>, u32, u64)>> {
+    let mut f = match std::fs::File::open(&job.file.abs) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    f.seek(SeekFrom::Start(job.offset))?;
+    let mut buf = Vec::with_capacity(job.len as usize);
+    f.take(job.len).read_to_end(&mut buf)?;
+    let crc = crc32c::crc32c(&buf);
+    let size = buf.len() as u64;
+    Ok(Some((envelope::encode(&buf, compression)?, crc, size)))
+}
+
+async fn copy_piece(
+    repo: &Repo,
+    id: &str,
+    job: CopyJob,
+    compression: Compression,
+) -> anyhow::Result<(CopyJob, PartOutcome)> {
+    let file = job.file.clone();
+    let (job, read) = tokio::task::spawn_blocking(move || {
+        let r = read_piece(&job, compression);
+        (job, r)
+    })
+    .await?;
+    let read = read.with_context(|| format!("read {}", file.abs.display()))?;
+    let Some((stored, crc, size)) = read else {
+        return Ok((job, PartOutcome::Vanished));
+    };
+    let key = ObjectKey::BackupPart {
+        id: id.to_string(),
+        path: file.rel.clone(),
+        part: job.part,
+    };
+    let stored_len = repo
+        .create_encoded(&key, stored)
+        .await
+        .with_context(|| format!("store {}", file.rel))?;
+    Ok((
+        job,
+        PartOutcome::Stored(Part {
+            size,
+            crc32c: crc,
+            stored: stored_len,
+        }),
+    ))
+}
+
+fn jobs_for(file: &Arc<SourceFile>) -> Vec<CopyJob> {
+    let n = file.size.div_ceil(CHUNK_SIZE).max(1);
+    (0..n)
+        .map(|i| CopyJob {
+            file: file.clone(),
+            part: i as u32,
+            offset: i * CHUNK_SIZE,
+            len: if i + 1 == n {
+                file.size - i * CHUNK_SIZE
+            } else {
+                CHUNK_SIZE
+            },
+        })
+        .collect()
+}
+
+/// Copy `files` in parallel; returns their manifest entries (vanished files left out).
+async fn copy_files(
+    repo: &Repo,
+    id: &str,
+    files: Vec<SourceFile>,
+    opts: &BackupOptions,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<FileEntry>> {
+    let files: Vec<Arc<SourceFile>> = files.into_iter().map(Arc::new).collect();
+    let jobs: Vec<CopyJob> = files.iter().flat_map(jobs_for).collect();
+    let mut parts: Vec<Vec<Option<Part>>> = files
+        .iter()
+        .map(|f| vec![None; f.size.div_ceil(CHUNK_SIZE).max(1) as usize])
+        .collect();
+    let mut vanished = vec![false; files.len()];
+    let index: std::collections::HashMap<String, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.rel.clone(), i))
+        .collect();
+    let mut stream = futures::stream::iter(jobs)
+        .map(|job| copy_piece(repo, id, job, opts.compression))
+        .buffer_unordered(opts.jobs.max(1));
+    while let Some(done) = stream.next().await {
+        let (job, outcome) = done?;
+        let i = index[&job.file.rel];
+        match outcome {
+            PartOutcome::Stored(p) => {
+                bar.inc(p.size);
+                parts[i][job.part as usize] = Some(p);
+            }
+            PartOutcome::Vanished => {
+                tracing::debug!("{} vanished during the backup; skipped", job.file.rel);
+                vanished[i] = true;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        if vanished[i] {
+            continue;
+        }
+        let parts: Vec<Part> = parts[i]
+            .iter()
+            .map(|p| p.clone().expect("every piece reported"))
+            .collect();
+        out.push(FileEntry {
+            path: f.rel.clone(),
+            size: parts.iter().map(|p| p.size).sum(),
+            mtime: f.mtime,
+            mode: f.mode,
+            parts,
+        });
+    }
+    Ok(out)
+}
+
+/// The segments `[start, end)` of WAL a backup needs, on its timeline.
+pub fn needed_segments(
+    tli: TimelineId,
+    start: Lsn,
+    stop: Lsn,
+    seg_size: WalSegSize,
+) -> Vec<SegmentName> {
+    let first = start.segno(seg_size).0;
+    let last = Lsn(stop.0.saturating_sub(1)).segno(seg_size).0.max(first);
+    (first..=last)
+        .filter_map(|n| SegmentName::new(tli, SegNo(n), seg_size))
+        .collect()
+}
+
+/// Take a base backup into `repo`.
+///
+/// # Errors
+/// Anything that keeps the backup from being complete; no manifest is written then.
+pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupManifest> {
+    let started = Instant::now();
+    let pgdata = opts
+        .pgdata
+        .canonicalize()
+        .with_context(|| format!("open data directory {}", opts.pgdata.display()))?;
+    if !pgdata.join("PG_VERSION").is_file() {
+        bail!(
+            "{} is not a PostgreSQL data directory (no PG_VERSION)",
+            pgdata.display()
+        );
+    }
+    let cfg = pgconn::config(opts.dbname.as_deref(), Some(&pgdata))?;
+    let client = pgconn::connect(&cfg).await?;
+    let major = pgconn::server_major(&client).await?;
+
+    // The server must be the one whose files we copy, and it must archive its WAL.
+    if let Ok(row) = client
+        .query_one("SELECT current_setting('data_directory')", &[])
+        .await
+    {
+        let dir: String = row.get(0);
+        let theirs = Path::new(&dir)
+            .canonicalize()
+            .unwrap_or_else(|_| PathBuf::from(&dir));
+        if theirs != pgdata {
+            bail!(
+                "the server at {} runs on {}, not on --pgdata {}",
+                pgconn::describe(&cfg),
+                theirs.display(),
+                pgdata.display()
+            );
+        }
+    }
+    let row = client.query_one("SELECT current_setting('archive_mode'), system_identifier::text FROM pg_control_system()", &[]).await?;
+    let archive_mode: String = row.get(0);
+    let sysid: String = row.get(1);
+    if archive_mode == "off" {
+        bail!(
+            "archive_mode is off on this server: a backup without archived WAL can never be restored (set archive_mode = on and archive_command to pitr archive-push, then restart)"
+        );
+    }
+    if let Some(identity) = repo.identity().await?
+        && identity.system_identifier != sysid
+    {
+        bail!(crate::storage::RepoError::IdentityMismatch {
+            repo: repo.location().to_string(),
+            repo_has: format!("cluster {}", identity.system_identifier),
+            found: format!("cluster {sysid} at {}", pgdata.display()),
+        });
+    }
+
+    // Start.
+    let now_us: i64 = client
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+            &[],
+        )
+        .await?
+        .get(0);
+    let mut id = backup_id(now_us);
+    if repo.exists(&ObjectKey::BackupManifest(id.clone())).await? {
+        id.push_str("-2");
+    }
+    let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
+    let start_sql = if major >= crate::pg::PgMajor::V15 {
+        "SELECT pg_backup_start($1, true)::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8"
+    } else {
+        "SELECT pg_start_backup($1, true, false)::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8"
+    };
+    let row = client
+        .query_one(start_sql, &[&label])
+        .await
+        .context("start the backup (pg_backup_start)")?;
+    let start_text: String = row.get(0);
+    let start_time = PgTimestamp::from_unix_micros(row.get(1));
+    tracing::info!("backup {id} started at {start_text} ({})", pgdata.display());
+
+    // Copy.
+    let listing = {
+        let p = pgdata.clone();
+        tokio::task::spawn_blocking(move || walk::list(&p))
+            .await?
+            .context("list the data directory")?
+    };
+    let total: u64 = listing.files.iter().map(|f| f.size).sum::<u64>()
+        + listing.pg_control.as_ref().map_or(0, |f| f.size);
+    let bar = progress_bar(opts.progress, total);
+    let mut files = listing.files;
+    files.sort_by_key(|f| std::cmp::Reverse(f.size)); // big files first: the streams finish together
+    let mut entries = copy_files(repo, &id, files, opts, &bar).await?;
+    if let Some(ctl) = listing.pg_control {
+        entries.extend(copy_files(repo, &id, vec![ctl], opts, &bar).await?);
+    }
+    bar.finish_and_clear();
+
+    // Stop.
+    let stop_sql = if major >= crate::pg::PgMajor::V15 {
+        "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch FROM clock_timestamp()) * 1000000)::int8 FROM pg_backup_stop(false)"
+    } else {
+        "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch FROM clock_timestamp()) * 1000000)::int8 FROM pg_stop_backup(false, false)"
+    };
+    let row = client
+        .query_one(stop_sql, &[])
+        .await
+        .context("stop the backup (pg_backup_stop)")?;
+    let stop_text: String = row.get(0);
+    let labelfile: String = row.get(1);
+    let spcmap: Option<String> = row.get(2);
+    let stop_time = PgTimestamp::from_unix_micros(row.get(3));
+    let stop_lsn: Lsn = stop_text.parse()?;
+    let info = parse_label(&labelfile).context("read the backup_label pg_backup_stop returned")?;
+    repo.create_encoded(
+        &ObjectKey::BackupLabel(id.clone()),
+        envelope::encode(labelfile.as_bytes(), Compression::None)?,
+    )
+    .await
+    .context("store backup_label")?;
+    let spcmap = spcmap.filter(|s| !s.is_empty());
+    if let Some(map) = &spcmap {
+        repo.create_encoded(
+            &ObjectKey::TablespaceMap(id.clone()),
+            envelope::encode(map.as_bytes(), Compression::None)?,
+        )
+        .await
+        .context("store tablespace_map")?;
+    }
+    drop(client);
+
+    // The WAL from start to stop must be archived before this is a backup.
+    let identity = repo
+        .identity()
+        .await?
+        .context("the repository has no archived WAL from this cluster")?;
+    let seg_size = WalSegSize::new(identity.wal_segment_size).context("repository segment size")?;
+    let needed = needed_segments(info.timeline, info.start_lsn, stop_lsn, seg_size);
+    wait_for_wal(repo, &needed, opts.archive_timeout, &id).await?;
+
+    let size_bytes = entries.iter().map(|f| f.size).sum();
+    let stored_bytes = entries
+        .iter()
+        .flat_map(|f| &f.parts)
+        .map(|p| p.stored)
+        .sum();
+    let manifest = BackupManifest {
+        format_version: MANIFEST_FORMAT,
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+        id: id.clone(),
+        label,
+        system_identifier: sysid,
+        pg_version: major.number(),
+        timeline: info.timeline.get(),
+        start_lsn: info.start_lsn,
+        checkpoint_lsn: info.checkpoint_lsn,
+        stop_lsn,
+        start_time,
+        stop_time,
+        start_wal: info.start_wal,
+        stop_wal: needed.last().map(ToString::to_string).unwrap_or_default(),
+        compression: opts.compression,
+        files: entries,
+        directories: listing.directories,
+        tablespaces: listing.tablespaces,
+        has_tablespace_map: spcmap.is_some(),
+        size_bytes,
+        stored_bytes,
+    };
+    let json = serde_json::to_vec(&manifest)?;
+    repo.create_encoded(
+        &ObjectKey::BackupManifest(id.clone()),
+        envelope::encode(&json, Compression::Zstd)?,
+    )
+    .await
+    .context("store the backup manifest")?;
+    tracing::debug!(
+        "backup {id} complete in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(manifest)
+}
+
+async fn wait_for_wal(
+    repo: &Repo,
+    needed: &[SegmentName],
+    timeout: Duration,
+    id: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    for seg in needed {
+        let key = ObjectKey::Wal(WalFileName::Segment(*seg));
+        loop {
+            if repo.exists(&key).await? {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "WAL segment {seg} needed by backup {id} did not reach the repository within {}; the backup is incomplete and not listed (check archive_command and pg_stat_archiver)",
+                    humantime::format_duration(timeout)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} backup [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_real_label() {
+        let text = "START WAL LOCATION: 0/6000028 (file 000000010000000000000006)\nCHECKPOINT LOCATION: 0/6000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-21 10:13:00 UTC\nLABEL: lowlevel\nSTART TIMELINE: 1\n";
+        let l = parse_label(text).unwrap();
+        assert_eq!(l.start_lsn, Lsn(0x600_0028));
+        assert_eq!(l.start_wal, "000000010000000000000006");
+        assert_eq!(l.checkpoint_lsn, Lsn(0x600_0060));
+        assert_eq!(l.timeline, TimelineId::ONE);
+        assert!(parse_label("LABEL: x\n").is_err());
+    }
+
+    #[test]
+    fn ids_and_needed_wal() {
+        assert_eq!(backup_id(1_795_255_984_919_520), "20261121T101304Z");
+        let sz = WalSegSize::DEFAULT;
+        let names: Vec<String> =
+            needed_segments(TimelineId::ONE, Lsn(0x600_0028), Lsn(0x800_0000), sz)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+        // The stop LSN is an end pointer: exactly at a boundary it belongs to the previous segment.
+        assert_eq!(
+            names,
+            ["000000010000000000000006", "000000010000000000000007"]
+        );
+        assert_eq!(
+            needed_segments(TimelineId::ONE, Lsn(0x600_0028), Lsn(0x600_0100), sz).len(),
+            1
+        );
+    }
+}

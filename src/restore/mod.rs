@@ -1,0 +1,3 @@
+//! Restoring base backups.
+
+pub mod files;
