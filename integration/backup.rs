@@ -292,8 +292,6 @@ fn interrupted_backups_are_never_listed() {
     // Archiving breaks: the next backup cannot complete and is not listed.
     c.sql("ALTER SYSTEM SET archive_command = 'false'");
     c.sql("SELECT pg_reload_conf()");
-    // Give the next backup id a new second.
-    std::thread::sleep(Duration::from_millis(1100));
     let out = pitr(
         scratch.path(),
         &[

@@ -103,6 +103,25 @@ pub fn backup_id(unix_micros: i64) -> String {
     format!("{}T{}Z", &digits[..8], &digits[8..14])
 }
 
+/// An id for a backup starting at `unix_micros` under which nothing is stored yet, not even pieces of
+/// an interrupted backup that started in the same second (`…Z`, then `…Z-2`, `…Z-3`, …).
+///
+/// # Errors
+/// The store cannot be listed.
+pub async fn fresh_backup_id(repo: &Repo, unix_micros: i64) -> anyhow::Result<String> {
+    let base = backup_id(unix_micros);
+    let mut id = base.clone();
+    let mut n = 1;
+    while repo
+        .has_objects_under(&format!("{}/{id}", crate::storage::layout::BACKUP_PREFIX))
+        .await?
+    {
+        n += 1;
+        id = format!("{base}-{n}");
+    }
+    Ok(id)
+}
+
 struct CopyJob {
     file: Arc<SourceFile>,
     part: u32,
@@ -319,10 +338,7 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         )
         .await?
         .get(0);
-    let mut id = backup_id(now_us);
-    if repo.exists(&ObjectKey::BackupManifest(id.clone())).await? {
-        id.push_str("-2");
-    }
+    let id = fresh_backup_id(repo, now_us).await?;
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
     let start_sql = if major >= crate::pg::PgMajor::V15 {
         "SELECT pg_backup_start($1, true)::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8"
@@ -491,6 +507,26 @@ mod tests {
         assert_eq!(l.checkpoint_lsn, Lsn(0x600_0060));
         assert_eq!(l.timeline, TimelineId::ONE);
         assert!(parse_label("LABEL: x\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn ids_never_reuse_an_interrupted_backup() {
+        let repo = Repo::from_store(Arc::new(object_store::memory::InMemory::new()), "memory://");
+        let t = 1_795_255_984_919_520;
+        assert_eq!(fresh_backup_id(&repo, t).await.unwrap(), "20261121T101304Z");
+        // An interrupted backup left a piece but no manifest.
+        let piece = ObjectKey::BackupPart {
+            id: "20261121T101304Z".into(),
+            path: "base/1/1".into(),
+            part: 0,
+        };
+        repo.create_encoded(&piece, envelope::encode(b"x", Compression::None).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            fresh_backup_id(&repo, t + 10).await.unwrap(),
+            "20261121T101304Z-2"
+        );
     }
 
     #[test]

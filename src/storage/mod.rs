@@ -400,6 +400,25 @@ impl Repo {
         }
     }
 
+    /// Whether any object exists under `prefix` (a directory-like key prefix).
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be listed.
+    pub async fn has_objects_under(&self, prefix: &str) -> Result<bool, RepoError> {
+        use futures::StreamExt;
+        let path = object_store::path::Path::from(prefix);
+        match self.store.list(Some(&path)).next().await {
+            None => Ok(false),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(RepoError::Store {
+                op: "list",
+                key: prefix.to_string(),
+                repo: self.location.clone(),
+                source: Box::new(e),
+            }),
+        }
+    }
+
     /// Whether an object exists.
     ///
     /// # Errors
