@@ -412,6 +412,21 @@ impl Catalog {
         path
     }
 
+    /// The timeline path to `tli` as LSN ranges: (timeline, begin, end), oldest first; the last one
+    /// is open-ended.
+    pub fn path_lsns(&self, tli: TimelineId) -> Vec<(TimelineId, Lsn, Option<Lsn>)> {
+        let mut path = Vec::new();
+        let mut begin = Lsn(0);
+        if let Some(h) = self.histories.get(&tli) {
+            for e in &h.entries {
+                path.push((e.parent, begin, Some(e.switch_lsn)));
+                begin = e.switch_lsn;
+            }
+        }
+        path.push((tli, begin, None));
+        path
+    }
+
     /// Walk contiguous WAL from segment `start` along the path to `tli`, calling `f` for each
     /// segment read; returns the last (timeline, segment) reached.
     pub fn walk(

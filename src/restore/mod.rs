@@ -1,3 +1,5 @@
 //! Restoring base backups.
 
 pub mod files;
+pub mod plan;
+pub mod target;

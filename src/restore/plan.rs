@@ -1,0 +1,753 @@
+//! The restore planner: a pure function from the catalog and a target to a plan, or to a typed
+//! refusal that says why and what the recoverable window is. Nothing is downloaded or written
+//! before a plan exists.
+//!
+//! Timelines: candidate timelines are tried newest first, so `--latest` and targets on the current
+//! history follow the newest timeline (as `recovery_target_timeline = 'latest'` would); a target that
+//! exists only on an older timeline after a fork (a restore point made on timeline 1 after timeline 2
+//! branched off, say) is found on that timeline without the user naming it. `--timeline` overrides.
+//!
+//! For each timeline the newest restorable backup on its history that can reach the target is used:
+//! one that ends before the target (recovery cannot stop before it is consistent) and from which
+//! contiguous WAL reaches the target. Time targets need a commit or abort after the target in that
+//! WAL: PostgreSQL stops only there, and without one it replays everything and fails with "recovery
+//! ended before configured recovery target was reached".
+
+use std::fmt;
+
+use super::target::Target;
+use crate::backup::manifest::BackupManifest;
+use crate::catalog::Catalog;
+use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::{Lsn, SegNo, SegmentName, TimelineId};
+
+/// `--timeline`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimelineChoice {
+    /// Follow the newest timeline.
+    Latest,
+    /// Stay on the backup's timeline.
+    Current,
+    /// This timeline.
+    Id(TimelineId),
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The target.
+    pub target: Target,
+    /// Stop just before the target instead of just after it.
+    pub exclusive: bool,
+    /// Timeline override.
+    pub timeline: Option<TimelineChoice>,
+    /// Use this backup (id or label).
+    pub backup: Option<String>,
+}
+
+/// A restore that will work.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The backup to restore.
+    pub backup: BackupManifest,
+    /// The target.
+    pub target: Target,
+    /// `recovery_target_inclusive = off`.
+    pub exclusive: bool,
+    /// The timeline recovery ends on.
+    pub timeline: TimelineId,
+    /// The value for `recovery_target_timeline`.
+    pub timeline_setting: String,
+    /// Why that timeline.
+    pub timeline_reason: String,
+    /// Timelines replayed, oldest first.
+    pub path: Vec<TimelineId>,
+    /// First WAL segment replayed.
+    pub first_wal: SegmentName,
+    /// Last WAL segment recovery needs to reach the target.
+    pub last_wal: SegmentName,
+    /// How many segments that is.
+    pub wal_segments: u64,
+    /// What recovery will do at the target, as far as the index knows.
+    pub stop: String,
+}
+
+/// Why a restore cannot reach the target.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// No backup whose WAL is complete.
+    #[error(
+        "the repository has no restorable base backup (run pitr backup; a backup counts once its WAL is archived)"
+    )]
+    NoBackup,
+    /// `--backup` names nothing restorable.
+    #[error("no restorable backup has the id or label {wanted:?} (restorable: {known})")]
+    BackupNotFound {
+        /// What was asked for.
+        wanted: String,
+        /// What exists.
+        known: String,
+    },
+    /// `--timeline N` unknown.
+    #[error("timeline {0} is not in the repository")]
+    TimelineUnknown(u32),
+    /// Before the end of every usable backup.
+    #[error("{target} is before the end of the oldest usable backup; {window}")]
+    BeforeBackups {
+        /// The target.
+        target: String,
+        /// The window.
+        window: String,
+    },
+    /// Beyond the archived WAL.
+    #[error("{target} is beyond the archived WAL; {window}")]
+    AfterLatest {
+        /// The target.
+        target: String,
+        /// The window.
+        window: String,
+    },
+    /// No such restore point.
+    #[error(
+        "restore point {name:?} is not in the archived WAL after any usable backup (restore points: {known})"
+    )]
+    NameNotFound {
+        /// The name.
+        name: String,
+        /// Known names.
+        known: String,
+    },
+    /// No such transaction end.
+    #[error(
+        "no commit or abort of transaction {xid} is in the archived WAL after any usable backup; {window}"
+    )]
+    XidNotFound {
+        /// The xid.
+        xid: u32,
+        /// The window.
+        window: String,
+    },
+}
+
+/// The window sentence used in refusals, for the newest timeline.
+pub fn window_text(c: &Catalog) -> String {
+    match c.window() {
+        Some(w) => {
+            let earliest = w
+                .earliest
+                .map_or("(no restorable backup)".to_string(), |t| t.rfc3339());
+            let latest = w
+                .latest
+                .map_or("(no commit archived)".to_string(), |x| x.time.rfc3339());
+            format!(
+                "the recoverable window is {earliest} to {latest} on timeline {} (WAL contiguous to {})",
+                w.latest_timeline, w.last_segment
+            )
+        }
+        None => "the repository holds no WAL".to_string(),
+    }
+}
+
+/// What one (timeline, backup) attempt concluded.
+enum Attempt {
+    Hit {
+        last: (TimelineId, SegNo),
+        walked: u64,
+        stop: String,
+    },
+    TooEarly,
+    TooLate,
+    NotFound,
+}
+
+fn backup_on_path(b: &BackupManifest, path: &[(TimelineId, Lsn, Option<Lsn>)]) -> bool {
+    path.iter().any(|&(t, begin, end)| {
+        t.get() == b.timeline && b.start_lsn >= begin && end.is_none_or(|e| b.stop_lsn <= e)
+    })
+}
+
+fn try_backup(c: &Catalog, tli: TimelineId, b: &BackupManifest, req: &Request) -> Attempt {
+    let seg_size = c.seg_size();
+    let mut walked: Vec<(TimelineId, SegNo)> = Vec::new();
+    let Some(_) = c.walk(tli, b.start_lsn.segno(seg_size), |t, n| walked.push((t, n))) else {
+        return Attempt::TooLate;
+    };
+    let stop_seg = Lsn(b.stop_lsn.0.saturating_sub(1)).segno(seg_size);
+    if walked.last().is_none_or(|&(_, n)| n < stop_seg) {
+        return Attempt::TooLate; // the backup's own WAL is not reachable on this path
+    }
+    let summary = |k: &(TimelineId, SegNo)| c.summaries.get(k);
+    let hit = |i: usize, stop: String| Attempt::Hit {
+        last: walked[i],
+        walked: i as u64 + 1,
+        stop,
+    };
+    match &req.target {
+        Target::Latest => hit(walked.len() - 1, "replays all archived WAL".into()),
+        Target::Immediate => {
+            let i = walked
+                .iter()
+                .position(|&(_, n)| n >= stop_seg)
+                .unwrap_or(walked.len() - 1);
+            hit(
+                i,
+                format!(
+                    "stops once consistent, at the backup's end ({})",
+                    b.stop_lsn
+                ),
+            )
+        }
+        Target::Time(t) => {
+            if b.stop_time > *t {
+                return Attempt::TooEarly;
+            }
+            // The first segment holding a commit/abort after the target: recovery stops there.
+            let after = |x: PgTimestamp| if req.exclusive { x >= *t } else { x > *t };
+            match walked
+                .iter()
+                .position(|k| summary(k).and_then(|s| s.max_xact_time).is_some_and(after))
+            {
+                Some(i) => hit(
+                    i,
+                    format!(
+                        "stops before the first commit/abort after {} (in {})",
+                        t.rfc3339(),
+                        c.name(walked[i].0, walked[i].1)
+                    ),
+                ),
+                None => Attempt::TooLate,
+            }
+        }
+        Target::Name(name) => {
+            let found = walked.iter().position(|k| {
+                summary(k).is_some_and(|s| {
+                    s.restore_points
+                        .iter()
+                        .any(|r| &r.name == name && r.lsn >= b.stop_lsn)
+                })
+            });
+            match found {
+                Some(i) => {
+                    let rp = summary(&walked[i])
+                        .and_then(|s| s.restore_points.iter().find(|r| &r.name == name))
+                        .map(|r| {
+                            format!(
+                                "stops at restore point \"{name}\" ({}, LSN {})",
+                                r.time.rfc3339(),
+                                r.lsn
+                            )
+                        })
+                        .unwrap_or_default();
+                    hit(i, rp)
+                }
+                None => {
+                    let before = c
+                        .restore_points()
+                        .iter()
+                        .any(|r| &r.name == name && r.lsn < b.stop_lsn);
+                    if before {
+                        Attempt::TooEarly
+                    } else {
+                        Attempt::NotFound
+                    }
+                }
+            }
+        }
+        Target::Xid(x) => {
+            let found = walked.iter().position(|k| {
+                summary(k).is_some_and(|s| {
+                    s.min_xid.is_some_and(|lo| lo <= *x) && s.max_xid.is_some_and(|hi| hi >= *x)
+                })
+            });
+            match found {
+                Some(i) if walked[i].1 >= stop_seg => hit(
+                    i,
+                    format!(
+                        "stops at the commit/abort of transaction {x} (in {})",
+                        c.name(walked[i].0, walked[i].1)
+                    ),
+                ),
+                Some(_) => Attempt::TooEarly,
+                None => Attempt::NotFound,
+            }
+        }
+        Target::Lsn(l) => {
+            if *l < b.stop_lsn {
+                return Attempt::TooEarly;
+            }
+            let n = l.segno(seg_size);
+            match walked.iter().position(|&(_, m)| m == n) {
+                Some(i) => hit(i, format!("stops at LSN {l}")),
+                None => Attempt::TooLate,
+            }
+        }
+    }
+}
+
+/// Plan a restore.
+///
+/// # Errors
+/// A `PlanError` saying why the target cannot be reached, with the window.
+pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
+    let mut backups: Vec<&BackupManifest> =
+        c.backups.iter().filter(|b| c.is_restorable(b)).collect();
+    if backups.is_empty() {
+        return Err(PlanError::NoBackup);
+    }
+    if let Some(wanted) = &req.backup {
+        let known = backups
+            .iter()
+            .map(|b| b.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        backups.retain(|b| &b.id == wanted || &b.label == wanted);
+        if backups.is_empty() {
+            return Err(PlanError::BackupNotFound {
+                wanted: wanted.clone(),
+                known,
+            });
+        }
+    }
+    backups.sort_by_key(|b| std::cmp::Reverse((b.stop_time, b.id.clone()))); // newest first
+    let newest = c.newest_timeline().unwrap_or(TimelineId::ONE);
+    let candidates: Vec<TimelineId> = match req.timeline {
+        Some(TimelineChoice::Id(t)) => {
+            if !c.timelines.contains_key(&t) {
+                return Err(PlanError::TimelineUnknown(t.get()));
+            }
+            vec![t]
+        }
+        Some(TimelineChoice::Current) => {
+            let mut v: Vec<TimelineId> = backups
+                .iter()
+                .filter_map(|b| TimelineId::new(b.timeline))
+                .collect();
+            v.dedup();
+            v
+        }
+        Some(TimelineChoice::Latest) => vec![newest],
+        None if matches!(req.target, Target::Latest | Target::Immediate) => vec![newest],
+        None => c.timelines.keys().rev().copied().collect(),
+    };
+
+    let mut too_early = false;
+    let mut not_found = false;
+    for &tli in &candidates {
+        let path = c.path_lsns(tli);
+        for b in backups.iter().filter(|b| backup_on_path(b, &path)) {
+            match try_backup(c, tli, b, req) {
+                Attempt::Hit { last, walked, stop } => {
+                    let seg_size = c.seg_size();
+                    let first = b.start_lsn.segno(seg_size);
+                    let path_tlis: Vec<TimelineId> = path
+                        .iter()
+                        .map(|(t, _, _)| *t)
+                        .filter(|t| t.get() >= b.timeline && *t <= last.0)
+                        .collect();
+                    let (setting, reason) = match (&req.target, req.timeline) {
+                        (Target::Latest, _) | (_, Some(TimelineChoice::Latest)) => (
+                            "latest".to_string(),
+                            format!("the newest timeline, {}", last.0),
+                        ),
+                        (_, Some(TimelineChoice::Id(t))) => {
+                            (t.get().to_string(), format!("timeline {t} as requested"))
+                        }
+                        (_, Some(TimelineChoice::Current)) => (
+                            tli.get().to_string(),
+                            format!("the backup's timeline, {tli}"),
+                        ),
+                        _ if tli == newest => (
+                            tli.get().to_string(),
+                            format!("the target is on the newest timeline's history ({tli})"),
+                        ),
+                        _ => (
+                            tli.get().to_string(),
+                            format!(
+                                "the target exists only on timeline {tli}, which the newer timelines branched away from"
+                            ),
+                        ),
+                    };
+                    return Ok(Plan {
+                        backup: (*b).clone(),
+                        target: req.target.clone(),
+                        exclusive: req.exclusive,
+                        timeline: last.0,
+                        timeline_setting: setting,
+                        timeline_reason: reason,
+                        path: path_tlis,
+                        first_wal: c.name(
+                            TimelineId::new(b.timeline).unwrap_or(TimelineId::ONE),
+                            first,
+                        ),
+                        last_wal: c.name(last.0, last.1),
+                        wal_segments: walked,
+                        stop,
+                    });
+                }
+                Attempt::TooEarly => too_early = true,
+                Attempt::NotFound => not_found = true,
+                Attempt::TooLate => {}
+            }
+        }
+    }
+    let window = window_text(c);
+    let target = req.target.to_string();
+    Err(match &req.target {
+        Target::Name(name) if !too_early || not_found => {
+            let mut known: Vec<String> = c.restore_points().into_iter().map(|r| r.name).collect();
+            known.dedup();
+            PlanError::NameNotFound {
+                name: name.clone(),
+                known: if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
+            }
+        }
+        Target::Xid(x) if not_found => PlanError::XidNotFound { xid: *x, window },
+        _ if too_early => PlanError::BeforeBackups { target, window },
+        _ => PlanError::AfterLatest { target, window },
+    })
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        writeln!(
+            f,
+            "backup       {} ({}), ended {} at {}",
+            self.backup.id,
+            self.backup.label,
+            self.backup.stop_time.rfc3339(),
+            self.backup.stop_lsn
+        )?;
+        writeln!(
+            f,
+            "             {} files, {:.1} MiB ({:.1} MiB stored)",
+            self.backup.files.len(),
+            mib(self.backup.size_bytes),
+            mib(self.backup.stored_bytes)
+        )?;
+        writeln!(
+            f,
+            "target       {}{}",
+            self.target,
+            if self.exclusive { " (exclusive)" } else { "" }
+        )?;
+        writeln!(f, "             {}", self.stop)?;
+        let path: Vec<String> = self.path.iter().map(ToString::to_string).collect();
+        writeln!(
+            f,
+            "timeline     {} (recovery_target_timeline = '{}'): {}",
+            self.timeline, self.timeline_setting, self.timeline_reason
+        )?;
+        writeln!(f, "             path {}", path.join(" -> "))?;
+        write!(
+            f,
+            "WAL          {} to {}: {} segment(s) to replay",
+            self.first_wal, self.last_wal, self.wal_segments
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Loaded;
+    use crate::compress::Compression;
+    use crate::index::{RestorePoint, SegmentSummary, XactRef};
+    use crate::pg::xlogrecord::XactKind;
+    use crate::pg::{WalFileName, WalSegSize};
+    use crate::storage::identity::RepoIdentity;
+
+    const SEG: u64 = 16 << 20;
+
+    fn tli(n: u32) -> TimelineId {
+        TimelineId::new(n).unwrap()
+    }
+
+    fn seg(t: u32, n: u64) -> SegmentName {
+        SegmentName::new(tli(t), SegNo(n), WalSegSize::DEFAULT).unwrap()
+    }
+
+    /// A segment whose commits happen at times `n*100 .. n*100+50` (seconds), xids n*10..n*10+5.
+    fn summary(n: u64, rps: &[(&str, u64)]) -> Vec<u8> {
+        let x = |off: u64| XactRef {
+            lsn: Lsn(n * SEG + 100 + off),
+            xid: (n * 10 + off / 10) as u32,
+            time: PgTimestamp((n * 100 + off) as i64 * 1_000_000),
+            kind: XactKind::Commit,
+        };
+        serde_json::to_vec(&SegmentSummary {
+            format: 1,
+            xacts: 2,
+            first_xact: Some(x(0)),
+            last_xact: Some(x(50)),
+            max_xact_time: Some(x(50).time),
+            min_xid: Some(x(0).xid),
+            max_xid: Some(x(50).xid),
+            restore_points: rps
+                .iter()
+                .map(|(name, off)| RestorePoint {
+                    name: name.to_string(),
+                    time: PgTimestamp((n * 100 + off) as i64 * 1_000_000),
+                    lsn: Lsn(n * SEG + 200 + off),
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn backup(id: &str, t: u32, start_seg: u64, stop_seg: u64) -> Vec<u8> {
+        serde_json::to_vec(&BackupManifest {
+            format_version: 1,
+            program_version: "test".into(),
+            id: id.into(),
+            label: format!("label {id}"),
+            system_identifier: "1".into(),
+            pg_version: 15,
+            timeline: t,
+            start_lsn: Lsn(start_seg * SEG + 40),
+            checkpoint_lsn: Lsn(start_seg * SEG + 100),
+            stop_lsn: Lsn(stop_seg * SEG + 300),
+            start_time: PgTimestamp(start_seg as i64 * 100_000_000),
+            stop_time: PgTimestamp((stop_seg * 100 + 3) as i64 * 1_000_000),
+            start_wal: seg(t, start_seg).to_string(),
+            stop_wal: seg(t, stop_seg).to_string(),
+            compression: Compression::Zstd,
+            files: vec![],
+            directories: vec![],
+            tablespaces: vec![],
+            has_tablespace_map: false,
+            size_bytes: 0,
+            stored_bytes: 0,
+        })
+        .unwrap()
+    }
+
+    fn catalog(
+        segs: &[(u32, u64, &[(&str, u64)])],
+        histories: &[(u32, &str)],
+        backups: &[(&str, u32, u64, u64)],
+    ) -> Catalog {
+        Catalog::build(Loaded {
+            identity: Some(RepoIdentity {
+                format_version: 1,
+                system_identifier: "1".into(),
+                pg_version: 15,
+                wal_segment_size: SEG as u32,
+                wal_page_size: 8192,
+            }),
+            wal: segs
+                .iter()
+                .map(|&(t, n, _)| WalFileName::Segment(seg(t, n)))
+                .chain(histories.iter().map(|(t, _)| WalFileName::History(tli(*t))))
+                .collect(),
+            histories: histories
+                .iter()
+                .map(|(t, h)| (tli(*t), h.as_bytes().to_vec()))
+                .collect(),
+            summaries: segs
+                .iter()
+                .map(|&(t, n, rps)| (seg(t, n), summary(n, rps)))
+                .collect(),
+            backups: backups
+                .iter()
+                .map(|&(id, t, a, b)| (id.to_string(), Some(backup(id, t, a, b))))
+                .collect(),
+        })
+    }
+
+    fn req(target: Target) -> Request {
+        Request {
+            target,
+            exclusive: false,
+            timeline: None,
+            backup: None,
+        }
+    }
+
+    fn secs(s: i64) -> Target {
+        Target::Time(PgTimestamp(s * 1_000_000))
+    }
+
+    #[test]
+    fn time_targets_inside_and_outside_the_window() {
+        // Segments 1..=6 on timeline 1; backup A covers 2, backup B covers 4.
+        let none: &[(&str, u64)] = &[];
+        let c = catalog(
+            &[
+                (1, 1, none),
+                (1, 2, none),
+                (1, 3, none),
+                (1, 4, none),
+                (1, 5, none),
+                (1, 6, none),
+            ],
+            &[],
+            &[("A", 1, 2, 2), ("B", 1, 4, 4)],
+        );
+        // 310 s: after A ended (203), before B ended (403): A, stopping in segment 3 (commit at 350).
+        let p = plan(&c, &req(secs(310))).unwrap();
+        assert_eq!((p.backup.id.as_str(), p.last_wal), ("A", seg(1, 3)));
+        assert_eq!(p.timeline_setting, "1");
+        // 520 s: B is newer and ends before it.
+        assert_eq!(plan(&c, &req(secs(520))).unwrap().backup.id, "B");
+        // Before every backup's end; after the last commit (650).
+        assert!(matches!(
+            plan(&c, &req(secs(150))),
+            Err(PlanError::BeforeBackups { .. })
+        ));
+        let late = plan(&c, &req(secs(650))).unwrap_err();
+        assert!(matches!(late, PlanError::AfterLatest { .. }), "{late}");
+        assert!(
+            late.to_string()
+                .contains("to 2000-01-01T00:10:50.000000Z on timeline 1"),
+            "{late}"
+        );
+        // Exclusive: a commit exactly at the target counts as the stop.
+        let mut r = req(secs(650));
+        r.exclusive = true;
+        assert!(plan(&c, &r).is_ok());
+        // --backup narrows the choice.
+        let mut r = req(secs(520));
+        r.backup = Some("label A".into());
+        assert_eq!(plan(&c, &r).unwrap().backup.id, "A");
+        r.backup = Some("C".into());
+        assert!(matches!(
+            plan(&c, &r),
+            Err(PlanError::BackupNotFound { .. })
+        ));
+        // Latest and immediate.
+        let p = plan(&c, &req(Target::Latest)).unwrap();
+        assert_eq!(
+            (
+                p.backup.id.as_str(),
+                p.last_wal,
+                p.timeline_setting.as_str()
+            ),
+            ("B", seg(1, 6), "latest")
+        );
+        assert_eq!(
+            plan(&c, &req(Target::Immediate)).unwrap().last_wal,
+            seg(1, 4)
+        );
+    }
+
+    #[test]
+    fn gaps_end_the_window() {
+        let none: &[(&str, u64)] = &[];
+        let c = catalog(
+            &[(1, 1, none), (1, 2, none), (1, 3, none), (1, 5, none)],
+            &[],
+            &[("A", 1, 1, 1)],
+        );
+        assert!(plan(&c, &req(secs(250))).is_ok());
+        assert!(matches!(
+            plan(&c, &req(secs(450))),
+            Err(PlanError::AfterLatest { .. })
+        ));
+        assert!(matches!(
+            plan(&c, &req(Target::Lsn(Lsn(5 * SEG + 10)))),
+            Err(PlanError::AfterLatest { .. })
+        ));
+        assert_eq!(
+            plan(&c, &req(Target::Lsn(Lsn(3 * SEG + 10))))
+                .unwrap()
+                .last_wal,
+            seg(1, 3)
+        );
+        assert!(matches!(
+            plan(&c, &req(Target::Lsn(Lsn(SEG + 10)))),
+            Err(PlanError::BeforeBackups { .. })
+        ));
+    }
+
+    #[test]
+    fn names_and_xids() {
+        let c = catalog(
+            &[
+                (1, 1, &[("early", 1)]),
+                (1, 2, &[]),
+                (1, 3, &[("before_migration", 20)]),
+                (1, 4, &[]),
+            ],
+            &[],
+            &[("A", 1, 2, 2)],
+        );
+        let p = plan(&c, &req(Target::Name("before_migration".into()))).unwrap();
+        assert_eq!(p.last_wal, seg(1, 3));
+        assert!(p.stop.contains("before_migration"));
+        match plan(&c, &req(Target::Name("nope".into()))).unwrap_err() {
+            PlanError::NameNotFound { known, .. } => assert_eq!(known, "early, before_migration"),
+            e => panic!("{e}"),
+        }
+        assert!(matches!(
+            plan(&c, &req(Target::Name("early".into()))),
+            Err(PlanError::BeforeBackups { .. })
+        ));
+        assert_eq!(plan(&c, &req(Target::Xid(32))).unwrap().last_wal, seg(1, 3));
+        assert!(matches!(
+            plan(&c, &req(Target::Xid(999))),
+            Err(PlanError::XidNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn timelines() {
+        // Timeline 2 branched from 1 in segment 3; timeline 1 went on to 5 and has a restore point in 5.
+        let c = catalog(
+            &[
+                (1, 1, &[]),
+                (1, 2, &[]),
+                (1, 3, &[]),
+                (1, 4, &[]),
+                (1, 5, &[("on_old_branch", 10)]),
+                (2, 3, &[]),
+                (2, 4, &[("on_new", 10)]),
+                (2, 5, &[]),
+            ],
+            &[(2, "1\t0/3000100\tbefore 1970-01-01 00:05:00+00\n\n")],
+            &[("A", 1, 1, 1)],
+        );
+        let p = plan(&c, &req(Target::Latest)).unwrap();
+        assert_eq!((p.timeline, p.last_wal), (tli(2), seg(2, 5)));
+        assert_eq!(p.path, vec![tli(1), tli(2)]);
+        let p = plan(&c, &req(Target::Name("on_new".into()))).unwrap();
+        assert_eq!((p.timeline_setting.as_str(), p.last_wal), ("2", seg(2, 4)));
+        // Only on the old branch: timeline 1, found without being asked.
+        let p = plan(&c, &req(Target::Name("on_old_branch".into()))).unwrap();
+        assert_eq!((p.timeline_setting.as_str(), p.last_wal), ("1", seg(1, 5)));
+        assert!(
+            p.timeline_reason.contains("only on timeline 1"),
+            "{}",
+            p.timeline_reason
+        );
+        // A time on the current history follows timeline 2.
+        assert_eq!(plan(&c, &req(secs(420))).unwrap().timeline, tli(2));
+        // --timeline forces it.
+        let mut r = req(secs(420));
+        r.timeline = Some(TimelineChoice::Id(tli(1)));
+        assert_eq!(plan(&c, &r).unwrap().last_wal, seg(1, 4));
+        r.timeline = Some(TimelineChoice::Id(tli(7)));
+        assert!(matches!(plan(&c, &r), Err(PlanError::TimelineUnknown(7))));
+    }
+
+    #[test]
+    fn no_backup_no_plan() {
+        let c = catalog(&[(1, 1, &[])], &[], &[]);
+        assert_eq!(
+            plan(&c, &req(Target::Latest)).unwrap_err(),
+            PlanError::NoBackup
+        );
+        // A backup whose WAL is missing is not restorable.
+        let c = catalog(&[(1, 1, &[])], &[], &[("A", 1, 2, 3)]);
+        assert_eq!(
+            plan(&c, &req(Target::Latest)).unwrap_err(),
+            PlanError::NoBackup
+        );
+    }
+}
