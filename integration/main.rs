@@ -7,4 +7,5 @@
 mod archive;
 mod backup;
 mod harness;
+mod restore;
 mod walindex;

@@ -92,6 +92,76 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a base backup into an empty directory and configure PostgreSQL to recover to a target.
+    ///
+    /// The plan (backup, timeline, WAL) is checked against the repository's index before anything is
+    /// written: a target outside the recoverable window is refused with the window.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["to", "lsn", "xid", "name", "immediate", "latest"])))]
+    Restore {
+        /// The data directory to create (must be empty or absent).
+        #[arg(long, value_name = "DIR")]
+        target_dir: PathBuf,
+        /// Recover to this time: 'YYYY-MM-DD HH:MM[:SS[.ffffff]][Z|+HH|+HH:MM|-HHMM]' (UTC without offset).
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
+        /// Recover to this WAL position (X/X).
+        #[arg(long, value_name = "LSN")]
+        lsn: Option<String>,
+        /// Recover to the commit or abort of this transaction.
+        #[arg(long, value_name = "XID")]
+        xid: Option<u32>,
+        /// Recover to this restore point (pg_create_restore_point).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Stop as soon as the backup is consistent.
+        #[arg(long)]
+        immediate: bool,
+        /// Replay all archived WAL, following the newest timeline.
+        #[arg(long)]
+        latest: bool,
+        /// Stop just before the target transaction instead of just after it.
+        #[arg(long)]
+        exclusive: bool,
+        /// Timeline to recover along: latest, current or a number [default: the one holding the target].
+        #[arg(long, value_name = "latest|current|N")]
+        timeline: Option<String>,
+        /// What PostgreSQL does at the target.
+        #[arg(long, value_enum, default_value = "pause")]
+        action: crate::restore::exec::Action,
+        /// Restore this backup (id or label) instead of the newest one that reaches the target.
+        #[arg(long, value_name = "LABEL")]
+        backup: Option<String>,
+        /// Put tablespace OLD (its OID or original path) at NEW; repeatable.
+        #[arg(long, value_name = "OLD=NEW")]
+        tablespace_map: Vec<String>,
+        /// Parallel download streams [default: number of CPUs].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// Print the plan and exit without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Create a standby from the newest backup: it catches up from the archive, then streams.
+    Replica {
+        /// The data directory to create (must be empty or absent).
+        #[arg(long, value_name = "DIR")]
+        target_dir: PathBuf,
+        /// How the standby connects to its primary (libpq connection string).
+        #[arg(long, value_name = "CONNINFO")]
+        primary_conninfo: String,
+        /// Replication slot on the primary.
+        #[arg(long, value_name = "NAME")]
+        slot: Option<String>,
+        /// Use this backup (id or label) instead of the newest.
+        #[arg(long, value_name = "LABEL")]
+        backup: Option<String>,
+        /// Put tablespace OLD (its OID or original path) at NEW; repeatable.
+        #[arg(long, value_name = "OLD=NEW")]
+        tablespace_map: Vec<String>,
+        /// Parallel download streams [default: number of CPUs].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
     /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the
     /// recoverable window.
     Info {

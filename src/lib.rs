@@ -9,6 +9,7 @@ pub mod archive;
 pub mod backup;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod compress;
 pub mod config;
 pub mod durable;

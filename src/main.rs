@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Command::ArchiveGet { .. } => Contract::ArchiveGet {
             standby: Path::new("standby.signal").exists(),
         },
-        Command::Info { .. } | Command::Backup { .. } => Contract::Other,
+        _ => Contract::Other,
     };
     let name = command_name(&cli.command);
     // A panic is a bug, but it must still answer on the safe side of PostgreSQL's contract.
@@ -57,6 +57,8 @@ fn command_name(c: &Command) -> &'static str {
         Command::ArchiveGet { .. } => "archive-get",
         Command::Info { .. } => "info",
         Command::Backup { .. } => "backup",
+        Command::Restore { .. } => "restore",
+        Command::Replica { .. } => "replica",
     }
 }
 
@@ -100,57 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 GetOutcome::Written { .. } => Ok(exit::SUCCESS),
                 GetOutcome::NotFound => Ok(exit::FAILURE),
             },
-            Command::Backup { pgdata, dbname, label, jobs, archive_timeout, json } => {
-                let opts = pitr::backup::BackupOptions {
-                    pgdata,
-                    dbname,
-                    label,
-                    jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                    compression: settings.compress,
-                    archive_timeout,
-                    progress: !quiet,
-                };
-                let started = std::time::Instant::now();
-                let m = pitr::backup::run(&repo, &opts).await?;
-                let secs = started.elapsed().as_secs_f64();
-                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-                if json {
-                    let summary = serde_json::json!({
-                        "id": m.id, "label": m.label, "timeline": m.timeline,
-                        "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn,
-                        "start_time": m.start_time, "stop_time": m.stop_time,
-                        "start_wal": m.start_wal, "stop_wal": m.stop_wal,
-                        "files": m.files.len(), "size_bytes": m.size_bytes, "stored_bytes": m.stored_bytes,
-                        "compression": m.compression, "jobs": opts.jobs, "duration_seconds": secs,
-                        "throughput_mib_per_second": mib(m.size_bytes) / secs.max(1e-9),
-                    });
-                    println!("{}", serde_json::to_string_pretty(&summary)?);
-                } else {
-                    println!(
-                        "backup {} complete: {} files, {:.1} MiB copied, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
-                        m.id,
-                        m.files.len(),
-                        mib(m.size_bytes),
-                        mib(m.stored_bytes),
-                        m.compression,
-                        secs,
-                        mib(m.size_bytes) / secs.max(1e-9),
-                        m.start_wal,
-                        m.stop_wal
-                    );
-                }
-                Ok(exit::SUCCESS)
-            }
-            Command::Info { json } => {
-                let catalog = pitr::catalog::Catalog::load(&repo).await?;
-                let info = pitr::info::Info::new(repo.location(), &catalog);
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&info)?);
-                } else {
-                    print!("{}", info.render());
-                }
-                Ok(exit::SUCCESS)
-            }
+            other => pitr::commands::run(other, &repo, &settings, quiet).await,
         }
     })
 }

@@ -464,6 +464,9 @@ mod tests {
 
     const SEG: u64 = 16 << 20;
 
+    /// (timeline, segment number, restore points as (name, seconds into the segment)).
+    type SegSpec<'a> = (u32, u64, &'a [(&'a str, u64)]);
+
     fn tli(n: u32) -> TimelineId {
         TimelineId::new(n).unwrap()
     }
@@ -529,7 +532,7 @@ mod tests {
     }
 
     fn catalog(
-        segs: &[(u32, u64, &[(&str, u64)])],
+        segs: &[SegSpec<'_>],
         histories: &[(u32, &str)],
         backups: &[(&str, u32, u64, u64)],
     ) -> Catalog {

@@ -1,0 +1,275 @@
+//! Carry out a plan: lay the backup down, then configure recovery.
+//!
+//! Recovery settings are appended to `postgresql.auto.conf` (later lines win). Every recovery target
+//! pitr does not set is written as an empty string, so a target left over in the backup's own
+//! configuration can never combine with ours into "multiple recovery targets specified".
+//! `restore_command` calls this same `pitr` binary (absolute path) with the same repository settings.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use super::files::{RestoredFiles, restore_files};
+use super::plan::Plan;
+use super::target::{Target, postgres_time};
+use crate::durable;
+use crate::storage::Repo;
+
+/// `recovery_target_action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Action {
+    /// Pause at the target, read-only (PostgreSQL's default): inspect, then `pg_wal_replay_resume()`.
+    Pause,
+    /// End recovery at the target and open read-write on a new timeline.
+    Promote,
+    /// Stop the server at the target.
+    Shutdown,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Pause => "pause",
+            Action::Promote => "promote",
+            Action::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Quote one word for `/bin/sh`.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:=@%+,".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Quote a value for postgresql.conf.
+pub fn conf_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The `restore_command` that calls this binary with the same repository settings.
+///
+/// # Errors
+/// The path of the running binary cannot be found.
+pub fn restore_command(repo_url: &str, config_path: Option<&Path>) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("find the path of this pitr binary")?;
+    let exe = exe.canonicalize().unwrap_or(exe);
+    let mut words = vec![
+        shell_quote(&exe.to_string_lossy()),
+        "--repo".into(),
+        shell_quote(repo_url),
+    ];
+    if let Some(c) = config_path {
+        let c = c.canonicalize().unwrap_or_else(|_| c.to_path_buf());
+        words.push("--config".into());
+        words.push(shell_quote(&c.to_string_lossy()));
+    }
+    words.extend(["archive-get".into(), "%f".into(), "%p".into()]);
+    Ok(words.join(" "))
+}
+
+/// The lines pitr appends to `postgresql.auto.conf` for a targeted recovery.
+pub fn recovery_settings(
+    plan: &Plan,
+    restore_cmd: &str,
+    action: Action,
+) -> Vec<(&'static str, String)> {
+    let mut target: HashMap<&'static str, String> = HashMap::new();
+    match &plan.target {
+        Target::Time(t) => {
+            target.insert("recovery_target_time", postgres_time(*t));
+        }
+        Target::Lsn(l) => {
+            target.insert("recovery_target_lsn", l.to_string());
+        }
+        Target::Xid(x) => {
+            target.insert("recovery_target_xid", x.to_string());
+        }
+        Target::Name(n) => {
+            target.insert("recovery_target_name", n.clone());
+        }
+        Target::Immediate => {
+            target.insert("recovery_target", "immediate".into());
+        }
+        Target::Latest => {}
+    }
+    let mut lines = vec![("restore_command", restore_cmd.to_string())];
+    // Clear every other target first: PostgreSQL's assign hooks refuse any later recovery_target_*
+    // line, even an empty one, once a different target is set.
+    for key in [
+        "recovery_target",
+        "recovery_target_lsn",
+        "recovery_target_name",
+        "recovery_target_time",
+        "recovery_target_xid",
+    ] {
+        if !target.contains_key(key) {
+            lines.push((key, String::new()));
+        }
+    }
+    lines.extend(target);
+    lines.push((
+        "recovery_target_inclusive",
+        if plan.exclusive { "off" } else { "on" }.into(),
+    ));
+    lines.push(("recovery_target_timeline", plan.timeline_setting.clone()));
+    lines.push(("recovery_target_action", action.as_str().into()));
+    lines
+}
+
+/// The lines for a standby that catches up from the archive, then streams from its primary.
+pub fn standby_settings(
+    restore_cmd: &str,
+    primary_conninfo: &str,
+    slot: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut lines = vec![
+        ("restore_command", restore_cmd.to_string()),
+        ("primary_conninfo", primary_conninfo.to_string()),
+        ("primary_slot_name", slot.unwrap_or("").to_string()),
+        ("recovery_target_timeline", "latest".to_string()),
+    ];
+    for key in [
+        "recovery_target",
+        "recovery_target_lsn",
+        "recovery_target_name",
+        "recovery_target_time",
+        "recovery_target_xid",
+    ] {
+        lines.push((key, String::new()));
+    }
+    lines
+}
+
+/// Which signal file to create.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// `recovery.signal`: targeted archive recovery.
+    Recovery,
+    /// `standby.signal`: a standby.
+    Standby,
+}
+
+/// Restore `plan`'s backup into `target_dir` and configure recovery with `settings`.
+///
+/// # Errors
+/// A non-empty target, a failed download or verification, a local write failure.
+pub async fn execute(
+    repo: &Repo,
+    plan: &Plan,
+    target_dir: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+    jobs: usize,
+    settings: &[(&'static str, String)],
+    signal: Signal,
+) -> anyhow::Result<RestoredFiles> {
+    let restored = restore_files(repo, &plan.backup, target_dir, relocate, jobs).await?;
+    let auto = target_dir.join("postgresql.auto.conf");
+    let mut conf = std::fs::read(&auto).unwrap_or_default();
+    if !conf.is_empty() && !conf.ends_with(b"\n") {
+        conf.push(b'\n');
+    }
+    conf.extend_from_slice(
+        format!(
+            "# Added by pitr {} restoring backup {}: {}\n",
+            env!("CARGO_PKG_VERSION"),
+            plan.backup.id,
+            plan.target
+        )
+        .as_bytes(),
+    );
+    for (k, v) in settings {
+        conf.extend_from_slice(format!("{k} = {}\n", conf_quote(v)).as_bytes());
+    }
+    durable::write_atomically(&auto, &conf).with_context(|| format!("write {}", auto.display()))?;
+    let signal_file = target_dir.join(match signal {
+        Signal::Recovery => "recovery.signal",
+        Signal::Standby => "standby.signal",
+    });
+    durable::write_atomically(&signal_file, b"")
+        .with_context(|| format!("write {}", signal_file.display()))?;
+    Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_comes_after_the_cleared_ones() {
+        let plan_target = |t: Target| {
+            super::super::plan::Plan {
+            backup: serde_json::from_value(serde_json::json!({
+                "format_version": 1, "program_version": "t", "id": "b", "label": "b", "system_identifier": "1",
+                "pg_version": 15, "timeline": 1, "start_lsn": "0/1", "checkpoint_lsn": "0/1", "stop_lsn": "0/2",
+                "start_time": "2026-01-01T00:00:00.000000Z", "stop_time": "2026-01-01T00:00:00.000000Z",
+                "start_wal": "", "stop_wal": "", "compression": "zstd", "files": [], "directories": [],
+                "has_tablespace_map": false, "size_bytes": 0, "stored_bytes": 0
+            }))
+            .unwrap(),
+            target: t,
+            exclusive: true,
+            timeline: crate::pg::TimelineId::ONE,
+            timeline_setting: "1".into(),
+            timeline_reason: String::new(),
+            path: vec![],
+            first_wal: crate::pg::SegmentName::new(crate::pg::TimelineId::ONE, crate::pg::SegNo(1), crate::pg::WalSegSize::DEFAULT).unwrap(),
+            last_wal: crate::pg::SegmentName::new(crate::pg::TimelineId::ONE, crate::pg::SegNo(1), crate::pg::WalSegSize::DEFAULT).unwrap(),
+            wal_segments: 1,
+            stop: String::new(),
+        }
+        };
+        let lines = recovery_settings(&plan_target(Target::Xid(735)), "cmd", Action::Promote);
+        let keys: Vec<&str> = lines.iter().map(|(k, _)| *k).collect();
+        let xid = keys
+            .iter()
+            .position(|k| *k == "recovery_target_xid")
+            .unwrap();
+        for other in [
+            "recovery_target",
+            "recovery_target_lsn",
+            "recovery_target_name",
+            "recovery_target_time",
+        ] {
+            assert!(
+                keys.iter().position(|k| *k == other).unwrap() < xid,
+                "{other} must be cleared before the target"
+            );
+        }
+        assert!(lines.contains(&("recovery_target_inclusive", "off".into())));
+        assert!(lines.contains(&("recovery_target_action", "promote".into())));
+        let latest = recovery_settings(&plan_target(Target::Latest), "cmd", Action::Pause);
+        let targets = [
+            "recovery_target",
+            "recovery_target_lsn",
+            "recovery_target_name",
+            "recovery_target_time",
+            "recovery_target_xid",
+        ];
+        assert!(
+            latest
+                .iter()
+                .filter(|(k, _)| targets.contains(k))
+                .all(|(_, v)| v.is_empty())
+        );
+        assert_eq!(
+            latest.iter().filter(|(k, _)| targets.contains(k)).count(),
+            5
+        );
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("/usr/local/bin/pitr"), "/usr/local/bin/pitr");
+        assert_eq!(shell_quote("s3://bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(shell_quote("/tmp/a b/it's"), "'/tmp/a b/it'\\''s'");
+        assert_eq!(conf_quote("it's"), "'it''s'");
+    }
+}
