@@ -184,6 +184,11 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 
 /// `initdb` a data directory as the `postgres` user.
 pub fn initdb(bin: &Path, data: &Path) {
+    initdb_with(bin, data, &[]);
+}
+
+/// `initdb` with extra arguments (e.g. `--wal-segsize=1`).
+pub fn initdb_with(bin: &Path, data: &Path, extra: &[&str]) {
     run_ok(
         as_postgres(&mut Command::new(bin.join("initdb")))
             .args([
@@ -193,8 +198,9 @@ pub fn initdb(bin: &Path, data: &Path) {
                 "-E",
                 "UTF8",
                 "--no-instructions",
-                "-D",
             ])
+            .args(extra)
+            .arg("-D")
             .arg(data)
             .current_dir("/tmp")
             .env("LC_ALL", "C"),
@@ -212,12 +218,24 @@ impl Cluster {
         extra_conf: &str,
         extra_env: &[(&str, &str)],
     ) -> Cluster {
+        Cluster::start_initdb(major, bin, archive_command, extra_conf, extra_env, &[])
+    }
+
+    /// `start`, with extra `initdb` arguments.
+    pub fn start_initdb(
+        major: u32,
+        bin: &Path,
+        archive_command: &str,
+        extra_conf: &str,
+        extra_env: &[(&str, &str)],
+        initdb_args: &[&str],
+    ) -> Cluster {
         let scratch = Scratch::new();
         let pitr = scratch.pitr_copy();
         let data = scratch.path().join("data");
         let sock = scratch.subdir("sock");
         let log = scratch.path().join("server.log");
-        initdb(bin, &data);
+        initdb_with(bin, &data, initdb_args);
         let conf = format!(
             "listen_addresses = ''\nunix_socket_directories = '{sock}'\nwal_level = replica\narchive_mode = on\n\
              archive_command = '{cmd}'\nwal_keep_size = '2GB'\nmax_wal_size = '2GB'\nfsync = off\n\
@@ -252,6 +270,18 @@ impl Cluster {
         scratch: Scratch,
         auto_conf: &str,
     ) -> Cluster {
+        Cluster::existing_env(major, bin, data, scratch, auto_conf, &[])
+    }
+
+    /// `existing`, with extra environment for the server (and so for its restore_command).
+    pub fn existing_env(
+        major: u32,
+        bin: &Path,
+        data: PathBuf,
+        scratch: Scratch,
+        auto_conf: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let sock = scratch.subdir(&format!(
             "sock-{}",
             data.file_name().unwrap().to_string_lossy()
@@ -280,7 +310,7 @@ impl Cluster {
             scratch,
             running: false,
         };
-        c.pg_ctl_start(&[]);
+        c.pg_ctl_start(env);
         c
     }
 

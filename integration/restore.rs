@@ -368,3 +368,132 @@ fn replica_streams_from_its_primary() {
     assert_eq!(standby.sql("SELECT pg_is_in_recovery()"), "t");
     let _ = Path::new("");
 }
+
+/// Replay of more than 64 segments from an S3 server behind 50 ms of latency per request, with and
+/// without archive-get's prefetch. Both must reach the same rows; the times are reported.
+#[test]
+fn prefetch_replay_through_a_slow_store() {
+    let Ok(bucket) = std::env::var("PITR_TEST_S3_BUCKET") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs the S3 server (scripts/test starts it)"
+        );
+        eprintln!("SKIP: no S3 server");
+        return;
+    };
+    let Some(bin) = harness::pg_bin(15) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let url = format!("s3://{bucket}/prefetch-{}", std::process::id());
+    let c = Cluster::start_initdb(
+        15,
+        &bin,
+        &format!("{{pitr}} --repo {url} archive-push %p"),
+        "autovacuum = off",
+        &[],
+        &["--wal-segsize=1"],
+    );
+    c.sql("CREATE TABLE marks(id int primary key)");
+    let conninfo = format!("host={} user=postgres", c.sock.display());
+    let out = harness::pitr(
+        scratch.path(),
+        &[
+            "--repo",
+            &url,
+            "backup",
+            "--pgdata",
+            c.data.to_str().unwrap(),
+            "--dbname",
+            &conninfo,
+            "-q",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for i in 0..8 {
+        c.sql("SELECT count(pg_logical_emit_message(false, 'fill', repeat(md5(g::text), 3000))) FROM generate_series(1, 100) g");
+        c.sql(&format!("INSERT INTO marks VALUES ({i})"));
+    }
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+    let segments = u64::from_str_radix(&last[16..], 16).unwrap() - 1;
+    assert!(segments >= 64, "only {segments} segments of WAL");
+
+    // The proxy in front of the S3 server.
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
+    let target = endpoint.trim_start_matches("http://").to_string();
+    struct Proxy(std::process::Child);
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut proxy = Proxy(
+        std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/latency-proxy"
+        ))
+        .args(["--target", &target, "--delay-ms", "50"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.0.stdout.take().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let slow = format!("http://127.0.0.1:{}", port.trim());
+
+    let mut times = vec![];
+    for (name, prefetch) in [("without", "0"), ("with", "8")] {
+        let dir = scratch.path().join(format!("replay-{name}"));
+        let out = pitr_as_postgres(
+            &scratch,
+            &[
+                "--repo",
+                &url,
+                "restore",
+                "--target-dir",
+                dir.to_str().unwrap(),
+                "--latest",
+            ],
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let started = std::time::Instant::now();
+        let r = Cluster::existing_env(
+            15,
+            &bin,
+            dir,
+            Scratch::new(),
+            "archive_mode = off",
+            &[
+                ("AWS_ENDPOINT_URL", slow.as_str()),
+                ("PITR_PREFETCH", prefetch),
+            ],
+        );
+        r.wait_promoted();
+        times.push(started.elapsed().as_secs_f64());
+        assert_eq!(rows(&r), "0,1,2,3,4,5,6,7");
+        let spool = r.data.join("pg_wal/pitr_spool");
+        if spool.exists() {
+            let left: Vec<String> = std::fs::read_dir(&spool)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            panic!(
+                "{name}: the spool must be gone after promotion, holds {left:?}; log:\n{}",
+                r.server_log_tail()
+            );
+        }
+    }
+    drop(proxy);
+    eprintln!(
+        "replay of {segments} segments (1 MiB) through 50 ms/request: {:.1} s without prefetch, {:.1} s with prefetch (8 ahead)",
+        times[0], times[1]
+    );
+}

@@ -66,6 +66,27 @@ pub enum Command {
         wal_name: String,
         /// Where to write it (%p), relative to the working directory.
         dest_path: PathBuf,
+        /// Segments to fetch ahead in the background (0 turns prefetching off).
+        #[arg(long, env = "PITR_PREFETCH", default_value_t = 8, value_name = "N")]
+        prefetch: usize,
+    },
+    /// Internal: the background prefetcher started by archive-get.
+    #[command(hide = true)]
+    ArchivePrefetch {
+        /// Fetch the segments after this one.
+        after: String,
+        /// Into this spool directory.
+        spool: PathBuf,
+        /// How many.
+        count: usize,
+        /// The WAL segment size in bytes.
+        seg_size: u32,
+    },
+    /// Internal: remove archive-get's prefetch spool when recovery ends (recovery_end_command).
+    #[command(hide = true)]
+    ArchiveSpoolClean {
+        /// The spool directory.
+        spool: PathBuf,
     },
     /// Take a base backup of a running cluster (run on the database host).
     ///

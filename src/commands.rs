@@ -165,7 +165,12 @@ pub async fn run(
             let relocate = relocations(&plan.backup, &tablespace_map)?;
             println!("{plan}");
             let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
-            let lines = exec::standby_settings(&cmd, &primary_conninfo, slot.as_deref());
+            let lines = exec::standby_settings(
+                &cmd,
+                &exec::spool_cleanup_command()?,
+                &primary_conninfo,
+                slot.as_deref(),
+            );
             let started = Instant::now();
             let done = exec::execute(
                 repo,
@@ -188,7 +193,10 @@ pub async fn run(
             );
             Ok(exit::SUCCESS)
         }
-        Command::ArchivePush { .. } | Command::ArchiveGet { .. } => {
+        Command::ArchivePush { .. }
+        | Command::ArchiveGet { .. }
+        | Command::ArchivePrefetch { .. }
+        | Command::ArchiveSpoolClean { .. } => {
             bail!("archive-push and archive-get are run by main")
         }
     }
@@ -263,7 +271,7 @@ async fn restore(
         return Ok(exit::SUCCESS);
     }
     let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
-    let lines = exec::recovery_settings(&plan, &cmd, action);
+    let lines = exec::recovery_settings(&plan, &cmd, &exec::spool_cleanup_command()?, action);
     let started = Instant::now();
     let done = exec::execute(
         repo,

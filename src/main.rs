@@ -9,6 +9,7 @@ use clap::Parser;
 use pitr::archive::get::GetOutcome;
 use pitr::cli::{Cli, Command};
 use pitr::exit::{self, Contract};
+use pitr::pg::WalFileName;
 use pitr::storage::Repo;
 use pitr::{archive, config, error};
 
@@ -59,6 +60,8 @@ fn command_name(c: &Command) -> &'static str {
         Command::Backup { .. } => "backup",
         Command::Restore { .. } => "restore",
         Command::Replica { .. } => "replica",
+        Command::ArchivePrefetch { .. } => "archive-prefetch",
+        Command::ArchiveSpoolClean { .. } => "archive-spool-clean",
     }
 }
 
@@ -83,6 +86,11 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    // The only command that needs no repository.
+    if let Command::ArchiveSpoolClean { spool } = &cli.command {
+        archive::prefetch::clean(spool, std::time::Duration::from_secs(60));
+        return Ok(exit::SUCCESS);
+    }
     let settings = config::resolve(&cli.global)?;
     let quiet = cli.global.quiet;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -98,10 +106,44 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             Command::ArchiveGet {
                 wal_name,
                 dest_path,
-            } => match archive::get::get(&repo, &wal_name, &dest_path).await? {
-                GetOutcome::Written { .. } => Ok(exit::SUCCESS),
-                GetOutcome::NotFound => Ok(exit::FAILURE),
-            },
+                prefetch,
+            } => {
+                let mut global_args = vec!["--repo".to_string(), settings.repo.clone()];
+                if let Some(c) = &settings.config_path {
+                    global_args.push("--config".into());
+                    global_args.push(
+                        c.canonicalize()
+                            .unwrap_or_else(|_| c.clone())
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+                let prefetch = archive::get::Prefetch {
+                    count: prefetch,
+                    global_args,
+                };
+                match archive::get::get_with_prefetch(&repo, &wal_name, &dest_path, &prefetch)
+                    .await?
+                {
+                    GetOutcome::Written { .. } => Ok(exit::SUCCESS),
+                    GetOutcome::NotFound => Ok(exit::FAILURE),
+                }
+            }
+            Command::ArchivePrefetch {
+                after,
+                spool,
+                count,
+                seg_size,
+            } => {
+                let WalFileName::Segment(seg) = after.parse::<WalFileName>()? else {
+                    anyhow::bail!("{after} is not a segment name");
+                };
+                let seg_size = pitr::pg::WalSegSize::new(seg_size)
+                    .ok_or_else(|| anyhow::anyhow!("bad segment size {seg_size}"))?;
+                archive::prefetch::run(&repo, seg, &spool, count, seg_size).await?;
+                Ok(exit::SUCCESS)
+            }
+            Command::ArchiveSpoolClean { .. } => Ok(exit::SUCCESS),
             other => pitr::commands::run(other, &repo, &settings, quiet).await,
         }
     })

@@ -25,6 +25,57 @@ pub enum GetOutcome {
     NotFound,
 }
 
+/// Prefetching for one call: how many segments ahead, and the global arguments (repository, config)
+/// the background prefetcher needs.
+#[derive(Clone, Debug, Default)]
+pub struct Prefetch {
+    /// Segments ahead; 0 is off.
+    pub count: usize,
+    /// `--repo …` / `--config …` for the prefetcher.
+    pub global_args: Vec<String>,
+}
+
+/// Fetch `wal_name` from `repo` into `dest`, handing over a prefetched copy when there is one and
+/// starting a prefetcher for the segments after it.
+///
+/// # Errors
+/// The object exists but cannot be read or verified, or the destination cannot be written.
+pub async fn get_with_prefetch(
+    repo: &Repo,
+    wal_name: &str,
+    dest: &Path,
+    prefetch: &Prefetch,
+) -> anyhow::Result<GetOutcome> {
+    let seg = match wal_name.parse::<WalFileName>() {
+        Ok(WalFileName::Segment(seg)) if prefetch.count > 0 => seg,
+        _ => return get(repo, wal_name, dest).await,
+    };
+    // A spooled copy, or one the running prefetcher is about to deliver.
+    let outcome = if super::prefetch::take(dest, seg)
+        || (super::prefetch::busy(dest)
+            && super::prefetch::wait_and_take(dest, seg, std::time::Duration::from_secs(5)))
+    {
+        let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+        tracing::debug!("restored {seg} from the prefetch spool");
+        GetOutcome::Written { bytes }
+    } else {
+        get(repo, wal_name, dest).await?
+    };
+    if let GetOutcome::Written { bytes } = outcome
+        && let Some(seg_size) = u32::try_from(bytes)
+            .ok()
+            .and_then(crate::pg::WalSegSize::new)
+    {
+        super::prefetch::prune(dest, seg, seg_size);
+        if let Err(e) =
+            super::prefetch::spawn(&prefetch.global_args, seg, dest, prefetch.count, seg_size)
+        {
+            tracing::warn!("prefetching after {seg} is off: {e:#}");
+        }
+    }
+    Ok(outcome)
+}
+
 /// Fetch `wal_name` from `repo` into `dest`.
 ///
 /// # Errors

@@ -2,4 +2,5 @@
 //! (restore_command).
 
 pub mod get;
+pub mod prefetch;
 pub mod push;

@@ -37,6 +37,21 @@ impl Action {
     }
 }
 
+/// The `recovery_end_command` that removes `archive-get`'s prefetch spool (run in the data
+/// directory), after any running prefetcher finished.
+///
+/// # Errors
+/// The path of the running binary cannot be found.
+pub fn spool_cleanup_command() -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("find the path of this pitr binary")?;
+    let exe = exe.canonicalize().unwrap_or(exe);
+    Ok(format!(
+        "{} archive-spool-clean pg_wal/{}",
+        shell_quote(&exe.to_string_lossy()),
+        crate::archive::prefetch::SPOOL_DIR
+    ))
+}
+
 /// Quote one word for `/bin/sh`.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
@@ -79,6 +94,7 @@ pub fn restore_command(repo_url: &str, config_path: Option<&Path>) -> anyhow::Re
 pub fn recovery_settings(
     plan: &Plan,
     restore_cmd: &str,
+    cleanup_cmd: &str,
     action: Action,
 ) -> Vec<(&'static str, String)> {
     let mut target: HashMap<&'static str, String> = HashMap::new();
@@ -115,6 +131,7 @@ pub fn recovery_settings(
         }
     }
     lines.extend(target);
+    lines.push(("recovery_end_command", cleanup_cmd.to_string()));
     lines.push((
         "recovery_target_inclusive",
         if plan.exclusive { "off" } else { "on" }.into(),
@@ -127,6 +144,7 @@ pub fn recovery_settings(
 /// The lines for a standby that catches up from the archive, then streams from its primary.
 pub fn standby_settings(
     restore_cmd: &str,
+    cleanup_cmd: &str,
     primary_conninfo: &str,
     slot: Option<&str>,
 ) -> Vec<(&'static str, String)> {
@@ -135,6 +153,7 @@ pub fn standby_settings(
         ("primary_conninfo", primary_conninfo.to_string()),
         ("primary_slot_name", slot.unwrap_or("").to_string()),
         ("recovery_target_timeline", "latest".to_string()),
+        ("recovery_end_command", cleanup_cmd.to_string()),
     ];
     for key in [
         "recovery_target",
@@ -226,7 +245,12 @@ mod tests {
             stop: String::new(),
         }
         };
-        let lines = recovery_settings(&plan_target(Target::Xid(735)), "cmd", Action::Promote);
+        let lines = recovery_settings(
+            &plan_target(Target::Xid(735)),
+            "cmd",
+            "clean",
+            Action::Promote,
+        );
         let keys: Vec<&str> = lines.iter().map(|(k, _)| *k).collect();
         let xid = keys
             .iter()
@@ -245,7 +269,7 @@ mod tests {
         }
         assert!(lines.contains(&("recovery_target_inclusive", "off".into())));
         assert!(lines.contains(&("recovery_target_action", "promote".into())));
-        let latest = recovery_settings(&plan_target(Target::Latest), "cmd", Action::Pause);
+        let latest = recovery_settings(&plan_target(Target::Latest), "cmd", "clean", Action::Pause);
         let targets = [
             "recovery_target",
             "recovery_target_lsn",
