@@ -46,8 +46,12 @@ pub async fn get_with_prefetch(
     dest: &Path,
     prefetch: &Prefetch,
 ) -> anyhow::Result<GetOutcome> {
+    // Only recovery proper prefetches: PostgreSQL's startup process always asks for segments as
+    // `pg_wal/RECOVERYXLOG`, and ends recovery with the recovery_end_command that cleans the spool.
+    // Other callers (pg_rewind --restore-target-wal passes real file names) get plain fetches.
+    let recovering = dest.file_name().is_some_and(|f| f == "RECOVERYXLOG");
     let seg = match wal_name.parse::<WalFileName>() {
-        Ok(WalFileName::Segment(seg)) if prefetch.count > 0 => seg,
+        Ok(WalFileName::Segment(seg)) if prefetch.count > 0 && recovering => seg,
         _ => return get(repo, wal_name, dest).await,
     };
     // A spooled copy, or one the running prefetcher is about to deliver.
