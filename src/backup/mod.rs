@@ -481,13 +481,14 @@ async fn wait_for_wal(
     Ok(())
 }
 
-fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+/// A byte progress bar on stderr when it is a terminal (never in PostgreSQL's log), else hidden.
+pub(crate) fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} backup [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        "{spinner} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }

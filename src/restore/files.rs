@@ -139,6 +139,7 @@ pub async fn restore_files(
         })
         .collect();
     let id = manifest.id.clone();
+    let bar = crate::backup::progress_bar(true, manifest.size_bytes);
     let mut stream = futures::stream::iter(pieces)
         .map(|(dest, rel, part, offset, size, crc)| {
             let id = id.clone();
@@ -173,8 +174,11 @@ pub async fn restore_files(
         .buffer_unordered(jobs.max(1));
     let mut bytes = 0;
     while let Some(done) = stream.next().await {
-        bytes += done?;
+        let n = done?;
+        bar.inc(n);
+        bytes += n;
     }
+    bar.finish_and_clear();
 
     // backup_label and tablespace_map.
     let label = repo
