@@ -543,6 +543,10 @@ impl Catalog {
             }
             if let Some(mut w) = best {
                 w.earliest = restorable.iter().map(|b| b.stop_time).min();
+                // A commit before the end of every backup cannot be recovered to.
+                if w.latest.zip(w.earliest).is_some_and(|(x, e)| x.time < e) {
+                    w.latest = None;
+                }
                 return Some(w);
             }
         }

@@ -336,11 +336,14 @@ impl Info {
                     "- (no base backup yet: nothing is restorable until one completes)".to_string(),
                     |t| t.rfc3339(),
                 );
-                let latest = w
-                    .latest
-                    .map_or("- (no commit in the archived WAL)".to_string(), |t| {
-                        t.rfc3339()
-                    });
+                let latest = w.latest.map_or(
+                    if w.earliest.is_some() {
+                        "- (no commit archived after the backup yet)".to_string()
+                    } else {
+                        "- (no commit in the archived WAL)".to_string()
+                    },
+                    |t| t.rfc3339(),
+                );
                 let _ = writeln!(o, "  earliest   {earliest}");
                 let _ = writeln!(
                     o,

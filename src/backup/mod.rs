@@ -411,6 +411,11 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         .context("the repository has no archived WAL from this cluster")?;
     let seg_size = WalSegSize::new(identity.wal_segment_size).context("repository segment size")?;
     let needed = needed_segments(info.timeline, info.start_lsn, stop_lsn, seg_size);
+    tracing::info!(
+        "backup {id} stopped at {stop_lsn}; waiting for WAL {} to {} to be archived",
+        needed.first().map(ToString::to_string).unwrap_or_default(),
+        needed.last().map(ToString::to_string).unwrap_or_default()
+    );
     wait_for_wal(repo, &needed, opts.archive_timeout, &id).await?;
 
     let size_bytes = entries.iter().map(|f| f.size).sum();

@@ -139,7 +139,9 @@ pub fn window_text(c: &Catalog) -> String {
                 .map_or("(no restorable backup)".to_string(), |t| t.rfc3339());
             let latest = w
                 .latest
-                .map_or("(no commit archived)".to_string(), |x| x.time.rfc3339());
+                .map_or("(no commit archived after it yet)".to_string(), |x| {
+                    x.time.rfc3339()
+                });
             format!(
                 "the recoverable window is {earliest} to {latest} on timeline {} (WAL contiguous to {})",
                 w.latest_timeline, w.last_segment
