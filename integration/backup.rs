@@ -72,23 +72,7 @@ fn backup_and_restore(major: u32) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let data = c.data.to_str().unwrap().to_string();
-    let out = pitr(
-        scratch.path(),
-        &[
-            "--repo",
-            &url,
-            "backup",
-            "--pgdata",
-            &data,
-            "--dbname",
-            &sock_conninfo(&c),
-            "--jobs",
-            "2",
-            "--json",
-        ],
-        &[],
-    );
+    let out = harness::pitr_backup(scratch.path(), &url, &c, &["--jobs", "2", "--json"]);
     assert_eq!(code(&out), 0, "backup failed: {}", stderr(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
@@ -271,20 +255,7 @@ fn interrupted_backups_are_never_listed() {
         },
     );
 
-    let out = pitr(
-        scratch.path(),
-        &[
-            "--repo",
-            &url,
-            "backup",
-            "--pgdata",
-            &data,
-            "--dbname",
-            &sock_conninfo(&c),
-            "-q",
-        ],
-        &[],
-    );
+    let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let listed = info(&url, scratch.path());
     assert_eq!(listed["backups"].as_array().unwrap().len(), 1);
@@ -292,21 +263,7 @@ fn interrupted_backups_are_never_listed() {
     // Archiving breaks: the next backup cannot complete and is not listed.
     c.sql("ALTER SYSTEM SET archive_command = 'false'");
     c.sql("SELECT pg_reload_conf()");
-    let out = pitr(
-        scratch.path(),
-        &[
-            "--repo",
-            &url,
-            "backup",
-            "--pgdata",
-            &data,
-            "--dbname",
-            &sock_conninfo(&c),
-            "--archive-timeout",
-            "3s",
-        ],
-        &[],
-    );
+    let out = harness::pitr_backup(scratch.path(), &url, &c, &["--archive-timeout", "3s"]);
     assert_eq!(code(&out), 1);
     assert!(
         stderr(&out).contains("did not reach the repository"),

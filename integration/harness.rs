@@ -454,6 +454,17 @@ pub fn pitr(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     run(&mut cmd)
 }
 
+/// `pitr --repo URL backup --pgdata <c's data> --dbname <c's socket> EXTRA…`.
+pub fn pitr_backup(cwd: &Path, url: &str, c: &Cluster, extra: &[&str]) -> Output {
+    let conninfo = format!("host={} user=postgres dbname=postgres", c.sock.display());
+    let data = c.data.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--repo", url, "backup", "--pgdata", &data, "--dbname", &conninfo,
+    ];
+    args.extend_from_slice(extra);
+    pitr(cwd, &args, &[])
+}
+
 /// Exit code of an output (panics if killed by a signal).
 pub fn code(out: &Output) -> i32 {
     out.status

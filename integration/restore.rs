@@ -63,15 +63,7 @@ fn setup(major: u32) -> Option<Setup> {
     );
     source.sql("CREATE TABLE marks(id int primary key)");
     mark(&source, 1);
-    let data = source.data.to_str().unwrap().to_string();
-    let conninfo = format!("host={} user=postgres", source.sock.display());
-    let out = harness::pitr(
-        scratch.path(),
-        &[
-            "--repo", &url, "backup", "--pgdata", &data, "--dbname", &conninfo, "-q",
-        ],
-        &[],
-    );
+    let out = harness::pitr_backup(scratch.path(), &url, &source, &["-q"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let mut marks = vec![];
     for id in 2..=6 {
@@ -395,21 +387,7 @@ fn prefetch_replay_through_a_slow_store() {
         &["--wal-segsize=1"],
     );
     c.sql("CREATE TABLE marks(id int primary key)");
-    let conninfo = format!("host={} user=postgres", c.sock.display());
-    let out = harness::pitr(
-        scratch.path(),
-        &[
-            "--repo",
-            &url,
-            "backup",
-            "--pgdata",
-            c.data.to_str().unwrap(),
-            "--dbname",
-            &conninfo,
-            "-q",
-        ],
-        &[],
-    );
+    let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     for i in 0..8 {
         c.sql("SELECT count(pg_logical_emit_message(false, 'fill', repeat(md5(g::text), 3000))) FROM generate_series(1, 100) g");

@@ -52,6 +52,15 @@ pub fn spool_cleanup_command() -> anyhow::Result<String> {
     ))
 }
 
+/// PostgreSQL's recovery target settings; at most one may be non-empty.
+pub const RECOVERY_TARGETS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+];
+
 /// Quote one word for `/bin/sh`.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
@@ -119,13 +128,7 @@ pub fn recovery_settings(
     let mut lines = vec![("restore_command", restore_cmd.to_string())];
     // Clear every other target first: PostgreSQL's assign hooks refuse any later recovery_target_*
     // line, even an empty one, once a different target is set.
-    for key in [
-        "recovery_target",
-        "recovery_target_lsn",
-        "recovery_target_name",
-        "recovery_target_time",
-        "recovery_target_xid",
-    ] {
+    for key in RECOVERY_TARGETS {
         if !target.contains_key(key) {
             lines.push((key, String::new()));
         }
@@ -155,13 +158,7 @@ pub fn standby_settings(
         ("recovery_target_timeline", "latest".to_string()),
         ("recovery_end_command", cleanup_cmd.to_string()),
     ];
-    for key in [
-        "recovery_target",
-        "recovery_target_lsn",
-        "recovery_target_name",
-        "recovery_target_time",
-        "recovery_target_xid",
-    ] {
+    for key in RECOVERY_TARGETS {
         lines.push((key, String::new()));
     }
     lines
@@ -270,13 +267,7 @@ mod tests {
         assert!(lines.contains(&("recovery_target_inclusive", "off".into())));
         assert!(lines.contains(&("recovery_target_action", "promote".into())));
         let latest = recovery_settings(&plan_target(Target::Latest), "cmd", "clean", Action::Pause);
-        let targets = [
-            "recovery_target",
-            "recovery_target_lsn",
-            "recovery_target_name",
-            "recovery_target_time",
-            "recovery_target_xid",
-        ];
+        let targets = RECOVERY_TARGETS;
         assert!(
             latest
                 .iter()

@@ -323,12 +323,8 @@ impl Repo {
         compression: Compression,
     ) -> Result<PutOutcome, RepoError> {
         let path = key.path();
-        if self.create_check == CreateCheck::LookFirst {
-            match self.store.head(&path).await {
-                Ok(_) => return self.compare_existing(key, data).await,
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.store_err("look up", key, e)),
-            }
+        if self.create_check == CreateCheck::LookFirst && self.exists(key).await? {
+            return self.compare_existing(key, data).await;
         }
         let stored = envelope::encode(data, compression)
             .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
@@ -380,15 +376,11 @@ impl Repo {
                 repo: self.location.clone(),
             }),
             Err(object_store::Error::NotImplemented { .. }) => {
-                match self.store.head(&path).await {
-                    Ok(_) => {
-                        return Err(RepoError::Conflict {
-                            key: key.key(),
-                            repo: self.location.clone(),
-                        });
-                    }
-                    Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(self.store_err("look up", key, e)),
+                if self.exists(key).await? {
+                    return Err(RepoError::Conflict {
+                        key: key.key(),
+                        repo: self.location.clone(),
+                    });
                 }
                 self.store
                     .put(&path, payload)
