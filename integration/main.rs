@@ -8,4 +8,5 @@ mod archive;
 mod backup;
 mod harness;
 mod restore;
+mod trust;
 mod walindex;

@@ -183,6 +183,28 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
     },
+    /// Read back every object and check checksums, WAL continuity, backups against their manifests,
+    /// and unexpected deletions. Exits 1 on any finding.
+    Verify {
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+        /// Parallel reads [default: 4 per CPU].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Check that the server archives into this repository: settings, identity, and a WAL switch
+    /// that must reach the repository.
+    Check {
+        /// libpq connection string or URI [default: PGHOST/PGPORT/PGUSER/PGDATABASE].
+        #[arg(long, value_name = "CONNINFO")]
+        dbname: Option<String>,
+        /// How long to wait for the switched segment.
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        archive_timeout: std::time::Duration,
+    },
+    /// Print Prometheus metrics: RPO exposure, newest segment, backups, window, last verify.
+    Metrics,
     /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the
     /// recoverable window.
     Info {

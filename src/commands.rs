@@ -193,6 +193,52 @@ pub async fn run(
             );
             Ok(exit::SUCCESS)
         }
+        Command::Verify { json, jobs } => {
+            let jobs = jobs.unwrap_or_else(|| 4 * default_jobs(None));
+            let report = crate::verify::run(repo, jobs).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for f in &report.findings {
+                    println!("{:<8} {}: {}", f.kind.to_uppercase(), f.object, f.detail);
+                }
+                println!(
+                    "verify: {} objects ({:.1} MiB) and {} backup(s) checked: {}",
+                    report.objects_checked,
+                    mib(report.bytes_checked),
+                    report.backups_checked,
+                    if report.findings.is_empty() {
+                        "no problems".to_string()
+                    } else {
+                        format!("{} problem(s)", report.findings.len())
+                    }
+                );
+            }
+            Ok(if report.findings.is_empty() {
+                exit::SUCCESS
+            } else {
+                exit::FAILURE
+            })
+        }
+        Command::Check {
+            dbname,
+            archive_timeout,
+        } => {
+            for line in
+                crate::check::run(repo, settings, dbname.as_deref(), archive_timeout).await?
+            {
+                println!("{line}");
+            }
+            println!("check: archiving into {} works", repo.location());
+            Ok(exit::SUCCESS)
+        }
+        Command::Metrics => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            print!("{}", crate::metrics::render(repo, now).await?);
+            Ok(exit::SUCCESS)
+        }
         Command::ArchivePush { .. }
         | Command::ArchiveGet { .. }
         | Command::ArchivePrefetch { .. }

@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod backup;
 pub mod catalog;
+pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod compress;
@@ -17,7 +18,9 @@ pub mod error;
 pub mod exit;
 pub mod index;
 pub mod info;
+pub mod metrics;
 pub mod pg;
 pub mod pgconn;
 pub mod restore;
 pub mod storage;
+pub mod verify;

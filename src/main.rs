@@ -60,6 +60,9 @@ fn command_name(c: &Command) -> &'static str {
         Command::Backup { .. } => "backup",
         Command::Restore { .. } => "restore",
         Command::Replica { .. } => "replica",
+        Command::Verify { .. } => "verify",
+        Command::Check { .. } => "check",
+        Command::Metrics => "metrics",
         Command::ArchivePrefetch { .. } => "archive-prefetch",
         Command::ArchiveSpoolClean { .. } => "archive-spool-clean",
     }

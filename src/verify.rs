@@ -1,0 +1,283 @@
+//! `pitr verify`: read back everything the repository holds and check it.
+//!
+//! * every object is downloaded and its checksums verified (in parallel, memory bounded by the number
+//!   of streams × one object);
+//! * every backup's pieces exist and match the manifest's sizes and CRC-32Cs, and its `backup_label`
+//!   exists;
+//! * WAL is contiguous on every timeline from the oldest backup's start to the end of the archive;
+//! * unexpected deletions: a segment whose summary is still there (the summary is written after the
+//!   segment, so the segment was deleted later), a backup piece the manifest lists, a history file a
+//!   newer timeline's history names;
+//! * segments whose WAL records could not be decoded, unreadable summaries;
+//! * each history file repeats its parent's lines, as PostgreSQL writes them.
+//!
+//! Every finding names the object or segment. The result is also stored as `status/verify.json` for
+//! `pitr metrics`.
+
+use std::collections::BTreeSet;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::compress::Compression;
+use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::{SegNo, TimelineId, WalFileName};
+use crate::storage::layout::{Listed, ObjectKey, parse_wal_key};
+use crate::storage::{Repo, RepoError};
+
+/// Where verify records its last result.
+pub const STATUS_KEY: &str = "status/verify.json";
+
+/// One problem.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// `corrupt`, `missing`, `gap`, `index`, `history`.
+    pub kind: &'static str,
+    /// The object key or segment name.
+    pub object: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// The verify report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The repository.
+    pub repository: String,
+    /// When verify finished.
+    pub finished_at: PgTimestamp,
+    /// Objects read and verified.
+    pub objects_checked: u64,
+    /// Bytes read.
+    pub bytes_checked: u64,
+    /// Backups checked.
+    pub backups_checked: usize,
+    /// Problems; empty means the repository is sound.
+    pub findings: Vec<Finding>,
+}
+
+/// Verify the repository with `jobs` parallel reads.
+///
+/// # Errors
+/// Only failures to list or read the store at all; everything about the content is a finding.
+pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
+    let mut findings = Vec::new();
+    let catalog = Catalog::load(repo).await?;
+    for p in &catalog.problems {
+        let detail = match p.lsn {
+            Some(lsn) => format!("WAL records could not be decoded past {lsn}: {}", p.reason),
+            None => p.reason.clone(),
+        };
+        findings.push(Finding {
+            kind: "index",
+            object: p.segment.clone(),
+            detail,
+        });
+    }
+
+    // Every object's checksums.
+    let keys: Vec<String> = repo
+        .store()
+        .list(None)
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("list {}: {e}", repo.location()))?;
+    let present: BTreeSet<String> = keys.iter().cloned().collect();
+    let checked: Vec<(String, Result<u64, String>)> =
+        futures::stream::iter(keys.into_iter().filter(|k| k != STATUS_KEY))
+            .map(|key| async move {
+                let path = object_store::path::Path::from(key.as_str());
+                let got = match repo.store().get(&path).await {
+                    Ok(r) => r.bytes().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                let result =
+                    got.and_then(|b| crate::storage::envelope::decode(&b).map(|d| d.len() as u64));
+                (key, result)
+            })
+            .buffer_unordered(jobs.max(1))
+            .collect()
+            .await;
+    let mut bytes = 0;
+    for (key, r) in &checked {
+        match r {
+            Ok(n) => bytes += n,
+            Err(e) => findings.push(Finding {
+                kind: "corrupt",
+                object: key.clone(),
+                detail: e.clone(),
+            }),
+        }
+    }
+
+    // Backups: every piece the manifest lists, with its size and CRC.
+    let present_ref = &present;
+    for b in &catalog.backups {
+        let label = ObjectKey::BackupLabel(b.id.clone()).key();
+        if !present.contains(&label) {
+            findings.push(Finding {
+                kind: "missing",
+                object: label,
+                detail: format!("backup {} has no backup_label", b.id),
+            });
+        }
+        let pieces: Vec<(ObjectKey, u64, u32)> = b
+            .files
+            .iter()
+            .flat_map(|f| {
+                f.parts.iter().enumerate().map(move |(i, p)| {
+                    (
+                        ObjectKey::BackupPart {
+                            id: b.id.clone(),
+                            path: f.path.clone(),
+                            part: i as u32,
+                        },
+                        p.size,
+                        p.crc32c,
+                    )
+                })
+            })
+            .collect();
+        let results: Vec<Option<Finding>> = futures::stream::iter(pieces)
+            .map(|(key, size, crc)| async move {
+                let name = key.key();
+                if !present_ref.contains(&name) {
+                    return Some(Finding { kind: "missing", object: name, detail: format!("listed in the manifest of backup {}", b.id) });
+                }
+                match repo.get(&key).await {
+                    Ok(Some(d)) if d.len() as u64 == size && crc32c::crc32c(&d) == crc => None,
+                    Ok(Some(d)) => Some(Finding {
+                        kind: "corrupt",
+                        object: name,
+                        detail: format!("{} bytes with CRC {:08x}; the manifest says {size} bytes, CRC {crc:08x}", d.len(), crc32c::crc32c(&d)),
+                    }),
+                    Ok(None) => Some(Finding { kind: "missing", object: name, detail: format!("listed in the manifest of backup {}", b.id) }),
+                    Err(RepoError::Corrupt { .. }) => None, // already reported above
+                    Err(e) => Some(Finding { kind: "corrupt", object: name, detail: e.to_string() }),
+                }
+            })
+            .buffer_unordered(jobs.max(1))
+            .collect()
+            .await;
+        findings.extend(results.into_iter().flatten());
+    }
+
+    // WAL continuity from the oldest backup's start, per timeline.
+    let seg_size = catalog.seg_size();
+    let oldest_start = catalog
+        .backups
+        .iter()
+        .map(|b| b.start_lsn.segno(seg_size))
+        .min();
+    for &tli in catalog.timelines.keys() {
+        let ranges = catalog.ranges(tli);
+        for w in ranges.windows(2) {
+            if oldest_start.is_some_and(|s| w[1].0 > s) {
+                let (first, last) = (
+                    catalog.name(tli, SegNo(w[0].1.0 + 1)),
+                    catalog.name(tli, SegNo(w[1].0.0 - 1)),
+                );
+                let detail = if first == last {
+                    format!("segment {first} is missing")
+                } else {
+                    format!("segments {first} to {last} are missing")
+                };
+                findings.push(Finding {
+                    kind: "gap",
+                    object: format!("timeline {tli}"),
+                    detail,
+                });
+            }
+        }
+    }
+    // A backup whose own WAL is incomplete.
+    for b in catalog.backups.iter().filter(|b| !catalog.is_restorable(b)) {
+        findings.push(Finding {
+            kind: "missing",
+            object: format!("backup {}", b.id),
+            detail: format!(
+                "WAL {} to {} it needs is not all in the repository",
+                b.start_wal, b.stop_wal
+            ),
+        });
+    }
+
+    // Summaries whose segment is gone: deleted after it was archived.
+    for key in &present {
+        if let Some(Listed::Summary(seg)) = parse_wal_key(key) {
+            let wal = ObjectKey::Wal(WalFileName::Segment(seg)).key();
+            if !present.contains(&wal) {
+                findings.push(Finding {
+                    kind: "missing",
+                    object: wal,
+                    detail: "archived (its index summary exists) but deleted since".into(),
+                });
+            }
+        }
+    }
+
+    // History files: each repeats its parent's lines; every ancestor's history file exists.
+    for (tli, h) in &catalog.histories {
+        for (i, e) in h.entries.iter().enumerate() {
+            if e.parent == TimelineId::ONE {
+                continue;
+            }
+            match catalog.histories.get(&e.parent) {
+                None => findings.push(Finding {
+                    kind: "missing",
+                    object: ObjectKey::Wal(WalFileName::History(e.parent)).key(),
+                    detail: format!(
+                        "timeline {tli}'s history names timeline {} as an ancestor",
+                        e.parent
+                    ),
+                }),
+                Some(parent)
+                    if parent.entries.len() != i
+                        || parent
+                            .entries
+                            .iter()
+                            .zip(&h.entries)
+                            .any(|(a, b)| a.parent != b.parent || a.switch_lsn != b.switch_lsn) =>
+                {
+                    findings.push(Finding {
+                        kind: "history",
+                        object: ObjectKey::Wal(WalFileName::History(*tli)).key(),
+                        detail: format!(
+                            "does not repeat the lines of timeline {}'s history",
+                            e.parent
+                        ),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+    findings.dedup();
+    let report = Report {
+        repository: repo.location().to_string(),
+        finished_at: crate::pg::xlogrecord::PgTimestamp::from_unix_micros(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64),
+        ),
+        objects_checked: checked.len() as u64,
+        bytes_checked: bytes,
+        backups_checked: catalog.backups.len(),
+        findings,
+    };
+    // Record the result for `pitr metrics` (a status object may be replaced).
+    let json = serde_json::to_vec(&serde_json::json!({
+        "finished_at": report.finished_at, "findings": report.findings.len(), "objects_checked": report.objects_checked
+    }))?;
+    let status = object_store::path::Path::from(STATUS_KEY);
+    let stored = crate::storage::envelope::encode(&json, Compression::None)?;
+    if let Err(e) = repo.store().put(&status, stored.into()).await {
+        tracing::warn!("record the verify result in {STATUS_KEY}: {e}");
+    }
+    Ok(report)
+}
