@@ -203,6 +203,34 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
         archive_timeout: std::time::Duration,
     },
+    /// Restore into a scratch directory, start PostgreSQL there, and check it: target reached,
+    /// pg_amcheck, data checksums, WAL continuity, your SQL assertions. Reports the measured RTO.
+    Drill {
+        /// Recover to this time [default: the end of the archive].
+        #[arg(long, value_name = "TIME", conflicts_with = "random")]
+        to: Option<String>,
+        /// Recover to a random time inside the recoverable window.
+        #[arg(long)]
+        random: bool,
+        /// SQL assertions, separated by ';': each must return true.
+        #[arg(long, value_name = "FILE")]
+        sql: Option<PathBuf>,
+        /// Machine-readable JSON report.
+        #[arg(long)]
+        json: bool,
+        /// Keep the scratch directory.
+        #[arg(long)]
+        keep: bool,
+        /// Directory of the PostgreSQL programs [default: /usr/lib/postgresql/N/bin, pg_config, PATH].
+        #[arg(long, value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
+        /// Parallel download streams [default: number of CPUs].
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+        /// How long recovery may take.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print Prometheus metrics: RPO exposure, newest segment, backups, window, last verify.
     Metrics,
     /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the

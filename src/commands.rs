@@ -232,6 +232,60 @@ pub async fn run(
             println!("check: archiving into {} works", repo.location());
             Ok(exit::SUCCESS)
         }
+        Command::Drill {
+            to,
+            random,
+            sql,
+            json,
+            keep,
+            pg_bin,
+            jobs,
+            timeout,
+        } => {
+            let target = match (to, random) {
+                (Some(t), _) => Target::Time(parse_time(&t)?),
+                (None, true) => crate::drill::random_target(&Catalog::load(repo).await?)?,
+                (None, false) => Target::Latest,
+            };
+            let opts = crate::drill::DrillOptions {
+                target,
+                sql,
+                keep,
+                pg_bin,
+                jobs: default_jobs(jobs),
+                timeout,
+            };
+            let report = crate::drill::run(repo, settings, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "drill: backup {} restored to {}: restore {:.1} s + recovery {:.1} s = RTO {:.1} s",
+                    report.backup,
+                    report.target,
+                    report.restore_seconds,
+                    report.recovery_seconds,
+                    report.rto_seconds
+                );
+                for c in &report.checks {
+                    println!(
+                        "  {:<5} {}: {}",
+                        if c.ok { "ok" } else { "FAIL" },
+                        c.name,
+                        c.detail
+                    );
+                }
+                if let Some(s) = &report.scratch {
+                    println!("  kept  {s}");
+                }
+                println!("drill: {}", if report.ok { "PASSED" } else { "FAILED" });
+            }
+            Ok(if report.ok {
+                exit::SUCCESS
+            } else {
+                exit::FAILURE
+            })
+        }
         Command::Metrics => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod commands;
 pub mod compress;
 pub mod config;
+pub mod drill;
 pub mod durable;
 pub mod error;
 pub mod exit;

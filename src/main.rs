@@ -63,6 +63,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::Verify { .. } => "verify",
         Command::Check { .. } => "check",
         Command::Metrics => "metrics",
+        Command::Drill { .. } => "drill",
         Command::ArchivePrefetch { .. } => "archive-prefetch",
         Command::ArchiveSpoolClean { .. } => "archive-spool-clean",
     }

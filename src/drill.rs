@@ -1,0 +1,488 @@
+//! `pitr drill`: prove a backup restores, by restoring it.
+//!
+//! Restores into a scratch directory (tablespaces relocated into it too, so no production path is
+//! touched), starts PostgreSQL there on a private Unix socket with archiving off (a drill must never
+//! push a new timeline into the repository), as the `postgres` user when run as root, and waits until
+//! recovery has reached the target and promoted. Then it checks: the target was reached (from the
+//! server log), `pg_amcheck` on every database, data-checksum failures, WAL continuity after the backup,
+//! and the user's SQL assertions (`--sql FILE`: each statement must return true). The RTO reported is
+//! the restore time plus the recovery time. The scratch directory is removed unless `--keep`.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::pg::xlogrecord::PgTimestamp;
+use crate::restore::exec::{self, Action, Signal, shell_quote};
+use crate::restore::plan::{self, Request};
+use crate::restore::target::Target;
+use crate::storage::Repo;
+
+/// What to drill.
+#[derive(Clone, Debug)]
+pub struct DrillOptions {
+    /// The target (`--to`, `--random`, or the end of the archive).
+    pub target: Target,
+    /// SQL assertions, one statement per `;`.
+    pub sql: Option<PathBuf>,
+    /// Keep the scratch directory.
+    pub keep: bool,
+    /// PostgreSQL binaries.
+    pub pg_bin: Option<PathBuf>,
+    /// Parallel download streams.
+    pub jobs: usize,
+    /// How long recovery may take.
+    pub timeout: Duration,
+}
+
+/// One check's outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Details.
+    pub detail: String,
+}
+
+/// The drill report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The backup restored.
+    pub backup: String,
+    /// The target asked for.
+    pub target: String,
+    /// The last transaction recovery replayed, from the server log.
+    pub reached: Option<String>,
+    /// Seconds to restore the files.
+    pub restore_seconds: f64,
+    /// Seconds from starting PostgreSQL to the end of recovery.
+    pub recovery_seconds: f64,
+    /// Recovery time objective measured: restore + recovery.
+    pub rto_seconds: f64,
+    /// The checks.
+    pub checks: Vec<Check>,
+    /// All checks passed.
+    pub ok: bool,
+    /// The scratch directory (kept with `--keep`).
+    pub scratch: Option<String>,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// uid and gid of the `postgres` user.
+fn postgres_ids() -> anyhow::Result<(u32, u32)> {
+    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam with a valid C string; the result is read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        bail!("running as root, but there is no postgres user to run the scratch server as");
+    }
+    // SAFETY: non-null pointer from getpwnam.
+    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+fn as_server_user(cmd: &mut Command) -> anyhow::Result<&mut Command> {
+    if is_root() {
+        let (uid, gid) = postgres_ids()?;
+        cmd.uid(uid).gid(gid);
+    }
+    Ok(cmd)
+}
+
+fn chown_tree(path: &Path) -> anyhow::Result<()> {
+    if is_root() {
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg("postgres:")
+            .arg(path)
+            .status()?;
+        if !status.success() {
+            bail!("chown -R postgres {} failed", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Where the PostgreSQL programs of major `major` are.
+fn find_bin(pg_bin: Option<&Path>, major: u32) -> anyhow::Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = pg_bin.map(Path::to_path_buf).into_iter().collect();
+    candidates.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path));
+    }
+    for dir in candidates {
+        let postgres = dir.join("postgres");
+        let Ok(out) = Command::new(&postgres).arg("--version").output() else {
+            continue;
+        };
+        let version = String::from_utf8_lossy(&out.stdout);
+        let found = version
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.parse::<u32>().ok());
+        if found == Some(major) {
+            return Ok(dir);
+        }
+        if pg_bin.is_some_and(|p| p == dir) {
+            bail!(
+                "--pg-bin {} has {}, but the backup needs PostgreSQL {major}",
+                dir.display(),
+                version.trim()
+            );
+        }
+    }
+    bail!(
+        "no PostgreSQL {major} binaries found; pass --pg-bin DIR (the directory holding postgres and pg_ctl)"
+    )
+}
+
+fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<String> {
+    let out = as_server_user(&mut Command::new(bin.join("psql")))?
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-h",
+        ])
+        .arg(sock)
+        .args(["-c", sql])
+        .current_dir("/")
+        .output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Run a drill.
+///
+/// # Errors
+/// A plan refusal, a restore failure, or a server that does not start; failed checks are in the
+/// report instead.
+pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyhow::Result<Report> {
+    let catalog = Catalog::load(repo).await?;
+    let plan = plan::plan(
+        &catalog,
+        &Request {
+            target: opts.target.clone(),
+            exclusive: false,
+            timeline: None,
+            backup: None,
+        },
+    )?;
+    let bin = find_bin(opts.pg_bin.as_deref(), plan.backup.pg_version)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("pitr-drill-")
+        .tempdir_in(std::env::temp_dir())?;
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755))?;
+    let data = scratch.path().join("data");
+    let sock = scratch.path().join("sock");
+    std::fs::create_dir(&sock)?;
+    // The server must be able to run restore_command: give it its own copy of this binary.
+    let exe = scratch.path().join("pitr");
+    std::fs::copy(std::env::current_exe()?, &exe)
+        .context("copy the pitr binary into the scratch directory")?;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
+    let mut restore_cmd = vec![
+        shell_quote(&exe.to_string_lossy()),
+        "--repo".into(),
+        shell_quote(&settings.repo),
+    ];
+    if let Some(c) = &settings.config_path {
+        restore_cmd.extend([
+            "--config".into(),
+            shell_quote(
+                &c.canonicalize()
+                    .unwrap_or_else(|_| c.clone())
+                    .to_string_lossy(),
+            ),
+        ]);
+    }
+    restore_cmd.extend(["archive-get".into(), "%f".into(), "%p".into()]);
+    let relocate: HashMap<u32, PathBuf> = plan
+        .backup
+        .tablespaces
+        .iter()
+        .map(|t| (t.oid, scratch.path().join(format!("tablespace-{}", t.oid))))
+        .collect();
+    let mut lines = exec::recovery_settings(
+        &plan,
+        &restore_cmd.join(" "),
+        &format!(
+            "{} archive-spool-clean pg_wal/pitr_spool",
+            shell_quote(&exe.to_string_lossy())
+        ),
+        Action::Promote,
+    );
+    for (k, v) in [
+        ("archive_mode", "off"),
+        ("listen_addresses", ""),
+        ("unix_socket_directories", &*sock.to_string_lossy()),
+        ("primary_conninfo", ""),
+        ("shared_buffers", "128MB"),
+        ("log_destination", "stderr"),
+        ("logging_collector", "off"),
+    ] {
+        lines.push((k, v.to_string()));
+    }
+
+    let started = Instant::now();
+    exec::execute(
+        repo,
+        &plan,
+        &data,
+        &relocate,
+        opts.jobs,
+        &lines,
+        Signal::Recovery,
+    )
+    .await?;
+    let restore_seconds = started.elapsed().as_secs_f64();
+    chown_tree(scratch.path())?;
+
+    let log = scratch.path().join("server.log");
+    let recovery_start = Instant::now();
+    let status = as_server_user(&mut Command::new(bin.join("pg_ctl")))?
+        .args(["-D"])
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-t", "3600", "start"])
+        .current_dir(scratch.path())
+        .output()?;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let stop = || {
+        let _ = as_server_user(&mut Command::new(bin.join("pg_ctl"))).map(|c| {
+            c.args(["-D"])
+                .arg(&data)
+                .args(["-m", "fast", "-w", "stop"])
+                .output()
+        });
+    };
+    if !status.status.success() {
+        let tail: Vec<String> = log_text()
+            .lines()
+            .rev()
+            .take(5)
+            .map(str::to_string)
+            .collect();
+        bail!(
+            "the restored cluster did not start: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    // Wait for the end of recovery.
+    loop {
+        match psql(&bin, &sock, "postgres", "SELECT pg_is_in_recovery()") {
+            Ok(v) if v == "f" => break,
+            _ => {}
+        }
+        if recovery_start.elapsed() > opts.timeout {
+            stop();
+            bail!(
+                "recovery did not finish within {}",
+                humantime::format_duration(opts.timeout)
+            );
+        }
+        if !data.join("postmaster.pid").exists() {
+            let tail: Vec<String> = log_text()
+                .lines()
+                .rev()
+                .take(4)
+                .map(str::to_string)
+                .collect();
+            bail!(
+                "the restored cluster stopped during recovery: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovery_seconds = recovery_start.elapsed().as_secs_f64();
+
+    let mut checks = Vec::new();
+    let text = log_text();
+    let stopping = text
+        .lines()
+        .find(|l| l.contains("recovery stopping"))
+        .map(|l| l.rsplit("LOG:").next().unwrap_or(l).trim().to_string());
+    let reached = text
+        .lines()
+        .rev()
+        .find_map(|l| l.split("last completed transaction was at log time ").nth(1))
+        .map(str::to_string);
+    let target_ok = match &plan.target {
+        Target::Latest => text.contains("redo done") || text.contains("archive recovery complete"),
+        _ => stopping.is_some(),
+    };
+    checks.push(Check {
+        name: "target reached".into(),
+        ok: target_ok,
+        detail: stopping.clone().unwrap_or_else(|| {
+            format!(
+                "replayed to the end of the archive; last transaction {}",
+                reached.clone().unwrap_or_else(|| "none".into())
+            )
+        }),
+    });
+    // WAL continuity after the backup.
+    let gaps: Vec<String> = catalog
+        .timelines
+        .keys()
+        .flat_map(|&t| {
+            catalog
+                .ranges(t)
+                .windows(2)
+                .map(move |w| (t, w[0].1, w[1].0))
+                .collect::<Vec<_>>()
+        })
+        .filter(|(_, _, next)| *next > plan.backup.start_lsn.segno(catalog.seg_size()))
+        .map(|(t, after, before)| {
+            format!(
+                "after {} and before {}",
+                catalog.name(t, after),
+                catalog.name(t, before)
+            )
+        })
+        .collect();
+    checks.push(Check {
+        name: "WAL contiguous after the backup".into(),
+        ok: gaps.is_empty(),
+        detail: if gaps.is_empty() {
+            "no gaps".into()
+        } else {
+            format!("missing WAL {}", gaps.join("; "))
+        },
+    });
+    let amcheck = as_server_user(&mut Command::new(bin.join("pg_amcheck")))?
+        .args(["--install-missing", "--all", "-U", "postgres", "-h"])
+        .arg(&sock)
+        .current_dir("/")
+        .output();
+    checks.push(match amcheck {
+        Ok(o) => Check {
+            name: "pg_amcheck".into(),
+            ok: o.status.success(),
+            detail: if o.status.success() {
+                "all databases: no corruption found".into()
+            } else {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            },
+        },
+        Err(e) => Check {
+            name: "pg_amcheck".into(),
+            ok: false,
+            detail: format!("could not run pg_amcheck: {e}"),
+        },
+    });
+    match psql(
+        &bin,
+        &sock,
+        "postgres",
+        "SELECT coalesce(sum(checksum_failures), 0) FROM pg_stat_database",
+    ) {
+        Ok(n) => checks.push(Check {
+            name: "data checksum failures".into(),
+            ok: n == "0",
+            detail: n,
+        }),
+        Err(e) => checks.push(Check {
+            name: "data checksum failures".into(),
+            ok: false,
+            detail: e.to_string(),
+        }),
+    }
+    if let Some(file) = &opts.sql {
+        let sql =
+            std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+        for stmt in sql
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
+        {
+            let check = match psql(&bin, &sock, "postgres", stmt) {
+                Ok(v) if v == "t" => Check {
+                    name: format!("sql: {stmt}"),
+                    ok: true,
+                    detail: "true".into(),
+                },
+                Ok(v) => Check {
+                    name: format!("sql: {stmt}"),
+                    ok: false,
+                    detail: format!("returned {v:?}, not true"),
+                },
+                Err(e) => Check {
+                    name: format!("sql: {stmt}"),
+                    ok: false,
+                    detail: e.to_string(),
+                },
+            };
+            checks.push(check);
+        }
+    }
+    stop();
+    let ok = checks.iter().all(|c| c.ok);
+    let kept = if opts.keep {
+        Some(scratch.keep().to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    Ok(Report {
+        backup: plan.backup.id.clone(),
+        target: plan.target.to_string(),
+        reached,
+        restore_seconds,
+        recovery_seconds,
+        rto_seconds: restore_seconds + recovery_seconds,
+        checks,
+        ok,
+        scratch: kept,
+    })
+}
+
+/// A random time inside the window, for `--random`.
+pub fn random_target(c: &Catalog) -> anyhow::Result<Target> {
+    let w = c.window().context("the repository holds no WAL")?;
+    let (Some(start), Some(end)) = (w.earliest, w.latest) else {
+        bail!("the window has no commit after a backup yet; drill --latest instead");
+    };
+    let span = (end.time.0 - start.0).max(0) as u64;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let pick = if span == 0 { 0 } else { seed % span };
+    // Strictly before the last commit, so a later commit exists to stop at.
+    Ok(Target::Time(PgTimestamp(
+        start.0 + pick.min(span.saturating_sub(1)) as i64,
+    )))
+}
