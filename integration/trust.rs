@@ -290,3 +290,124 @@ fn pg15_drill() {
 fn pg18_drill() {
     drill(18);
 }
+
+/// Expire on a real repository: refuses too many deletions without --force, a dry run deletes
+/// nothing, and afterwards info shows the promised window and a restore to its earliest point works.
+#[test]
+fn expire_keeps_the_window() {
+    let Some(bin) = harness::pg_bin(15) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let repo_dir = scratch.subdir("repo");
+    let url = format!("file://{}", repo_dir.display());
+    let c = Cluster::start(
+        15,
+        &bin,
+        &format!("{{pitr}} --repo {url} archive-push %p"),
+        "",
+        &[],
+    );
+    c.sql("CREATE TABLE t(id int)");
+    for i in 1..=3 {
+        c.sql(&format!("INSERT INTO t VALUES ({i})"));
+        c.switch_wal();
+        let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    c.sql("INSERT INTO t VALUES (4)");
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+    let info = |cwd: &Path| -> serde_json::Value {
+        serde_json::from_slice(&pitr(cwd, &["--repo", &url, "info", "--json"], &[]).stdout).unwrap()
+    };
+    let before = info(scratch.path());
+    assert_eq!(before["backups"].as_array().unwrap().len(), 3);
+    let objects = || walkdir_count(&repo_dir);
+    let n_before = objects();
+
+    let out = pitr(
+        scratch.path(),
+        &[
+            "--repo",
+            &url,
+            "expire",
+            "--keep-full",
+            "1",
+            "--max-delete",
+            "5",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("--max-delete 5") && stderr(&out).contains("--force"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(objects(), n_before, "a refused expire deleted something");
+    let out = pitr(
+        scratch.path(),
+        &["--repo", &url, "expire", "--keep-full", "1", "--dry-run"],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("would delete backup"));
+    assert_eq!(objects(), n_before, "a dry run deleted something");
+
+    let out = pitr(
+        scratch.path(),
+        &["--repo", &url, "expire", "--keep-full", "1"],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let after = info(scratch.path());
+    let kept = &after["backups"].as_array().unwrap();
+    assert_eq!(kept.len(), 1, "{after:#}");
+    assert_eq!(kept[0]["id"], before["backups"][2]["id"]);
+    assert_eq!(after["window"]["earliest"], kept[0]["stop_time"]);
+    assert_eq!(after["window"]["latest"], before["window"]["latest"]);
+    assert!(objects() < n_before);
+    // WAL before the kept backup is gone; from its start on, everything is there.
+    let first = after["timelines"][0]["wal_ranges"][0]["first"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(first, kept[0]["start_wal"].as_str().unwrap());
+    let (rc, report) = verify(&url, scratch.path());
+    assert_eq!(rc, 0, "{report:#}");
+
+    // The earliest point of the promised window restores.
+    let dir = scratch.path().join("earliest");
+    let out = pitr(
+        scratch.path(),
+        &[
+            "--repo",
+            &url,
+            "restore",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--immediate",
+            "--action",
+            "promote",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = Cluster::existing(15, &bin, dir, Scratch::new(), "archive_mode = off");
+    r.wait_promoted();
+    assert_eq!(
+        r.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t"),
+        "1,2,3"
+    );
+}
+
+fn walkdir_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() { walkdir_count(&p) } else { 1 }
+        })
+        .sum()
+}

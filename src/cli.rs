@@ -231,6 +231,36 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Delete backups and WAL that the retention policy no longer needs, never breaking the window.
+    Expire {
+        /// Keep the N newest backups.
+        #[arg(long, value_name = "N")]
+        keep_full: Option<usize>,
+        /// Keep everything needed to restore to any moment this long ago (e.g. 30d).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        keep_within: Option<std::time::Duration>,
+        /// Keep the newest backup of each of the last N days.
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<usize>,
+        /// Keep the newest backup of each of the last N weeks.
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<usize>,
+        /// Keep the newest backup of each of the last N months.
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<usize>,
+        /// Keep the newest backup of each of the last N years.
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<usize>,
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Refuse to delete more objects than this without --force.
+        #[arg(long, value_name = "N", default_value_t = 10_000)]
+        max_delete: usize,
+        /// Delete even more than --max-delete objects.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print Prometheus metrics: RPO exposure, newest segment, backups, window, last verify.
     Metrics,
     /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the

@@ -286,6 +286,59 @@ pub async fn run(
                 exit::FAILURE
             })
         }
+        Command::Expire {
+            keep_full,
+            keep_within,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            dry_run,
+            max_delete,
+            force,
+        } => {
+            let flags = crate::expire::Policy {
+                keep_full,
+                keep_within,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+                keep_yearly,
+            };
+            let policy = if flags.is_empty() {
+                settings.expire.clone()
+            } else {
+                flags
+            };
+            let now = crate::pg::xlogrecord::PgTimestamp::from_unix_micros(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64),
+            );
+            println!("before: {}", plan::window_text(&Catalog::load(repo).await?));
+            let (outcome, deletions) =
+                crate::expire::run(repo, &policy, now, dry_run, max_delete, force).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for b in &outcome.backups {
+                println!("{verb} backup {b}");
+            }
+            println!(
+                "{verb} {} object(s): {} backup(s), {} WAL file(s) before segment number {}; kept backups: {}",
+                outcome.objects,
+                outcome.backups.len(),
+                outcome.wal_files,
+                outcome.wal_before.unwrap_or(0),
+                outcome.kept.join(", ")
+            );
+            if dry_run {
+                for key in &deletions {
+                    println!("  {key}");
+                }
+            } else {
+                println!("after:  {}", plan::window_text(&Catalog::load(repo).await?));
+            }
+            Ok(exit::SUCCESS)
+        }
         Command::Metrics => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

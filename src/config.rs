@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub repo: Option<String>,
     /// Compression for new objects.
     pub compress: Option<Compression>,
+    /// Retention policy for `pitr expire` (`[expire]` with keep_full, keep_within = "30d", keep_daily, …).
+    pub expire: Option<crate::expire::Policy>,
 }
 
 /// Why settings could not be resolved.
@@ -76,6 +78,8 @@ pub struct Settings {
     pub compress: Compression,
     /// The config file in use, if any (passed on to `restore_command`s pitr writes).
     pub config_path: Option<PathBuf>,
+    /// Retention policy from the config file.
+    pub expire: crate::expire::Policy,
 }
 
 /// Read a config file.
@@ -113,6 +117,7 @@ pub fn resolve(args: &GlobalArgs) -> Result<Settings, ConfigError> {
         repo,
         compress,
         config_path: args.config.clone(),
+        expire: file.expire.unwrap_or_default(),
     })
 }
 
@@ -138,11 +143,16 @@ mod tests {
     fn flags_win_over_the_file_which_wins_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pitr.toml");
-        std::fs::write(&path, "repo = \"file:///from/file\"\ncompress = \"lz4\"\n").unwrap();
+        std::fs::write(&path, "repo = \"file:///from/file\"\ncompress = \"lz4\"\n[expire]\nkeep_full = 2\nkeep_within = \"7d\"\n").unwrap();
         let s = resolve(&args(None, None, Some(path.clone()))).unwrap();
         assert_eq!(
             (s.repo.as_str(), s.compress),
             ("file:///from/file", Compression::Lz4)
+        );
+        assert_eq!(s.expire.keep_full, Some(2));
+        assert_eq!(
+            s.expire.keep_within,
+            Some(std::time::Duration::from_secs(7 * 86_400))
         );
         let s = resolve(&args(Some("s3://b/p"), Some(Compression::None), Some(path))).unwrap();
         assert_eq!(

@@ -335,7 +335,10 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
     let reached = text
         .lines()
         .rev()
-        .find_map(|l| l.split("last completed transaction was at log time ").nth(1))
+        .find_map(|l| {
+            l.split("last completed transaction was at log time ")
+                .nth(1)
+        })
         .map(str::to_string);
     let target_ok = match &plan.target {
         Target::Latest => text.contains("redo done") || text.contains("archive recovery complete"),

@@ -17,6 +17,7 @@ pub mod drill;
 pub mod durable;
 pub mod error;
 pub mod exit;
+pub mod expire;
 pub mod index;
 pub mod info;
 pub mod metrics;

@@ -64,6 +64,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::Check { .. } => "check",
         Command::Metrics => "metrics",
         Command::Drill { .. } => "drill",
+        Command::Expire { .. } => "expire",
         Command::ArchivePrefetch { .. } => "archive-prefetch",
         Command::ArchiveSpoolClean { .. } => "archive-spool-clean",
     }

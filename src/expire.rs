@@ -1,0 +1,339 @@
+//! `pitr expire`: retention that never breaks the recoverable window.
+//!
+//! The policy is a pure function (`keep`) over the complete backups and the current time:
+//! `--keep-full N` keeps the N newest; `--keep-within D` keeps every backup that ended within D plus
+//! the newest one before that (so any moment of the last D stays restorable); `--keep-daily/weekly/
+//! monthly/yearly N` keep the newest backup of each of the last N days/ISO weeks/months/years that
+//! have one. The newest restorable backup is always kept. WAL is deleted only before the start of the
+//! oldest kept backup; history files never. More than `--max-delete` objects are refused without
+//! `--force` (a lifecycle rule deleting a year of backups is the incident this guards against).
+//! A backup's manifest is deleted before its pieces, so a half-expired backup is never listed.
+
+use std::collections::BTreeSet;
+
+use anyhow::bail;
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use serde::Deserialize;
+
+use crate::backup::manifest::BackupManifest;
+use crate::catalog::Catalog;
+use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::{SegNo, WalFileName};
+use crate::storage::Repo;
+use crate::storage::layout::{BACKUP_PREFIX, Listed, ObjectKey, parse_wal_key};
+
+/// A retention policy (flags, or `[expire]` in the config file).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Keep the N newest backups.
+    pub keep_full: Option<usize>,
+    /// Keep what is needed to restore to any moment within this long ago (humantime, e.g. "30d").
+    #[serde(default, with = "opt_duration")]
+    pub keep_within: Option<std::time::Duration>,
+    /// Newest backup of each of the last N days.
+    pub keep_daily: Option<usize>,
+    /// … ISO weeks.
+    pub keep_weekly: Option<usize>,
+    /// … months.
+    pub keep_monthly: Option<usize>,
+    /// … years.
+    pub keep_yearly: Option<usize>,
+}
+
+mod opt_duration {
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        let s: Option<String> = serde::Deserialize::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+impl Policy {
+    /// Whether any rule is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Policy::default()
+    }
+}
+
+/// Civil date parts (UTC) of a timestamp: (year, month, ISO year-week, day number).
+fn calendar(t: PgTimestamp) -> (i64, i64, (i64, i64), i64) {
+    let days = t.unix_micros().div_euclid(86_400_000_000);
+    // civil_from_days (Howard Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    // ISO week: Monday-based weeks since the epoch (1970-01-05 was a Monday) are enough to group by.
+    let week = (days + 3).div_euclid(7);
+    (y, y * 12 + m, (0, week), days)
+}
+
+/// Which backups `policy` keeps at time `now`. `backups` are the complete, restorable backups.
+pub fn keep(backups: &[BackupManifest], policy: &Policy, now: PgTimestamp) -> BTreeSet<String> {
+    let mut sorted: Vec<&BackupManifest> = backups.iter().collect();
+    sorted.sort_by_key(|b| std::cmp::Reverse((b.stop_time, b.id.clone()))); // newest first
+    let mut keep = BTreeSet::new();
+    if let Some(newest) = sorted.first() {
+        keep.insert(newest.id.clone());
+    }
+    if let Some(n) = policy.keep_full {
+        keep.extend(sorted.iter().take(n).map(|b| b.id.clone()));
+    }
+    if let Some(d) = policy.keep_within {
+        let since = PgTimestamp(now.0 - d.as_micros() as i64);
+        keep.extend(
+            sorted
+                .iter()
+                .filter(|b| b.stop_time >= since)
+                .map(|b| b.id.clone()),
+        );
+        // The newest backup that ended before the window start: restores into the window's start need it.
+        if let Some(b) = sorted.iter().find(|b| b.stop_time < since) {
+            keep.insert(b.id.clone());
+        }
+    }
+    let mut gfs = |n: Option<usize>, bucket: &dyn Fn(PgTimestamp) -> (i64, i64)| {
+        let Some(n) = n else { return };
+        let mut seen = Vec::new();
+        for b in &sorted {
+            let k = bucket(b.stop_time);
+            if !seen.contains(&k) {
+                if seen.len() == n {
+                    break;
+                }
+                seen.push(k);
+                keep.insert(b.id.clone());
+            }
+        }
+    };
+    gfs(policy.keep_daily, &|t| (calendar(t).3, 0));
+    gfs(policy.keep_weekly, &|t| calendar(t).2);
+    gfs(policy.keep_monthly, &|t| (calendar(t).1, 0));
+    gfs(policy.keep_yearly, &|t| (calendar(t).0, 0));
+    keep
+}
+
+/// What expire will (or did) delete.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Outcome {
+    /// Backups expired.
+    pub backups: Vec<String>,
+    /// Backups kept.
+    pub kept: Vec<String>,
+    /// WAL files expired (segments, partials, backup history files).
+    pub wal_files: usize,
+    /// Objects deleted (or to delete).
+    pub objects: usize,
+    /// WAL before this segment number goes.
+    pub wal_before: Option<u64>,
+}
+
+/// Plan and (unless `dry_run`) carry out the expiry.
+///
+/// # Errors
+/// More than `max_delete` objects without `force`, or store failures.
+pub async fn run(
+    repo: &Repo,
+    policy: &Policy,
+    now: PgTimestamp,
+    dry_run: bool,
+    max_delete: usize,
+    force: bool,
+) -> anyhow::Result<(Outcome, Vec<String>)> {
+    if policy.is_empty() {
+        bail!(
+            "name a retention policy: --keep-full, --keep-within, --keep-daily/weekly/monthly/yearly (or [expire] in the config file)"
+        );
+    }
+    let catalog = Catalog::load(repo).await?;
+    let restorable: Vec<BackupManifest> = catalog
+        .backups
+        .iter()
+        .filter(|b| catalog.is_restorable(b))
+        .cloned()
+        .collect();
+    if restorable.is_empty() {
+        bail!("the repository has no restorable backup; expire deletes nothing until one exists");
+    }
+    let kept = keep(&restorable, policy, now);
+    let expired: Vec<&BackupManifest> = catalog
+        .backups
+        .iter()
+        .filter(|b| !kept.contains(&b.id))
+        .collect();
+    let seg_size = catalog.seg_size();
+    let oldest_kept_start: SegNo = catalog
+        .backups
+        .iter()
+        .filter(|b| kept.contains(&b.id))
+        .map(|b| b.start_lsn.segno(seg_size))
+        .min()
+        .unwrap_or(SegNo(0));
+
+    // Objects: each expired backup (manifest first), then the WAL before the oldest kept start.
+    let mut deletions: Vec<String> = Vec::new();
+    for b in &expired {
+        deletions.push(ObjectKey::BackupManifest(b.id.clone()).key());
+        let prefix = object_store::path::Path::from(format!("{BACKUP_PREFIX}/{}", b.id));
+        let mut rest: Vec<String> = repo
+            .store()
+            .list(Some(&prefix))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await?;
+        rest.retain(|k| *k != ObjectKey::BackupManifest(b.id.clone()).key());
+        rest.sort();
+        deletions.extend(rest);
+    }
+    let wal_prefix = object_store::path::Path::from("wal");
+    let wal_keys: Vec<String> = repo
+        .store()
+        .list(Some(&wal_prefix))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await?;
+    let mut wal_files = 0;
+    for key in wal_keys {
+        let segment = match parse_wal_key(&key) {
+            Some(Listed::Wal(
+                WalFileName::Segment(s)
+                | WalFileName::Partial(s)
+                | WalFileName::BackupHistory { segment: s, .. },
+            )) => {
+                wal_files += 1;
+                s
+            }
+            Some(Listed::Summary(s)) => s,
+            _ => continue, // history files and anything unknown stay
+        };
+        if segment
+            .segno(seg_size)
+            .is_some_and(|n| n < oldest_kept_start)
+        {
+            deletions.push(key);
+        } else if matches!(parse_wal_key(&key), Some(Listed::Wal(_))) {
+            wal_files -= 1;
+        }
+    }
+    let outcome = Outcome {
+        backups: expired.iter().map(|b| b.id.clone()).collect(),
+        kept: kept.iter().cloned().collect(),
+        wal_files,
+        objects: deletions.len(),
+        wal_before: Some(oldest_kept_start.0),
+    };
+    if dry_run {
+        return Ok((outcome, deletions));
+    }
+    if deletions.len() > max_delete && !force {
+        bail!(
+            "expire would delete {} objects ({} backups, {} WAL files), more than --max-delete {max_delete}; check the policy, then rerun with --force (or a larger --max-delete)",
+            deletions.len(),
+            outcome.backups.len(),
+            outcome.wal_files
+        );
+    }
+    for key in &deletions {
+        let path = object_store::path::Path::from(key.as_str());
+        match repo.store().delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => bail!("delete {key} in {}: {e}", repo.location()),
+        }
+    }
+    Ok((outcome, deletions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::Compression;
+    use crate::pg::Lsn;
+
+    const DAY: i64 = 86_400_000_000;
+
+    fn backup(id: &str, day: i64, hour: i64) -> BackupManifest {
+        BackupManifest {
+            format_version: 1,
+            program_version: "t".into(),
+            id: id.into(),
+            label: id.into(),
+            system_identifier: "1".into(),
+            pg_version: 15,
+            timeline: 1,
+            start_lsn: Lsn(0),
+            checkpoint_lsn: Lsn(0),
+            stop_lsn: Lsn(0),
+            start_time: PgTimestamp(day * DAY + hour * 3_600_000_000),
+            stop_time: PgTimestamp(day * DAY + hour * 3_600_000_000),
+            start_wal: String::new(),
+            stop_wal: String::new(),
+            compression: Compression::Zstd,
+            files: vec![],
+            directories: vec![],
+            tablespaces: vec![],
+            has_tablespace_map: false,
+            size_bytes: 0,
+            stored_bytes: 0,
+        }
+    }
+
+    fn ids(s: &BTreeSet<String>) -> Vec<&str> {
+        s.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn gfs_over_faked_times() {
+        // Two backups a day for 60 days (day 0 = 2000-01-01, a Saturday).
+        let backups: Vec<BackupManifest> = (0..60)
+            .flat_map(|d| {
+                [
+                    backup(&format!("d{d:02}a"), d, 1),
+                    backup(&format!("d{d:02}b"), d, 13),
+                ]
+            })
+            .collect();
+        let now = PgTimestamp(60 * DAY);
+        let p = |f: fn(&mut Policy)| {
+            let mut p = Policy::default();
+            f(&mut p);
+            keep(&backups, &p, now)
+        };
+        assert_eq!(ids(&p(|p| p.keep_full = Some(3))), ["d58b", "d59a", "d59b"]);
+        assert_eq!(
+            ids(&p(|p| p.keep_daily = Some(3))),
+            ["d57b", "d58b", "d59b"]
+        );
+        // ISO weeks start on Monday: day 58 (2000-02-28) opens the last week, days 51-57 the one before.
+        assert_eq!(ids(&p(|p| p.keep_weekly = Some(2))), ["d57b", "d59b"]);
+        // Months: January (days 0-30) and February (31-59).
+        assert_eq!(ids(&p(|p| p.keep_monthly = Some(5))), ["d30b", "d59b"]);
+        assert_eq!(ids(&p(|p| p.keep_yearly = Some(1))), ["d59b"]);
+        // Within 2 days: everything that ended since day 58 00:00, plus the newest before (d57b).
+        assert_eq!(
+            ids(&p(
+                |p| p.keep_within = Some(std::time::Duration::from_secs(2 * 86_400))
+            )),
+            ["d57b", "d58a", "d58b", "d59a", "d59b"]
+        );
+        // The newest backup is kept whatever the policy says.
+        assert_eq!(ids(&p(|p| p.keep_full = Some(0))), ["d59b"]);
+        // Rules combine.
+        let mut both = Policy {
+            keep_full: Some(1),
+            keep_monthly: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(ids(&keep(&backups, &both, now)), ["d30b", "d59b"]);
+        both.keep_yearly = Some(3);
+        assert_eq!(keep(&backups, &both, now).len(), 2);
+        assert!(Policy::default().is_empty());
+    }
+}
