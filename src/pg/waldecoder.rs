@@ -185,6 +185,19 @@ impl<'a> SegmentDecoder<'a> {
             head: None,
             end: None,
         };
+        if !page_size.is_power_of_two()
+            || !(1024..=65536).contains(&page_size)
+            || seg.is_empty()
+            || !seg.len().is_multiple_of(page_size as usize)
+        {
+            return Err(DecodeError {
+                msg: format!(
+                    "{} bytes is not a whole number of {page_size}-byte WAL pages",
+                    seg.len()
+                ),
+                lsn: start,
+            });
+        }
         let (info, rem_len) = d.page_header(0)?;
         let mut pos = SIZE_OF_LONG_PHD;
         if info & XLP_FIRST_IS_CONTRECORD != 0 && rem_len > 0 {
@@ -582,6 +595,18 @@ mod tests {
             SegmentDecoder::new(&seg, Lsn(start), 8192, PgMajor::V18).is_err(),
             "wrong major's magic"
         );
+    }
+
+    #[test]
+    fn partial_pages_are_refused_not_indexed_past() {
+        let (seg, _) = sample();
+        for len in [0, 1, 8191, 8193, 3 * 8192 + 7] {
+            assert!(
+                SegmentDecoder::new(&seg[..len], Lsn(3 * MIB as u64), 8192, PgMajor::V15).is_err(),
+                "{len}"
+            );
+        }
+        assert!(SegmentDecoder::new(&seg, Lsn(3 * MIB as u64), 1000, PgMajor::V15).is_err());
     }
 
     mod fuzz {
