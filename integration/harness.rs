@@ -454,6 +454,26 @@ pub fn pitr(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     run(&mut cmd)
 }
 
+/// A scratch directory with a local repository and a cluster archiving into it through pitr:
+/// (scratch, repository directory, repository URL, cluster).
+pub fn archiving_cluster(
+    major: u32,
+    bin: &Path,
+    extra_conf: &str,
+) -> (Scratch, PathBuf, String, Cluster) {
+    let scratch = Scratch::new();
+    let repo_dir = scratch.subdir("repo");
+    let url = format!("file://{}", repo_dir.display());
+    let c = Cluster::start(
+        major,
+        bin,
+        &format!("{{pitr}} --repo {url} archive-push %p"),
+        extra_conf,
+        &[],
+    );
+    (scratch, repo_dir, url, c)
+}
+
 /// `pitr --repo URL backup --pgdata <c's data> --dbname <c's socket> EXTRA…`.
 pub fn pitr_backup(cwd: &Path, url: &str, c: &Cluster, extra: &[&str]) -> Output {
     let conninfo = format!("host={} user=postgres dbname=postgres", c.sock.display());

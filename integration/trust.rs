@@ -34,16 +34,7 @@ fn verify_check_and_metrics() {
     let Some(bin) = harness::pg_bin(15) else {
         return;
     };
-    let scratch = Scratch::new();
-    let repo_dir = scratch.subdir("repo");
-    let url = format!("file://{}", repo_dir.display());
-    let c = Cluster::start(
-        15,
-        &bin,
-        &format!("{{pitr}} --repo {url} archive-push %p"),
-        "",
-        &[],
-    );
+    let (scratch, repo_dir, url, c) = harness::archiving_cluster(15, &bin, "");
     let conninfo = format!("host={} user=postgres", c.sock.display());
 
     // check: a configured cluster passes.
@@ -181,16 +172,7 @@ fn drill(major: u32) {
     let Some(bin) = harness::pg_bin(major) else {
         return;
     };
-    let scratch = Scratch::new();
-    let repo_dir = scratch.subdir("repo");
-    let url = format!("file://{}", repo_dir.display());
-    let c = Cluster::start(
-        major,
-        &bin,
-        &format!("{{pitr}} --repo {url} archive-push %p"),
-        "",
-        &[],
-    );
+    let (scratch, repo_dir, url, c) = harness::archiving_cluster(major, &bin, "");
     c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 5000) g");
     let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -298,16 +280,7 @@ fn expire_keeps_the_window() {
     let Some(bin) = harness::pg_bin(15) else {
         return;
     };
-    let scratch = Scratch::new();
-    let repo_dir = scratch.subdir("repo");
-    let url = format!("file://{}", repo_dir.display());
-    let c = Cluster::start(
-        15,
-        &bin,
-        &format!("{{pitr}} --repo {url} archive-push %p"),
-        "",
-        &[],
-    );
+    let (scratch, repo_dir, url, c) = harness::archiving_cluster(15, &bin, "");
     c.sql("CREATE TABLE t(id int)");
     for i in 1..=3 {
         c.sql(&format!("INSERT INTO t VALUES ({i})"));
