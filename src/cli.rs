@@ -233,24 +233,9 @@ pub enum Command {
     },
     /// Delete backups and WAL that the retention policy no longer needs, never breaking the window.
     Expire {
-        /// Keep the N newest backups.
-        #[arg(long, value_name = "N")]
-        keep_full: Option<usize>,
-        /// Keep everything needed to restore to any moment this long ago (e.g. 30d).
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        keep_within: Option<std::time::Duration>,
-        /// Keep the newest backup of each of the last N days.
-        #[arg(long, value_name = "N")]
-        keep_daily: Option<usize>,
-        /// Keep the newest backup of each of the last N weeks.
-        #[arg(long, value_name = "N")]
-        keep_weekly: Option<usize>,
-        /// Keep the newest backup of each of the last N months.
-        #[arg(long, value_name = "N")]
-        keep_monthly: Option<usize>,
-        /// Keep the newest backup of each of the last N years.
-        #[arg(long, value_name = "N")]
-        keep_yearly: Option<usize>,
+        /// The retention policy (flags override the config file's [expire] table).
+        #[command(flatten)]
+        policy: crate::expire::Policy,
         /// List what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,

@@ -287,24 +287,11 @@ pub async fn run(
             })
         }
         Command::Expire {
-            keep_full,
-            keep_within,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            keep_yearly,
+            policy: flags,
             dry_run,
             max_delete,
             force,
         } => {
-            let flags = crate::expire::Policy {
-                keep_full,
-                keep_within,
-                keep_daily,
-                keep_weekly,
-                keep_monthly,
-                keep_yearly,
-            };
             let policy = if flags.is_empty() {
                 settings.expire.clone()
             } else {
