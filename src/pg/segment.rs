@@ -150,16 +150,28 @@ pub fn parse_long_header(bytes: &[u8]) -> Result<SegmentHeader, SegmentError> {
 /// # Errors
 /// A [`SegmentError`] saying what does not fit.
 pub fn validate_segment(name: SegmentName, bytes: &[u8]) -> Result<SegmentHeader, SegmentError> {
-    let h = parse_long_header(bytes)?;
+    validate_segment_start(name, bytes, bytes.len())
+}
+
+/// Validate a segment file from its first page and its length, before reading the rest.
+///
+/// # Errors
+/// A [`SegmentError`] saying what does not fit.
+pub fn validate_segment_start(
+    name: SegmentName,
+    first_page: &[u8],
+    file_len: usize,
+) -> Result<SegmentHeader, SegmentError> {
+    let h = parse_long_header(first_page)?;
     if h.tli > name.tli {
         return Err(SegmentError::BadTimeline {
             found: h.tli.get(),
             expected: name.tli,
         });
     }
-    if bytes.len() != h.seg_size.bytes() as usize {
+    if file_len != h.seg_size.bytes() as usize {
         return Err(SegmentError::SizeMismatch {
-            len: bytes.len(),
+            len: file_len,
             expected: h.seg_size.bytes(),
         });
     }

@@ -322,12 +322,26 @@ impl Repo {
         data: &[u8],
         compression: Compression,
     ) -> Result<PutOutcome, RepoError> {
+        let stored = envelope::encode(data, compression)
+            .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
+        self.put_new_encoded(key, data, stored).await
+    }
+
+    /// [`Repo::put_new`] for a caller that has already wrapped `data` into `stored` (with
+    /// [`envelope::encode_parallel`], say).
+    ///
+    /// # Errors
+    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
+    pub async fn put_new_encoded(
+        &self,
+        key: &ObjectKey,
+        data: &[u8],
+        stored: Vec<u8>,
+    ) -> Result<PutOutcome, RepoError> {
         let path = key.path();
         if self.create_check == CreateCheck::LookFirst && self.exists(key).await? {
             return self.compare_existing(key, data).await;
         }
-        let stored = envelope::encode(data, compression)
-            .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
         let stored_bytes = stored.len() as u64;
         let payload = PutPayload::from(stored);
         let opts = PutOptions {
