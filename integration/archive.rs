@@ -381,6 +381,8 @@ fn archive_get_exit_codes() {
         ("AWS_ACCESS_KEY_ID", "x"),
         ("AWS_SECRET_ACCESS_KEY", "x"),
         ("AWS_REGION", "us-east-1"),
+        // Retries within a short budget, then the contract's answer.
+        ("PITR_RETRY_BUDGET", "1s"),
     ];
     let args = [
         "--repo",

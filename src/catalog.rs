@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::backup::manifest::BackupManifest;
 use crate::index::{RestorePoint, SegmentSummary, XactRef};
@@ -122,16 +122,11 @@ impl Catalog {
             .identity()
             .await
             .context("read the repository identity")?;
-        let prefix = object_store::path::Path::from(WAL_PREFIX);
         let listed: Vec<Listed> = repo
-            .store()
-            .list(Some(&prefix))
-            .map_ok(|meta| parse_wal_key(meta.location.as_ref()))
-            .try_collect::<Vec<_>>()
-            .await
-            .with_context(|| format!("list {} in {}", WAL_PREFIX, repo.location()))?
+            .list(Some(WAL_PREFIX))
+            .await?
             .into_iter()
-            .flatten()
+            .filter_map(|meta| parse_wal_key(meta.location.as_ref()))
             .collect();
         let mut loaded = Loaded {
             identity,
@@ -180,16 +175,7 @@ impl Catalog {
                 }
             }
         }
-        let backup_prefix = object_store::path::Path::from(BACKUP_PREFIX);
-        let ids: Vec<String> = repo
-            .store()
-            .list_with_delimiter(Some(&backup_prefix))
-            .await
-            .with_context(|| format!("list {BACKUP_PREFIX} in {}", repo.location()))?
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .collect();
+        let ids: Vec<String> = repo.list_dirs(BACKUP_PREFIX).await?;
         let manifests: Vec<(String, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(ids)
             .map(|id| async move {
                 let got = repo

@@ -12,8 +12,6 @@
 use std::collections::BTreeSet;
 
 use anyhow::bail;
-use futures::TryStreamExt;
-use object_store::ObjectStoreExt;
 use serde::Deserialize;
 
 use crate::backup::manifest::BackupManifest;
@@ -188,24 +186,22 @@ pub async fn run(
     let mut deletions: Vec<String> = Vec::new();
     for b in &expired {
         deletions.push(ObjectKey::BackupManifest(b.id.clone()).key());
-        let prefix = object_store::path::Path::from(format!("{BACKUP_PREFIX}/{}", b.id));
         let mut rest: Vec<String> = repo
-            .store()
-            .list(Some(&prefix))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await?;
+            .list(Some(&format!("{BACKUP_PREFIX}/{}", b.id)))
+            .await?
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
         rest.retain(|k| *k != ObjectKey::BackupManifest(b.id.clone()).key());
         rest.sort();
         deletions.extend(rest);
     }
-    let wal_prefix = object_store::path::Path::from("wal");
     let wal_keys: Vec<String> = repo
-        .store()
-        .list(Some(&wal_prefix))
-        .map_ok(|m| m.location.to_string())
-        .try_collect()
-        .await?;
+        .list(Some("wal"))
+        .await?
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .collect();
     let mut wal_files = 0;
     for key in wal_keys {
         let segment = match parse_wal_key(&key) {
@@ -248,11 +244,7 @@ pub async fn run(
         );
     }
     for key in &deletions {
-        let path = object_store::path::Path::from(key.as_str());
-        match repo.store().delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => bail!("delete {key} in {}: {e}", repo.location()),
-        }
+        repo.delete(key).await?;
     }
     Ok((outcome, deletions))
 }

@@ -3,8 +3,6 @@
 
 use std::fmt::Write as _;
 
-use object_store::ObjectStoreExt;
-
 use crate::catalog::Catalog;
 use crate::pg::xlogrecord::PgTimestamp;
 use crate::storage::Repo;
@@ -120,12 +118,8 @@ pub async fn render(repo: &Repo, now: f64) -> anyhow::Result<String> {
         "Segments or summaries the WAL index could not read.",
         &[(String::new(), c.problems.len() as f64)],
     );
-    let status = repo
-        .store()
-        .get(&object_store::path::Path::from(crate::verify::STATUS_KEY))
-        .await;
-    if let Ok(r) = status
-        && let Ok(b) = r.bytes().await
+    let status = repo.get_raw(crate::verify::STATUS_KEY).await;
+    if let Ok(Some(b)) = status
         && let Ok(json) = crate::storage::envelope::decode(&b)
         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json)
     {

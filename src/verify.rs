@@ -16,8 +16,7 @@
 
 use std::collections::BTreeSet;
 
-use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStoreExt;
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
@@ -79,19 +78,18 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
 
     // Every object's checksums.
     let keys: Vec<String> = repo
-        .store()
         .list(None)
-        .map_ok(|m| m.location.to_string())
-        .try_collect()
-        .await
-        .map_err(|e| anyhow::anyhow!("list {}: {e}", repo.location()))?;
+        .await?
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .collect();
     let present: BTreeSet<String> = keys.iter().cloned().collect();
     let checked: Vec<(String, Result<u64, String>)> =
         futures::stream::iter(keys.into_iter().filter(|k| k != STATUS_KEY))
             .map(|key| async move {
-                let path = object_store::path::Path::from(key.as_str());
-                let got = match repo.store().get(&path).await {
-                    Ok(r) => r.bytes().await.map_err(|e| e.to_string()),
+                let got = match repo.get_raw(&key).await {
+                    Ok(Some(b)) => Ok(b),
+                    Ok(None) => Err("deleted while verify ran".to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 let result =
@@ -274,9 +272,8 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
     let json = serde_json::to_vec(&serde_json::json!({
         "finished_at": report.finished_at, "findings": report.findings.len(), "objects_checked": report.objects_checked
     }))?;
-    let status = object_store::path::Path::from(STATUS_KEY);
     let stored = crate::storage::envelope::encode(&json, Compression::None)?;
-    if let Err(e) = repo.store().put(&status, stored.into()).await {
+    if let Err(e) = repo.put_overwrite(STATUS_KEY, stored).await {
         tracing::warn!("record the verify result in {STATUS_KEY}: {e}");
     }
     Ok(report)

@@ -20,8 +20,8 @@ use crate::pg::WalFileName;
 use crate::pg::segment::{SIZE_OF_LONG_PHD, validate_segment_start};
 use crate::pg::timeline::History;
 use crate::storage::RepoError;
-use crate::storage::identity::RepoIdentity;
 use crate::storage::envelope;
+use crate::storage::identity::RepoIdentity;
 use crate::storage::layout::ObjectKey;
 use crate::storage::{PutOutcome, Repo};
 
@@ -81,8 +81,8 @@ pub async fn push(
             let mut first = vec![0u8; len.min(SIZE_OF_LONG_PHD)];
             file.read_exact_at(&mut first, 0)
                 .with_context(|| format!("read {}", wal_path.display()))?;
-            let header =
-                validate_segment_start(seg, &first, len).with_context(|| format!("refuse {name}"))?;
+            let header = validate_segment_start(seg, &first, len)
+                .with_context(|| format!("refuse {name}"))?;
             let identity = {
                 let repo = repo.clone();
                 let want = RepoIdentity::from_header(&header);
@@ -108,9 +108,7 @@ pub async fn push(
                 .with_context(|| format!("read {display}"))
             })
             .await??;
-            identity
-                .await?
-                .with_context(|| format!("refuse {name}"))?;
+            identity.await?.with_context(|| format!("refuse {name}"))?;
             (data, stored, summary)
         }
         WalFileName::History(_) | WalFileName::BackupHistory { .. } => {

@@ -237,6 +237,11 @@ mod tests {
         let one = encode(&data, Compression::Zstd).unwrap();
         let two = encode_parallel(&data, Compression::Zstd, 2, None).unwrap();
         assert_ne!(one, two, "two threads should have written two frames");
-        assert!(two.len() <= one.len() + (64 << 10), "{} vs {}", two.len(), one.len());
+        assert!(
+            two.len() <= one.len() + (64 << 10),
+            "{} vs {}",
+            two.len(),
+            one.len()
+        );
     }
 }

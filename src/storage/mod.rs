@@ -11,6 +11,10 @@
 pub mod envelope;
 pub mod identity;
 pub mod layout;
+pub mod retry;
+
+#[cfg(test)]
+mod faults;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +30,7 @@ use object_store::{
 
 use crate::compress::Compression;
 use layout::ObjectKey;
+use retry::{RetryPolicy, retry};
 
 /// How many times a read that fails verification is retried before the object is called corrupt.
 pub const READ_ATTEMPTS: u32 = 3;
@@ -141,13 +146,15 @@ pub struct Repo {
     store: Arc<dyn ObjectStore>,
     location: String,
     create_check: CreateCheck,
+    retry: RetryPolicy,
 }
 
+/// The cloud clients' own per-request retries; `retry` adds a budget above them.
 fn retry_config() -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig::default(),
-        max_retries: 5,
-        retry_timeout: Duration::from_secs(60),
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(20),
     }
 }
 
@@ -215,6 +222,7 @@ impl Repo {
             store,
             location: url.to_string(),
             create_check,
+            retry: RetryPolicy::from_env().map_err(bad)?,
         })
     }
 
@@ -228,10 +236,17 @@ impl Repo {
         let fs = LocalFileSystem::new_with_prefix(path)
             .map_err(|e| bad(e.to_string()))?
             .with_fsync(true);
+        // Local errors (a full disk, permissions) do not go away by waiting, unless asked to.
+        let retry = if std::env::var_os(retry::BUDGET_ENV).is_some() {
+            RetryPolicy::from_env().map_err(bad)?
+        } else {
+            RetryPolicy::none()
+        };
         Ok(Repo {
             store: Arc::new(fs),
             location: url.to_string(),
             create_check: CreateCheck::Trust,
+            retry,
         })
     }
 
@@ -241,7 +256,15 @@ impl Repo {
             store,
             location: location.to_string(),
             create_check: CreateCheck::Trust,
+            retry: RetryPolicy::none(),
         }
+    }
+
+    /// The same repository with another retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Repo {
+        self.retry = policy;
+        self
     }
 
     /// Like `from_store`, but treating the store as an S3-compatible one without trusted
@@ -251,6 +274,7 @@ impl Repo {
             store,
             location: location.to_string(),
             create_check: CreateCheck::LookFirst,
+            retry: RetryPolicy::none(),
         }
     }
 
@@ -291,10 +315,10 @@ impl Repo {
         let path = key.path();
         let mut last = String::new();
         for attempt in 1..=READ_ATTEMPTS {
-            let stored = match self.store.get(&path).await {
-                Ok(r) => r.bytes().await,
-                Err(e) => Err(e),
-            };
+            let stored = retry(&self.retry, &|| format!("read {}", key.key()), || async {
+                self.store.get(&path).await?.bytes().await
+            })
+            .await;
             let stored = match stored {
                 Ok(b) => b,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -348,7 +372,11 @@ impl Repo {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self.store.put_opts(&path, payload.clone(), opts).await {
+        let put = retry(&self.retry, &|| format!("write {}", key.key()), || {
+            self.store.put_opts(&path, payload.clone(), opts.clone())
+        })
+        .await;
+        match put {
             Ok(_) => Ok(PutOutcome::Stored { stored_bytes }),
             Err(object_store::Error::AlreadyExists { .. }) => {
                 self.compare_existing(key, data).await
@@ -357,10 +385,11 @@ impl Repo {
                 // No conditional create here: we looked first; write, then read back and compare so
                 // a concurrent writer of different bytes is caught rather than acknowledged.
                 tracing::debug!(key = %key.key(), "store lacks conditional create; writing and reading back");
-                self.store
-                    .put(&path, payload)
-                    .await
-                    .map_err(|e| self.store_err("write", key, e))?;
+                retry(&self.retry, &|| format!("write {}", key.key()), || {
+                    self.store.put(&path, payload.clone())
+                })
+                .await
+                .map_err(|e| self.store_err("write", key, e))?;
                 match self.compare_existing(key, data).await? {
                     PutOutcome::AlreadyStored => Ok(PutOutcome::Stored { stored_bytes }),
                     other => Ok(other),
@@ -383,12 +412,24 @@ impl Repo {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self.store.put_opts(&path, payload.clone(), opts).await {
+        let put = retry(&self.retry, &|| format!("write {}", key.key()), || {
+            self.store.put_opts(&path, payload.clone(), opts.clone())
+        })
+        .await;
+        match put {
             Ok(_) => Ok(len),
-            Err(object_store::Error::AlreadyExists { .. }) => Err(RepoError::Conflict {
-                key: key.key(),
-                repo: self.location.clone(),
-            }),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // Ours, if an earlier attempt was applied but its answer lost; anything else conflicts.
+                match self.get_raw(&key.key()).await? {
+                    Some(existing) if existing.as_ref() == payload_bytes(&payload).as_slice() => {
+                        Ok(len)
+                    }
+                    _ => Err(RepoError::Conflict {
+                        key: key.key(),
+                        repo: self.location.clone(),
+                    }),
+                }
+            }
             Err(object_store::Error::NotImplemented { .. }) => {
                 if self.exists(key).await? {
                     return Err(RepoError::Conflict {
@@ -396,10 +437,11 @@ impl Repo {
                         repo: self.location.clone(),
                     });
                 }
-                self.store
-                    .put(&path, payload)
-                    .await
-                    .map_err(|e| self.store_err("write", key, e))?;
+                retry(&self.retry, &|| format!("write {}", key.key()), || {
+                    self.store.put(&path, payload.clone())
+                })
+                .await
+                .map_err(|e| self.store_err("write", key, e))?;
                 Ok(len)
             }
             Err(e) => Err(self.store_err("write", key, e)),
@@ -413,10 +455,14 @@ impl Repo {
     pub async fn has_objects_under(&self, prefix: &str) -> Result<bool, RepoError> {
         use futures::StreamExt;
         let path = object_store::path::Path::from(prefix);
-        match self.store.list(Some(&path)).next().await {
-            None => Ok(false),
-            Some(Ok(_)) => Ok(true),
-            Some(Err(e)) => Err(RepoError::Store {
+        let first = retry(&self.retry, &|| format!("list {prefix}"), || async {
+            self.store.list(Some(&path)).next().await.transpose()
+        })
+        .await;
+        match first {
+            Ok(None) => Ok(false),
+            Ok(Some(_)) => Ok(true),
+            Err(e) => Err(RepoError::Store {
                 op: "list",
                 key: prefix.to_string(),
                 repo: self.location.clone(),
@@ -430,7 +476,12 @@ impl Repo {
     /// # Errors
     /// `Store` when the store cannot answer.
     pub async fn exists(&self, key: &ObjectKey) -> Result<bool, RepoError> {
-        match self.store.head(&key.path()).await {
+        let path = key.path();
+        let head = retry(&self.retry, &|| format!("look up {}", key.key()), || {
+            self.store.head(&path)
+        })
+        .await;
+        match head {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.store_err("look up", key, e)),
@@ -459,10 +510,123 @@ impl Repo {
         }
     }
 
+    /// Every object under `prefix` (all objects for `None`), with retries.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be listed.
+    pub async fn list(
+        &self,
+        prefix: Option<&str>,
+    ) -> Result<Vec<object_store::ObjectMeta>, RepoError> {
+        use futures::TryStreamExt;
+        let path = prefix.map(object_store::path::Path::from);
+        let what = prefix.unwrap_or("(all)");
+        retry(&self.retry, &|| format!("list {what}"), || {
+            self.store.list(path.as_ref()).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| RepoError::Store {
+            op: "list",
+            key: what.to_string(),
+            repo: self.location.clone(),
+            source: Box::new(e),
+        })
+    }
+
+    /// The names of the "directories" directly under `prefix`, with retries.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be listed.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, RepoError> {
+        let path = object_store::path::Path::from(prefix);
+        let listed = retry(&self.retry, &|| format!("list {prefix}"), || {
+            self.store.list_with_delimiter(Some(&path))
+        })
+        .await
+        .map_err(|e| RepoError::Store {
+            op: "list",
+            key: prefix.to_string(),
+            repo: self.location.clone(),
+            source: Box::new(e),
+        })?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+
+    /// The stored bytes under `key` exactly as stored (not verified), with retries; `None` when absent.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be read.
+    pub async fn get_raw(&self, key: &str) -> Result<Option<bytes::Bytes>, RepoError> {
+        let path = object_store::path::Path::from(key);
+        match retry(&self.retry, &|| format!("read {key}"), || async {
+            self.store.get(&path).await?.bytes().await
+        })
+        .await
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(RepoError::Store {
+                op: "read",
+                key: key.to_string(),
+                repo: self.location.clone(),
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Delete the object under `key`, with retries; an absent object is success.
+    ///
+    /// # Errors
+    /// `Store` when the store refuses.
+    pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
+        let path = object_store::path::Path::from(key);
+        match retry(&self.retry, &|| format!("delete {key}"), || {
+            self.store.delete(&path)
+        })
+        .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(RepoError::Store {
+                op: "delete",
+                key: key.to_string(),
+                repo: self.location.clone(),
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Overwrite `key` with already-enveloped bytes (only for derived status objects), with retries.
+    ///
+    /// # Errors
+    /// `Store` when the store refuses.
+    pub async fn put_overwrite(&self, key: &str, stored: Vec<u8>) -> Result<(), RepoError> {
+        let path = object_store::path::Path::from(key);
+        let payload = PutPayload::from(stored);
+        retry(&self.retry, &|| format!("write {key}"), || {
+            self.store.put(&path, payload.clone())
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| RepoError::Store {
+            op: "write",
+            key: key.to_string(),
+            repo: self.location.clone(),
+            source: Box::new(e),
+        })
+    }
+
     /// The underlying store (for listing and tests).
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }
+}
+
+fn payload_bytes(p: &PutPayload) -> Vec<u8> {
+    p.iter().flat_map(|b| b.iter().copied()).collect()
 }
 
 fn need_host(url: &str, host: &str) -> Result<String, RepoError> {
