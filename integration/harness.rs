@@ -495,3 +495,60 @@ pub fn code(out: &Output) -> i32 {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// `scripts/latency-proxy` in front of the test S3 server: every request waits `delay_ms` first.
+pub struct LatencyProxy {
+    child: std::process::Child,
+    /// The endpoint to use as `AWS_ENDPOINT_URL`.
+    pub endpoint: String,
+}
+
+impl LatencyProxy {
+    pub fn start(delay_ms: u32) -> LatencyProxy {
+        let target = std::env::var("AWS_ENDPOINT_URL")
+            .expect("the S3 server's endpoint")
+            .trim_start_matches("http://")
+            .to_string();
+        let mut child = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/latency-proxy"
+        ))
+        .args(["--target", &target, "--delay-ms", &delay_ms.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start scripts/latency-proxy");
+        let mut port = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped stdout")),
+            &mut port,
+        )
+        .expect("the proxy prints its port");
+        LatencyProxy {
+            child,
+            endpoint: format!("http://127.0.0.1:{}", port.trim()),
+        }
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bucket of the S3 server `scripts/test` starts, or `None` (the test is skipped) outside CI.
+pub fn s3_bucket() -> Option<String> {
+    match std::env::var("PITR_TEST_S3_BUCKET") {
+        Ok(bucket) => Some(bucket),
+        Err(_) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PITR_TEST_S3_BUCKET is not set: scripts/test starts the S3 server"
+            );
+            eprintln!("SKIP: no S3 server (PITR_TEST_S3_BUCKET unset); run scripts/test");
+            None
+        }
+    }
+}

@@ -365,12 +365,7 @@ fn replica_streams_from_its_primary() {
 /// without archive-get's prefetch. Both must reach the same rows; the times are reported.
 #[test]
 fn prefetch_replay_through_a_slow_store() {
-    let Ok(bucket) = std::env::var("PITR_TEST_S3_BUCKET") else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI needs the S3 server (scripts/test starts it)"
-        );
-        eprintln!("SKIP: no S3 server");
+    let Some(bucket) = harness::s3_bucket() else {
         return;
     };
     let Some(bin) = harness::pg_bin(15) else {
@@ -399,33 +394,8 @@ fn prefetch_replay_through_a_slow_store() {
     assert!(segments >= 64, "only {segments} segments of WAL");
 
     // The proxy in front of the S3 server.
-    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap();
-    let target = endpoint.trim_start_matches("http://").to_string();
-    struct Proxy(std::process::Child);
-    impl Drop for Proxy {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut proxy = Proxy(
-        std::process::Command::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/latency-proxy"
-        ))
-        .args(["--target", &target, "--delay-ms", "50"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
-    let mut port = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(proxy.0.stdout.take().unwrap()),
-        &mut port,
-    )
-    .unwrap();
-    let slow = format!("http://127.0.0.1:{}", port.trim());
+    let proxy = harness::LatencyProxy::start(50);
+    let slow = proxy.endpoint.clone();
 
     let mut times = vec![];
     for (name, prefetch) in [("without", "0"), ("with", "8")] {

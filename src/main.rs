@@ -104,8 +104,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     runtime.block_on(async {
         let repo = Repo::open(&settings.repo)?;
         match cli.command {
-            Command::ArchivePush { wal_path } => {
-                archive::push::push(&repo, &wal_path, settings.compress).await?;
+            Command::ArchivePush { wal_path, parallel } => {
+                archive::batch::push_with_ahead(
+                    &repo,
+                    &wal_path,
+                    settings.compress,
+                    usize::from(parallel),
+                )
+                .await?;
                 Ok(exit::SUCCESS)
             }
             Command::ArchiveGet {

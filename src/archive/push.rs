@@ -8,7 +8,7 @@
 //! the same name are refused and the stored object is left alone.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -19,11 +19,10 @@ use crate::pg::SegmentName;
 use crate::pg::WalFileName;
 use crate::pg::segment::{SIZE_OF_LONG_PHD, validate_segment_start};
 use crate::pg::timeline::History;
-use crate::storage::RepoError;
 use crate::storage::envelope;
 use crate::storage::identity::RepoIdentity;
 use crate::storage::layout::ObjectKey;
-use crate::storage::{PutOutcome, Repo};
+use crate::storage::{Original, PutOutcome, Repo, RepoError};
 
 /// What a push did.
 #[derive(Clone, Debug)]
@@ -55,11 +54,22 @@ pub fn push_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
-/// Archive the file at `wal_path` into `repo`.
-///
-/// A segment is read once, on `push_threads()` threads at once (the copy and the page faults of a
-/// fresh 16 MiB buffer are a third of the work), then indexed on one thread while the others
-/// compress their pieces; the repository identity is checked meanwhile.
+/// A WAL file validated, indexed and encoded, ready to be stored. The original bytes are not kept:
+/// the file stays in place until PostgreSQL hears it is archived, and is read again only if an object
+/// already stored under its name has to be compared.
+pub struct Prepared {
+    /// The file's name.
+    pub name: WalFileName,
+    path: PathBuf,
+    stored: Vec<u8>,
+    original_len: u64,
+    summary: Option<(SegmentName, SegmentSummary)>,
+    /// The check of the segment's cluster against the repository, still running: `store` waits for
+    /// it before writing anything.
+    identity: Option<tokio::task::JoinHandle<Result<(), RepoError>>>,
+}
+
+/// Archive the file at `wal_path` into `repo`: [`prepare`], then [`store`].
 ///
 /// # Errors
 /// Any failure; nothing is acknowledged unless the object is durably stored.
@@ -69,8 +79,26 @@ pub async fn push(
     compression: Compression,
 ) -> anyhow::Result<PushReport> {
     let start = Instant::now();
+    let prepared = prepare(repo, wal_path, compression).await?;
+    store(repo, prepared, compression, start).await
+}
+
+/// Validate, index and encode the file at `wal_path`.
+///
+/// A segment is read once, on `push_threads()` threads at once (the copy and the page faults of a
+/// fresh 16 MiB buffer are a third of the work), then indexed on one thread while the others
+/// compress their pieces; the repository identity check starts meanwhile (once per process), and
+/// [`store`] waits for it.
+///
+/// # Errors
+/// The file is not what its name says, belongs to another cluster, or cannot be read.
+pub async fn prepare(
+    repo: &Repo,
+    wal_path: &Path,
+    compression: Compression,
+) -> anyhow::Result<Prepared> {
     let name = name_of(wal_path)?;
-    let (data, stored, summary) = match name {
+    let (original_len, stored, summary, identity) = match name {
         WalFileName::Segment(seg) | WalFileName::Partial(seg) => {
             let file = std::fs::File::open(wal_path)
                 .with_context(|| format!("open {}", wal_path.display()))?;
@@ -90,7 +118,7 @@ pub async fn push(
             };
             let index = matches!(name, WalFileName::Segment(_));
             let display = wal_path.display().to_string();
-            let (data, stored, summary) = tokio::task::spawn_blocking(move || {
+            let (stored, summary) = tokio::task::spawn_blocking(move || {
                 read_and_encode(&file, len, compression, |data| {
                     index.then(|| {
                         (
@@ -108,8 +136,7 @@ pub async fn push(
                 .with_context(|| format!("read {display}"))
             })
             .await??;
-            identity.await?.with_context(|| format!("refuse {name}"))?;
-            (data, stored, summary)
+            (len as u64, stored, summary, Some(identity))
         }
         WalFileName::History(_) | WalFileName::BackupHistory { .. } => {
             let data = tokio::fs::read(wal_path)
@@ -125,12 +152,48 @@ pub async fn push(
                     );
                 }
             }
-            let stored = envelope::encode(&data, compression)?;
-            (FileBuf::from(data), stored, None)
+            (
+                data.len() as u64,
+                envelope::encode(&data, compression)?,
+                None,
+                None,
+            )
         }
     };
+    Ok(Prepared {
+        name,
+        path: wal_path.to_path_buf(),
+        stored,
+        original_len,
+        summary,
+        identity,
+    })
+}
+
+/// Store a prepared file (a conditional create), then its WAL summary. `start` is when the push
+/// began, for the report.
+///
+/// # Errors
+/// Any failure; nothing is acknowledged unless the object is durably stored.
+pub async fn store(
+    repo: &Repo,
+    prepared: Prepared,
+    compression: Compression,
+    start: Instant,
+) -> anyhow::Result<PushReport> {
+    let Prepared {
+        name,
+        path,
+        stored,
+        original_len,
+        summary,
+        identity,
+    } = prepared;
+    if let Some(identity) = identity {
+        identity.await?.with_context(|| format!("refuse {name}"))?;
+    }
     let outcome = repo
-        .put_new_encoded(&ObjectKey::Wal(name), &data, stored)
+        .put_new_encoded(&ObjectKey::Wal(name), Original::File(&path), stored)
         .await
         .with_context(|| format!("archive {name}"))?;
     if let Some((seg, summary)) = summary {
@@ -141,7 +204,7 @@ pub async fn push(
     let report = PushReport {
         name,
         outcome,
-        original_bytes: data.len() as u64,
+        original_bytes: original_len,
         elapsed: start.elapsed(),
     };
     match outcome {
@@ -168,7 +231,7 @@ fn read_and_encode<T: Send>(
     len: usize,
     compression: Compression,
     inspect: impl FnOnce(&[u8]) -> T + Send,
-) -> std::io::Result<(FileBuf, Vec<u8>, T)> {
+) -> std::io::Result<(Vec<u8>, T)> {
     let threads = push_threads();
     let mut data = FileBuf::zeroed(len);
     let piece = len.div_ceil(threads).max(1);
@@ -202,7 +265,7 @@ fn read_and_encode<T: Send>(
         (stored, inspected.join())
     });
     let seen = seen.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;
-    Ok((data, stored?, seen))
+    Ok((stored?, seen))
 }
 
 /// A zeroed buffer for one WAL file. Filling 16 MiB of fresh memory costs a page fault per 4 KiB
@@ -246,14 +309,6 @@ impl FileBuf {
         }
     }
 
-    fn from(bytes: Vec<u8>) -> FileBuf {
-        FileBuf {
-            len: bytes.len(),
-            backing: bytes,
-            start: 0,
-        }
-    }
-
     fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.backing[self.start..self.start + self.len]
     }
@@ -266,8 +321,8 @@ impl std::ops::Deref for FileBuf {
     }
 }
 
-/// Store a segment's summary after the segment itself. The summary is derived data: if one is already
-/// stored (an earlier push, or an older pitr), it is kept, and a differing one is not an error.
+/// Store a segment's summary after the segment itself. The summary is derived data, rebuilt the same
+/// way from the same segment, so it is simply written (one round trip), replacing any earlier copy.
 async fn store_summary(
     repo: &Repo,
     seg: SegmentName,
@@ -279,15 +334,7 @@ async fn store_summary(
         );
     }
     let json = serde_json::to_vec(summary)?;
-    match repo
-        .put_new(&ObjectKey::Summary(seg), &json, Compression::Zstd)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(RepoError::Conflict { .. }) => {
-            tracing::debug!("{seg}: a different summary is already stored; keeping it");
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
+    repo.put_derived(&ObjectKey::Summary(seg), &json, Compression::Zstd)
+        .await?;
+    Ok(())
 }

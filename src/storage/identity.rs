@@ -75,6 +75,15 @@ impl Repo {
     /// # Errors
     /// `IdentityMismatch` when the repository belongs to another cluster or format.
     pub async fn ensure_identity(&self, want: &RepoIdentity) -> Result<(), RepoError> {
+        if self.identity_checked(want) {
+            return Ok(());
+        }
+        self.ensure_identity_uncached(want).await?;
+        self.remember_identity(want);
+        Ok(())
+    }
+
+    async fn ensure_identity_uncached(&self, want: &RepoIdentity) -> Result<(), RepoError> {
         let have = match self.identity().await? {
             Some(have) => have,
             None => {

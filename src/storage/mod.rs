@@ -147,6 +147,19 @@ pub struct Repo {
     location: String,
     create_check: CreateCheck,
     retry: RetryPolicy,
+    /// The identity this process has already checked against `pitr.json` (one read per process,
+    /// not one per segment).
+    checked_identity: Arc<std::sync::Mutex<Option<identity::RepoIdentity>>>,
+}
+
+/// Where the original bytes of an object being stored can be read again, to compare with an object
+/// found under the same key.
+#[derive(Clone, Copy, Debug)]
+pub enum Original<'a> {
+    /// In memory.
+    Bytes(&'a [u8]),
+    /// In a local file that is not changing (a WAL file PostgreSQL handed over).
+    File(&'a std::path::Path),
 }
 
 /// The cloud clients' own per-request retries; `retry` adds a budget above them.
@@ -223,6 +236,7 @@ impl Repo {
             location: url.to_string(),
             create_check,
             retry: RetryPolicy::from_env().map_err(bad)?,
+            checked_identity: Arc::default(),
         })
     }
 
@@ -247,6 +261,7 @@ impl Repo {
             location: url.to_string(),
             create_check: CreateCheck::Trust,
             retry,
+            checked_identity: Arc::default(),
         })
     }
 
@@ -257,6 +272,7 @@ impl Repo {
             location: location.to_string(),
             create_check: CreateCheck::Trust,
             retry: RetryPolicy::none(),
+            checked_identity: Arc::default(),
         }
     }
 
@@ -275,6 +291,19 @@ impl Repo {
             location: location.to_string(),
             create_check: CreateCheck::LookFirst,
             retry: RetryPolicy::none(),
+            checked_identity: Arc::default(),
+        }
+    }
+
+    fn identity_checked(&self, want: &identity::RepoIdentity) -> bool {
+        self.checked_identity
+            .lock()
+            .is_ok_and(|c| c.as_ref() == Some(want))
+    }
+
+    fn remember_identity(&self, want: &identity::RepoIdentity) {
+        if let Ok(mut c) = self.checked_identity.lock() {
+            *c = Some(want.clone());
         }
     }
 
@@ -348,7 +377,8 @@ impl Repo {
     ) -> Result<PutOutcome, RepoError> {
         let stored = envelope::encode(data, compression)
             .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
-        self.put_new_encoded(key, data, stored).await
+        self.put_new_encoded(key, Original::Bytes(data), stored)
+            .await
     }
 
     /// [`Repo::put_new`] for a caller that has already wrapped `data` into `stored` (with
@@ -359,7 +389,7 @@ impl Repo {
     pub async fn put_new_encoded(
         &self,
         key: &ObjectKey,
-        data: &[u8],
+        data: Original<'_>,
         stored: Vec<u8>,
     ) -> Result<PutOutcome, RepoError> {
         let path = key.path();
@@ -491,9 +521,27 @@ impl Repo {
     async fn compare_existing(
         &self,
         key: &ObjectKey,
-        data: &[u8],
+        original: Original<'_>,
     ) -> Result<PutOutcome, RepoError> {
-        match self.get(key).await? {
+        let existing = self.get(key).await?;
+        let reread;
+        let data = match original {
+            Original::Bytes(b) => b,
+            Original::File(path) => {
+                reread = std::fs::read(path).map_err(|e| {
+                    self.store_err(
+                        "compare",
+                        key,
+                        object_store::Error::Generic {
+                            store: "pitr",
+                            source: format!("read {} again: {e}", path.display()).into(),
+                        },
+                    )
+                })?;
+                &reread[..]
+            }
+        };
+        match existing {
             Some(existing) if existing == data => Ok(PutOutcome::AlreadyStored),
             Some(_) => Err(RepoError::Conflict {
                 key: key.key(),
@@ -597,6 +645,22 @@ impl Repo {
                 source: Box::new(e),
             }),
         }
+    }
+
+    /// Store derived data (a WAL summary), which can always be rebuilt from the objects it describes:
+    /// a plain write that replaces whatever is there, so one round trip.
+    ///
+    /// # Errors
+    /// `Store` when the store refuses.
+    pub async fn put_derived(
+        &self,
+        key: &ObjectKey,
+        data: &[u8],
+        compression: Compression,
+    ) -> Result<(), RepoError> {
+        let stored = envelope::encode(data, compression)
+            .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
+        self.put_overwrite(&key.key(), stored).await
     }
 
     /// Overwrite `key` with already-enveloped bytes (only for derived status objects), with retries.

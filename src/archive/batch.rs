@@ -1,0 +1,305 @@
+//! Async archiving: `archive-push --parallel N` pushes the segment PostgreSQL asked for together with
+//! up to N−1 of the next files waiting in `archive_status/*.ready`, N uploads at once, and records each
+//! extra file that is durably stored with a marker in `pg_wal/pitr_push/`. When PostgreSQL then asks
+//! for one of those, the call finds its marker and answers at once.
+//!
+//! Nothing runs in the background and nothing is acknowledged early: a call exits 0 only for its own
+//! file, and only after the store acknowledged it (now, or in an earlier call that left the marker). A
+//! crash at any point leaves at worst a file without a marker, which is pushed again and found
+//! identical. A marker names the repository and the file's size and modification time, so it is never
+//! taken for another file or another repository.
+//!
+//! Reading and compressing is done one file at a time (each already uses every core), so memory stays
+//! at one segment plus the compressed objects in flight; only the uploads overlap.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use futures::StreamExt;
+
+use super::push::{self, PushReport};
+use crate::compress::Compression;
+use crate::pg::WalFileName;
+use crate::storage::{PutOutcome, Repo};
+
+/// The directory under `pg_wal` holding markers of files pushed ahead.
+pub const MARKER_DIR: &str = "pitr_push";
+
+/// Push `wal_path`, and with it up to `parallel - 1` more `.ready` files (see the module docs).
+///
+/// # Errors
+/// When `wal_path` itself could not be stored; failures of the extra files are only logged (PostgreSQL
+/// will ask for them again).
+pub async fn push_with_ahead(
+    repo: &Repo,
+    wal_path: &Path,
+    compression: Compression,
+    parallel: usize,
+) -> anyhow::Result<PushReport> {
+    let start = Instant::now();
+    let name = push::name_of(wal_path)?;
+    let pg_wal = match wal_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let markers = pg_wal.join(MARKER_DIR);
+    let marker = markers.join(name.to_string());
+    if let Some(expected) = marker_text(repo, wal_path)
+        && std::fs::read_to_string(&marker).is_ok_and(|m| m == expected)
+    {
+        let _ = std::fs::remove_file(&marker);
+        tracing::debug!("{name} was archived ahead by an earlier call");
+        return Ok(PushReport {
+            name,
+            outcome: PutOutcome::AlreadyStored,
+            original_bytes: std::fs::metadata(wal_path).map_or(0, |m| m.len()),
+            elapsed: start.elapsed(),
+        });
+    }
+    let ahead = if parallel > 1 {
+        forget_stale_markers(&pg_wal, &markers);
+        ready_files(&pg_wal, name, &markers, parallel - 1)
+    } else {
+        Vec::new()
+    };
+    if ahead.is_empty() {
+        return push::push(repo, wal_path, compression).await;
+    }
+    std::fs::create_dir_all(&markers).with_context(|| format!("create {}", markers.display()))?;
+    tracing::debug!("pushing {name} with {} more ready files", ahead.len());
+    // One file read and compressed at a time (in this order: ours first); uploads overlap.
+    let cpu = Arc::new(tokio::sync::Semaphore::new(1));
+    let files: Vec<PathBuf> = std::iter::once(wal_path.to_path_buf())
+        .chain(ahead)
+        .collect();
+    let mut results = futures::stream::iter(files.into_iter().enumerate())
+        .map(|(i, path)| {
+            let cpu = cpu.clone();
+            async move {
+                let prepared = {
+                    let _permit = cpu.acquire().await;
+                    push::prepare(repo, &path, compression).await
+                };
+                let result = match prepared {
+                    Ok(p) => push::store(repo, p, compression, start).await,
+                    Err(e) => Err(e),
+                };
+                (i, path, result)
+            }
+        })
+        .buffer_unordered(parallel);
+    let mut own = None;
+    while let Some((i, path, result)) = results.next().await {
+        if i == 0 {
+            own = Some(result);
+            continue;
+        }
+        match result {
+            Ok(report) => {
+                if let Some(text) = marker_text(repo, &path) {
+                    let m = markers.join(report.name.to_string());
+                    if let Err(e) = std::fs::write(&m, text) {
+                        tracing::warn!("record {} as archived: {e}", m.display());
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                "archiving {} ahead failed (it will be pushed when PostgreSQL asks): {e:#}",
+                path.display()
+            ),
+        }
+    }
+    own.unwrap_or_else(|| Err(anyhow::anyhow!("{name}: the push did not run")))
+}
+
+/// What a marker for `path` in `repo` says: the repository, and the file's size and modification time.
+fn marker_text(repo: &Repo, path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "repo {}\nsize {}\nmtime {}.{:09}\n",
+        repo.location(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
+}
+
+/// Up to `n` files PostgreSQL has marked ready to archive, other than `own`, without a marker yet:
+/// timeline history files first (as PostgreSQL orders them), then by name.
+fn ready_files(pg_wal: &Path, own: WalFileName, markers: &Path, n: usize) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(pg_wal.join("archive_status")) else {
+        return Vec::new();
+    };
+    let mut ready: Vec<(bool, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            let base = f.strip_suffix(".ready")?.to_string();
+            let name: WalFileName = base.parse().ok()?;
+            (name != own && !markers.join(&base).exists())
+                .then_some((!matches!(name, WalFileName::History(_)), base))
+        })
+        .collect();
+    ready.sort();
+    ready
+        .into_iter()
+        .map(|(_, base)| pg_wal.join(base))
+        .filter(|p| p.is_file())
+        .take(n)
+        .collect()
+}
+
+/// Remove markers whose file PostgreSQL no longer waits to archive (it was archived some other way,
+/// or the cluster moved on), so none outlives its file.
+fn forget_stale_markers(pg_wal: &Path, markers: &Path) {
+    let Ok(entries) = std::fs::read_dir(markers) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let ready = pg_wal.join("archive_status").join(format!("{f}.ready"));
+        if !ready.exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::PgMajor;
+    use object_store::memory::InMemory;
+
+    /// A pg_wal directory with `n` ready segments 3, 4, … of one cluster.
+    fn pg_wal(n: u64) -> (tempfile::TempDir, Vec<PathBuf>) {
+        let d = tempfile::tempdir().unwrap();
+        let wal = d.path().join("pg_wal");
+        std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+        let files = (3..3 + n)
+            .map(|segno| {
+                let mut b = crate::pg::segment::tests::fake_segment(
+                    PgMajor::V15,
+                    1,
+                    segno,
+                    7_000_000_000,
+                    1 << 20,
+                );
+                b[9000] = segno as u8;
+                let name = format!("0000000100000000{segno:08X}");
+                std::fs::write(wal.join(&name), b).unwrap();
+                std::fs::write(
+                    wal.join("archive_status").join(format!("{name}.ready")),
+                    b"",
+                )
+                .unwrap();
+                wal.join(name)
+            })
+            .collect();
+        (d, files)
+    }
+
+    /// What PostgreSQL's archiver does after a 0 exit.
+    fn archived(f: &Path) {
+        let status = f.parent().unwrap().join("archive_status");
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        std::fs::rename(
+            status.join(format!("{name}.ready")),
+            status.join(format!("{name}.done")),
+        )
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn later_calls_find_their_segment_already_stored() {
+        let (_d, files) = pg_wal(6);
+        let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://ahead");
+        let first = push_with_ahead(&repo, &files[0], Compression::Zstd, 4)
+            .await
+            .unwrap();
+        assert!(matches!(first.outcome, PutOutcome::Stored { .. }));
+        archived(&files[0]);
+        let markers = files[0].parent().unwrap().join(MARKER_DIR);
+        let marked: Vec<_> = std::fs::read_dir(&markers).unwrap().flatten().collect();
+        assert_eq!(marked.len(), 3, "segments 4, 5, 6 pushed ahead");
+        // Every file pushed ahead is really stored, byte for byte.
+        for f in &files[1..4] {
+            let name = push::name_of(f).unwrap();
+            let got = repo
+                .get(&crate::storage::layout::ObjectKey::Wal(name))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, std::fs::read(f).unwrap());
+        }
+        for f in &files[1..4] {
+            let r = push_with_ahead(&repo, f, Compression::Zstd, 4)
+                .await
+                .unwrap();
+            assert_eq!(r.outcome, PutOutcome::AlreadyStored);
+            archived(f);
+        }
+        assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 0);
+        // Segment 7 and 8 were not pushed ahead: 7's call stores both.
+        let r = push_with_ahead(&repo, &files[4], Compression::Zstd, 4)
+            .await
+            .unwrap();
+        assert!(matches!(r.outcome, PutOutcome::Stored { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_marker_for_another_repository_or_a_changed_file_is_not_trusted() {
+        let (_d, files) = pg_wal(2);
+        let a = Repo::from_store(Arc::new(InMemory::new()), "memory://a");
+        push_with_ahead(&a, &files[0], Compression::Zstd, 2)
+            .await
+            .unwrap();
+        // Repository b has nothing: its push of segment 4 must really store it.
+        let b_store = Arc::new(InMemory::new());
+        let b = Repo::from_store(b_store, "memory://b");
+        let r = push_with_ahead(&b, &files[1], Compression::Zstd, 2)
+            .await
+            .unwrap();
+        assert!(matches!(r.outcome, PutOutcome::Stored { .. }));
+        let name = push::name_of(&files[1]).unwrap();
+        assert!(
+            b.get(&crate::storage::layout::ObjectKey::Wal(name))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_file_ahead_does_not_fail_the_call_nor_get_a_marker() {
+        let (_d, files) = pg_wal(3);
+        // Segment 4 is truncated: refused when pushed ahead, and again when asked for.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&files[1])
+            .unwrap();
+        f.set_len(4096).unwrap();
+        let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://c");
+        push_with_ahead(&repo, &files[0], Compression::Zstd, 3)
+            .await
+            .unwrap();
+        let markers = files[0].parent().unwrap().join(MARKER_DIR);
+        assert!(
+            !markers
+                .join(push::name_of(&files[1]).unwrap().to_string())
+                .exists()
+        );
+        assert!(
+            markers
+                .join(push::name_of(&files[2]).unwrap().to_string())
+                .exists()
+        );
+        assert!(
+            push_with_ahead(&repo, &files[1], Compression::Zstd, 3)
+                .await
+                .is_err()
+        );
+    }
+}
