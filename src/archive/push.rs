@@ -67,6 +67,8 @@ pub struct Prepared {
     /// The check of the segment's cluster against the repository, still running: `store` waits for
     /// it before writing anything.
     identity: Option<tokio::task::JoinHandle<Result<(), RepoError>>>,
+    /// Whether the object already exists, asked while compressing on stores that want a look first.
+    looked: Option<tokio::task::JoinHandle<Result<bool, RepoError>>>,
 }
 
 /// Archive the file at `wal_path` into `repo`: [`prepare`], then [`store`].
@@ -98,7 +100,7 @@ pub async fn prepare(
     compression: Compression,
 ) -> anyhow::Result<Prepared> {
     let name = name_of(wal_path)?;
-    let (original_len, stored, summary, identity) = match name {
+    let (original_len, stored, summary, identity, looked) = match name {
         WalFileName::Segment(seg) | WalFileName::Partial(seg) => {
             let file = std::fs::File::open(wal_path)
                 .with_context(|| format!("open {}", wal_path.display()))?;
@@ -116,6 +118,10 @@ pub async fn prepare(
                 let want = RepoIdentity::from_header(&header);
                 tokio::spawn(async move { repo.ensure_identity(&want).await })
             };
+            let looked = repo.looks_first().then(|| {
+                let repo = repo.clone();
+                tokio::spawn(async move { repo.exists(&ObjectKey::Wal(name)).await })
+            });
             let index = matches!(name, WalFileName::Segment(_));
             let display = wal_path.display().to_string();
             let (stored, summary) = tokio::task::spawn_blocking(move || {
@@ -136,7 +142,7 @@ pub async fn prepare(
                 .with_context(|| format!("read {display}"))
             })
             .await??;
-            (len as u64, stored, summary, Some(identity))
+            (len as u64, stored, summary, Some(identity), looked)
         }
         WalFileName::History(_) | WalFileName::BackupHistory { .. } => {
             let data = tokio::fs::read(wal_path)
@@ -157,6 +163,7 @@ pub async fn prepare(
                 envelope::encode(&data, compression)?,
                 None,
                 None,
+                None,
             )
         }
     };
@@ -167,6 +174,7 @@ pub async fn prepare(
         original_len,
         summary,
         identity,
+        looked,
     })
 }
 
@@ -188,12 +196,17 @@ pub async fn store(
         original_len,
         summary,
         identity,
+        looked,
     } = prepared;
     if let Some(identity) = identity {
         identity.await?.with_context(|| format!("refuse {name}"))?;
     }
+    let found = match looked {
+        Some(l) => Some(l.await?.with_context(|| format!("archive {name}"))?),
+        None => None,
+    };
     let outcome = repo
-        .put_new_encoded(&ObjectKey::Wal(name), Original::File(&path), stored)
+        .put_new_encoded_looked(&ObjectKey::Wal(name), Original::File(&path), stored, found)
         .await
         .with_context(|| format!("archive {name}"))?;
     if let Some((seg, summary)) = summary {

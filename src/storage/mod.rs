@@ -392,9 +392,36 @@ impl Repo {
         data: Original<'_>,
         stored: Vec<u8>,
     ) -> Result<PutOutcome, RepoError> {
+        self.put_new_encoded_looked(key, data, stored, None).await
+    }
+
+    /// Whether this store wants an existence check before a conditional create (see
+    /// [`Repo::put_new_encoded_looked`]).
+    pub fn looks_first(&self) -> bool {
+        self.create_check == CreateCheck::LookFirst
+    }
+
+    /// [`Repo::put_new_encoded`] where the caller may already have looked whether the key exists
+    /// (`found`), for instance while it was compressing, to save a round trip.
+    ///
+    /// # Errors
+    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
+    pub async fn put_new_encoded_looked(
+        &self,
+        key: &ObjectKey,
+        data: Original<'_>,
+        stored: Vec<u8>,
+        found: Option<bool>,
+    ) -> Result<PutOutcome, RepoError> {
         let path = key.path();
-        if self.create_check == CreateCheck::LookFirst && self.exists(key).await? {
-            return self.compare_existing(key, data).await;
+        if self.looks_first() {
+            let found = match found {
+                Some(f) => f,
+                None => self.exists(key).await?,
+            };
+            if found {
+                return self.compare_existing(key, data).await;
+            }
         }
         let stored_bytes = stored.len() as u64;
         let payload = PutPayload::from(stored);
