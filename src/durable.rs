@@ -57,6 +57,29 @@ pub fn write_atomically(dest: &Path, data: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Write `data` to `dest` atomically (readers see the old file or the whole new one), without
+/// waiting for the disk: for copies that can be fetched again after a crash.
+///
+/// # Errors
+/// The first I/O error; `dest` is then unchanged.
+pub fn replace_atomically(dest: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = temp_path(dest)?;
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        drop(f);
+        fs::rename(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

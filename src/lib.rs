@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod backup;
+pub mod bigbuf;
 pub mod catalog;
 pub mod check;
 pub mod cli;

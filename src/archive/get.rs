@@ -1,7 +1,9 @@
 //! `archive-get`: fetch a WAL file for recovery, verified before a byte reaches `%p`.
 //!
 //! The object's checksums are checked in memory; only then is `%p` written, through a temp file that
-//! is fsynced and renamed, so PostgreSQL never sees a partial or unverified file. See `exit` for how
+//! is renamed, so PostgreSQL never sees a partial or unverified file. It is not fsynced: recovery that
+//! crashes asks for the file again, and where PostgreSQL keeps a restored file (a standby's `pg_wal`)
+//! it fsyncs it itself before renaming it into place. See `exit` for how
 //! outcomes map to exit codes.
 
 use std::path::Path;
@@ -94,14 +96,14 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
         }
     };
     let Some(data) = repo
-        .get(&ObjectKey::Wal(name))
+        .get_big(&ObjectKey::Wal(name), crate::archive::push::push_threads())
         .await
         .with_context(|| format!("fetch {name}"))?
     else {
         tracing::debug!("{name} is not in {}", repo.location());
         return Ok(GetOutcome::NotFound);
     };
-    durable::write_atomically(dest, &data)
+    durable::replace_atomically(dest, &data)
         .with_context(|| format!("write {name} to {}", dest.display()))?;
     tracing::debug!(
         "restored {name} ({} bytes) to {}",

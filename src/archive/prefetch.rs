@@ -40,15 +40,8 @@ pub fn spool_dir(dest: &Path) -> PathBuf {
 /// Hand over a spooled copy of `seg` to `dest` by rename; `true` if there was one.
 pub fn take(dest: &Path, seg: SegmentName) -> bool {
     let spooled = spool_dir(dest).join(seg.to_string());
-    if std::fs::rename(&spooled, dest).is_err() {
-        return false;
-    }
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let _ = durable::sync_dir(dir);
-    true
+    // No fsync: like archive-get's own writes, a copy recovery can fetch again.
+    std::fs::rename(&spooled, dest).is_ok()
 }
 
 /// Remove spooled segments that recovery will not ask for any more: older than `seg`, or on another
@@ -198,16 +191,16 @@ pub async fn run(
             if dest.exists() {
                 return Ok::<bool, anyhow::Error>(true);
             }
-            let Some(data) = repo.get(&ObjectKey::Wal(WalFileName::Segment(seg))).await? else {
+            let key = ObjectKey::Wal(WalFileName::Segment(seg));
+            let Some(data) = repo.get_big(&key, 1).await? else {
                 return Ok(false);
             };
             if !spool.is_dir() {
                 return Ok(false); // recovery ended and the spool was cleaned
             }
             let tmp = spool.join(format!(".{seg}.tmp"));
-            durable::write_atomically(&tmp, &data)?;
+            durable::replace_atomically(&tmp, &data)?;
             std::fs::rename(&tmp, &dest)?;
-            durable::sync_dir(spool)?;
             Ok(true)
         })
         .buffer_unordered(n.max(1));

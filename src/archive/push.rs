@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::bigbuf::BigBuf;
 use crate::compress::Compression;
 use crate::index::{self, ParseStatus, SegmentSummary};
 use crate::pg::SegmentName;
@@ -246,7 +247,7 @@ fn read_and_encode<T: Send>(
     inspect: impl FnOnce(&[u8]) -> T + Send,
 ) -> std::io::Result<(Vec<u8>, T)> {
     let threads = push_threads();
-    let mut data = FileBuf::zeroed(len);
+    let mut data = BigBuf::zeroed(len);
     let piece = len.div_ceil(threads).max(1);
     let crcs = std::thread::scope(|s| {
         let handles: Vec<_> = data
@@ -279,59 +280,6 @@ fn read_and_encode<T: Send>(
     });
     let seen = seen.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;
     Ok((stored?, seen))
-}
-
-/// A zeroed buffer for one WAL file. Filling 16 MiB of fresh memory costs a page fault per 4 KiB
-/// page, which measured as much as the copy itself; so the buffer starts on a 2 MiB boundary and asks
-/// Linux for transparent huge pages (`madvise`, which is only advice: where huge pages are off it
-/// changes nothing).
-struct FileBuf {
-    backing: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-const HUGE_PAGE: usize = 2 << 20;
-
-impl FileBuf {
-    fn zeroed(len: usize) -> FileBuf {
-        if len < HUGE_PAGE {
-            return FileBuf {
-                backing: vec![0u8; len],
-                start: 0,
-                len,
-            };
-        }
-        // Large zeroed allocations are fresh mappings: the pages before `start` are never touched.
-        let mut backing = vec![0u8; len + HUGE_PAGE];
-        let start = backing.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
-        let advised = len.next_multiple_of(HUGE_PAGE).min(backing.len() - start);
-        // SAFETY: `start..start + advised` lies inside `backing`, which is alive and not otherwise
-        // borrowed; MADV_HUGEPAGE changes how pages are backed, never their contents.
-        unsafe {
-            libc::madvise(
-                backing.as_mut_ptr().add(start).cast(),
-                advised,
-                libc::MADV_HUGEPAGE,
-            );
-        }
-        FileBuf {
-            backing,
-            start,
-            len,
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.backing[self.start..self.start + self.len]
-    }
-}
-
-impl std::ops::Deref for FileBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.backing[self.start..self.start + self.len]
-    }
 }
 
 /// Store a segment's summary after the segment itself. The summary is derived data, rebuilt the same

@@ -16,7 +16,10 @@
 pub mod manifest;
 pub mod walk;
 
-use std::io::{IsTerminal, Read, Seek, SeekFrom};
+use std::io::IsTerminal;
+use std::os::unix::fs::FileExt;
+
+use crate::bigbuf::BigBuf;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -139,17 +142,33 @@ fn read_piece(
     job: &CopyJob,
     compression: Compression,
 ) -> std::io::Result<Option<(Vec<u8>, u32, u64)>> {
-    let mut f = match std::fs::File::open(&job.file.abs) {
+    let f = match std::fs::File::open(&job.file.abs) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    f.seek(SeekFrom::Start(job.offset))?;
-    let mut buf = Vec::with_capacity(job.len as usize);
-    f.take(job.len).read_to_end(&mut buf)?;
+    // Up to `len` bytes: a relation may shrink while it is copied (WAL replay repairs that).
+    let mut buf = BigBuf::zeroed(job.len as usize);
+    let mut filled = 0;
+    {
+        let dest = buf.as_mut_slice();
+        while filled < dest.len() {
+            match f.read_at(&mut dest[filled..], job.offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    buf.truncate(filled);
     let crc = crc32c::crc32c(&buf);
     let size = buf.len() as u64;
-    Ok(Some((envelope::encode(&buf, compression)?, crc, size)))
+    Ok(Some((
+        envelope::encode_parallel(&buf, compression, 1, Some(crc))?,
+        crc,
+        size,
+    )))
 }
 
 async fn copy_piece(

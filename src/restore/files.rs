@@ -149,7 +149,7 @@ pub async fn restore_files(
                     path: rel.clone(),
                     part,
                 };
-                let data = repo.get(&key).await?.with_context(|| {
+                let data = repo.get_big(&key, 1).await?.with_context(|| {
                     format!(
                         "backup piece {} is missing from {}",
                         key.key(),

@@ -341,6 +341,28 @@ impl Repo {
     /// # Errors
     /// `Store` when the store cannot be read, `Corrupt` when the object fails verification.
     pub async fn get(&self, key: &ObjectKey) -> Result<Option<Vec<u8>>, RepoError> {
+        self.get_decoded(key, envelope::decode).await
+    }
+
+    /// [`Repo::get`] for large objects (WAL segments, backup pieces): decompressed into a
+    /// [`BigBuf`], on up to `threads` threads.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be read, `Corrupt` when the object fails verification.
+    pub async fn get_big(
+        &self,
+        key: &ObjectKey,
+        threads: usize,
+    ) -> Result<Option<crate::bigbuf::BigBuf>, RepoError> {
+        self.get_decoded(key, |stored| envelope::decode_parallel(stored, threads))
+            .await
+    }
+
+    async fn get_decoded<T>(
+        &self,
+        key: &ObjectKey,
+        decode: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<Option<T>, RepoError> {
         let path = key.path();
         let mut last = String::new();
         for attempt in 1..=READ_ATTEMPTS {
@@ -353,7 +375,7 @@ impl Repo {
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(self.store_err("read", key, e)),
             };
-            match envelope::decode(&stored) {
+            match decode(&stored) {
                 Ok(data) => return Ok(Some(data)),
                 Err(detail) => {
                     tracing::warn!(key = %key.key(), attempt, "stored object failed verification: {detail}");
