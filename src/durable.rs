@@ -38,23 +38,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// # Errors
 /// The first I/O error; `dest` is then unchanged.
 pub fn write_atomically(dest: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = temp_path(dest)?;
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, dest)?;
-        sync_dir(parent_dir(dest))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    write_via_temp(dest, data, true)
 }
 
 /// Write `data` to `dest` atomically (readers see the old file or the whole new one), without
@@ -63,6 +47,10 @@ pub fn write_atomically(dest: &Path, data: &[u8]) -> io::Result<()> {
 /// # Errors
 /// The first I/O error; `dest` is then unchanged.
 pub fn replace_atomically(dest: &Path, data: &[u8]) -> io::Result<()> {
+    write_via_temp(dest, data, false)
+}
+
+fn write_via_temp(dest: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let tmp = temp_path(dest)?;
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -71,8 +59,15 @@ pub fn replace_atomically(dest: &Path, data: &[u8]) -> io::Result<()> {
             .truncate(true)
             .open(&tmp)?;
         f.write_all(data)?;
+        if durable {
+            f.sync_all()?;
+        }
         drop(f);
-        fs::rename(&tmp, dest)
+        fs::rename(&tmp, dest)?;
+        if durable {
+            sync_dir(parent_dir(dest))?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
