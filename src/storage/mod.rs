@@ -447,15 +447,7 @@ impl Repo {
         }
         let stored_bytes = stored.len() as u64;
         let payload = PutPayload::from(stored);
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        let put = retry(&self.retry, &|| format!("write {}", key.key()), || {
-            self.store.put_opts(&path, payload.clone(), opts.clone())
-        })
-        .await;
-        match put {
+        match self.put_create(&path, key, &payload).await {
             Ok(_) => Ok(PutOutcome::Stored { stored_bytes }),
             Err(object_store::Error::AlreadyExists { .. }) => {
                 self.compare_existing(key, data).await
@@ -478,6 +470,23 @@ impl Repo {
         }
     }
 
+    /// A conditional create (`PutMode::Create`) of `payload` at `path`, with retries.
+    async fn put_create(
+        &self,
+        path: &object_store::path::Path,
+        key: &ObjectKey,
+        payload: &PutPayload,
+    ) -> Result<object_store::PutResult, object_store::Error> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        retry(&self.retry, &|| format!("write {}", key.key()), || {
+            self.store.put_opts(path, payload.clone(), opts.clone())
+        })
+        .await
+    }
+
     /// Store an already-enveloped object under a key nothing else uses (backup pieces): a
     /// conditional create, where an existing object is a `Conflict`.
     ///
@@ -487,15 +496,7 @@ impl Repo {
         let path = key.path();
         let len = stored.len() as u64;
         let payload = PutPayload::from(stored);
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        let put = retry(&self.retry, &|| format!("write {}", key.key()), || {
-            self.store.put_opts(&path, payload.clone(), opts.clone())
-        })
-        .await;
-        match put {
+        match self.put_create(&path, key, &payload).await {
             Ok(_) => Ok(len),
             Err(object_store::Error::AlreadyExists { .. }) => {
                 // Ours, if an earlier attempt was applied but its answer lost; anything else conflicts.
