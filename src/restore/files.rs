@@ -16,6 +16,7 @@ use futures::StreamExt;
 use crate::backup::manifest::{BackupManifest, CHUNK_SIZE};
 use crate::durable;
 use crate::storage::Repo;
+use crate::storage::envelope::{self, DecodeToError};
 use crate::storage::layout::ObjectKey;
 
 /// What was written.
@@ -149,27 +150,34 @@ pub async fn restore_files(
                     path: rel.clone(),
                     part,
                 };
-                let data = repo.get_big(&key, 1).await?.with_context(|| {
-                    format!(
-                        "backup piece {} is missing from {}",
-                        key.key(),
-                        repo.location()
-                    )
-                })?;
-                if data.len() as u64 != size || crc32c::crc32c(&data) != crc {
-                    bail!(
-                        "backup piece {} does not match its manifest entry",
-                        key.key()
-                    );
+                let name = key.key();
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let stored = repo.get_raw(&name).await?.with_context(|| {
+                        format!("backup piece {name} is missing from {}", repo.location())
+                    })?;
+                    let dest = dest.clone();
+                    let piece = name.clone();
+                    let written = tokio::task::spawn_blocking(move || {
+                        write_piece(&stored, &dest, offset, size, crc, &piece)
+                    })
+                    .await??;
+                    match written {
+                        Ok(n) => return anyhow::Ok(n),
+                        Err(detail) => {
+                            tracing::warn!(key = %name, attempt, "backup piece failed verification: {detail}");
+                            if attempt == crate::storage::READ_ATTEMPTS {
+                                return Err(crate::storage::RepoError::Corrupt {
+                                    key: name,
+                                    repo: repo.location().to_string(),
+                                    detail,
+                                }
+                                .into());
+                            }
+                        }
+                    }
                 }
-                tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-                    let f = std::fs::OpenOptions::new().write(true).open(&*dest)?;
-                    f.write_all_at(&data, offset)
-                        .with_context(|| format!("write {}", dest.display()))?;
-                    start_writeback(&f, offset, data.len());
-                    Ok(data.len() as u64)
-                })
-                .await?
             }
         })
         .buffer_unordered(jobs.max(1));
@@ -242,6 +250,43 @@ pub async fn restore_files(
         files: manifest.files.len(),
         bytes,
     })
+}
+
+/// Decompress one stored piece straight into `dest` at `offset`, a chunk at a time, checking it
+/// against the manifest (`size`, `crc`). `Ok(Err(detail))` means the stored bytes failed a check (the
+/// range written is then rewritten by a retry or the restore fails); `Err` is a local write failure.
+fn write_piece(
+    stored: &[u8],
+    dest: &Path,
+    offset: u64,
+    size: u64,
+    crc: u32,
+    piece: &str,
+) -> anyhow::Result<Result<u64, String>> {
+    let header = match envelope::decode_header(stored) {
+        Ok(h) => h,
+        Err(detail) => return Ok(Err(detail)),
+    };
+    if header.original_len != size || header.original_crc != crc {
+        return Ok(Err(format!(
+            "it holds {} bytes with CRC-32C {:08x}; the manifest says {size} bytes with {crc:08x}",
+            header.original_len, header.original_crc
+        )));
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dest)
+        .with_context(|| format!("open {}", dest.display()))?;
+    match envelope::decode_to(stored, |at, bytes| f.write_all_at(bytes, offset + at)) {
+        Ok(n) => {
+            start_writeback(&f, offset, n as usize);
+            Ok(Ok(n))
+        }
+        Err(DecodeToError::Corrupt(detail)) => Ok(Err(detail)),
+        Err(DecodeToError::Sink(e)) => {
+            Err(anyhow::Error::new(e).context(format!("write {} (from {piece})", dest.display())))
+        }
+    }
 }
 
 /// Ask the kernel to start writing a just-written range to disk without waiting, so the final fsync
