@@ -56,9 +56,13 @@ pub async fn get_with_prefetch(
         Ok(WalFileName::Segment(seg)) if prefetch.count > 0 && recovering => seg,
         _ => return get(repo, wal_name, dest).await,
     };
-    // A spooled copy, or one the running prefetcher is about to deliver.
+    if let Err(e) = super::prefetch::record_request(dest, seg) {
+        tracing::warn!("prefetching is off: {e:#}");
+        return get(repo, wal_name, dest).await;
+    }
+    // A spooled copy, or one the prefetcher is downloading right now.
     let outcome = if super::prefetch::take(dest, seg)
-        || (super::prefetch::busy(dest)
+        || (super::prefetch::in_flight(dest, seg)
             && super::prefetch::wait_and_take(dest, seg, std::time::Duration::from_secs(5)))
     {
         let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
@@ -73,8 +77,9 @@ pub async fn get_with_prefetch(
             .and_then(crate::pg::WalSegSize::new)
     {
         super::prefetch::prune(dest, seg, seg_size);
-        if let Err(e) =
-            super::prefetch::spawn(&prefetch.global_args, seg, dest, prefetch.count, seg_size)
+        if !super::prefetch::busy(dest)
+            && let Err(e) =
+                super::prefetch::spawn(&prefetch.global_args, seg, dest, prefetch.count, seg_size)
         {
             tracing::warn!("prefetching after {seg} is off: {e:#}");
         }
