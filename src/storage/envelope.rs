@@ -66,17 +66,39 @@ pub fn encode_parallel(
     threads: usize,
     original_crc: Option<u32>,
 ) -> std::io::Result<Vec<u8>> {
-    let pieces = threads.min(data.len() / MIN_PARALLEL_PIECE).max(1);
+    let pieces = if threads > 1 {
+        (data.len() / MIN_PARALLEL_PIECE).max(1)
+    } else {
+        1
+    };
     if compression != Compression::Zstd || pieces == 1 {
         let payload = compression.compress(data)?;
         let crc = original_crc.unwrap_or_else(|| crc32c::crc32c(data));
         return Ok(assemble(compression, data.len(), crc, &[payload]));
     }
+    // More pieces than threads, handed out one at a time: a thread slowed by other work (the WAL
+    // index, another process) takes fewer, so both cores finish together.
     let piece_len = data.len().div_ceil(pieces);
-    let frames = std::thread::scope(|s| {
-        let handles: Vec<_> = data
-            .chunks(piece_len)
-            .map(|piece| s.spawn(move || compression.compress(piece)))
+    let chunks: Vec<&[u8]> = data.chunks(piece_len).collect();
+    let want_crc = original_crc.is_none();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type Done = (usize, Vec<u8>, Option<u32>);
+    let mut done: Vec<Done> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.min(chunks.len()))
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<Vec<Done>> {
+                    let mut z = zstd::bulk::Compressor::new(crate::compress::ZSTD_LEVEL)?;
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(piece) = chunks.get(i) else {
+                            return Ok(mine);
+                        };
+                        let crc = want_crc.then(|| crc32c::crc32c(piece));
+                        mine.push((i, z.compress(piece)?, crc));
+                    }
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -85,8 +107,17 @@ pub fn encode_parallel(
                     .unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked")))
             })
             .collect::<std::io::Result<Vec<_>>>()
-    })?;
-    let crc = original_crc.unwrap_or_else(|| crc32c::crc32c(data));
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
+    done.sort_unstable_by_key(|d| d.0);
+    let crc = original_crc.unwrap_or_else(|| {
+        done.iter().fold(0, |acc, (i, _, c)| {
+            crc32c::crc32c_combine(acc, c.unwrap_or_default(), chunks[*i].len())
+        })
+    });
+    let frames: Vec<Vec<u8>> = done.into_iter().map(|(_, frame, _)| frame).collect();
     Ok(assemble(compression, data.len(), crc, &frames))
 }
 
