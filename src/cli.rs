@@ -56,7 +56,7 @@ pub enum Command {
     ArchivePush {
         /// The file to archive (%p), relative to the working directory (the data directory).
         wal_path: PathBuf,
-        /// Async archiving: push this file together with up to N-1 of the next files PostgreSQL has
+        /// Async archiving: push this file together with up to 4N-1 of the next files PostgreSQL has
         /// ready (`pg_wal/archive_status/*.ready`), N uploads at once; the calls for those then find
         /// them stored and return at once. Only stored files are ever acknowledged. 1 = one at a time.
         #[arg(long, env = "PITR_ARCHIVE_PARALLEL", default_value_t = 1, value_name = "N",

@@ -50,7 +50,37 @@ pub fn replace_atomically(dest: &Path, data: &[u8]) -> io::Result<()> {
     write_via_temp(dest, data, false)
 }
 
+/// Fill a temp file beside `dest` with `fill`, then rename it over `dest` (atomic, not durable, like
+/// [`replace_atomically`]). When `fill` fails, `dest` is untouched and the temp file removed.
+///
+/// # Errors
+/// `fill`'s error, or the I/O error of creating or renaming the temp file.
+pub fn replace_with<T, E: From<io::Error>>(
+    dest: &Path,
+    fill: impl FnOnce(&File) -> Result<T, E>,
+) -> Result<T, E> {
+    let tmp = temp_path(dest)?;
+    let result = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let out = fill(&f)?;
+        drop(f);
+        fs::rename(&tmp, dest)?;
+        Ok(out)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn write_via_temp(dest: &Path, data: &[u8], durable: bool) -> io::Result<()> {
+    if !durable {
+        return replace_with(dest, |mut f| f.write_all(data));
+    }
     let tmp = temp_path(dest)?;
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -59,14 +89,10 @@ fn write_via_temp(dest: &Path, data: &[u8], durable: bool) -> io::Result<()> {
             .truncate(true)
             .open(&tmp)?;
         f.write_all(data)?;
-        if durable {
-            f.sync_all()?;
-        }
+        f.sync_all()?;
         drop(f);
         fs::rename(&tmp, dest)?;
-        if durable {
-            sync_dir(parent_dir(dest))?;
-        }
+        sync_dir(parent_dir(dest))?;
         Ok(())
     })();
     if result.is_err() {
@@ -91,6 +117,22 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("RECOVERYXLOG")]);
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_old_file_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("RECOVERYXLOG");
+        write_atomically(&dest, b"old").unwrap();
+        let r: io::Result<()> = replace_with(&dest, |mut f| {
+            f.write_all(b"half")?;
+            Err(io::Error::other("corrupt"))
+        });
+        assert!(r.is_err());
+        assert_eq!(fs::read(&dest).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        replace_with(&dest, |mut f| f.write_all(b"new")).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
     }
 
     #[test]

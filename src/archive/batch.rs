@@ -1,5 +1,6 @@
 //! Async archiving: `archive-push --parallel N` pushes the segment PostgreSQL asked for together with
-//! up to N−1 of the next files waiting in `archive_status/*.ready`, N uploads at once, and records each
+//! up to 4N−1 of the next files waiting in `archive_status/*.ready`, N uploads at once (reading and
+//! compressing the next file while earlier ones upload), and records each
 //! extra file that is durably stored with a marker in `pg_wal/pitr_push/`. When PostgreSQL then asks
 //! for one of those, the call finds its marker and answers at once.
 //!
@@ -28,7 +29,13 @@ use crate::storage::{PutOutcome, Repo};
 /// The directory under `pg_wal` holding markers of files pushed ahead.
 pub const MARKER_DIR: &str = "pitr_push";
 
-/// Push `wal_path`, and with it up to `parallel - 1` more `.ready` files (see the module docs).
+/// Files one call takes on per upload slot: a batch of several rounds of uploads keeps the store busy
+/// while the next files are compressed, and spreads the wait for a batch's slowest upload over more
+/// files. Like pgBackRest's async queue, this is about how much a call takes on, not concurrency.
+pub const FILES_PER_UPLOAD: usize = 4;
+
+/// Push `wal_path`, and with it up to `FILES_PER_UPLOAD * parallel - 1` more `.ready` files, `parallel`
+/// uploads at once (see the module docs).
 ///
 /// # Errors
 /// When `wal_path` itself could not be stored; failures of the extra files are only logged (PostgreSQL
@@ -61,7 +68,7 @@ pub async fn push_with_ahead(
     }
     let ahead = if parallel > 1 {
         forget_stale_markers(&pg_wal, &markers);
-        ready_files(&pg_wal, name, &markers, parallel - 1)
+        ready_files(&pg_wal, name, &markers, FILES_PER_UPLOAD * parallel - 1)
     } else {
         Vec::new()
     };
@@ -214,18 +221,19 @@ mod tests {
 
     #[tokio::test]
     async fn later_calls_find_their_segment_already_stored() {
-        let (_d, files) = pg_wal(6);
+        let (_d, files) = pg_wal(10);
         let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://ahead");
-        let first = push_with_ahead(&repo, &files[0], Compression::Zstd, 4)
+        // Two upload slots: the call takes on its own file and 2 * FILES_PER_UPLOAD - 1 = 7 more.
+        let first = push_with_ahead(&repo, &files[0], Compression::Zstd, 2)
             .await
             .unwrap();
         assert!(matches!(first.outcome, PutOutcome::Stored { .. }));
         archived(&files[0]);
         let markers = files[0].parent().unwrap().join(MARKER_DIR);
         let marked: Vec<_> = std::fs::read_dir(&markers).unwrap().flatten().collect();
-        assert_eq!(marked.len(), 3, "segments 4, 5, 6 pushed ahead");
+        assert_eq!(marked.len(), 7, "the next seven segments pushed ahead");
         // Every file pushed ahead is really stored, byte for byte.
-        for f in &files[1..4] {
+        for f in &files[1..8] {
             let name = push::name_of(f).unwrap();
             let got = repo
                 .get(&crate::storage::layout::ObjectKey::Wal(name))
@@ -234,19 +242,20 @@ mod tests {
                 .unwrap();
             assert_eq!(got, std::fs::read(f).unwrap());
         }
-        for f in &files[1..4] {
-            let r = push_with_ahead(&repo, f, Compression::Zstd, 4)
+        for f in &files[1..8] {
+            let r = push_with_ahead(&repo, f, Compression::Zstd, 2)
                 .await
                 .unwrap();
             assert_eq!(r.outcome, PutOutcome::AlreadyStored);
             archived(f);
         }
         assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 0);
-        // Segment 7 and 8 were not pushed ahead: 7's call stores both.
-        let r = push_with_ahead(&repo, &files[4], Compression::Zstd, 4)
+        // The last two were not pushed ahead: the first one's call stores both.
+        let r = push_with_ahead(&repo, &files[8], Compression::Zstd, 2)
             .await
             .unwrap();
         assert!(matches!(r.outcome, PutOutcome::Stored { .. }));
+        assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 1);
     }
 
     #[tokio::test]

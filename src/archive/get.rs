@@ -6,6 +6,7 @@
 //! it fsyncs it itself before renaming it into place. See `exit` for how
 //! outcomes map to exit codes.
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::Context;
@@ -13,6 +14,7 @@ use anyhow::Context;
 use crate::durable;
 use crate::pg::WalFileName;
 use crate::storage::Repo;
+use crate::storage::envelope::{self, DecodeToError};
 use crate::storage::layout::ObjectKey;
 
 /// What a fetch did.
@@ -100,22 +102,51 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
             return Ok(GetOutcome::NotFound);
         }
     };
-    let Some(data) = repo
-        .get_big(&ObjectKey::Wal(name), crate::archive::push::push_threads())
-        .await
-        .with_context(|| format!("fetch {name}"))?
-    else {
-        tracing::debug!("{name} is not in {}", repo.location());
-        return Ok(GetOutcome::NotFound);
-    };
-    durable::replace_atomically(dest, &data)
-        .with_context(|| format!("write {name} to {}", dest.display()))?;
-    tracing::debug!(
-        "restored {name} ({} bytes) to {}",
-        data.len(),
-        dest.display()
-    );
-    Ok(GetOutcome::Written {
-        bytes: data.len() as u64,
-    })
+    let key = ObjectKey::Wal(name);
+    let threads = crate::archive::push::push_threads();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let Some(stored) = repo
+            .get_raw(&key.key())
+            .await
+            .with_context(|| format!("fetch {name}"))?
+        else {
+            tracing::debug!("{name} is not in {}", repo.location());
+            return Ok(GetOutcome::NotFound);
+        };
+        // Decompressed straight into a temp file beside %p, which is renamed into place only once
+        // every check passed: PostgreSQL never sees a partial or unverified file.
+        let target = dest.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || {
+            durable::replace_with(&target, |f| {
+                envelope::decode_to_parallel(&stored, threads, |at, bytes| {
+                    f.write_all_at(bytes, at)
+                })
+            })
+        })
+        .await?;
+        match written {
+            Ok(bytes) => {
+                tracing::debug!("restored {name} ({bytes} bytes) to {}", dest.display());
+                return Ok(GetOutcome::Written { bytes });
+            }
+            Err(DecodeToError::Sink(e)) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("write {name} to {}", dest.display()))
+                );
+            }
+            Err(DecodeToError::Corrupt(detail)) => {
+                tracing::warn!(key = %key.key(), attempt, "stored object failed verification: {detail}");
+                if attempt == crate::storage::READ_ATTEMPTS {
+                    return Err(anyhow::Error::new(crate::storage::RepoError::Corrupt {
+                        key: key.key(),
+                        repo: repo.location().to_string(),
+                        detail,
+                    })
+                    .context(format!("fetch {name}")));
+                }
+            }
+        }
+    }
 }

@@ -243,6 +243,9 @@ pub async fn run(
     let mut next = after.segno(seg_size).context("segment number")?.0 + 1;
     let mut position = after;
     let mut last_change = std::time::Instant::now();
+    // Downloads overlap (a distant store's latency), but one segment is decompressed at a time: the
+    // prefetcher must not take CPU from the startup process replaying the WAL it fetches.
+    let decode = tokio::sync::Semaphore::new(1);
     let mut fetches = futures::stream::FuturesUnordered::new();
     loop {
         if !spool.is_dir() || spool.join(STOP_FILE).exists() {
@@ -262,7 +265,7 @@ pub async fn run(
         next = next.max(now + 1);
         while next <= now + n && fetches.len() < n as usize {
             if let Some(seg) = SegmentName::new(after.tli, SegNo(next), seg_size) {
-                fetches.push(fetch_one(repo, spool, seg));
+                fetches.push(fetch_one(repo, spool, seg, &decode));
             }
             next += 1;
         }
@@ -289,7 +292,12 @@ pub async fn run(
 }
 
 /// Download `seg` into the spool unless it is there; `false` if the repository does not hold it.
-async fn fetch_one(repo: &Repo, spool: &Path, seg: SegmentName) -> anyhow::Result<bool> {
+async fn fetch_one(
+    repo: &Repo,
+    spool: &Path,
+    seg: SegmentName,
+    decode: &tokio::sync::Semaphore,
+) -> anyhow::Result<bool> {
     let dest = spool.join(seg.to_string());
     if dest.exists() {
         return Ok(true);
@@ -311,6 +319,7 @@ async fn fetch_one(repo: &Repo, spool: &Path, seg: SegmentName) -> anyhow::Resul
             return Err(e.into());
         }
     };
+    let _permit = decode.acquire().await?;
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let f = std::fs::OpenOptions::new().write(true).truncate(true).open(&tmp)?;
         match envelope::decode_to(&stored, |at, bytes| f.write_all_at(bytes, at)) {

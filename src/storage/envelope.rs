@@ -306,6 +306,12 @@ pub enum DecodeToError {
     Sink(std::io::Error),
 }
 
+impl From<std::io::Error> for DecodeToError {
+    fn from(e: std::io::Error) -> Self {
+        DecodeToError::Sink(e)
+    }
+}
+
 /// How much decompressed data [`decode_to`] hands to its sink at a time: small enough to stay in
 /// the CPU's cache between the decompressor writing it, the checksum reading it and the sink copying
 /// it out, large enough that each sink call is worth its system call.
@@ -389,6 +395,120 @@ pub fn decode_to(
         )));
     }
     Ok(offset)
+}
+
+/// [`decode_to`] with the zstd frames of a payload written by [`encode_parallel`] decoded on up to
+/// `threads` threads at once, each streaming its frame to `sink` at the frame's offset (so calls
+/// arrive out of order, from several threads). The content checksum is combined from the frames'.
+///
+/// # Errors
+/// As [`decode_to`].
+pub fn decode_to_parallel(
+    stored: &[u8],
+    threads: usize,
+    sink: impl Fn(u64, &[u8]) -> std::io::Result<()> + Sync,
+) -> Result<u64, DecodeToError> {
+    use DecodeToError::{Corrupt, Sink};
+    let header = decode_header(stored).map_err(Corrupt)?;
+    let payload = &stored[HEADER_LEN..];
+    let frames = match header.compression {
+        Compression::Zstd if threads > 1 => zstd_frames(payload).map_err(Corrupt)?,
+        _ => Vec::new(),
+    };
+    let sizes: Option<Vec<usize>> = frames.iter().map(|f| f.1).collect();
+    let sizes = match sizes {
+        Some(sizes)
+            if frames.len() > 1 && sizes.iter().sum::<usize>() as u64 == header.original_len =>
+        {
+            sizes
+        }
+        _ => return decode_to(stored, sink),
+    };
+    if crc32c::crc32c(payload) != le32(stored, 24) {
+        return Err(Corrupt("payload checksum mismatch".into()));
+    }
+    let offsets: Vec<u64> = sizes
+        .iter()
+        .scan(0u64, |at, &n| {
+            let this = *at;
+            *at += n as u64;
+            Some(this)
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (frames, sink) = (&frames, &sink);
+    let (sizes_ref, offsets) = (&sizes, &offsets);
+    let done = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.min(frames.len()))
+            .map(|_| {
+                let next = &next;
+                s.spawn(move || -> Result<Vec<(usize, u32)>, DecodeToError> {
+                    let mut mine = Vec::new();
+                    let mut state = STREAM_STATES
+                        .lock()
+                        .ok()
+                        .and_then(|mut idle| idle.pop())
+                        .unwrap_or_else(new_stream_state);
+                    let result = loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(frame) = frames.get(i) else {
+                            break Ok(());
+                        };
+                        let (size, base) = (sizes_ref[i], offsets[i]);
+                        let (mut crc, mut pos) = (0u32, 0usize);
+                        let streamed = zstd_stream(frame.0, &mut state, &mut |bytes: &[u8]| {
+                            if pos + bytes.len() > size {
+                                return Err(Corrupt(format!(
+                                    "a frame decompresses to more than the {size} bytes it declares"
+                                )));
+                            }
+                            crc = crc32c::crc32c_append(crc, bytes);
+                            sink(base + pos as u64, bytes).map_err(Sink)?;
+                            pos += bytes.len();
+                            Ok(())
+                        });
+                        if let Err(e) = streamed {
+                            break Err(e);
+                        }
+                        if pos != size {
+                            break Err(Corrupt(format!(
+                                "a frame decompressed to {pos} bytes, expected {size}"
+                            )));
+                        }
+                        mine.push((i, crc));
+                    };
+                    if let Ok(mut idle) = STREAM_STATES.lock() {
+                        idle.push(state);
+                    }
+                    result.map(|()| mine)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Sink(std::io::Error::other("decompression thread panicked")))
+                })
+            })
+            .collect::<Result<Vec<_>, DecodeToError>>()
+    })?;
+    let mut done: Vec<(usize, u32)> = done.into_iter().flatten().collect();
+    done.sort_unstable_by_key(|d| d.0);
+    let crc = done
+        .iter()
+        .fold(0, |acc, &(i, c)| crc32c::crc32c_combine(acc, c, sizes[i]));
+    if crc != header.original_crc {
+        return Err(Corrupt(format!(
+            "content checksum {crc:08x} differs from the stored {:08x}",
+            header.original_crc
+        )));
+    }
+    Ok(header.original_len)
+}
+
+fn new_stream_state() -> StreamState {
+    (zstd::zstd_safe::DCtx::create(), vec![0; STREAM_CHUNK])
 }
 
 /// Decompress the zstd `payload` chunk by chunk into `emit`.
@@ -501,6 +621,20 @@ mod tests {
         Ok(out)
     }
 
+    /// `decode_to_parallel` on `threads` threads, collected.
+    fn streamed_parallel(stored: &[u8], threads: usize) -> Result<Vec<u8>, String> {
+        let len = decode_header(stored)?.original_len as usize;
+        let out = std::sync::Mutex::new(vec![0u8; len]);
+        let n = decode_to_parallel(stored, threads, |off, b| {
+            let off = off as usize;
+            out.lock().unwrap()[off..off + b.len()].copy_from_slice(b);
+            Ok(())
+        })
+        .map_err(|e| format!("{e:?}"))?;
+        assert_eq!(n as usize, len);
+        Ok(out.into_inner().unwrap())
+    }
+
     #[test]
     fn streaming_decode_matches_and_catches_damage() {
         let data: Vec<u8> = (0..9u32 << 20)
@@ -518,6 +652,7 @@ mod tests {
                 let mid = HEADER_LEN + (bad.len() - HEADER_LEN) / 2;
                 bad[mid] ^= 1;
                 assert!(streamed(&bad).is_err(), "{c}: payload flip");
+                assert!(streamed_parallel(&bad, 2).is_err(), "{c}: payload flip");
                 assert!(
                     streamed(&stored[..stored.len() - 1]).is_err(),
                     "{c}: truncated"
@@ -539,6 +674,16 @@ mod tests {
             &[cut.to_vec()],
         );
         assert!(streamed(&forged).is_err());
+        // The same for a two-frame payload whose second frame was cut and its checksums recomputed.
+        let two = encode_parallel(&data, Compression::Zstd, 2, None).unwrap();
+        let cut = &two[HEADER_LEN..two.len() - 100];
+        let forged = assemble(
+            Compression::Zstd,
+            data.len(),
+            crc32c::crc32c(&data),
+            &[cut.to_vec()],
+        );
+        assert!(streamed_parallel(&forged, 2).is_err());
         // A sink error stops the decode and is passed back as is.
         let err = decode_to(&stored, |_, _| Err(std::io::Error::other("disk full"))).unwrap_err();
         assert!(
