@@ -53,18 +53,8 @@ pub async fn push_with_ahead(
         _ => PathBuf::from("."),
     };
     let markers = pg_wal.join(MARKER_DIR);
-    let marker = markers.join(name.to_string());
-    if let Some(expected) = marker_text(repo, wal_path)
-        && std::fs::read_to_string(&marker).is_ok_and(|m| m == expected)
-    {
-        let _ = std::fs::remove_file(&marker);
-        tracing::debug!("{name} was archived ahead by an earlier call");
-        return Ok(PushReport {
-            name,
-            outcome: PutOutcome::AlreadyStored,
-            original_bytes: std::fs::metadata(wal_path).map_or(0, |m| m.len()),
-            elapsed: start.elapsed(),
-        });
+    if let Some(report) = answered_by_marker(repo.location(), wal_path) {
+        return Ok(report);
     }
     let ahead = if parallel > 1 {
         forget_stale_markers(&pg_wal, &markers);
@@ -106,7 +96,7 @@ pub async fn push_with_ahead(
         }
         match result {
             Ok(report) => {
-                if let Some(text) = marker_text(repo, &path) {
+                if let Some(text) = marker_text(repo.location(), &path) {
                     let m = markers.join(report.name.to_string());
                     if let Err(e) = std::fs::write(&m, text) {
                         tracing::warn!("record {} as archived: {e}", m.display());
@@ -122,12 +112,37 @@ pub async fn push_with_ahead(
     own.unwrap_or_else(|| Err(anyhow::anyhow!("{name}: the push did not run")))
 }
 
-/// What a marker for `path` in `repo` says: the repository, and the file's size and modification time.
-fn marker_text(repo: &Repo, path: &Path) -> Option<String> {
+/// If an earlier call already stored `wal_path` in the repository at `location` (its marker says so),
+/// consume the marker and report the file as stored. Needs no connection to the store, so
+/// `archive-push` checks this before it opens one.
+pub fn answered_by_marker(location: &str, wal_path: &Path) -> Option<PushReport> {
+    let start = Instant::now();
+    let name = push::name_of(wal_path).ok()?;
+    let pg_wal = match wal_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let marker = pg_wal.join(MARKER_DIR).join(name.to_string());
+    let expected = marker_text(location, wal_path)?;
+    if !std::fs::read_to_string(&marker).is_ok_and(|m| m == expected) {
+        return None;
+    }
+    let _ = std::fs::remove_file(&marker);
+    tracing::debug!("{name} was archived ahead by an earlier call");
+    Some(PushReport {
+        name,
+        outcome: PutOutcome::AlreadyStored,
+        original_bytes: std::fs::metadata(wal_path).map_or(0, |m| m.len()),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// What a marker for `path` in the repository at `location` says: the repository, and the file's size and modification time.
+fn marker_text(location: &str, path: &Path) -> Option<String> {
     let m = std::fs::metadata(path).ok()?;
     Some(format!(
         "repo {}\nsize {}\nmtime {}.{:09}\n",
-        repo.location(),
+        location,
         m.len(),
         m.mtime(),
         m.mtime_nsec()
