@@ -24,6 +24,7 @@ use futures::StreamExt;
 use super::push::{self, PushReport};
 use crate::compress::Compression;
 use crate::pg::WalFileName;
+use crate::storage::layout::ObjectKey;
 use crate::storage::{PutOutcome, Repo};
 
 /// The directory under `pg_wal` holding markers of files pushed ahead.
@@ -72,13 +73,29 @@ pub async fn push_with_ahead(
     let files: Vec<PathBuf> = std::iter::once(wal_path.to_path_buf())
         .chain(ahead)
         .collect();
+    // Where the store wants a look before each create (S3), one listing answers for the whole batch.
+    let listed = if repo.looks_first() {
+        let keys: Vec<ObjectKey> = files
+            .iter()
+            .filter_map(|p| listable(p))
+            .map(ObjectKey::Wal)
+            .collect();
+        repo.which_exist(&keys).await
+    } else {
+        None
+    };
+    let known = |path: &Path| -> Option<bool> {
+        let listed = listed.as_ref()?;
+        let key = ObjectKey::Wal(listable(path)?).key();
+        Some(listed.contains(&key))
+    };
     let mut results = futures::stream::iter(files.into_iter().enumerate())
         .map(|(i, path)| {
             let cpu = cpu.clone();
             async move {
                 let prepared = {
                     let _permit = cpu.acquire().await;
-                    push::prepare(repo, &path, compression).await
+                    push::prepare_known(repo, &path, compression, known(&path)).await
                 };
                 let result = match prepared {
                     Ok(p) => push::store(repo, p, compression, start).await,
@@ -110,6 +127,14 @@ pub async fn push_with_ahead(
         }
     }
     own.unwrap_or_else(|| Err(anyhow::anyhow!("{name}: the push did not run")))
+}
+
+/// The name of `path` if it is a segment (or partial segment), the files one listing can answer for.
+fn listable(path: &Path) -> Option<WalFileName> {
+    match push::name_of(path).ok()? {
+        n @ (WalFileName::Segment(_) | WalFileName::Partial(_)) => Some(n),
+        _ => None,
+    }
 }
 
 /// If an earlier call already stored `wal_path` in the repository at `location` (its marker says so),

@@ -100,6 +100,20 @@ pub async fn prepare(
     wal_path: &Path,
     compression: Compression,
 ) -> anyhow::Result<Prepared> {
+    prepare_known(repo, wal_path, compression, None).await
+}
+
+/// [`prepare`], where the caller may already know whether the repository holds the file (`known`,
+/// from one listing for a batch), so no lookup of its own is needed.
+///
+/// # Errors
+/// As [`prepare`].
+pub async fn prepare_known(
+    repo: &Repo,
+    wal_path: &Path,
+    compression: Compression,
+    known: Option<bool>,
+) -> anyhow::Result<Prepared> {
     let name = name_of(wal_path)?;
     let (original_len, stored, summary, identity, looked) = match name {
         WalFileName::Segment(seg) | WalFileName::Partial(seg) => {
@@ -121,7 +135,12 @@ pub async fn prepare(
             };
             let looked = repo.looks_first().then(|| {
                 let repo = repo.clone();
-                tokio::spawn(async move { repo.exists(&ObjectKey::Wal(name)).await })
+                tokio::spawn(async move {
+                    match known {
+                        Some(found) => Ok(found),
+                        None => repo.exists(&ObjectKey::Wal(name)).await,
+                    }
+                })
             });
             let index = matches!(name, WalFileName::Segment(_));
             let display = wal_path.display().to_string();

@@ -551,6 +551,47 @@ impl Repo {
         }
     }
 
+    /// Which of `keys` exist, found with one listing that starts just before the smallest (S3 lists in
+    /// key order, so it stops after the largest) instead of one lookup each. Only keys in one
+    /// directory are answered; `None` when they are not, or when the listing fails (callers then look
+    /// each key up).
+    pub async fn which_exist(
+        &self,
+        keys: &[ObjectKey],
+    ) -> Option<std::collections::HashSet<String>> {
+        use futures::StreamExt;
+        let names: Vec<String> = keys.iter().map(ObjectKey::key).collect();
+        let dir = |k: &str| k.rsplit_once('/').map(|(d, _)| d.to_string());
+        let first_dir = dir(names.first()?)?;
+        if names.iter().any(|k| dir(k).as_deref() != Some(&first_dir)) {
+            return None;
+        }
+        let (min, max) = (names.iter().min()?, names.iter().max()?);
+        // Everything after `min` minus its last character: `min` itself and all that follow.
+        let offset = object_store::path::Path::from(&min[..min.len() - 1]);
+        let prefix = object_store::path::Path::from(first_dir.as_str());
+        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut found = std::collections::HashSet::new();
+        let mut listing = self.store.list_with_offset(Some(&prefix), &offset);
+        while let Some(item) = listing.next().await {
+            let meta = match item {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!("listing {prefix} failed, looking keys up one by one: {e}");
+                    return None;
+                }
+            };
+            let key = meta.location.to_string();
+            if key.as_str() > max.as_str() {
+                break;
+            }
+            if wanted.contains(key.as_str()) {
+                found.insert(key);
+            }
+        }
+        Some(found)
+    }
+
     /// Whether an object exists.
     ///
     /// # Errors
@@ -797,6 +838,40 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[tokio::test]
+    async fn one_listing_says_which_segments_exist() {
+        let mem = Arc::new(InMemory::new());
+        let repo = Repo::from_store_look_first(mem, "memory://list");
+        for n in [
+            "000000010000000000000003",
+            "000000010000000000000005",
+            "000000010000000000000009",
+        ] {
+            repo.put_new(&key(n), b"x", Compression::None)
+                .await
+                .unwrap();
+        }
+        let ask: Vec<ObjectKey> = (3..=6)
+            .map(|i| key(&format!("0000000100000000000000{i:02}")))
+            .collect();
+        let found = repo.which_exist(&ask).await.unwrap();
+        let mut found: Vec<String> = found.into_iter().collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                key("000000010000000000000003").key(),
+                key("000000010000000000000005").key()
+            ]
+        );
+        // Keys in two directories (two timelines) are not answered by one listing.
+        let mixed = [
+            key("000000010000000000000003"),
+            key("000000020000000000000003"),
+        ];
+        assert!(repo.which_exist(&mixed).await.is_none());
     }
 
     #[tokio::test]
