@@ -142,17 +142,23 @@ const STOP_FILE: &str = ".stop";
 /// A prefetcher whose recovery has not asked for anything for this long exits.
 const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Record that recovery asked for `seg` (for the prefetcher to keep ahead of it). Creates the spool.
-///
-/// # Errors
-/// The spool cannot be created or written.
-pub fn record_request(dest: &Path, seg: SegmentName) -> anyhow::Result<()> {
+/// The spool directory for `dest`, created (0700) if missing.
+fn create_spool(dest: &Path) -> anyhow::Result<PathBuf> {
     let spool = spool_dir(dest);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&spool)
         .with_context(|| format!("create {}", spool.display()))?;
+    Ok(spool)
+}
+
+/// Record that recovery asked for `seg` (for the prefetcher to keep ahead of it). Creates the spool.
+///
+/// # Errors
+/// The spool cannot be created or written.
+pub fn record_request(dest: &Path, seg: SegmentName) -> anyhow::Result<()> {
+    let spool = create_spool(dest)?;
     durable::replace_atomically(&spool.join(REQUEST_FILE), seg.to_string().as_bytes())
         .with_context(|| format!("write {}", spool.join(REQUEST_FILE).display()))
 }
@@ -194,12 +200,7 @@ pub fn spawn(
     seg_size: WalSegSize,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("find the pitr binary")?;
-    let spool = spool_dir(dest);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&spool)
-        .with_context(|| format!("create {}", spool.display()))?;
+    let spool = create_spool(dest)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(global_args)
         .arg("archive-prefetch")
