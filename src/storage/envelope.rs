@@ -13,7 +13,6 @@
 //! 32..   payload
 //! ```
 
-use crate::bigbuf::BigBuf;
 use crate::compress::Compression;
 
 /// Header magic and format version.
@@ -204,96 +203,6 @@ pub fn decode(stored: &[u8]) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(data)
-}
-
-/// Like [`decode`], but into a [`BigBuf`], with the zstd frames of a payload written by
-/// [`encode_parallel`] decompressed on up to `threads` threads at once (each checksumming its part).
-///
-/// # Errors
-/// A description of the first check that failed.
-pub fn decode_parallel(stored: &[u8], threads: usize) -> Result<BigBuf, String> {
-    let header = decode_header(stored)?;
-    let payload = &stored[HEADER_LEN..];
-    if crc32c::crc32c(payload) != le32(stored, 24) {
-        return Err("payload checksum mismatch".into());
-    }
-    let len = usize::try_from(header.original_len).map_err(|_| "object too large".to_string())?;
-    let frames = match header.compression {
-        Compression::Zstd if threads > 1 => zstd_frames(payload)?,
-        _ => Vec::new(),
-    };
-    let sizes: Option<Vec<usize>> = frames.iter().map(|f| f.1).collect();
-    let mut out = BigBuf::zeroed(len);
-    let crc = match sizes {
-        Some(sizes) if frames.len() > 1 && sizes.iter().sum::<usize>() == len => {
-            // Carve the output into one slice per frame, then share the frames among the threads.
-            let mut slices = Vec::with_capacity(frames.len());
-            let mut rest = out.as_mut_slice();
-            for &size in &sizes {
-                let (head, tail) = rest.split_at_mut(size);
-                slices.push(head);
-                rest = tail;
-            }
-            let per_thread = frames.len().div_ceil(threads);
-            let work: Vec<Vec<(&[u8], &mut [u8])>> = {
-                let mut pairs: Vec<(&[u8], &mut [u8])> =
-                    frames.iter().map(|f| f.0).zip(slices).collect();
-                let mut groups = Vec::new();
-                while !pairs.is_empty() {
-                    let rest = pairs.split_off(per_thread.min(pairs.len()));
-                    groups.push(std::mem::replace(&mut pairs, rest));
-                }
-                groups
-            };
-            let crcs = std::thread::scope(|s| {
-                let handles: Vec<_> = work
-                    .into_iter()
-                    .map(|group| {
-                        s.spawn(move || {
-                            let mut d = zstd::bulk::Decompressor::new()
-                                .map_err(|e| format!("zstd: {e}"))?;
-                            let mut crcs = Vec::new();
-                            for (frame, dest) in group {
-                                let n = d
-                                    .decompress_to_buffer(frame, &mut *dest)
-                                    .map_err(|e| format!("zstd: {e}"))?;
-                                if n != dest.len() {
-                                    return Err(format!(
-                                        "a frame decompressed to {n} bytes, expected {}",
-                                        dest.len()
-                                    ));
-                                }
-                                crcs.push((crc32c::crc32c(dest), n));
-                            }
-                            Ok(crcs)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err("decompression thread panicked".into()))
-                    })
-                    .collect::<Result<Vec<_>, String>>()
-            })?;
-            crcs.into_iter()
-                .flatten()
-                .fold(0, |acc, (c, n)| crc32c::crc32c_combine(acc, c, n))
-        }
-        _ => {
-            let data = header.compression.decompress(payload, len)?;
-            out = BigBuf::from(data);
-            crc32c::crc32c(&out)
-        }
-    };
-    if crc != header.original_crc {
-        return Err(format!(
-            "content checksum {crc:08x} differs from the stored {:08x}",
-            header.original_crc
-        ));
-    }
-    Ok(out)
 }
 
 /// Why [`decode_to`] stopped.
@@ -703,11 +612,11 @@ mod tests {
                 let stored = encode_parallel(&data, c, threads, None).unwrap();
                 assert_eq!(decode(&stored).unwrap(), data, "{c} on {threads} threads");
                 for readers in [1, 2, 3] {
-                    assert_eq!(&*decode_parallel(&stored, readers).unwrap(), &data[..]);
+                    assert_eq!(streamed_parallel(&stored, readers).unwrap(), data);
                     let mut bad = stored.clone();
                     let last = bad.len() - 1;
                     bad[last] ^= 1;
-                    assert!(decode_parallel(&bad, readers).is_err());
+                    assert!(streamed_parallel(&bad, readers).is_err());
                 }
                 let with_crc =
                     encode_parallel(&data, c, threads, Some(crc32c::crc32c(&data))).unwrap();

@@ -344,20 +344,6 @@ impl Repo {
         self.get_decoded(key, envelope::decode).await
     }
 
-    /// [`Repo::get`] for large objects (WAL segments, backup pieces): decompressed into a
-    /// [`BigBuf`], on up to `threads` threads.
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be read, `Corrupt` when the object fails verification.
-    pub async fn get_big(
-        &self,
-        key: &ObjectKey,
-        threads: usize,
-    ) -> Result<Option<crate::bigbuf::BigBuf>, RepoError> {
-        self.get_decoded(key, |stored| envelope::decode_parallel(stored, threads))
-            .await
-    }
-
     async fn get_decoded<T>(
         &self,
         key: &ObjectKey,
