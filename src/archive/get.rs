@@ -104,49 +104,38 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
     };
     let key = ObjectKey::Wal(name);
     let threads = crate::archive::push::push_threads();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let Some(stored) = repo
-            .get_raw(&key.key())
-            .await
-            .with_context(|| format!("fetch {name}"))?
-        else {
-            tracing::debug!("{name} is not in {}", repo.location());
-            return Ok(GetOutcome::NotFound);
-        };
-        // Decompressed straight into a temp file beside %p, which is renamed into place only once
-        // every check passed: PostgreSQL never sees a partial or unverified file.
-        let target = dest.to_path_buf();
-        let written = tokio::task::spawn_blocking(move || {
-            durable::replace_with(&target, |f| {
-                envelope::decode_to_parallel(&stored, threads, |at, bytes| {
-                    f.write_all_at(bytes, at)
-                })
-            })
-        })
-        .await?;
-        match written {
-            Ok(bytes) => {
-                tracing::debug!("restored {name} ({bytes} bytes) to {}", dest.display());
-                return Ok(GetOutcome::Written { bytes });
-            }
-            Err(DecodeToError::Sink(e)) => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("write {name} to {}", dest.display()))
-                );
-            }
-            Err(DecodeToError::Corrupt(detail)) => {
-                tracing::warn!(key = %key.key(), attempt, "stored object failed verification: {detail}");
-                if attempt == crate::storage::READ_ATTEMPTS {
-                    return Err(anyhow::Error::new(crate::storage::RepoError::Corrupt {
-                        key: key.key(),
-                        repo: repo.location().to_string(),
-                        detail,
+    // Decompressed straight into a temp file beside %p, which is renamed into place only once every
+    // check passed: PostgreSQL never sees a partial or unverified file.
+    let written = repo
+        .read_verified(&key, |stored| {
+            let target = dest.to_path_buf();
+            async move {
+                let written = tokio::task::spawn_blocking(move || {
+                    durable::replace_with(&target, |f| {
+                        envelope::decode_to_parallel(&stored, threads, |at, bytes| {
+                            f.write_all_at(bytes, at)
+                        })
                     })
-                    .context(format!("fetch {name}")));
+                })
+                .await?;
+                match written {
+                    Ok(bytes) => Ok(Ok(bytes)),
+                    Err(DecodeToError::Corrupt(detail)) => Ok(Err(detail)),
+                    Err(DecodeToError::Sink(e)) => Err(anyhow::Error::new(e)
+                        .context(format!("write {name} to {}", dest.display()))),
                 }
             }
+        })
+        .await
+        .with_context(|| format!("fetch {name}"))?;
+    match written {
+        Some(bytes) => {
+            tracing::debug!("restored {name} ({bytes} bytes) to {}", dest.display());
+            Ok(GetOutcome::Written { bytes })
+        }
+        None => {
+            tracing::debug!("{name} is not in {}", repo.location());
+            Ok(GetOutcome::NotFound)
         }
     }
 }

@@ -150,34 +150,24 @@ pub async fn restore_files(
                     path: rel.clone(),
                     part,
                 };
-                let name = key.key();
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    let stored = repo.get_raw(&name).await?.with_context(|| {
-                        format!("backup piece {name} is missing from {}", repo.location())
-                    })?;
-                    let dest = dest.clone();
-                    let piece = name.clone();
-                    let written = tokio::task::spawn_blocking(move || {
-                        write_piece(&stored, &dest, offset, size, crc, &piece)
-                    })
-                    .await??;
-                    match written {
-                        Ok(n) => return anyhow::Ok(n),
-                        Err(detail) => {
-                            tracing::warn!(key = %name, attempt, "backup piece failed verification: {detail}");
-                            if attempt == crate::storage::READ_ATTEMPTS {
-                                return Err(crate::storage::RepoError::Corrupt {
-                                    key: name,
-                                    repo: repo.location().to_string(),
-                                    detail,
-                                }
-                                .into());
-                            }
+                let written = repo
+                    .read_verified(&key, |stored| {
+                        let (dest, piece) = (dest.clone(), key.key());
+                        async move {
+                            tokio::task::spawn_blocking(move || {
+                                write_piece(&stored, &dest, offset, size, crc, &piece)
+                            })
+                            .await?
                         }
-                    }
-                }
+                    })
+                    .await?;
+                written.with_context(|| {
+                    format!(
+                        "backup piece {} is missing from {}",
+                        key.key(),
+                        repo.location()
+                    )
+                })
             }
         })
         .buffer_unordered(jobs.max(1));

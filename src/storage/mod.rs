@@ -344,6 +344,40 @@ impl Repo {
         self.get_decoded(key, envelope::decode).await
     }
 
+    /// Read `key` and hand its stored bytes to `unwrap`, which verifies and decodes them wherever
+    /// they go (a file, say) and answers `Ok(Err(detail))` when they fail a check. Like [`Repo::get`],
+    /// a read that fails verification is retried (`READ_ATTEMPTS`) before it is reported as
+    /// `Corrupt`. `Ok(None)`: the store does not hold the object.
+    ///
+    /// # Errors
+    /// `unwrap`'s own errors (a local write), `Store`, or `Corrupt` naming the key.
+    pub async fn read_verified<T, Fut>(
+        &self,
+        key: &ObjectKey,
+        mut unwrap: impl FnMut(bytes::Bytes) -> Fut,
+    ) -> anyhow::Result<Option<T>>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<Result<T, String>>>,
+    {
+        let name = key.key();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(stored) = self.get_raw(&name).await? else {
+                return Ok(None);
+            };
+            match unwrap(stored).await? {
+                Ok(out) => return Ok(Some(out)),
+                Err(detail) => {
+                    tracing::warn!(key = %name, attempt, "stored object failed verification: {detail}");
+                    if attempt >= READ_ATTEMPTS {
+                        return Err(self.corrupt(key, detail).into());
+                    }
+                }
+            }
+        }
+    }
+
     async fn get_decoded<T>(
         &self,
         key: &ObjectKey,
@@ -824,6 +858,51 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_that_fails_verification_is_retried_then_reported() {
+        let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://verify");
+        let k = key("000000010000000000000007");
+        repo.put_new(&k, b"segment", Compression::Zstd)
+            .await
+            .unwrap();
+        // Bad twice, then good: the third read is used.
+        let mut calls = 0;
+        let got = repo
+            .read_verified(&k, |stored| {
+                calls += 1;
+                let ok = calls == READ_ATTEMPTS;
+                async move {
+                    Ok(if ok {
+                        Ok(stored.len())
+                    } else {
+                        Err("damaged in flight".to_string())
+                    })
+                }
+            })
+            .await
+            .unwrap();
+        assert!(got.is_some_and(|n| n > 0));
+        // Bad every time: Corrupt, naming the key, never a success.
+        let err = repo
+            .read_verified(&k, |_| async { Ok(Err::<(), _>("always bad".to_string())) })
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err.downcast_ref::<RepoError>(),
+            Some(RepoError::Corrupt { key, .. }) if key == &k.key()
+        ));
+        // Absent: None, and the check never runs.
+        let absent = repo
+            .read_verified(&key("000000010000000000000008"), |_| async {
+                panic!("nothing to verify");
+                #[allow(unreachable_code)]
+                Ok(Ok(()))
+            })
+            .await
+            .unwrap();
+        assert!(absent.is_none());
     }
 
     #[tokio::test]
