@@ -318,9 +318,14 @@ impl Repo {
         key: &ObjectKey,
         source: object_store::Error,
     ) -> RepoError {
+        self.store_err_at(op, &key.key(), source)
+    }
+
+    /// [`Repo::store_err`] for a raw key or prefix.
+    fn store_err_at(&self, op: &'static str, key: &str, source: object_store::Error) -> RepoError {
         RepoError::Store {
             op,
-            key: key.key(),
+            key: key.to_string(),
             repo: self.location.clone(),
             source: Box::new(source),
         }
@@ -562,12 +567,7 @@ impl Repo {
         match first {
             Ok(None) => Ok(false),
             Ok(Some(_)) => Ok(true),
-            Err(e) => Err(RepoError::Store {
-                op: "list",
-                key: prefix.to_string(),
-                repo: self.location.clone(),
-                source: Box::new(e),
-            }),
+            Err(e) => Err(self.store_err_at("list", prefix, e)),
         }
     }
 
@@ -684,12 +684,7 @@ impl Repo {
             self.store.list(path.as_ref()).try_collect::<Vec<_>>()
         })
         .await
-        .map_err(|e| RepoError::Store {
-            op: "list",
-            key: what.to_string(),
-            repo: self.location.clone(),
-            source: Box::new(e),
-        })
+        .map_err(|e| self.store_err_at("list", what, e))
     }
 
     /// The names of the "directories" directly under `prefix`, with retries.
@@ -702,12 +697,7 @@ impl Repo {
             self.store.list_with_delimiter(Some(&path))
         })
         .await
-        .map_err(|e| RepoError::Store {
-            op: "list",
-            key: prefix.to_string(),
-            repo: self.location.clone(),
-            source: Box::new(e),
-        })?;
+        .map_err(|e| self.store_err_at("list", prefix, e))?;
         Ok(listed
             .common_prefixes
             .iter()
@@ -728,12 +718,7 @@ impl Repo {
         {
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(RepoError::Store {
-                op: "read",
-                key: key.to_string(),
-                repo: self.location.clone(),
-                source: Box::new(e),
-            }),
+            Err(e) => Err(self.store_err_at("read", key, e)),
         }
     }
 
@@ -749,12 +734,7 @@ impl Repo {
         .await
         {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(RepoError::Store {
-                op: "delete",
-                key: key.to_string(),
-                repo: self.location.clone(),
-                source: Box::new(e),
-            }),
+            Err(e) => Err(self.store_err_at("delete", key, e)),
         }
     }
 
@@ -786,12 +766,7 @@ impl Repo {
         })
         .await
         .map(|_| ())
-        .map_err(|e| RepoError::Store {
-            op: "write",
-            key: key.to_string(),
-            repo: self.location.clone(),
-            source: Box::new(e),
-        })
+        .map_err(|e| self.store_err_at("write", key, e))
     }
 
     /// The underlying store (for listing and tests).
