@@ -107,18 +107,22 @@ pub fn backup_id(unix_micros: i64) -> String {
 }
 
 /// An id for a backup starting at `unix_micros` under which nothing is stored yet, not even pieces of
-/// an interrupted backup that started in the same second (`…Z`, then `…Z-2`, `…Z-3`, …).
+/// an interrupted backup that started in the same second (`…Z`, then `…Z-2`, `…Z-3`, …). A local
+/// repository keeps the directory of a backup killed before its first piece was complete; that id is
+/// taken too, so a backup never lands among another one's leftovers.
 ///
 /// # Errors
 /// The store cannot be listed.
 pub async fn fresh_backup_id(repo: &Repo, unix_micros: i64) -> anyhow::Result<String> {
+    let taken: std::collections::HashSet<String> = repo
+        .list_dirs(crate::storage::layout::BACKUP_PREFIX)
+        .await?
+        .into_iter()
+        .collect();
     let base = backup_id(unix_micros);
     let mut id = base.clone();
     let mut n = 1;
-    while repo
-        .has_objects_under(&format!("{}/{id}", crate::storage::layout::BACKUP_PREFIX))
-        .await?
-    {
+    while taken.contains(&id) {
         n += 1;
         id = format!("{base}-{n}");
     }
@@ -550,6 +554,20 @@ mod tests {
             .unwrap();
         assert_eq!(
             fresh_backup_id(&repo, t + 10).await.unwrap(),
+            "20261121T101304Z-2"
+        );
+    }
+
+    #[tokio::test]
+    async fn ids_never_reuse_an_empty_backup_directory() {
+        // Killed before its first piece was renamed into place: only directories remain.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("backups/20261121T101304Z/data/base")).unwrap();
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let repo = Repo::from_store(Arc::new(store), "file://");
+        let t = 1_795_255_984_919_520;
+        assert_eq!(
+            fresh_backup_id(&repo, t).await.unwrap(),
             "20261121T101304Z-2"
         );
     }

@@ -553,24 +553,6 @@ impl Repo {
         }
     }
 
-    /// Whether any object exists under `prefix` (a directory-like key prefix).
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be listed.
-    pub async fn has_objects_under(&self, prefix: &str) -> Result<bool, RepoError> {
-        use futures::StreamExt;
-        let path = object_store::path::Path::from(prefix);
-        let first = retry(&self.retry, &|| format!("list {prefix}"), || async {
-            self.store.list(Some(&path)).next().await.transpose()
-        })
-        .await;
-        match first {
-            Ok(None) => Ok(false),
-            Ok(Some(_)) => Ok(true),
-            Err(e) => Err(self.store_err_at("list", prefix, e)),
-        }
-    }
-
     /// Which of `keys` exist, found with one listing that starts just before the smallest (S3 lists in
     /// key order, so it stops after the largest) instead of one lookup each. Only keys in one
     /// directory are answered; `None` when they are not, or when the listing fails (callers then look
