@@ -133,6 +133,7 @@ impl Catalog {
             ..Default::default()
         };
         let mut fetch = Vec::new();
+        let mut summaries = Vec::new();
         for item in listed {
             match item {
                 Listed::Wal(name @ WalFileName::History(_)) => {
@@ -140,9 +141,25 @@ impl Catalog {
                     fetch.push(ObjectKey::Wal(name));
                 }
                 Listed::Wal(name) => loaded.wal.push(name),
-                Listed::Summary(seg) => fetch.push(ObjectKey::Summary(seg)),
+                Listed::Summary(seg) => summaries.push(seg),
             }
         }
+        // A summary without its segment (left by a crash while both were written, or between the
+        // two deletions of `expire`) describes nothing stored: not worth reading.
+        let segments: std::collections::HashSet<SegmentName> = loaded
+            .wal
+            .iter()
+            .filter_map(|w| match w {
+                WalFileName::Segment(s) => Some(*s),
+                _ => None,
+            })
+            .collect();
+        fetch.extend(
+            summaries
+                .into_iter()
+                .filter(|s| segments.contains(s))
+                .map(ObjectKey::Summary),
+        );
         let fetched: Vec<(ObjectKey, anyhow::Result<Option<Vec<u8>>>)> =
             futures::stream::iter(fetch)
                 .map(|key| async move {
@@ -259,6 +276,14 @@ impl Catalog {
             let Some(n) = seg.segno(seg_size) else {
                 continue;
             };
+            // Only a stored segment's summary is trusted.
+            if !c
+                .timelines
+                .get(&seg.tli)
+                .is_some_and(|t| t.segments.contains(&n))
+            {
+                continue;
+            }
             match serde_json::from_slice::<SegmentSummary>(&bytes) {
                 Ok(s) => {
                     if let crate::index::ParseStatus::Failed { lsn, reason } = &s.status {
@@ -665,6 +690,18 @@ mod tests {
         let mut walked = Vec::new();
         c.walk(two, SegNo(1), |t, n| walked.push((t.get(), n.0)));
         assert_eq!(walked, vec![(1, 1), (1, 2), (2, 3), (2, 4)]);
+    }
+
+    #[test]
+    fn a_summary_without_its_segment_is_ignored() {
+        // Segment 4's summary was stored, the segment itself not (a crash between the two).
+        let mut l = loaded(&[(1, 1), (1, 2), (1, 3)], &[]);
+        l.summaries.push((seg(1, 4), summary(1004)));
+        let c = Catalog::build(l);
+        assert!(!c.summaries.contains_key(&(TimelineId::ONE, SegNo(4))));
+        let w = c.window().unwrap();
+        assert_eq!(w.last_segment, seg(1, 3));
+        assert_eq!(w.latest.unwrap().time, PgTimestamp(1003));
     }
 
     #[test]

@@ -73,16 +73,14 @@ pub async fn push_with_ahead(
     let files: Vec<PathBuf> = std::iter::once(wal_path.to_path_buf())
         .chain(ahead)
         .collect();
-    // Where the store wants a look before each create (S3), one listing answers for the whole batch.
-    let listed = if repo.looks_first() {
+    // Each push wants to know whether its file is stored already; one listing answers for the batch.
+    let listed = {
         let keys: Vec<ObjectKey> = files
             .iter()
             .filter_map(|p| listable(p))
             .map(ObjectKey::Wal)
             .collect();
         repo.which_exist(&keys).await
-    } else {
-        None
     };
     let known = |path: &Path| -> Option<bool> {
         let listed = listed.as_ref()?;

@@ -47,15 +47,16 @@ pub fn encode(data: &[u8], compression: Compression) -> std::io::Result<Vec<u8>>
     ))
 }
 
-/// The smallest piece worth compressing on its own thread: below this the lost history costs ratio
-/// and the thread costs more than it saves.
-pub const MIN_PARALLEL_PIECE: usize = 4 << 20;
+/// The size of the pieces a buffer is cut into for compressing on several threads: small enough
+/// that the threads finish together (a thread slowed by other work takes fewer pieces), large
+/// enough that the history each piece starts without costs little ratio (zstd level 3 looks back
+/// 2 MiB).
+pub const PARALLEL_PIECE: usize = 2 << 20;
 
-/// Like [`encode`], but compressing with zstd on up to `threads` threads at once. Each thread
-/// compresses one contiguous piece into its own zstd frame; concatenated frames are one valid zstd
-/// stream, so readers need nothing new. At level 3 zstd looks back only 2 MiB, so pieces of 4 MiB
-/// and more cost almost no ratio. `original_crc` may be passed when the caller already has it.
-/// Other algorithms are compressed on the calling thread.
+/// Like [`encode`], but compressing with zstd on up to `threads` threads at once. Each piece of
+/// [`PARALLEL_PIECE`] bytes becomes its own zstd frame; concatenated frames are one valid zstd
+/// stream, so readers need nothing new. `original_crc` may be passed when the caller already has
+/// it. Other algorithms are compressed on the calling thread.
 ///
 /// # Errors
 /// Only if a compressor fails to allocate.
@@ -65,59 +66,122 @@ pub fn encode_parallel(
     threads: usize,
     original_crc: Option<u32>,
 ) -> std::io::Result<Vec<u8>> {
-    let pieces = if threads > 1 {
-        (data.len() / MIN_PARALLEL_PIECE).max(1)
-    } else {
-        1
-    };
-    if compression != Compression::Zstd || pieces == 1 {
-        let payload = compression.compress(data)?;
-        let crc = original_crc.unwrap_or_else(|| crc32c::crc32c(data));
-        return Ok(assemble(compression, data.len(), crc, &[payload]));
+    encode_parallel_beside(data, compression, threads, original_crc, || ()).0
+}
+
+/// [`encode_parallel`], running `beside` on one more thread meanwhile; that thread then helps
+/// compress whatever pieces are left, so the cores stay busy to the end. Returns the envelope and
+/// what `beside` returned (`Err` if it panicked).
+pub fn encode_parallel_beside<T: Send>(
+    data: &[u8],
+    compression: Compression,
+    threads: usize,
+    original_crc: Option<u32>,
+    beside: impl FnOnce() -> T + Send,
+) -> (std::io::Result<Vec<u8>>, std::thread::Result<T>) {
+    let serial =
+        compression != Compression::Zstd || threads <= 1 || data.len() < 2 * PARALLEL_PIECE;
+    if serial {
+        let other = std::panic::catch_unwind(std::panic::AssertUnwindSafe(beside));
+        let stored = compression.compress(data).map(|payload| {
+            let crc = original_crc.unwrap_or_else(|| crc32c::crc32c(data));
+            assemble(compression, data.len(), crc, &[payload])
+        });
+        return (stored, other);
     }
-    // More pieces than threads, handed out one at a time: a thread slowed by other work (the WAL
-    // index, another process) takes fewer, so both cores finish together.
-    let piece_len = data.len().div_ceil(pieces);
-    let chunks: Vec<&[u8]> = data.chunks(piece_len).collect();
-    let want_crc = original_crc.is_none();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    type Done = (usize, Vec<u8>, Option<u32>);
-    let mut done: Vec<Done> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads.min(chunks.len()))
-            .map(|_| {
-                s.spawn(|| -> std::io::Result<Vec<Done>> {
-                    let mut z = zstd::bulk::Compressor::new(crate::compress::ZSTD_LEVEL)?;
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(piece) = chunks.get(i) else {
-                            return Ok(mine);
-                        };
-                        let crc = want_crc.then(|| crc32c::crc32c(piece));
-                        mine.push((i, z.compress(piece)?, crc));
-                    }
-                })
-            })
+    let queue = PieceQueue::new(data, original_crc.is_none());
+    let (worked, other) = std::thread::scope(|s| {
+        let queue = &queue;
+        let other = s.spawn(move || {
+            let t = beside();
+            (t, queue.work())
+        });
+        let workers: Vec<_> = (0..threads.min(queue.chunks.len()))
+            .map(|_| s.spawn(|| queue.work()))
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked")))
-            })
-            .collect::<std::io::Result<Vec<_>>>()
-    })?
-    .into_iter()
-    .flatten()
-    .collect();
-    done.sort_unstable_by_key(|d| d.0);
-    let crc = original_crc.unwrap_or_else(|| {
-        done.iter().fold(0, |acc, (i, _, c)| {
-            crc32c::crc32c_combine(acc, c.unwrap_or_default(), chunks[*i].len())
-        })
+        // (A worker left unjoined by an error is joined when the scope ends.)
+        let worked = workers.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked")))
+        });
+        (worked, other.join())
     });
-    let frames: Vec<Vec<u8>> = done.into_iter().map(|(_, frame, _)| frame).collect();
-    Ok(assemble(compression, data.len(), crc, &frames))
+    let (other, helped) = match other {
+        Ok((t, helped)) => (Ok(t), helped),
+        Err(panic) => (Err(panic), Ok(())),
+    };
+    let stored = worked
+        .and(helped)
+        .and_then(|()| queue.finish(compression, data.len(), original_crc));
+    (stored, other)
+}
+
+/// A compressed piece: its index, its zstd frame, and its CRC-32C when wanted.
+type Compressed = (usize, Vec<u8>, Option<u32>);
+
+/// The pieces of one buffer, handed out one at a time to whichever thread asks next.
+struct PieceQueue<'a> {
+    chunks: Vec<&'a [u8]>,
+    next: std::sync::atomic::AtomicUsize,
+    done: std::sync::Mutex<Vec<Compressed>>,
+    want_crc: bool,
+}
+
+impl<'a> PieceQueue<'a> {
+    fn new(data: &'a [u8], want_crc: bool) -> Self {
+        let chunks: Vec<&[u8]> = data.chunks(PARALLEL_PIECE).collect();
+        PieceQueue {
+            done: std::sync::Mutex::new(Vec::with_capacity(chunks.len())),
+            chunks,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            want_crc,
+        }
+    }
+
+    /// Compress pieces until none are left.
+    fn work(&self) -> std::io::Result<()> {
+        let mut z: Option<zstd::bulk::Compressor<'static>> = None;
+        loop {
+            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(piece) = self.chunks.get(i) else {
+                return Ok(());
+            };
+            let z = match &mut z {
+                Some(z) => z,
+                None => z.insert(zstd::bulk::Compressor::new(crate::compress::ZSTD_LEVEL)?),
+            };
+            let crc = self.want_crc.then(|| crc32c::crc32c(piece));
+            let frame = z.compress(piece)?;
+            self.done
+                .lock()
+                .map_err(|_| std::io::Error::other("a compression thread panicked"))?
+                .push((i, frame, crc));
+        }
+    }
+
+    /// The envelope of every compressed piece, in order.
+    fn finish(
+        self,
+        compression: Compression,
+        original_len: usize,
+        original_crc: Option<u32>,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut done = self
+            .done
+            .into_inner()
+            .map_err(|_| std::io::Error::other("a compression thread panicked"))?;
+        if done.len() != self.chunks.len() {
+            return Err(std::io::Error::other("a piece was not compressed"));
+        }
+        done.sort_unstable_by_key(|d| d.0);
+        let crc = original_crc.unwrap_or_else(|| {
+            done.iter().fold(0, |acc, (i, _, c)| {
+                crc32c::crc32c_combine(acc, c.unwrap_or_default(), self.chunks[*i].len())
+            })
+        });
+        let frames: Vec<Vec<u8>> = done.into_iter().map(|(_, frame, _)| frame).collect();
+        Ok(assemble(compression, original_len, crc, &frames))
+    }
 }
 
 /// The header for `original_len` bytes with `original_crc`, followed by the payload pieces.
@@ -603,9 +667,12 @@ mod tests {
 
     #[test]
     fn parallel_zstd_frames_decode_as_one_object() {
-        // 9 MiB of varied bytes: two 4.5 MiB frames on two threads.
+        // 9 MiB of bytes repetitive only nearby, as in WAL: five frames (four of 2 MiB).
         let data: Vec<u8> = (0..9u32 << 20)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 & (i >> 12) as u8)
+            .map(|i| {
+                let word = (i / 2).wrapping_mul(2_654_435_761) >> 28;
+                b"abcdefghijklmnop"[word as usize] ^ ((i >> 13) as u8 & 1)
+            })
             .collect();
         for threads in [1, 2, 3] {
             for c in [Compression::None, Compression::Zstd, Compression::Lz4] {
@@ -627,7 +694,7 @@ mod tests {
         let two = encode_parallel(&data, Compression::Zstd, 2, None).unwrap();
         assert_ne!(one, two, "two threads should have written two frames");
         assert!(
-            two.len() <= one.len() + (64 << 10),
+            two.len() <= one.len() + one.len() / 100,
             "{} vs {}",
             two.len(),
             one.len()

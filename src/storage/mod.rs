@@ -449,7 +449,9 @@ impl Repo {
     }
 
     /// [`Repo::put_new_encoded`] where the caller may already have looked whether the key exists
-    /// (`found`), for instance while it was compressing, to save a round trip.
+    /// (`found`), for instance while it was compressing, to save a round trip: a key found is
+    /// compared at once, one not found is created (conditionally, so a writer since the look is
+    /// still caught).
     ///
     /// # Errors
     /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
@@ -461,14 +463,12 @@ impl Repo {
         found: Option<bool>,
     ) -> Result<PutOutcome, RepoError> {
         let path = key.path();
-        if self.looks_first() {
-            let found = match found {
-                Some(f) => f,
-                None => self.exists(key).await?,
-            };
-            if found {
-                return self.compare_existing(key, data).await;
-            }
+        let found = match found {
+            None if self.looks_first() => Some(self.exists(key).await?),
+            found => found,
+        };
+        if found == Some(true) {
+            return self.compare_existing(key, data).await;
         }
         let stored_bytes = stored.len() as u64;
         let payload = PutPayload::from(stored);
