@@ -62,7 +62,7 @@ pub struct Prepared {
     /// The file's name.
     pub name: WalFileName,
     path: PathBuf,
-    stored: Vec<u8>,
+    stored: envelope::Encoded,
     original_len: u64,
     summary: Option<(SegmentName, SegmentSummary)>,
     /// The check of the segment's cluster against the repository, still running: `store` waits for
@@ -181,7 +181,7 @@ pub async fn prepare_known(
             }
             (
                 data.len() as u64,
-                envelope::encode(&data, compression)?,
+                envelope::encode(&data, compression)?.into(),
                 None,
                 None,
                 None,
@@ -299,7 +299,7 @@ fn read_and_encode<T: Send>(
     len: usize,
     compression: Compression,
     inspect: impl FnOnce(&[u8]) -> T + Send,
-) -> std::io::Result<(Vec<u8>, T)> {
+) -> std::io::Result<(envelope::Encoded, T)> {
     let threads = push_threads();
     if let Ok(mapped) = crate::bigbuf::Mapped::file(file, len) {
         let encoded = encode_and_inspect(&mapped, compression, threads, None, inspect);
@@ -347,7 +347,7 @@ fn encode_and_inspect<T: Send>(
     threads: usize,
     crc: Option<u32>,
     inspect: impl FnOnce(&[u8]) -> T + Send,
-) -> std::io::Result<(Vec<u8>, T)> {
+) -> std::io::Result<(envelope::Encoded, T)> {
     let (stored, seen) =
         envelope::encode_parallel_beside(data, compression, threads, crc, move || inspect(data));
     let seen = seen.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;

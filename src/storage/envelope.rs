@@ -53,6 +53,50 @@ pub fn encode(data: &[u8], compression: Compression) -> std::io::Result<Vec<u8>>
 /// 2 MiB).
 pub const PARALLEL_PIECE: usize = 2 << 20;
 
+/// An envelope kept in parts (the header, then one zstd frame per piece) so it can be stored
+/// without first being copied together.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    parts: Vec<bytes::Bytes>,
+}
+
+impl Encoded {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(bytes::Bytes::len).sum()
+    }
+
+    /// Whether it is empty (never, for an envelope).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its parts, in order.
+    pub fn into_parts(self) -> Vec<bytes::Bytes> {
+        self.parts
+    }
+
+    /// Its bytes in one buffer (copied unless there is one part).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        if self.parts.len() == 1 {
+            return Vec::from(self.parts.remove(0));
+        }
+        let mut out = Vec::with_capacity(self.len());
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out
+    }
+}
+
+impl From<Vec<u8>> for Encoded {
+    fn from(v: Vec<u8>) -> Self {
+        Encoded {
+            parts: vec![bytes::Bytes::from(v)],
+        }
+    }
+}
+
 /// Like [`encode`], but compressing with zstd on up to `threads` threads at once. Each piece of
 /// [`PARALLEL_PIECE`] bytes becomes its own zstd frame; concatenated frames are one valid zstd
 /// stream, so readers need nothing new. `original_crc` may be passed when the caller already has
@@ -66,37 +110,60 @@ pub fn encode_parallel(
     threads: usize,
     original_crc: Option<u32>,
 ) -> std::io::Result<Vec<u8>> {
-    encode_parallel_beside(data, compression, threads, original_crc, || ()).0
+    encode_parallel_beside(data, compression, threads, original_crc, || ())
+        .0
+        .map(Encoded::into_vec)
 }
 
-/// [`encode_parallel`], running `beside` on one more thread meanwhile; that thread then helps
-/// compress whatever pieces are left, so the cores stay busy to the end. Returns the envelope and
-/// what `beside` returned (`Err` if it panicked).
+/// [`encode_parallel`] on `threads` threads in all, one of which first runs `beside`, then helps
+/// compress whatever pieces are left, so every core stays busy to the end. Returns the envelope in
+/// parts and what `beside` returned (`Err` if it panicked).
 pub fn encode_parallel_beside<T: Send>(
     data: &[u8],
     compression: Compression,
     threads: usize,
     original_crc: Option<u32>,
     beside: impl FnOnce() -> T + Send,
-) -> (std::io::Result<Vec<u8>>, std::thread::Result<T>) {
+) -> (std::io::Result<Encoded>, std::thread::Result<T>) {
     let serial =
         compression != Compression::Zstd || threads <= 1 || data.len() < 2 * PARALLEL_PIECE;
     if serial {
         let other = std::panic::catch_unwind(std::panic::AssertUnwindSafe(beside));
         let stored = compression.compress(data).map(|payload| {
             let crc = original_crc.unwrap_or_else(|| crc32c::crc32c(data));
-            assemble(compression, data.len(), crc, &[payload])
+            Encoded::from(assemble(compression, data.len(), crc, &[payload]))
         });
         return (stored, other);
     }
-    let queue = PieceQueue::new(data, original_crc.is_none());
+    let chunks: Vec<&[u8]> = data.chunks(PARALLEL_PIECE).collect();
+    // Every frame is written straight into its own region of one output buffer, sized for the
+    // worst case; only the pages written are ever touched.
+    let bounds: Vec<usize> = chunks
+        .iter()
+        .map(|c| zstd::zstd_safe::compress_bound(c.len()))
+        .collect();
+    let mut out = vec![0u8; bounds.iter().sum()];
+    let mut regions = Vec::with_capacity(chunks.len());
+    let mut rest = out.as_mut_slice();
+    for b in &bounds {
+        let (region, tail) = rest.split_at_mut(*b);
+        regions.push(std::sync::Mutex::new(region));
+        rest = tail;
+    }
+    let queue = PieceQueue {
+        chunks,
+        regions,
+        next: std::sync::atomic::AtomicUsize::new(0),
+        done: std::sync::Mutex::new(Vec::new()),
+        want_crc: original_crc.is_none(),
+    };
     let (worked, other) = std::thread::scope(|s| {
         let queue = &queue;
         let other = s.spawn(move || {
             let t = beside();
             (t, queue.work())
         });
-        let workers: Vec<_> = (0..threads.min(queue.chunks.len()))
+        let workers: Vec<_> = (1..threads.min(queue.chunks.len()))
             .map(|_| s.spawn(|| queue.work()))
             .collect();
         // (A worker left unjoined by an error is joined when the scope ends.)
@@ -110,77 +177,90 @@ pub fn encode_parallel_beside<T: Send>(
         Ok((t, helped)) => (Ok(t), helped),
         Err(panic) => (Err(panic), Ok(())),
     };
-    let stored = worked
-        .and(helped)
-        .and_then(|()| queue.finish(compression, data.len(), original_crc));
+    let lens: Vec<usize> = queue.chunks.iter().map(|c| c.len()).collect();
+    let done = queue.done.into_inner();
+    drop(queue.regions);
+    let stored = worked.and(helped).and_then(|()| {
+        let mut done = done.map_err(|_| std::io::Error::other("a compression thread panicked"))?;
+        if done.len() != lens.len() {
+            return Err(std::io::Error::other("a piece was not compressed"));
+        }
+        done.sort_unstable_by_key(|d| d.index);
+        let crc = original_crc.unwrap_or_else(|| {
+            done.iter().fold(0, |acc, d| {
+                crc32c::crc32c_combine(acc, d.piece_crc.unwrap_or_default(), lens[d.index])
+            })
+        });
+        let payload_crc = done.iter().fold(0, |acc, d| {
+            crc32c::crc32c_combine(acc, d.frame_crc, d.frame_len)
+        });
+        let payload_len = done.iter().map(|d| d.frame_len).sum();
+        let out = bytes::Bytes::from(out);
+        let mut parts = Vec::with_capacity(done.len() + 1);
+        parts.push(bytes::Bytes::from(header(
+            compression,
+            data.len(),
+            crc,
+            payload_crc,
+            payload_len,
+        )));
+        let mut start = 0;
+        for (i, b) in bounds.iter().enumerate() {
+            if let Some(d) = done.get(i) {
+                parts.push(out.slice(start..start + d.frame_len));
+            }
+            start += b;
+        }
+        Ok(Encoded { parts })
+    });
     (stored, other)
 }
 
-/// A compressed piece: its index, its zstd frame, and its CRC-32C when wanted.
-type Compressed = (usize, Vec<u8>, Option<u32>);
+/// One compressed piece.
+struct Compressed {
+    index: usize,
+    frame_len: usize,
+    frame_crc: u32,
+    /// The CRC-32C of the piece itself, when wanted.
+    piece_crc: Option<u32>,
+}
 
-/// The pieces of one buffer, handed out one at a time to whichever thread asks next.
-struct PieceQueue<'a> {
+/// The pieces of one buffer, handed out one at a time to whichever thread asks next, and the
+/// region of the output buffer each one's frame goes to.
+struct PieceQueue<'a, 'b> {
     chunks: Vec<&'a [u8]>,
+    regions: Vec<std::sync::Mutex<&'b mut [u8]>>,
     next: std::sync::atomic::AtomicUsize,
     done: std::sync::Mutex<Vec<Compressed>>,
     want_crc: bool,
 }
 
-impl<'a> PieceQueue<'a> {
-    fn new(data: &'a [u8], want_crc: bool) -> Self {
-        let chunks: Vec<&[u8]> = data.chunks(PARALLEL_PIECE).collect();
-        PieceQueue {
-            done: std::sync::Mutex::new(Vec::with_capacity(chunks.len())),
-            chunks,
-            next: std::sync::atomic::AtomicUsize::new(0),
-            want_crc,
-        }
-    }
-
+impl PieceQueue<'_, '_> {
     /// Compress pieces until none are left.
     fn work(&self) -> std::io::Result<()> {
+        let poisoned = || std::io::Error::other("a compression thread panicked");
         let mut z: Option<zstd::bulk::Compressor<'static>> = None;
         loop {
-            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(piece) = self.chunks.get(i) else {
+            let index = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (Some(piece), Some(region)) = (self.chunks.get(index), self.regions.get(index))
+            else {
                 return Ok(());
             };
             let z = match &mut z {
                 Some(z) => z,
                 None => z.insert(zstd::bulk::Compressor::new(crate::compress::ZSTD_LEVEL)?),
             };
-            let crc = self.want_crc.then(|| crc32c::crc32c(piece));
-            let frame = z.compress(piece)?;
-            self.done
-                .lock()
-                .map_err(|_| std::io::Error::other("a compression thread panicked"))?
-                .push((i, frame, crc));
+            let piece_crc = self.want_crc.then(|| crc32c::crc32c(piece));
+            let mut region = region.lock().map_err(|_| poisoned())?;
+            let frame_len = z.compress_to_buffer(piece, &mut **region)?;
+            let frame_crc = crc32c::crc32c(&region[..frame_len]);
+            self.done.lock().map_err(|_| poisoned())?.push(Compressed {
+                index,
+                frame_len,
+                frame_crc,
+                piece_crc,
+            });
         }
-    }
-
-    /// The envelope of every compressed piece, in order.
-    fn finish(
-        self,
-        compression: Compression,
-        original_len: usize,
-        original_crc: Option<u32>,
-    ) -> std::io::Result<Vec<u8>> {
-        let mut done = self
-            .done
-            .into_inner()
-            .map_err(|_| std::io::Error::other("a compression thread panicked"))?;
-        if done.len() != self.chunks.len() {
-            return Err(std::io::Error::other("a piece was not compressed"));
-        }
-        done.sort_unstable_by_key(|d| d.0);
-        let crc = original_crc.unwrap_or_else(|| {
-            done.iter().fold(0, |acc, (i, _, c)| {
-                crc32c::crc32c_combine(acc, c.unwrap_or_default(), self.chunks[*i].len())
-            })
-        });
-        let frames: Vec<Vec<u8>> = done.into_iter().map(|(_, frame, _)| frame).collect();
-        Ok(assemble(compression, original_len, crc, &frames))
     }
 }
 
@@ -192,21 +272,39 @@ fn assemble(
     payload: &[Vec<u8>],
 ) -> Vec<u8> {
     let payload_len: usize = payload.iter().map(Vec::len).sum();
+    let payload_crc = payload
+        .iter()
+        .fold(0, |crc, p| crc32c::crc32c_append(crc, p));
+    let mut out = header(
+        compression,
+        original_len,
+        original_crc,
+        payload_crc,
+        payload_len,
+    );
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// The envelope's header, in a buffer with room for `payload_len` more bytes.
+fn header(
+    compression: Compression,
+    original_len: usize,
+    original_crc: u32,
+    payload_crc: u32,
+    payload_len: usize,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
     out.extend_from_slice(MAGIC);
     out.push(compression.code());
     out.extend_from_slice(&[0, 0, 0]);
     out.extend_from_slice(&(original_len as u64).to_le_bytes());
     out.extend_from_slice(&original_crc.to_le_bytes());
-    let payload_crc = payload
-        .iter()
-        .fold(0, |crc, p| crc32c::crc32c_append(crc, p));
     out.extend_from_slice(&payload_crc.to_le_bytes());
     let header_crc = crc32c::crc32c(&out[..28]);
     out.extend_from_slice(&header_crc.to_le_bytes());
-    for p in payload {
-        out.extend_from_slice(p);
-    }
     out
 }
 

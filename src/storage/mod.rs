@@ -424,7 +424,7 @@ impl Repo {
     ) -> Result<PutOutcome, RepoError> {
         let stored = envelope::encode(data, compression)
             .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
-        self.put_new_encoded(key, Original::Bytes(data), stored)
+        self.put_new_encoded(key, Original::Bytes(data), stored.into())
             .await
     }
 
@@ -437,7 +437,7 @@ impl Repo {
         &self,
         key: &ObjectKey,
         data: Original<'_>,
-        stored: Vec<u8>,
+        stored: envelope::Encoded,
     ) -> Result<PutOutcome, RepoError> {
         self.put_new_encoded_looked(key, data, stored, None).await
     }
@@ -459,7 +459,7 @@ impl Repo {
         &self,
         key: &ObjectKey,
         data: Original<'_>,
-        stored: Vec<u8>,
+        stored: envelope::Encoded,
         found: Option<bool>,
     ) -> Result<PutOutcome, RepoError> {
         let path = key.path();
@@ -471,7 +471,7 @@ impl Repo {
             return self.compare_existing(key, data).await;
         }
         let stored_bytes = stored.len() as u64;
-        let payload = PutPayload::from(stored);
+        let payload = PutPayload::from_iter(stored.into_parts());
         match self.put_create(&path, key, &payload).await {
             Ok(_) => Ok(PutOutcome::Stored { stored_bytes }),
             Err(object_store::Error::AlreadyExists { .. }) => {
