@@ -43,16 +43,17 @@ pub struct DecodeError {
 
 /// One complete, CRC-checked record.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
+pub struct Record<'a> {
     /// Start LSN (`ReadRecPtr`).
     pub lsn: Lsn,
     /// LSN just past the record's last byte (before alignment).
     pub end_lsn: Lsn,
-    /// The reassembled record: 24-byte header then body.
-    pub bytes: Vec<u8>,
+    /// The record: 24-byte header then body. Borrowed from the segment when it lies on one page;
+    /// reassembled when it crosses pages.
+    pub bytes: std::borrow::Cow<'a, [u8]>,
 }
 
-impl Record {
+impl Record<'_> {
     /// `xl_xid`.
     pub fn xid(&self) -> u32 {
         le_u32(&self.bytes, 4)
@@ -296,7 +297,7 @@ impl<'a> SegmentDecoder<'a> {
     ///
     /// # Errors
     /// A `DecodeError` with the LSN of the damage; the decoder then stops.
-    pub fn next_record(&mut self) -> Result<Option<Record>, DecodeError> {
+    pub fn next_record(&mut self) -> Result<Option<Record<'a>>, DecodeError> {
         let Some(mut pos) = self.pos else {
             return Ok(None);
         };
@@ -308,7 +309,7 @@ impl<'a> SegmentDecoder<'a> {
         result
     }
 
-    fn read_record(&mut self, pos: &mut usize) -> Result<Option<Record>, DecodeError> {
+    fn read_record(&mut self, pos: &mut usize) -> Result<Option<Record<'a>>, DecodeError> {
         let ps = self.page_size;
         if *pos >= self.seg.len() {
             // Keep `Switch` if that is what ended the segment.
@@ -336,6 +337,16 @@ impl<'a> SegmentDecoder<'a> {
             return Err(self.err(rec_off, &format!("invalid record length {tot_len}")));
         }
         let total = tot_len as usize;
+        let seg: &'a [u8] = self.seg;
+        if rec_off % ps + total <= ps {
+            // On one page (most records): no copy.
+            return self.finish_record(
+                pos,
+                lsn,
+                rec_off + total,
+                std::borrow::Cow::Borrowed(&seg[rec_off..rec_off + total]),
+            );
+        }
         let keep_all = total <= MAX_FRAGMENT;
         let mut bytes = Vec::with_capacity(total.min(MAX_FRAGMENT));
         let mut got = 0usize;
@@ -366,6 +377,17 @@ impl<'a> SegmentDecoder<'a> {
             }
             off += SIZE_OF_SHORT_PHD;
         }
+        self.finish_record(pos, lsn, off, std::borrow::Cow::Owned(bytes))
+    }
+
+    /// Verify a record that ends at offset `off` and move past it.
+    fn finish_record(
+        &mut self,
+        pos: &mut usize,
+        lsn: Lsn,
+        off: usize,
+        bytes: std::borrow::Cow<'a, [u8]>,
+    ) -> Result<Option<Record<'a>>, DecodeError> {
         let record = Record {
             lsn,
             end_lsn: self.lsn_at(off),
@@ -429,7 +451,7 @@ pub fn verify_record(r: &Record, expected_prev: Option<Lsn>) -> Result<(), Decod
 
 /// Join a tail fragment of segment N with the head fragment of segment N+1 into a verified record.
 /// `None` when either side was too large to keep or the bytes do not form a valid record.
-pub fn join_fragments(tail: &TailFragment, head: &HeadFragment) -> Option<Record> {
+pub fn join_fragments(tail: &TailFragment, head: &HeadFragment) -> Option<Record<'static>> {
     let total = tail.tot_len as usize;
     if tail.bytes.is_empty()
         || head.bytes.len() != head.rem_len as usize
@@ -442,7 +464,7 @@ pub fn join_fragments(tail: &TailFragment, head: &HeadFragment) -> Option<Record
     let r = Record {
         lsn: tail.lsn,
         end_lsn: Lsn(0),
-        bytes,
+        bytes: std::borrow::Cow::Owned(bytes),
     };
     verify_record(&r, None).ok().map(|()| r)
 }
@@ -458,7 +480,7 @@ mod tests {
     fn decode_all(
         seg: &[u8],
         start: u64,
-    ) -> (Vec<Record>, SegmentDecoder<'_>, Option<DecodeError>) {
+    ) -> (Vec<Record<'_>>, SegmentDecoder<'_>, Option<DecodeError>) {
         let mut d = SegmentDecoder::new(seg, Lsn(start), 8192, PgMajor::V15).unwrap();
         let mut v = Vec::new();
         let err = loop {

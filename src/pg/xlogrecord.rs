@@ -140,7 +140,7 @@ const BKPBLOCK_SAME_REL: u8 = 0x80;
 ///
 /// # Errors
 /// A header walk that does not account for the record's length exactly.
-pub fn main_data(r: &Record, major: PgMajor) -> Result<&[u8], DecodeError> {
+pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], DecodeError> {
     let b = &r.bytes;
     let err = |m: &str| DecodeError {
         msg: m.to_string(),
