@@ -109,6 +109,7 @@ pub async fn restore_files(
     }
 
     // Create every file at its final size, then fill the pieces in parallel.
+    let started = std::time::Instant::now();
     for f in &manifest.files {
         let p = target.join(&f.path);
         if let Some(parent) = p.parent() {
@@ -139,6 +140,7 @@ pub async fn restore_files(
             })
         })
         .collect();
+    let created = started.elapsed();
     let id = manifest.id.clone();
     let bar = crate::backup::progress_bar(true, manifest.size_bytes);
     let mut stream = futures::stream::iter(pieces)
@@ -178,6 +180,7 @@ pub async fn restore_files(
         bytes += n;
     }
     bar.finish_and_clear();
+    let written = started.elapsed();
 
     // backup_label and tablespace_map.
     let label = repo
@@ -236,6 +239,14 @@ pub async fn restore_files(
     })
     .await?
     .context("sync the restored files")?;
+    tracing::debug!(
+        "restored {} files, {} bytes: created in {:.2} s, written by {:.2} s, synced by {:.2} s ({jobs} jobs)",
+        manifest.files.len(),
+        bytes,
+        created.as_secs_f64(),
+        written.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(RestoredFiles {
         files: manifest.files.len(),
         bytes,
