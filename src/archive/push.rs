@@ -23,6 +23,7 @@ use crate::pg::timeline::History;
 use crate::storage::envelope;
 use crate::storage::identity::RepoIdentity;
 use crate::storage::layout::ObjectKey;
+use crate::storage::staged::Staged;
 use crate::storage::{Original, PutOutcome, Repo, RepoError};
 
 /// What a push did.
@@ -70,6 +71,8 @@ pub struct Prepared {
     identity: Option<tokio::task::JoinHandle<Result<(), RepoError>>>,
     /// Whether the segment is already stored, asked while compressing.
     looked: Option<tokio::task::JoinHandle<Result<bool, RepoError>>>,
+    /// In a local repository, the object already written to a staging file beside its name.
+    staged: Option<Staged>,
 }
 
 /// Archive the file at `wal_path` into `repo`: [`prepare`], then [`store`].
@@ -115,7 +118,7 @@ pub async fn prepare_known(
     known: Option<bool>,
 ) -> anyhow::Result<Prepared> {
     let name = name_of(wal_path)?;
-    let (original_len, stored, summary, identity, looked) = match name {
+    let (original_len, stored, summary, identity, looked, staged) = match name {
         WalFileName::Segment(seg) | WalFileName::Partial(seg) => {
             let file = std::fs::File::open(wal_path)
                 .with_context(|| format!("open {}", wal_path.display()))?;
@@ -145,25 +148,61 @@ pub async fn prepare_known(
             });
             let index = matches!(name, WalFileName::Segment(_));
             let display = wal_path.display().to_string();
-            let (stored, summary) = tokio::task::spawn_blocking(move || {
-                read_and_encode(&file, len, compression, |data| {
-                    index.then(|| {
-                        (
-                            seg,
-                            index::summarize(
-                                data,
+            // A local repository gets the frames as they are done (see `staged`).
+            let staged = match (known, repo.local_wal_path(name)) {
+                (Some(true), _) | (_, None) => None,
+                (_, Some(dest)) => Staged::begin(&dest).ok(),
+            };
+            let (stored, summary, staged) = tokio::task::spawn_blocking(move || {
+                let streamed = std::sync::atomic::AtomicU64::new(0);
+                let failed = std::sync::atomic::AtomicBool::new(false);
+                let sink = |offset: u64, frame: &[u8]| {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let Some(st) = &staged else { return };
+                    if failed.load(Relaxed) {
+                        return;
+                    }
+                    match st.write_at(offset, frame) {
+                        Ok(()) => {
+                            streamed.fetch_add(frame.len() as u64, Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::debug!("staging {name}: {e}; storing it the ordinary way");
+                            failed.store(true, Relaxed);
+                        }
+                    }
+                };
+                let sink_ref: envelope::FrameSink<'_> = &sink;
+                let (stored, summary) = read_and_encode(
+                    &file,
+                    len,
+                    compression,
+                    staged.as_ref().map(|_| sink_ref),
+                    |data| {
+                        index.then(|| {
+                            (
                                 seg,
-                                header.seg_size,
-                                header.page_size,
-                                header.major,
-                            ),
-                        )
-                    })
-                })
-                .with_context(|| format!("read {display}"))
+                                index::summarize(
+                                    data,
+                                    seg,
+                                    header.seg_size,
+                                    header.page_size,
+                                    header.major,
+                                ),
+                            )
+                        })
+                    },
+                )
+                .with_context(|| format!("read {display}"))?;
+                let staged = if failed.into_inner() {
+                    None
+                } else {
+                    staged.and_then(|st| finish_staging(st, &stored, streamed.into_inner()))
+                };
+                anyhow::Ok((stored, summary, staged))
             })
             .await??;
-            (len as u64, stored, summary, Some(identity), looked)
+            (len as u64, stored, summary, Some(identity), looked, staged)
         }
         WalFileName::History(_) | WalFileName::BackupHistory { .. } => {
             let data = tokio::fs::read(wal_path)
@@ -185,6 +224,7 @@ pub async fn prepare_known(
                 None,
                 None,
                 None,
+                None,
             )
         }
     };
@@ -196,7 +236,26 @@ pub async fn prepare_known(
         summary,
         identity,
         looked,
+        staged,
     })
+}
+
+/// Write what the sink did not get (all of it when the data was compressed in one piece) and the
+/// header, which comes last because it holds the payload's checksum. `None` if a write fails: the
+/// file is then stored the ordinary way.
+fn finish_staging(st: Staged, stored: &envelope::Encoded, streamed: u64) -> Option<Staged> {
+    let parts = stored.parts();
+    let (header, payload) = parts.split_first()?;
+    let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
+    let mut offset = header.len() as u64;
+    if streamed != payload_len {
+        for p in payload {
+            st.write_at(offset, p).ok()?;
+            offset += p.len() as u64;
+        }
+    }
+    st.write_at(0, header).ok()?;
+    Some(st)
 }
 
 /// Store a prepared file (a conditional create), then its WAL summary. `start` is when the push
@@ -218,6 +277,7 @@ pub async fn store(
         summary,
         identity,
         looked,
+        staged,
     } = prepared;
     if let Some(identity) = identity {
         identity.await?.with_context(|| format!("refuse {name}"))?;
@@ -226,14 +286,13 @@ pub async fn store(
         Some(l) => Some(l.await?.with_context(|| format!("archive {name}"))?),
         None => None,
     };
-    let key = ObjectKey::Wal(name);
     let outcome = match summary {
         // Not stored yet: the summary goes up beside the segment (one round trip instead of two).
         // The catalog ignores a summary whose segment is not listed, so a crash between the two
         // leaves nothing it would trust.
         Some((seg, summary)) if found == Some(false) => {
             let (put, indexed) = tokio::join!(
-                repo.put_new_encoded_looked(&key, Original::File(&path), stored, found),
+                put_file(repo, name, &path, stored, staged, found),
                 store_summary(repo, seg, &summary)
             );
             match put {
@@ -257,8 +316,7 @@ pub async fn store(
             }
         }
         summary => {
-            let outcome = repo
-                .put_new_encoded_looked(&key, Original::File(&path), stored, found)
+            let outcome = put_file(repo, name, &path, stored, staged, found)
                 .await
                 .with_context(|| format!("archive {name}"))?;
             if let Some((seg, summary)) = summary {
@@ -288,6 +346,27 @@ pub async fn store(
     Ok(report)
 }
 
+/// Store a file: publish its staging file where there is one, otherwise put it.
+async fn put_file(
+    repo: &Repo,
+    name: WalFileName,
+    path: &Path,
+    stored: envelope::Encoded,
+    staged: Option<Staged>,
+    found: Option<bool>,
+) -> Result<PutOutcome, RepoError> {
+    match staged {
+        Some(st) if found != Some(true) => {
+            repo.publish_staged(name, Original::File(path), st, stored.len() as u64)
+                .await
+        }
+        _ => {
+            repo.put_new_encoded_looked(&ObjectKey::Wal(name), Original::File(path), stored, found)
+                .await
+        }
+    }
+}
+
 /// Map the `len` bytes of `file` (or, where mapping fails, read them in one pass on
 /// `push_threads()` threads), then run `inspect` on them (the WAL index) on its own thread while the
 /// compression threads work. Returns their envelope and what `inspect` returned.
@@ -298,11 +377,12 @@ fn read_and_encode<T: Send>(
     file: &std::fs::File,
     len: usize,
     compression: Compression,
+    sink: Option<envelope::FrameSink<'_>>,
     inspect: impl FnOnce(&[u8]) -> T + Send,
 ) -> std::io::Result<(envelope::Encoded, T)> {
     let threads = push_threads();
     if let Ok(mapped) = crate::bigbuf::Mapped::file(file, len) {
-        let encoded = encode_and_inspect(&mapped, compression, threads, None, inspect);
+        let encoded = encode_and_inspect(&mapped, compression, threads, None, sink, inspect);
         // Unmapping 16 MiB that several cores touched costs a TLB shootdown, about 2 ms here: let
         // it happen beside the upload instead of before it.
         let unmap = std::thread::Builder::new().name("pitr-unmap".into());
@@ -336,7 +416,7 @@ fn read_and_encode<T: Send>(
     let crc = crcs
         .iter()
         .fold(0, |acc, &(c, n)| crc32c::crc32c_combine(acc, c, n));
-    encode_and_inspect(&data, compression, threads, Some(crc), inspect)
+    encode_and_inspect(&data, compression, threads, Some(crc), sink, inspect)
 }
 
 /// Compress `data` on `threads` threads while `inspect` looks at it on another (which then helps
@@ -346,10 +426,13 @@ fn encode_and_inspect<T: Send>(
     compression: Compression,
     threads: usize,
     crc: Option<u32>,
+    sink: Option<envelope::FrameSink<'_>>,
     inspect: impl FnOnce(&[u8]) -> T + Send,
 ) -> std::io::Result<(envelope::Encoded, T)> {
     let (stored, seen) =
-        envelope::encode_parallel_beside(data, compression, threads, crc, move || inspect(data));
+        envelope::encode_parallel_beside(data, compression, threads, crc, sink, move || {
+            inspect(data)
+        });
     let seen = seen.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;
     Ok((stored?, seen))
 }
@@ -426,5 +509,62 @@ mod tests {
             .unwrap();
         assert_eq!(kept[9000], 1);
         assert!(!repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_local_repository_gets_the_segment_through_a_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let repo = Repo::open(root.to_str().unwrap()).unwrap();
+        // Segment 3 creates the WAL directory the ordinary way; segment 4 is staged beside its name.
+        let wal = dir.path().join("pg_wal");
+        std::fs::create_dir(&wal).unwrap();
+        // 16 MiB segments: compressed in pieces, so frames reach the staging file as they are done.
+        let fake = |segno| {
+            crate::pg::segment::tests::fake_segment(PgMajor::V15, 1, segno, 7_000_000_000, 16 << 20)
+        };
+        let three = wal.join("000000010000000000000003");
+        std::fs::write(&three, fake(3)).unwrap();
+        push(&repo, &three, Compression::Zstd).await.unwrap();
+        let mut b = fake(4);
+        b[9000] = 1;
+        let four = wal.join("000000010000000000000004");
+        std::fs::write(&four, &b).unwrap();
+        let r = push(&repo, &four, Compression::Zstd).await.unwrap();
+        assert!(matches!(r.outcome, PutOutcome::Stored { .. }));
+        let name = name_of(&four).unwrap();
+        assert_eq!(repo.get(&ObjectKey::Wal(name)).await.unwrap().unwrap(), b);
+        // Identical again: already stored. Different bytes: refused, the stored object untouched.
+        let r = push(&repo, &four, Compression::Zstd).await.unwrap();
+        assert_eq!(r.outcome, PutOutcome::AlreadyStored);
+        b[9000] = 2;
+        std::fs::write(&four, &b).unwrap();
+        let prepared = prepare_known(&repo, &four, Compression::Zstd, Some(false))
+            .await
+            .unwrap();
+        assert!(
+            prepared.staged.is_some(),
+            "a local repository stages the file"
+        );
+        let err = store(&repo, prepared, Compression::Zstd, Instant::now())
+            .await
+            .unwrap_err();
+        assert!(
+            err.downcast_ref::<RepoError>()
+                .is_some_and(|e| matches!(e, RepoError::Conflict { .. })),
+            "{err:#}"
+        );
+        assert_eq!(
+            repo.get(&ObjectKey::Wal(name)).await.unwrap().unwrap()[9000],
+            1
+        );
+        // No staging file is left beside the objects.
+        let dir = repo.local_wal_path(name).unwrap();
+        let left: Vec<String> = std::fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains('#'))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -280,27 +280,13 @@ fn write_piece(
         .with_context(|| format!("open {}", dest.display()))?;
     match envelope::decode_to(stored, |at, bytes| f.write_all_at(bytes, offset + at)) {
         Ok(n) => {
-            start_writeback(&f, offset, n as usize);
+            durable::start_writeback(&f, offset, n as usize);
             Ok(Ok(n))
         }
         Err(DecodeToError::Corrupt(detail)) => Ok(Err(detail)),
         Err(DecodeToError::Sink(e)) => {
             Err(anyhow::Error::new(e).context(format!("write {} (from {piece})", dest.display())))
         }
-    }
-}
-
-/// Ask the kernel to start writing a just-written range to disk without waiting, so the final fsync
-/// of a restore finds little left to do (the disk works while the next pieces decompress).
-fn start_writeback(f: &std::fs::File, offset: u64, len: usize) {
-    use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
-        return;
-    };
-    // SAFETY: a valid open descriptor and a range; the call only schedules writeback (errors would
-    // surface in the fsync that follows, so its result is not needed).
-    unsafe {
-        libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 

@@ -71,6 +71,11 @@ impl Encoded {
         self.len() == 0
     }
 
+    /// Its parts, in order: the header, then the payload.
+    pub fn parts(&self) -> &[bytes::Bytes] {
+        &self.parts
+    }
+
     /// Its parts, in order.
     pub fn into_parts(self) -> Vec<bytes::Bytes> {
         self.parts
@@ -110,19 +115,26 @@ pub fn encode_parallel(
     threads: usize,
     original_crc: Option<u32>,
 ) -> std::io::Result<Vec<u8>> {
-    encode_parallel_beside(data, compression, threads, original_crc, || ())
+    encode_parallel_beside(data, compression, threads, original_crc, None, || ())
         .0
         .map(Encoded::into_vec)
 }
 
+/// Where frames go as soon as they and every frame before them are compressed: called with the
+/// offset in the stored object (after the header) and the frame's bytes.
+pub type FrameSink<'s> = &'s (dyn Fn(u64, &[u8]) + Sync);
+
 /// [`encode_parallel`] on `threads` threads in all, one of which first runs `beside`, then helps
 /// compress whatever pieces are left, so every core stays busy to the end. Returns the envelope in
-/// parts and what `beside` returned (`Err` if it panicked).
+/// parts and what `beside` returned (`Err` if it panicked). With a `sink`, frames are also handed
+/// to it in order as they are done (only when compressing in pieces: the caller checks how much it
+/// got).
 pub fn encode_parallel_beside<T: Send>(
     data: &[u8],
     compression: Compression,
     threads: usize,
     original_crc: Option<u32>,
+    sink: Option<FrameSink<'_>>,
     beside: impl FnOnce() -> T + Send,
 ) -> (std::io::Result<Encoded>, std::thread::Result<T>) {
     let serial =
@@ -151,11 +163,16 @@ pub fn encode_parallel_beside<T: Send>(
         rest = tail;
     }
     let queue = PieceQueue {
-        chunks,
         regions,
         next: std::sync::atomic::AtomicUsize::new(0),
-        done: std::sync::Mutex::new(Vec::new()),
+        done: std::sync::Mutex::new(Done {
+            frames: chunks.iter().map(|_| None).collect(),
+            flushed: 0,
+            offset: HEADER_LEN as u64,
+        }),
+        chunks,
         want_crc: original_crc.is_none(),
+        sink,
     };
     let (worked, other) = std::thread::scope(|s| {
         let queue = &queue;
@@ -181,11 +198,11 @@ pub fn encode_parallel_beside<T: Send>(
     let done = queue.done.into_inner();
     drop(queue.regions);
     let stored = worked.and(helped).and_then(|()| {
-        let mut done = done.map_err(|_| std::io::Error::other("a compression thread panicked"))?;
+        let done = done.map_err(|_| std::io::Error::other("a compression thread panicked"))?;
+        let done: Vec<Compressed> = done.frames.into_iter().flatten().collect();
         if done.len() != lens.len() {
             return Err(std::io::Error::other("a piece was not compressed"));
         }
-        done.sort_unstable_by_key(|d| d.index);
         let crc = original_crc.unwrap_or_else(|| {
             done.iter().fold(0, |acc, d| {
                 crc32c::crc32c_combine(acc, d.piece_crc.unwrap_or_default(), lens[d.index])
@@ -227,15 +244,24 @@ struct Compressed {
 
 /// The pieces of one buffer, handed out one at a time to whichever thread asks next, and the
 /// region of the output buffer each one's frame goes to.
-struct PieceQueue<'a, 'b> {
+struct PieceQueue<'a, 'b, 's> {
     chunks: Vec<&'a [u8]>,
     regions: Vec<std::sync::Mutex<&'b mut [u8]>>,
     next: std::sync::atomic::AtomicUsize,
-    done: std::sync::Mutex<Vec<Compressed>>,
+    done: std::sync::Mutex<Done>,
     want_crc: bool,
+    sink: Option<FrameSink<'s>>,
 }
 
-impl PieceQueue<'_, '_> {
+/// The pieces compressed so far, and how many of the first ones went to the sink.
+struct Done {
+    frames: Vec<Option<Compressed>>,
+    flushed: usize,
+    /// Where the next frame for the sink starts in the stored object.
+    offset: u64,
+}
+
+impl PieceQueue<'_, '_, '_> {
     /// Compress pieces until none are left.
     fn work(&self) -> std::io::Result<()> {
         let poisoned = || std::io::Error::other("a compression thread panicked");
@@ -251,15 +277,35 @@ impl PieceQueue<'_, '_> {
                 None => z.insert(zstd::bulk::Compressor::new(crate::compress::ZSTD_LEVEL)?),
             };
             let piece_crc = self.want_crc.then(|| crc32c::crc32c(piece));
-            let mut region = region.lock().map_err(|_| poisoned())?;
-            let frame_len = z.compress_to_buffer(piece, &mut **region)?;
-            let frame_crc = crc32c::crc32c(&region[..frame_len]);
-            self.done.lock().map_err(|_| poisoned())?.push(Compressed {
-                index,
-                frame_len,
-                frame_crc,
-                piece_crc,
-            });
+            let (frame_len, frame_crc) = {
+                let mut region = region.lock().map_err(|_| poisoned())?;
+                let frame_len = z.compress_to_buffer(piece, &mut **region)?;
+                (frame_len, crc32c::crc32c(&region[..frame_len]))
+            };
+            let mut done = self.done.lock().map_err(|_| poisoned())?;
+            if let Some(slot) = done.frames.get_mut(index) {
+                *slot = Some(Compressed {
+                    index,
+                    frame_len,
+                    frame_crc,
+                    piece_crc,
+                });
+            }
+            if let Some(sink) = self.sink {
+                // Hand over every frame now preceded only by frames already handed over.
+                while let Some(Some(next)) = done.frames.get(done.flushed) {
+                    let len = next.frame_len;
+                    let region = self
+                        .regions
+                        .get(done.flushed)
+                        .ok_or_else(|| std::io::Error::other("no region for a piece"))?
+                        .lock()
+                        .map_err(|_| poisoned())?;
+                    sink(done.offset, &region[..len]);
+                    done.offset += len as u64;
+                    done.flushed += 1;
+                }
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod identity;
 pub mod layout;
 pub mod retry;
+pub mod staged;
 
 #[cfg(test)]
 mod faults;
@@ -150,6 +151,8 @@ pub struct Repo {
     /// The identity this process has already checked against `pitr.json` (one read per process,
     /// not one per segment).
     checked_identity: Arc<std::sync::Mutex<Option<identity::RepoIdentity>>>,
+    /// The directory of a local repository (`None` for object stores).
+    local_root: Option<std::path::PathBuf>,
 }
 
 /// Where the original bytes of an object being stored can be read again, to compare with an object
@@ -237,6 +240,7 @@ impl Repo {
             create_check,
             retry: RetryPolicy::from_env().map_err(bad)?,
             checked_identity: Arc::default(),
+            local_root: None,
         })
     }
 
@@ -262,7 +266,44 @@ impl Repo {
             create_check: CreateCheck::Trust,
             retry,
             checked_identity: Arc::default(),
+            local_root: Some(path.to_path_buf()),
         })
+    }
+
+    /// Where a WAL file is stored, for a local repository (`None` for object stores).
+    pub fn local_wal_path(&self, name: crate::pg::WalFileName) -> Option<std::path::PathBuf> {
+        Some(self.local_root.as_ref()?.join(ObjectKey::Wal(name).key()))
+    }
+
+    /// Publish a WAL file written to a staging file (see [`staged`]): created, or, when the name is
+    /// taken, compared with what is stored, as [`Repo::put_new_encoded_looked`] does.
+    ///
+    /// # Errors
+    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
+    pub async fn publish_staged(
+        &self,
+        name: crate::pg::WalFileName,
+        data: Original<'_>,
+        staged: staged::Staged,
+        stored_bytes: u64,
+    ) -> Result<PutOutcome, RepoError> {
+        let key = ObjectKey::Wal(name);
+        let published = tokio::task::spawn_blocking(move || staged.publish())
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        match published {
+            Ok(staged::Published::Created) => Ok(PutOutcome::Stored { stored_bytes }),
+            Ok(staged::Published::Exists) => self.compare_existing(&key, data).await,
+            Err(e) => Err(self.store_err(
+                "write",
+                &key,
+                object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                },
+            )),
+        }
     }
 
     /// A repository over any store (tests use `object_store::memory::InMemory`).
@@ -273,6 +314,7 @@ impl Repo {
             create_check: CreateCheck::Trust,
             retry: RetryPolicy::none(),
             checked_identity: Arc::default(),
+            local_root: None,
         }
     }
 
@@ -292,6 +334,7 @@ impl Repo {
             create_check: CreateCheck::LookFirst,
             retry: RetryPolicy::none(),
             checked_identity: Arc::default(),
+            local_root: None,
         }
     }
 
