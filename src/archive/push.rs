@@ -462,6 +462,18 @@ mod tests {
     use object_store::memory::InMemory;
     use std::sync::Arc;
 
+    /// Storing `prepared` is refused: other bytes are stored under its name.
+    async fn assert_conflict(repo: &Repo, prepared: Prepared) {
+        let err = store(repo, prepared, Compression::Zstd, Instant::now())
+            .await
+            .unwrap_err();
+        assert!(
+            err.downcast_ref::<RepoError>()
+                .is_some_and(|e| matches!(e, RepoError::Conflict { .. })),
+            "{err:#}"
+        );
+    }
+
     fn segment_file(dir: &Path, marker: u8) -> PathBuf {
         let mut b =
             crate::pg::segment::tests::fake_segment(PgMajor::V15, 1, 3, 7_000_000_000, 1 << 20);
@@ -494,14 +506,7 @@ mod tests {
         let prepared = prepare_known(&repo, &other, Compression::Zstd, Some(false))
             .await
             .unwrap();
-        let err = store(&repo, prepared, Compression::Zstd, Instant::now())
-            .await
-            .unwrap_err();
-        assert!(
-            err.downcast_ref::<RepoError>()
-                .is_some_and(|e| matches!(e, RepoError::Conflict { .. })),
-            "{err:#}"
-        );
+        assert_conflict(&repo, prepared).await;
         let kept = repo
             .get(&ObjectKey::Wal(WalFileName::Segment(seg)))
             .await
@@ -546,14 +551,7 @@ mod tests {
             prepared.staged.is_some(),
             "a local repository stages the file"
         );
-        let err = store(&repo, prepared, Compression::Zstd, Instant::now())
-            .await
-            .unwrap_err();
-        assert!(
-            err.downcast_ref::<RepoError>()
-                .is_some_and(|e| matches!(e, RepoError::Conflict { .. })),
-            "{err:#}"
-        );
+        assert_conflict(&repo, prepared).await;
         assert_eq!(
             repo.get(&ObjectKey::Wal(name)).await.unwrap().unwrap()[9000],
             1
