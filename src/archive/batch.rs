@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
-use super::push::{self, PushReport};
+use super::push::{self, Known, PushReport};
 use crate::compress::Compression;
 use crate::pg::WalFileName;
 use crate::storage::layout::ObjectKey;
@@ -73,19 +73,25 @@ pub async fn push_with_ahead(
     let files: Vec<PathBuf> = std::iter::once(wal_path.to_path_buf())
         .chain(ahead)
         .collect();
-    // Each push wants to know whether its file is stored already; one listing answers for the batch.
-    let listed = {
+    // Each push wants to know whether its file is stored already; one listing answers for the batch,
+    // and the first file is compressed while it runs.
+    let listing = {
         let keys: Vec<ObjectKey> = files
             .iter()
             .filter_map(|p| listable(p))
             .map(ObjectKey::Wal)
             .collect();
-        repo.which_exist(&keys).await
+        let repo = repo.clone();
+        async move { repo.which_exist(&keys).await.map(Arc::new) }
+            .boxed()
+            .shared()
     };
-    let known = |path: &Path| -> Option<bool> {
-        let listed = listed.as_ref()?;
-        let key = ObjectKey::Wal(listable(path)?).key();
-        Some(listed.contains(&key))
+    let known = |path: &Path| -> Known {
+        let Some(key) = listable(path).map(|n| ObjectKey::Wal(n).key()) else {
+            return Known::Ask;
+        };
+        let listing = listing.clone();
+        Known::Pending(async move { Some(listing.await?.contains(&key)) }.boxed())
     };
     let mut results = futures::stream::iter(files.into_iter().enumerate())
         .map(|(i, path)| {

@@ -103,11 +103,22 @@ pub async fn prepare(
     wal_path: &Path,
     compression: Compression,
 ) -> anyhow::Result<Prepared> {
-    prepare_known(repo, wal_path, compression, None).await
+    prepare_known(repo, wal_path, compression, Known::Ask).await
 }
 
-/// [`prepare`], where the caller may already know whether the repository holds the file (`known`,
-/// from one listing for a batch), so no lookup of its own is needed.
+/// What a caller knows about whether the repository already holds a file.
+pub enum Known {
+    /// Nothing: the push looks it up itself, while compressing.
+    Ask,
+    /// The answer (from one listing for a batch).
+    Is(bool),
+    /// The answer of a listing for a batch that is still running, awaited while compressing; `None`
+    /// when the listing could not answer, and the push looks the file up itself.
+    Pending(futures::future::BoxFuture<'static, Option<bool>>),
+}
+
+/// [`prepare`], where the caller may already know, or be finding out, whether the repository holds
+/// the file (from one listing for a batch), so no lookup of its own is needed.
 ///
 /// # Errors
 /// As [`prepare`].
@@ -115,7 +126,7 @@ pub async fn prepare_known(
     repo: &Repo,
     wal_path: &Path,
     compression: Compression,
-    known: Option<bool>,
+    known: Known,
 ) -> anyhow::Result<Prepared> {
     let name = name_of(wal_path)?;
     let (original_len, stored, summary, identity, looked, staged) = match name {
@@ -136,11 +147,19 @@ pub async fn prepare_known(
                 let want = RepoIdentity::from_header(&header);
                 tokio::spawn(async move { repo.ensure_identity(&want).await })
             };
+            // A local repository gets the frames as they are done (see `staged`), unless the
+            // segment is known to be stored already.
+            let stage = !matches!(known, Known::Is(true));
             // Knowing the segment is not stored yet lets its summary be written beside it.
             let looked = Some({
                 let repo = repo.clone();
                 tokio::spawn(async move {
-                    match known {
+                    let answer = match known {
+                        Known::Ask => None,
+                        Known::Is(found) => Some(found),
+                        Known::Pending(listing) => listing.await,
+                    };
+                    match answer {
                         Some(found) => Ok(found),
                         None => repo.exists(&ObjectKey::Wal(name)).await,
                     }
@@ -148,10 +167,9 @@ pub async fn prepare_known(
             });
             let index = matches!(name, WalFileName::Segment(_));
             let display = wal_path.display().to_string();
-            // A local repository gets the frames as they are done (see `staged`).
-            let staged = match (known, repo.local_wal_path(name)) {
-                (Some(true), _) | (_, None) => None,
-                (_, Some(dest)) => Staged::begin(&dest).ok(),
+            let staged = match repo.local_wal_path(name) {
+                Some(dest) if stage => Staged::begin(&dest).ok(),
+                _ => None,
             };
             let (stored, summary, staged) = tokio::task::spawn_blocking(move || {
                 let streamed = std::sync::atomic::AtomicU64::new(0);
@@ -503,7 +521,7 @@ mod tests {
         // Other bytes under the name, looked up as absent (another writer got in after the look):
         // refused, the stored segment untouched, and no summary of the refused bytes left behind.
         let other = segment_file(dir.path(), 2);
-        let prepared = prepare_known(&repo, &other, Compression::Zstd, Some(false))
+        let prepared = prepare_known(&repo, &other, Compression::Zstd, Known::Is(false))
             .await
             .unwrap();
         assert_conflict(&repo, prepared).await;
@@ -544,7 +562,7 @@ mod tests {
         assert_eq!(r.outcome, PutOutcome::AlreadyStored);
         b[9000] = 2;
         std::fs::write(&four, &b).unwrap();
-        let prepared = prepare_known(&repo, &four, Compression::Zstd, Some(false))
+        let prepared = prepare_known(&repo, &four, Compression::Zstd, Known::Is(false))
             .await
             .unwrap();
         assert!(
