@@ -296,6 +296,15 @@ fn expire_keeps_the_window() {
     };
     let before = info(scratch.path());
     assert_eq!(before["backups"].as_array().unwrap().len(), 3);
+    // A staging file left by a killed push two hours ago, and one of a push in progress.
+    let wal_dir = repo_dir.join("wal/00000001");
+    let stale = wal_dir.join("000000010000000000000001#4242000");
+    let live = wal_dir.join("000000010000000000000001#4243000");
+    std::fs::File::create(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
+    std::fs::File::create(&live).unwrap();
     let objects = || walkdir_count(&repo_dir);
     let n_before = objects();
 
@@ -325,7 +334,13 @@ fn expire_keeps_the_window() {
         &[],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("would delete backup"));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("would delete backup"), "{said}");
+    assert!(
+        said.contains("would delete 1 staging file(s)") && said.contains("#4242000"),
+        "{said}"
+    );
+    assert!(!said.contains("#4243000"), "{said}");
     assert_eq!(objects(), n_before, "a dry run deleted something");
 
     let out = pitr(
@@ -334,6 +349,9 @@ fn expire_keeps_the_window() {
         &[],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!stale.exists(), "the stale staging file is still there");
+    assert!(live.exists(), "a staging file in use was removed");
+    std::fs::remove_file(&live).unwrap();
     let after = info(scratch.path());
     let kept = &after["backups"].as_array().unwrap();
     assert_eq!(kept.len(), 1, "{after:#}");

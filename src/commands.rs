@@ -317,6 +317,15 @@ pub async fn run(
                 outcome.wal_before.unwrap_or(0),
                 outcome.kept.join(", ")
             );
+            if !outcome.staging_files.is_empty() {
+                println!(
+                    "{verb} {} staging file(s) left by interrupted pushes or puts:",
+                    outcome.staging_files.len()
+                );
+                for path in &outcome.staging_files {
+                    println!("  {path}");
+                }
+            }
             if dry_run {
                 for key in &deletions {
                     println!("  {key}");

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::backup::manifest::BackupManifest;
@@ -138,7 +138,14 @@ pub struct Outcome {
     pub objects: usize,
     /// WAL before this segment number goes.
     pub wal_before: Option<u64>,
+    /// Staging files left in a local repository by killed processes (older than
+    /// [`STALE_STAGING_AGE`]), removed too.
+    pub staging_files: Vec<String>,
 }
+
+/// How old a staging file in a local repository must be before `expire` takes it for the leftover of
+/// a killed process: a live push or put holds one for well under a second.
+pub const STALE_STAGING_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Plan and (unless `dry_run`) carry out the expiry.
 ///
@@ -225,7 +232,9 @@ pub async fn run(
             wal_files -= 1;
         }
     }
+    let staging = repo.stale_staging(STALE_STAGING_AGE)?;
     let outcome = Outcome {
+        staging_files: staging.iter().map(|p| p.display().to_string()).collect(),
         backups: expired.iter().map(|b| b.id.clone()).collect(),
         kept: kept.iter().cloned().collect(),
         wal_files,
@@ -245,6 +254,13 @@ pub async fn run(
     }
     for key in &deletions {
         repo.delete(key).await?;
+    }
+    for path in &staging {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
+        }
     }
     Ok((outcome, deletions))
 }

@@ -270,6 +270,28 @@ impl Repo {
         })
     }
 
+    /// Staging files left in a local repository by killed processes, older than `age` (see
+    /// [`staged::stale`]); none for object stores, which never show unfinished objects.
+    ///
+    /// # Errors
+    /// The repository's directory cannot be read.
+    pub fn stale_staging(
+        &self,
+        age: std::time::Duration,
+    ) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        use anyhow::Context;
+        let Some(root) = &self.local_root else {
+            return Ok(Vec::new());
+        };
+        staged::stale(root, age).with_context(|| {
+            format!(
+                "repository {}: look for leftover staging files under {}",
+                self.location,
+                root.display()
+            )
+        })
+    }
+
     /// Where a WAL file is stored, for a local repository (`None` for object stores).
     pub fn local_wal_path(&self, name: crate::pg::WalFileName) -> Option<std::path::PathBuf> {
         Some(self.local_root.as_ref()?.join(ObjectKey::Wal(name).key()))

@@ -104,9 +104,84 @@ impl Drop for Staged {
     }
 }
 
+/// Whether `name` is a staging file's: a name, `#`, digits (ours and `object_store`'s).
+fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(stem, n)| {
+        !stem.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Staging files under `root` last modified more than `age` ago: left by a process killed between
+/// writing one and publishing it (a live push or put holds its staging file for well under a
+/// second). Removing one can never lose an object: a publish whose staging file is gone fails, and
+/// nothing is acknowledged.
+///
+/// # Errors
+/// `root` cannot be read.
+pub fn stale(root: &Path, age: std::time::Duration) -> io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    let now = std::time::SystemTime::now();
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if dir != root && e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file() && is_staging_name(&entry.file_name().to_string_lossy()) {
+                let modified = entry.metadata()?.modified()?;
+                if now.duration_since(modified).is_ok_and(|d| d > age) {
+                    found.push(entry.path());
+                }
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_staging_files_are_found_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("wal/00000001");
+        std::fs::create_dir_all(&wal).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let mk = |name: &str, when: Option<std::time::SystemTime>| {
+            let f = File::create(wal.join(name)).unwrap();
+            if let Some(t) = when {
+                f.set_modified(t).unwrap();
+            }
+        };
+        mk("000000010000000000000003", Some(old));
+        mk("000000010000000000000003#12345000", Some(old));
+        mk("000000010000000000000004.partial#7", Some(old));
+        mk("000000010000000000000005#12345001", None); // a push in progress
+        mk("notes#draft", Some(old));
+        mk("#123", Some(old));
+        let found = stale(dir.path(), std::time::Duration::from_secs(3600)).unwrap();
+        let names: Vec<_> = found
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "000000010000000000000003#12345000",
+                "000000010000000000000004.partial#7"
+            ]
+        );
+        // A repository root that does not exist is an error, not an empty answer.
+        assert!(stale(&dir.path().join("missing"), std::time::Duration::ZERO).is_err());
+    }
 
     #[test]
     fn published_once_never_replaced_and_never_left_behind() {
