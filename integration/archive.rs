@@ -38,13 +38,7 @@ fn s3() -> Option<RepoKind> {
     harness::s3_bucket().map(|bucket| RepoKind::S3 { bucket })
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
+use crate::harness::block_on;
 
 /// Flip one byte of a stored object in place (bypassing pitr).
 fn corrupt_object(url: &str, key: &str, at_from_end: usize) {

@@ -440,6 +440,15 @@ impl Drop for Cluster {
     }
 }
 
+/// Run a future to completion on a fresh current-thread runtime (tests that use the library).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 /// Run the test's `pitr` (as the current user) with `args`, in `cwd`.
 pub fn pitr(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(PITR);

@@ -7,6 +7,7 @@
 mod archive;
 mod backup;
 mod harness;
+mod reliability;
 mod restore;
 mod trust;
 mod walindex;

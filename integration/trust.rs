@@ -261,6 +261,52 @@ fn drill(major: u32) {
         gap["detail"].as_str().unwrap().contains("missing WAL"),
         "{gap}"
     );
+
+    // A2: restore --latest over that gap would promote at it and drop the segment after it:
+    // refused, naming the gap, nothing written; --stop-at-gap is the explicit way to accept it.
+    let target = scratch.path().join("latest-over-gap");
+    let target_s = target.to_string_lossy().into_owned();
+    let out = pitr(
+        scratch.path(),
+        &[
+            "--repo",
+            &url,
+            "restore",
+            "--target-dir",
+            &target_s,
+            "--latest",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let missing = segs[segs.len() - 2]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".pitr")
+        .to_string();
+    assert!(
+        stderr(&out).contains("has a gap after") && stderr(&out).contains("--stop-at-gap"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(&format!("(next archived: {missing})")));
+    assert!(!target.exists(), "a refused restore wrote {target_s}");
+    let out = pitr(
+        scratch.path(),
+        &[
+            "--repo",
+            &url,
+            "restore",
+            "--target-dir",
+            &target_s,
+            "--latest",
+            "--stop-at-gap",
+            "--dry-run",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 
 #[test]

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::Context;
 use futures::StreamExt;
 
 use crate::backup::manifest::BackupManifest;
@@ -78,6 +77,27 @@ pub struct Window {
     pub last_segment: SegmentName,
 }
 
+/// Archived WAL that a walk along a timeline path cannot reach because of a gap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Beyond {
+    /// The first archived segment after the gap.
+    pub next: SegmentName,
+    /// The last archived segment on the path.
+    pub last: SegmentName,
+    /// How many archived segments lie beyond the gap.
+    pub segments: u64,
+}
+
+impl Beyond {
+    /// "3 segment(s) up to 000000020000000000000009 on timeline 2".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} archived segment(s) up to {} on timeline {}",
+            self.segments, self.last, self.last.tli
+        )
+    }
+}
+
 /// The catalog of a repository.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -118,10 +138,7 @@ impl Catalog {
     /// # Errors
     /// Store failures; corrupt history files and summaries are reported as problems instead.
     pub async fn load(repo: &Repo) -> anyhow::Result<Catalog> {
-        let identity = repo
-            .identity()
-            .await
-            .context("read the repository identity")?;
+        let identity = Some(repo.require_identity().await?);
         let listed: Vec<Listed> = repo
             .list(Some(WAL_PREFIX))
             .await?
@@ -466,6 +483,31 @@ impl Catalog {
             last = Some((on, n));
             n = SegNo(n.0 + 1);
         }
+    }
+
+    /// The archived segments on the path to `tli` that lie after `reached` (where a walk from a
+    /// backup stopped at a gap); `None` when the walk reached the end of what is archived.
+    pub fn beyond(&self, tli: TimelineId, reached: (TimelineId, SegNo)) -> Option<Beyond> {
+        let path = self.path_to(tli);
+        let mut found: Vec<(TimelineId, SegNo)> = Vec::new();
+        for (i, &(t, begin)) in path.iter().enumerate() {
+            let end = path.get(i + 1).map(|&(_, b)| b);
+            let Some(info) = self.timelines.get(&t) else {
+                continue;
+            };
+            found.extend(
+                info.segments
+                    .iter()
+                    .filter(|&&n| n >= begin && end.is_none_or(|e| n < e) && n > reached.1)
+                    .map(|&n| (t, n)),
+            );
+        }
+        let (&(t0, n0), &(t1, n1)) = (found.first()?, found.last()?);
+        Some(Beyond {
+            next: self.name(t0, n0),
+            last: self.name(t1, n1),
+            segments: found.len() as u64,
+        })
     }
 
     /// All restore points, in LSN order.

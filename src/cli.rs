@@ -143,9 +143,14 @@ pub enum Command {
         /// Stop as soon as the backup is consistent.
         #[arg(long)]
         immediate: bool,
-        /// Replay all archived WAL, following the newest timeline.
+        /// Replay all archived WAL, following the newest timeline. Refused when the archive has a gap
+        /// with WAL beyond it (recovery would promote at the gap); see --stop-at-gap.
         #[arg(long)]
         latest: bool,
+        /// With --latest: recover only up to the first gap in the archived WAL, knowingly leaving
+        /// what lies beyond it.
+        #[arg(long, requires = "latest")]
+        stop_at_gap: bool,
         /// Stop just before the target transaction instead of just after it.
         #[arg(long)]
         exclusive: bool,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::backup::{self, BackupOptions};
 use crate::catalog::Catalog;
@@ -44,9 +44,9 @@ pub async fn run(
             let catalog = Catalog::load(repo).await?;
             let info = Info::new(repo.location(), &catalog);
             if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                print!("{}", info.render());
+                crate::out!("{}", info.render());
             }
             Ok(exit::SUCCESS)
         }
@@ -80,9 +80,9 @@ pub async fn run(
                     "compression": m.compression, "jobs": opts.jobs, "duration_seconds": secs,
                     "throughput_mib_per_second": mib(m.size_bytes) / secs.max(1e-9),
                 });
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
-                println!(
+                crate::sayln!(
                     "backup {} complete: {} files, {:.1} MiB copied, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
                     m.id,
                     m.files.len(),
@@ -105,6 +105,7 @@ pub async fn run(
             name,
             immediate,
             latest,
+            stop_at_gap,
             exclusive,
             timeline,
             action,
@@ -115,11 +116,13 @@ pub async fn run(
         } => {
             let target = match (to, lsn, xid, name) {
                 (Some(t), ..) => {
-                    let t = parse_time(&t)?;
-                    println!("target time  {} (UTC)", t.rfc3339());
+                    let t = parse_time(&t).map_err(|e| usage(format!("--to: {e}")))?;
+                    crate::sayln!("target time  {} (UTC)", t.rfc3339());
                     Target::Time(t)
                 }
-                (_, Some(l), ..) => Target::Lsn(l.parse::<Lsn>()?),
+                (_, Some(l), ..) => {
+                    Target::Lsn(l.parse::<Lsn>().map_err(|e| usage(format!("--lsn: {e}")))?)
+                }
                 (_, _, Some(x), _) => Target::Xid(x),
                 (_, _, _, Some(n)) => Target::Name(n),
                 _ if immediate => Target::Immediate,
@@ -132,6 +135,7 @@ pub async fn run(
                 exclusive,
                 timeline,
                 backup,
+                stop_at_gap,
             };
             restore(
                 repo,
@@ -155,15 +159,17 @@ pub async fn run(
         } => {
             require_empty(&target_dir)?;
             let catalog = Catalog::load(repo).await?;
+            // A standby never ends recovery at a gap: it asks again and streams from its primary.
             let request = Request {
                 target: Target::Latest,
                 exclusive: false,
                 timeline: None,
                 backup,
+                stop_at_gap: true,
             };
             let plan = plan::plan(&catalog, &request)?;
             let relocate = relocations(&plan.backup, &tablespace_map)?;
-            println!("{plan}");
+            crate::sayln!("{plan}");
             let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
             let lines = exec::standby_settings(
                 &cmd,
@@ -182,7 +188,7 @@ pub async fn run(
                 Signal::Standby,
             )
             .await?;
-            println!(
+            crate::sayln!(
                 "standby created in {} from backup {}: {} files, {:.1} MiB in {:.1} s. It replays the archive, then streams from its primary.\nStart it with: pg_ctl -D {} start",
                 target_dir.display(),
                 plan.backup.id,
@@ -197,12 +203,12 @@ pub async fn run(
             let jobs = jobs.unwrap_or_else(|| 4 * default_jobs(None));
             let report = crate::verify::run(repo, jobs).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for f in &report.findings {
-                    println!("{:<8} {}: {}", f.kind.to_uppercase(), f.object, f.detail);
+                    crate::outln!("{:<8} {}: {}", f.kind.to_uppercase(), f.object, f.detail);
                 }
-                println!(
+                crate::outln!(
                     "verify: {} objects ({:.1} MiB) and {} backup(s) checked: {}",
                     report.objects_checked,
                     mib(report.bytes_checked),
@@ -227,9 +233,9 @@ pub async fn run(
             for line in
                 crate::check::run(repo, settings, dbname.as_deref(), archive_timeout).await?
             {
-                println!("{line}");
+                crate::outln!("{line}");
             }
-            println!("check: archiving into {} works", repo.location());
+            crate::outln!("check: archiving into {} works", repo.location());
             Ok(exit::SUCCESS)
         }
         Command::Drill {
@@ -243,7 +249,9 @@ pub async fn run(
             timeout,
         } => {
             let target = match (to, random) {
-                (Some(t), _) => Target::Time(parse_time(&t)?),
+                (Some(t), _) => {
+                    Target::Time(parse_time(&t).map_err(|e| usage(format!("--to: {e}")))?)
+                }
                 (None, true) => crate::drill::random_target(&Catalog::load(repo).await?)?,
                 (None, false) => Target::Latest,
             };
@@ -257,9 +265,9 @@ pub async fn run(
             };
             let report = crate::drill::run(repo, settings, &opts).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!(
+                crate::outln!(
                     "drill: backup {} restored to {}: restore {:.1} s + recovery {:.1} s = RTO {:.1} s",
                     report.backup,
                     report.target,
@@ -268,7 +276,7 @@ pub async fn run(
                     report.rto_seconds
                 );
                 for c in &report.checks {
-                    println!(
+                    crate::outln!(
                         "  {:<5} {}: {}",
                         if c.ok { "ok" } else { "FAIL" },
                         c.name,
@@ -276,9 +284,9 @@ pub async fn run(
                     );
                 }
                 if let Some(s) = &report.scratch {
-                    println!("  kept  {s}");
+                    crate::outln!("  kept  {s}");
                 }
-                println!("drill: {}", if report.ok { "PASSED" } else { "FAILED" });
+                crate::outln!("drill: {}", if report.ok { "PASSED" } else { "FAILED" });
             }
             Ok(if report.ok {
                 exit::SUCCESS
@@ -302,36 +310,49 @@ pub async fn run(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as i64),
             );
-            println!("before: {}", plan::window_text(&Catalog::load(repo).await?));
+            crate::sayln!("before: {}", plan::window_text(&Catalog::load(repo).await?));
             let (outcome, deletions) =
                 crate::expire::run(repo, &policy, now, dry_run, max_delete, force).await?;
             let verb = if dry_run { "would delete" } else { "deleted" };
-            for b in &outcome.backups {
-                println!("{verb} backup {b}");
+            let mut expired = outcome.backups.clone();
+            expired.sort();
+            for b in &expired {
+                crate::sayln!("{verb} backup {b}");
             }
-            println!(
-                "{verb} {} object(s): {} backup(s), {} WAL file(s) before segment number {}; kept backups: {}",
+            for b in &outcome.abandoned {
+                crate::sayln!(
+                    "{verb} interrupted backup {b} (no manifest, nothing written for a day)"
+                );
+            }
+            crate::sayln!(
+                "{verb} {} object(s): {} backup(s), {} WAL file(s) before {}; kept backups: {}",
                 outcome.objects,
                 outcome.backups.len(),
                 outcome.wal_files,
-                outcome.wal_before.unwrap_or(0),
+                outcome
+                    .wal_kept_from
+                    .as_deref()
+                    .unwrap_or("(no backup kept)"),
                 outcome.kept.join(", ")
             );
             if !outcome.staging_files.is_empty() {
-                println!(
+                crate::sayln!(
                     "{verb} {} staging file(s) left by interrupted pushes or puts:",
                     outcome.staging_files.len()
                 );
                 for path in &outcome.staging_files {
-                    println!("  {path}");
+                    crate::sayln!("  {path}");
                 }
             }
             if dry_run {
-                for key in &deletions {
-                    println!("  {key}");
+                let mut sorted = deletions.clone();
+                sorted.sort();
+                for key in &sorted {
+                    crate::outln!("  {key}");
                 }
+                crate::sayln!("after:  {} (once expired)", outcome.window_after);
             } else {
-                println!("after:  {}", plan::window_text(&Catalog::load(repo).await?));
+                crate::sayln!("after:  {}", plan::window_text(&Catalog::load(repo).await?));
             }
             Ok(exit::SUCCESS)
         }
@@ -339,7 +360,7 @@ pub async fn run(
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            print!("{}", crate::metrics::render(repo, now).await?);
+            crate::out!("{}", crate::metrics::render(repo, now).await?);
             Ok(exit::SUCCESS)
         }
         Command::ArchivePush { .. }
@@ -351,15 +372,22 @@ pub async fn run(
     }
 }
 
+fn usage(msg: String) -> anyhow::Error {
+    crate::error::UsageError(msg).into()
+}
+
 fn parse_timeline(s: &str) -> anyhow::Result<TimelineChoice> {
     Ok(match s {
         "latest" => TimelineChoice::Latest,
         "current" => TimelineChoice::Current,
         n => {
-            let n: u32 = n.parse().with_context(|| {
-                format!("--timeline {n:?}: expected latest, current or a timeline number")
-            })?;
-            TimelineChoice::Id(TimelineId::new(n).context("timeline 0 does not exist")?)
+            let bad = || {
+                usage(format!(
+                    "--timeline {n:?}: expected latest, current or a timeline number (1 or more)"
+                ))
+            };
+            let n: u32 = n.parse().map_err(|_| bad())?;
+            TimelineChoice::Id(TimelineId::new(n).ok_or_else(bad)?)
         }
     })
 }
@@ -373,23 +401,33 @@ fn relocations(
     for spec in specs {
         let (old, new) = spec
             .split_once('=')
-            .with_context(|| format!("--tablespace-map {spec:?}: expected OLD=NEW"))?;
+            .ok_or_else(|| usage(format!("--tablespace-map {spec:?}: expected OLD=NEW")))?;
         let ts = b
             .tablespaces
             .iter()
             .find(|t| t.oid.to_string() == old || t.location == old)
-            .with_context(|| {
-                format!(
-                    "--tablespace-map: backup {} has no tablespace {old:?}",
-                    b.id
-                )
+            .ok_or_else(|| {
+                let known: Vec<String> = b
+                    .tablespaces
+                    .iter()
+                    .map(|t| format!("{} ({})", t.oid, t.location))
+                    .collect();
+                usage(format!(
+                    "--tablespace-map: backup {} has no tablespace {old:?} (it has: {})",
+                    b.id,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
             })?;
         let new = Path::new(new);
         if !new.is_absolute() {
-            bail!(
+            return Err(usage(format!(
                 "--tablespace-map: {} must be an absolute path",
                 new.display()
-            );
+            )));
         }
         out.insert(ts.oid, new.to_path_buf());
     }
@@ -407,16 +445,15 @@ async fn restore(
     dry_run: bool,
     action: exec::Action,
 ) -> anyhow::Result<u8> {
-    if !dry_run {
-        require_empty(target_dir)?;
-    }
+    require_empty(target_dir)?;
     let catalog = Catalog::load(repo).await?;
     let plan = plan::plan(&catalog, request)?;
     let relocate = relocations(&plan.backup, tablespace_map)?;
-    println!("{plan}");
-    println!("window       {}", plan::window_text(&catalog));
+    crate::restore::files::preflight(&plan.backup, target_dir, &relocate)?;
+    crate::sayln!("{plan}");
+    crate::sayln!("window       {}", plan::window_text(&catalog));
     if dry_run {
-        println!("dry run: nothing written");
+        crate::sayln!("dry run: nothing written");
         return Ok(exit::SUCCESS);
     }
     let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
@@ -433,8 +470,20 @@ async fn restore(
     )
     .await?;
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "restored backup {} into {}: {} files, {:.1} MiB in {:.1} s ({:.1} MiB/s); recovery.signal and recovery settings written.\nStart it with: pg_ctl -D {} start   (recovery then stops at the target and {}s)",
+    let then = match (&plan.target, action) {
+        // Without a target PostgreSQL ignores recovery_target_action and promotes at the end of WAL.
+        (Target::Latest, _) => format!(
+            "recovery then replays the archived WAL to the end of {} and promotes to a new timeline",
+            plan.last_wal
+        ),
+        (_, exec::Action::Pause) => {
+            "recovery then stops at the target and pauses: check the data, then SELECT pg_wal_replay_resume() to promote".into()
+        }
+        (_, exec::Action::Promote) => "recovery then stops at the target and promotes".into(),
+        (_, exec::Action::Shutdown) => "recovery then stops at the target and shuts down".into(),
+    };
+    crate::sayln!(
+        "restored backup {} into {}: {} files, {:.1} MiB in {:.1} s ({:.1} MiB/s); recovery.signal and recovery settings written.\nStart it with: pg_ctl -D {} start   ({then})",
         plan.backup.id,
         target_dir.display(),
         done.files,
@@ -442,11 +491,6 @@ async fn restore(
         secs,
         mib(done.bytes) / secs.max(1e-9),
         target_dir.display(),
-        match action {
-            exec::Action::Pause => "pause",
-            exec::Action::Promote => "promote",
-            exec::Action::Shutdown => "shut",
-        }
     );
     Ok(exit::SUCCESS)
 }

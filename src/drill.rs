@@ -194,6 +194,8 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
             exclusive: false,
             timeline: None,
             backup: None,
+            // A drill restores what it can and reports a gap as a failed check, naming it.
+            stop_at_gap: true,
         },
     )?;
     let bin = find_bin(opts.pg_bin.as_deref(), plan.backup.pg_version)?;

@@ -15,6 +15,17 @@ use crate::pg::timeline::HistoryError;
 use crate::pg::walname::NameError;
 use crate::storage::RepoError;
 
+/// A value given on the command line (or in the config file) that cannot be used: exit 2, as for
+/// any other bad usage.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Whether `err` is bad usage.
+pub fn is_usage(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.is::<UsageError>())
+}
+
 /// The operator hint for `err`, from the first error in its chain that has one.
 pub fn hint(err: &anyhow::Error) -> Option<String> {
     err.chain().find_map(|e| {
@@ -42,13 +53,42 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
     })
 }
 
-/// Render `err` (and its hint) as one line for stderr, which PostgreSQL copies into its log.
+/// Render `err` (and its hint) as one line for stderr, which PostgreSQL copies into its log. A cause
+/// whose text its wrapper already shows (typed errors often print their source) is not repeated.
 pub fn one_line(err: &anyhow::Error) -> String {
-    let mut line = format!("{err:#}");
+    let mut parts: Vec<String> = Vec::new();
+    for e in err.chain() {
+        let text = e.to_string();
+        if parts.last().is_some_and(|p| p.contains(text.as_str())) {
+            continue;
+        }
+        parts.push(text);
+    }
+    let mut line = parts.join(": ");
     if let Some(h) = hint(err) {
         line.push_str(" (hint: ");
         line.push_str(&h);
         line.push(')');
     }
     line.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let io = std::io::Error::from_raw_os_error(2);
+        let text = io.to_string();
+        let err = anyhow::Error::new(io)
+            .context(format!("read config /etc/x.toml: {text}"))
+            .context("load settings");
+        let line = one_line(&err);
+        assert_eq!(line.matches(&text).count(), 1, "{line}");
+        assert!(
+            line.starts_with("load settings: read config /etc/x.toml"),
+            "{line}"
+        );
+    }
 }

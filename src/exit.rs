@@ -43,6 +43,7 @@ impl Contract {
     /// The exit code for a command that failed with `err`.
     pub fn for_error(self, err: &anyhow::Error) -> u8 {
         match self {
+            Contract::Other if crate::error::is_usage(err) => USAGE,
             Contract::ArchivePush | Contract::Other => FAILURE,
             Contract::ArchiveGet { standby } => {
                 let store_failure = err

@@ -138,6 +138,12 @@ pub struct Outcome {
     pub objects: usize,
     /// WAL before this segment number goes.
     pub wal_before: Option<u64>,
+    /// The segment WAL is kept from (the start of the oldest kept backup), by name.
+    pub wal_kept_from: Option<String>,
+    /// Interrupted backups (no manifest, nothing written for [`ABANDONED_BACKUP_AGE`]) removed.
+    pub abandoned: Vec<String>,
+    /// The recoverable window once the expiry is done.
+    pub window_after: String,
     /// Staging files left in a local repository by killed processes (older than
     /// [`STALE_STAGING_AGE`]), removed too.
     pub staging_files: Vec<String>,
@@ -146,6 +152,11 @@ pub struct Outcome {
 /// How old a staging file in a local repository must be before `expire` takes it for the leftover of
 /// a killed process: a live push or put holds one for well under a second.
 pub const STALE_STAGING_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How long an incomplete backup (no manifest) must have written nothing before `expire` takes it
+/// for abandoned and removes its pieces: a running backup writes pieces continually, then waits at
+/// most its archive timeout for the WAL before it writes the manifest.
+pub const ABANDONED_BACKUP_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Plan and (unless `dry_run`) carry out the expiry.
 ///
@@ -203,6 +214,34 @@ pub async fn run(
         rest.sort();
         deletions.extend(rest);
     }
+    // Interrupted backups: pieces (or, in a local repository, empty directories) with no manifest
+    // and nothing written for a day.
+    let mut abandoned = Vec::new();
+    for id in &catalog.incomplete_backups {
+        let objects = repo.list(Some(&format!("{BACKUP_PREFIX}/{id}"))).await?;
+        let newest = objects
+            .iter()
+            .map(|m| m.last_modified.timestamp_micros())
+            .max();
+        let idle_since = match newest {
+            Some(t) => Some(t),
+            None => repo.local_dir_modified(&format!("{BACKUP_PREFIX}/{id}")),
+        };
+        let age_limit = if newest.is_some() {
+            ABANDONED_BACKUP_AGE
+        } else {
+            STALE_STAGING_AGE
+        };
+        if idle_since.is_some_and(|t| now.unix_micros() - t > age_limit.as_micros() as i64) {
+            abandoned.push(id.clone());
+            let mut keys: Vec<String> = objects
+                .into_iter()
+                .map(|m| m.location.to_string())
+                .collect();
+            keys.sort();
+            deletions.extend(keys);
+        }
+    }
     let wal_keys: Vec<String> = repo
         .list(Some("wal"))
         .await?
@@ -233,7 +272,25 @@ pub async fn run(
         }
     }
     let staging = repo.stale_staging(STALE_STAGING_AGE)?;
+    // The window afterwards: the same catalog without what goes.
+    let mut after = catalog.clone();
+    after.backups.retain(|b| kept.contains(&b.id));
+    for t in after.timelines.values_mut() {
+        t.segments.retain(|n| *n >= oldest_kept_start);
+    }
+    let kept_from = catalog
+        .backups
+        .iter()
+        .filter(|b| kept.contains(&b.id))
+        .min_by_key(|b| b.start_lsn)
+        .and_then(|b| {
+            let tli = crate::pg::TimelineId::new(b.timeline)?;
+            Some(catalog.name(tli, oldest_kept_start).to_string())
+        });
     let outcome = Outcome {
+        wal_kept_from: kept_from,
+        abandoned: abandoned.clone(),
+        window_after: crate::restore::plan::window_text(&after),
         staging_files: staging.iter().map(|p| p.display().to_string()).collect(),
         backups: expired.iter().map(|b| b.id.clone()).collect(),
         kept: kept.iter().cloned().collect(),
@@ -254,6 +311,12 @@ pub async fn run(
     }
     for key in &deletions {
         repo.delete(key).await?;
+    }
+    // A local repository keeps the directories the objects were in: without this every expired
+    // backup would be listed as an incomplete one for ever.
+    for id in outcome.backups.iter().chain(&abandoned) {
+        repo.remove_empty_local_dirs(&format!("{BACKUP_PREFIX}/{id}"))
+            .with_context(|| format!("remove the directories of backup {id}"))?;
     }
     for path in &staging {
         match std::fs::remove_file(path) {

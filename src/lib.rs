@@ -22,6 +22,7 @@ pub mod expire;
 pub mod index;
 pub mod info;
 pub mod metrics;
+pub mod output;
 pub mod pg;
 pub mod pgconn;
 pub mod restore;

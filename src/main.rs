@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.global.verbose, cli.global.quiet);
+    pitr::output::set_quiet(cli.global.quiet);
     let contract = match &cli.command {
         Command::ArchivePush { .. } => Contract::ArchivePush,
         Command::ArchiveGet { .. } => Contract::ArchiveGet {
@@ -38,6 +39,8 @@ fn main() -> ExitCode {
     let outcome = std::panic::catch_unwind(|| run(cli));
     let code = match outcome {
         Ok(Ok(code)) => code,
+        // `pitr info | head`: whoever read our output has what they wanted.
+        Ok(Err(err)) if pitr::output::is_closed_stdout(&err) => exit::SUCCESS,
         Ok(Err(err)) => {
             eprintln!("pitr {name}: error: {}", error::one_line(&err));
             contract.for_error(&err)
@@ -110,7 +113,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let repo = Repo::open(&settings.repo)?;
+        // Only the commands that store a cluster's first objects may bring a repository into being.
+        let repo = match &cli.command {
+            Command::ArchivePush { .. } | Command::Backup { .. } | Command::Check { .. } => {
+                Repo::create(&settings.repo)?
+            }
+            _ => Repo::open(&settings.repo)?,
+        };
         match cli.command {
             Command::ArchivePush { wal_path, parallel } => {
                 archive::batch::push_with_ahead(

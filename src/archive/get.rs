@@ -134,6 +134,12 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
             Ok(GetOutcome::Written { bytes })
         }
         None => {
+            // "Not found" ends recovery: say it only for a repository that is really there. A
+            // missing bucket, an unmounted or emptied directory answers every read with "not found"
+            // too, and promoting on that would silently drop the rest of the history.
+            repo.require_identity()
+                .await
+                .with_context(|| format!("fetch {name}"))?;
             tracing::debug!("{name} is not in {}", repo.location());
             Ok(GetOutcome::NotFound)
         }

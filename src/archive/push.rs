@@ -304,47 +304,35 @@ pub async fn store(
         Some(l) => Some(l.await?.with_context(|| format!("archive {name}"))?),
         None => None,
     };
-    let outcome = match summary {
-        // Not stored yet: the summary goes up beside the segment (one round trip instead of two).
-        // The catalog ignores a summary whose segment is not listed, so a crash between the two
-        // leaves nothing it would trust.
-        Some((seg, summary)) if found == Some(false) => {
-            let (put, indexed) = tokio::join!(
-                put_file(repo, name, &path, stored, staged, found),
-                store_summary(repo, seg, &summary)
-            );
-            match put {
-                Ok(outcome) => {
-                    indexed.with_context(|| format!("index {name}"))?;
-                    outcome
+    // The segment first, its summary only once it is stored: a push that fails leaves no summary
+    // that would claim the segment was archived, and one that finds the segment stored (identical
+    // bytes, or a concurrent writer's different ones) never touches the summary of what is there.
+    let outcome = put_file(repo, name, &path, stored, staged, found)
+        .await
+        .with_context(|| format!("archive {name}"))?;
+    if let Some((seg, summary)) = summary {
+        match outcome {
+            PutOutcome::Stored { .. } => store_summary(repo, seg, &summary)
+                .await
+                .with_context(|| format!("index {name} (the segment itself is stored)"))?,
+            // Already stored: a crash may have come between segment and summary, so write a
+            // missing one (same bytes, same summary). Failing to is not a failure of the push: the
+            // segment is safe, and the summary can be rebuilt from it.
+            PutOutcome::AlreadyStored => match repo.exists(&ObjectKey::Summary(seg)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    if let Err(e) = store_summary(repo, seg, &summary).await {
+                        tracing::warn!(
+                            "{name} is archived, but its missing summary could not be written: {e:#}"
+                        );
+                    }
                 }
                 Err(e) => {
-                    if matches!(e, RepoError::Conflict { .. }) {
-                        // Someone stored other bytes under this name since we looked: our summary
-                        // describes bytes that were refused. Without it the segment is listed as
-                        // unindexed, which is the truth.
-                        if let Err(d) = repo.delete(&ObjectKey::Summary(seg).key()).await {
-                            tracing::warn!(
-                                "{seg}: could not remove the summary of refused bytes: {d:#}"
-                            );
-                        }
-                    }
-                    return Err(anyhow::Error::new(e).context(format!("archive {name}")));
+                    tracing::warn!("{name} is archived; its summary could not be looked up: {e:#}")
                 }
-            }
+            },
         }
-        summary => {
-            let outcome = put_file(repo, name, &path, stored, staged, found)
-                .await
-                .with_context(|| format!("archive {name}"))?;
-            if let Some((seg, summary)) = summary {
-                store_summary(repo, seg, &summary)
-                    .await
-                    .with_context(|| format!("index {name}"))?;
-            }
-            outcome
-        }
-    };
+    }
     let report = PushReport {
         name,
         outcome,
@@ -502,7 +490,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_summary_goes_up_beside_a_new_segment_and_never_describes_refused_bytes() {
+    async fn the_summary_follows_a_stored_segment_and_is_never_touched_by_a_refused_push() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://push");
         let path = segment_file(dir.path(), 1);
@@ -518,8 +506,21 @@ mod tests {
         let r = push(&repo, &path, Compression::Zstd).await.unwrap();
         assert_eq!(r.outcome, PutOutcome::AlreadyStored);
         assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
+        // The same bytes again: already stored, and the summary is not rewritten (a read-only
+        // repository answers 0 for an identical segment).
+        let before = repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap();
+        let r = push(&repo, &path, Compression::Lz4).await.unwrap();
+        assert_eq!(r.outcome, PutOutcome::AlreadyStored);
+        assert_eq!(
+            repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap(),
+            before
+        );
+        // A summary lost to a crash between the two writes comes back with the next push.
+        repo.delete(&ObjectKey::Summary(seg).key()).await.unwrap();
+        push(&repo, &path, Compression::Zstd).await.unwrap();
+        assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
         // Other bytes under the name, looked up as absent (another writer got in after the look):
-        // refused, the stored segment untouched, and no summary of the refused bytes left behind.
+        // refused, the stored segment and the winner's summary untouched.
         let other = segment_file(dir.path(), 2);
         let prepared = prepare_known(&repo, &other, Compression::Zstd, Known::Is(false))
             .await
@@ -531,6 +532,28 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(kept[9000], 1);
+        assert_eq!(
+            repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap(),
+            before
+        );
+    }
+
+    #[tokio::test]
+    async fn a_push_that_fails_leaves_no_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        let repo = Repo::create(root.to_str().unwrap()).unwrap();
+        let path = segment_file(dir.path(), 1);
+        let name = name_of(&path).unwrap();
+        let WalFileName::Segment(seg) = name else {
+            panic!("{name}")
+        };
+        // Something that is not a stored segment occupies the segment's key (as a full disk or a
+        // broken store would, the write cannot succeed).
+        let obstacle = repo.local_wal_path(name).unwrap();
+        std::fs::create_dir_all(obstacle.join("in-the-way")).unwrap();
+        let err = push(&repo, &path, Compression::Zstd).await.unwrap_err();
+        assert!(format!("{err:#}").contains("archive"), "{err:#}");
         assert!(!repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
     }
 
@@ -538,7 +561,7 @@ mod tests {
     async fn a_local_repository_gets_the_segment_through_a_staging_file() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repo");
-        let repo = Repo::open(root.to_str().unwrap()).unwrap();
+        let repo = Repo::create(root.to_str().unwrap()).unwrap();
         // Segment 3 creates the WAL directory the ordinary way; segment 4 is staged beside its name.
         let wal = dir.path().join("pg_wal");
         std::fs::create_dir(&wal).unwrap();

@@ -101,18 +101,34 @@ pub fn parse_label(text: &str) -> anyhow::Result<LabelInfo> {
 
 /// `YYYYMMDDTHHMMSSZ` for a Unix time in microseconds.
 pub fn backup_id(unix_micros: i64) -> String {
-    let ts = PgTimestamp::from_unix_micros(unix_micros).rfc3339(); // 2026-11-21T10:13:04.919520Z
-    let digits: String = ts[..19].chars().filter(|c| c.is_ascii_digit()).collect();
-    format!("{}T{}Z", &digits[..8], &digits[8..14])
+    let secs = unix_micros.div_euclid(1_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
-/// An id for a backup starting at `unix_micros` under which nothing is stored yet, not even pieces of
-/// an interrupted backup that started in the same second (`…Z`, then `…Z-2`, `…Z-3`, …). A local
-/// repository keeps the directory of a backup killed before its first piece was complete; that id is
-/// taken too, so a backup never lands among another one's leftovers.
+/// Claim an id for a backup starting at `unix_micros` under which nothing is stored yet, not even
+/// pieces of an interrupted backup that started in the same second (`…Z`, then `…Z-2`, `…Z-3`, …).
+/// The claim is a conditional create of `backups/<id>/started.pitr`, so two backups started at once
+/// never share an id: the second finds the claim taken and moves on. A local repository keeps the
+/// directory of a backup killed before its first piece was complete; that id is skipped too.
 ///
 /// # Errors
-/// The store cannot be listed.
+/// The store cannot be listed or written.
 pub async fn fresh_backup_id(repo: &Repo, unix_micros: i64) -> anyhow::Result<String> {
     let taken: std::collections::HashSet<String> = repo
         .list_dirs(crate::storage::layout::BACKUP_PREFIX)
@@ -120,13 +136,45 @@ pub async fn fresh_backup_id(repo: &Repo, unix_micros: i64) -> anyhow::Result<St
         .into_iter()
         .collect();
     let base = backup_id(unix_micros);
-    let mut id = base.clone();
-    let mut n = 1;
-    while taken.contains(&id) {
-        n += 1;
-        id = format!("{base}-{n}");
+    // Unique to this attempt, so that a claim found stored is never mistaken for our own.
+    let nonce = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        format!("{:016x}", h.finish())
+    };
+    let claim = serde_json::to_vec(&serde_json::json!({
+        "nonce": nonce,
+        "pid": std::process::id(),
+        "started_at_unix_micros": unix_micros,
+        "program_version": env!("CARGO_PKG_VERSION"),
+    }))?;
+    for n in 1..=1000u32 {
+        let id = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        if taken.contains(&id) {
+            continue;
+        }
+        let stored = envelope::encode(&claim, Compression::None)?;
+        match repo
+            .create_encoded(&ObjectKey::BackupClaim(id.clone()), stored)
+            .await
+        {
+            Ok(_) => return Ok(id),
+            Err(crate::storage::RepoError::Conflict { .. }) => continue, // another backup got it
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("claim backup id {id}"))),
+        }
     }
-    Ok(id)
+    anyhow::bail!(
+        "no free backup id after {base}-1000 (more than 1000 backups started in one second?)"
+    )
 }
 
 struct CopyJob {
@@ -556,6 +604,27 @@ mod tests {
             fresh_backup_id(&repo, t + 10).await.unwrap(),
             "20261121T101304Z-2"
         );
+    }
+
+    #[tokio::test]
+    async fn backups_started_at_once_get_different_ids() {
+        let repo = Repo::from_store(Arc::new(object_store::memory::InMemory::new()), "memory://");
+        let t = 1_795_255_984_919_520;
+        let (a, b) = tokio::join!(fresh_backup_id(&repo, t), fresh_backup_id(&repo, t));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_ne!(a, b);
+        let mut both = [a, b];
+        both.sort();
+        assert_eq!(both, ["20261121T101304Z", "20261121T101304Z-2"]);
+    }
+
+    #[test]
+    fn ids_of_any_time_never_panic() {
+        assert_eq!(backup_id(0), "19700101T000000Z");
+        assert_eq!(backup_id(951_782_400_000_000), "20000229T000000Z");
+        for t in [i64::MIN, i64::MAX, -1, 253_402_300_800_000_000] {
+            assert!(backup_id(t).ends_with('Z'));
+        }
     }
 
     #[tokio::test]

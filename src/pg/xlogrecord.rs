@@ -34,6 +34,8 @@ impl PgTimestamp {
         let secs = us.div_euclid(1_000_000);
         let micros = us.rem_euclid(1_000_000);
         match u64::try_from(secs) {
+            // RFC 3339 ends with year 9999 (and humantime refuses later times).
+            Ok(s) if s >= 253_402_300_800 => format!("{us}us-after-1970"),
             Ok(s) => {
                 let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
                 let base = humantime::format_rfc3339_seconds(t).to_string();

@@ -58,6 +58,31 @@ pub fn require_empty(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Everything about the local side that restoring `manifest` into `target` needs, checked before
+/// a byte is written (and by `--dry-run`, which must refuse what the restore would): the data
+/// directory and every tablespace location empty or absent, and each tablespace given a location.
+///
+/// # Errors
+/// Names the directory or tablespace that stands in the way.
+pub fn preflight(
+    manifest: &BackupManifest,
+    target: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+) -> anyhow::Result<()> {
+    require_empty(target)?;
+    for ts in &manifest.tablespaces {
+        let loc = tablespace_target(manifest, ts.oid, relocate)
+            .with_context(|| format!("tablespace {} has no location", ts.oid))?;
+        require_empty(&loc).with_context(|| {
+            format!(
+                "tablespace {} (relocate it with --tablespace-map {}=NEW)",
+                ts.oid, ts.oid
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// The tablespace location to use for `oid`.
 fn tablespace_target(
     manifest: &BackupManifest,
@@ -85,12 +110,7 @@ pub async fn restore_files(
     relocate: &HashMap<u32, PathBuf>,
     jobs: usize,
 ) -> anyhow::Result<RestoredFiles> {
-    require_empty(target)?;
-    for ts in &manifest.tablespaces {
-        if let Some(loc) = tablespace_target(manifest, ts.oid, relocate) {
-            require_empty(&loc).with_context(|| format!("tablespace {}", ts.oid))?;
-        }
-    }
+    preflight(manifest, target, relocate)?;
     make_dir(target)?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))?;
     for dir in &manifest.directories {

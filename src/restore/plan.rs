@@ -43,6 +43,10 @@ pub struct Request {
     pub timeline: Option<TimelineChoice>,
     /// Use this backup (id or label).
     pub backup: Option<String>,
+    /// For `--latest`: stop at the first gap in the archived WAL instead of refusing when archived
+    /// WAL lies beyond it (`--stop-at-gap`; a standby never ends recovery at a gap, so `replica`
+    /// sets it).
+    pub stop_at_gap: bool,
 }
 
 /// A restore that will work.
@@ -107,6 +111,32 @@ pub enum PlanError {
         target: String,
         /// The window.
         window: String,
+    },
+    /// A time target at or after the latest archived transaction end.
+    #[error(
+        "{target} is {relation} the latest archived commit or abort ({latest}): PostgreSQL stops only at a transaction end after the target time, and none is archived yet (use --latest, which recovers the same state, or wait until a later commit is archived); {window}"
+    )]
+    NoTransactionAfter {
+        /// The target.
+        target: String,
+        /// "the time of" or "after".
+        relation: &'static str,
+        /// The latest archived transaction end.
+        latest: String,
+        /// The window.
+        window: String,
+    },
+    /// `--latest` over a gap: recovery would end at the gap and promote, dropping what lies beyond.
+    #[error(
+        "the archived WAL has a gap after {reached} (next archived: {next}); {beyond} lie beyond it, which recovery would never replay: PostgreSQL would end recovery at the gap and promote, dropping them. Archive the missing segments (they may still be in the primary's pg_wal), or to recover only up to the gap say so with --latest --stop-at-gap (or --to a time before it)"
+    )]
+    GapBeforeLatest {
+        /// The last segment reachable without a gap.
+        reached: String,
+        /// The first archived segment after the gap.
+        next: String,
+        /// What lies beyond, e.g. "12 segments up to 00000002000000000000001F on timeline 2".
+        beyond: String,
     },
     /// No such restore point.
     #[error(
@@ -186,7 +216,13 @@ fn try_backup(c: &Catalog, tli: TimelineId, b: &BackupManifest, req: &Request) -
         stop,
     };
     match &req.target {
-        Target::Latest => hit(walked.len() - 1, "replays all archived WAL".into()),
+        Target::Latest => hit(
+            walked.len() - 1,
+            format!(
+                "replays all archived WAL (to the end of {}), then promotes: there is no target to pause at",
+                c.name(walked[walked.len() - 1].0, walked[walked.len() - 1].1)
+            ),
+        ),
         Target::Immediate => {
             let i = walked
                 .iter()
@@ -337,6 +373,21 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
     let mut not_found = false;
     for &tli in &candidates {
         let path = c.path_lsns(tli);
+        // The newest backup on the path decides: older ones cross the same WAL.
+        if let Some(b) = backups.iter().find(|b| backup_on_path(b, &path))
+            && let (Target::Latest, false, Attempt::Hit { last, .. }) =
+                (&req.target, req.stop_at_gap, try_backup(c, tli, b, req))
+            && let Some(beyond) = c.beyond(tli, last)
+        {
+            return Err(PlanError::GapBeforeLatest {
+                reached: c.name(last.0, last.1).to_string(),
+                next: beyond.next.to_string(),
+                beyond: beyond.describe(),
+            });
+        }
+    }
+    for &tli in &candidates {
+        let path = c.path_lsns(tli);
         for b in backups.iter().filter(|b| backup_on_path(b, &path)) {
             match try_backup(c, tli, b, req) {
                 Attempt::Hit { last, walked, stop } => {
@@ -347,17 +398,18 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
                         .map(|(t, _, _)| *t)
                         .filter(|t| t.get() >= b.timeline && *t <= last.0)
                         .collect();
+                    // An explicit --timeline is what gets written, whatever the target.
                     let (setting, reason) = match (&req.target, req.timeline) {
-                        (Target::Latest, _) | (_, Some(TimelineChoice::Latest)) => (
-                            "latest".to_string(),
-                            format!("the newest timeline, {}", last.0),
-                        ),
                         (_, Some(TimelineChoice::Id(t))) => {
                             (t.get().to_string(), format!("timeline {t} as requested"))
                         }
                         (_, Some(TimelineChoice::Current)) => (
                             tli.get().to_string(),
                             format!("the backup's timeline, {tli}"),
+                        ),
+                        (Target::Latest, _) | (_, Some(TimelineChoice::Latest)) => (
+                            "latest".to_string(),
+                            format!("the newest timeline, {}", last.0),
                         ),
                         _ if tli == newest => (
                             tli.get().to_string(),
@@ -410,6 +462,28 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
         }
         Target::Xid(x) if not_found => PlanError::XidNotFound { xid: *x, window },
         _ if too_early => PlanError::BeforeBackups { target, window },
+        // Nothing archived anywhere ends a transaction after the target (not even beyond a gap).
+        Target::Time(t) => match c.window().and_then(|w| w.latest) {
+            Some(latest)
+                if latest.time <= *t
+                    && !c
+                        .summaries
+                        .values()
+                        .any(|s| s.max_xact_time.is_some_and(|x| x > *t)) =>
+            {
+                PlanError::NoTransactionAfter {
+                    target,
+                    relation: if latest.time == *t {
+                        "the time of"
+                    } else {
+                        "after"
+                    },
+                    latest: latest.time.rfc3339(),
+                    window,
+                }
+            }
+            _ => PlanError::AfterLatest { target, window },
+        },
         _ => PlanError::AfterLatest { target, window },
     })
 }
@@ -572,6 +646,7 @@ mod tests {
             exclusive: false,
             timeline: None,
             backup: None,
+            stop_at_gap: false,
         }
     }
 
@@ -607,7 +682,10 @@ mod tests {
             Err(PlanError::BeforeBackups { .. })
         ));
         let late = plan(&c, &req(secs(650))).unwrap_err();
-        assert!(matches!(late, PlanError::AfterLatest { .. }), "{late}");
+        assert!(
+            matches!(late, PlanError::NoTransactionAfter { .. }),
+            "{late}"
+        );
         assert!(
             late.to_string()
                 .contains("to 2000-01-01T00:10:50.000000Z on timeline 1"),
@@ -669,6 +747,120 @@ mod tests {
             plan(&c, &req(Target::Lsn(Lsn(SEG + 10)))),
             Err(PlanError::BeforeBackups { .. })
         ));
+    }
+
+    #[test]
+    fn latest_over_a_gap_is_refused_unless_asked_for() {
+        let none: &[(&str, u64)] = &[];
+        // Timeline 1: 1..=3, gap at 4, then 5 and 6.
+        let c = catalog(
+            &[
+                (1, 1, none),
+                (1, 2, none),
+                (1, 3, none),
+                (1, 5, none),
+                (1, 6, none),
+            ],
+            &[],
+            &[("A", 1, 1, 1)],
+        );
+        let err = plan(&c, &req(Target::Latest)).unwrap_err();
+        match &err {
+            PlanError::GapBeforeLatest {
+                reached,
+                next,
+                beyond,
+            } => {
+                assert_eq!(reached, &seg(1, 3).to_string());
+                assert_eq!(next, &seg(1, 5).to_string());
+                assert!(
+                    beyond.starts_with("2 archived segment(s) up to"),
+                    "{beyond}"
+                );
+            }
+            e => panic!("{e}"),
+        }
+        assert!(err.to_string().contains("--stop-at-gap"), "{err}");
+        let mut r = req(Target::Latest);
+        r.stop_at_gap = true;
+        assert_eq!(plan(&c, &r).unwrap().last_wal, seg(1, 3));
+        // A time before the gap is an explicit choice.
+        assert!(plan(&c, &req(secs(250))).is_ok());
+        // A gap on the old timeline keeps the new one out of reach: also refused.
+        let c = catalog(
+            &[(1, 1, none), (1, 2, none), (2, 4, none), (2, 5, none)],
+            &[(2, "1\t0/3000100\tno recovery target specified\n")],
+            &[("A", 1, 1, 1)],
+        );
+        match plan(&c, &req(Target::Latest)).unwrap_err() {
+            PlanError::GapBeforeLatest {
+                reached, beyond, ..
+            } => {
+                assert_eq!(reached, seg(1, 2).to_string());
+                assert!(beyond.ends_with("on timeline 2"), "{beyond}");
+            }
+            e => panic!("{e}"),
+        }
+        // No gap: planned, and what is written is what the plan says.
+        let c = catalog(&[(1, 1, none), (1, 2, none)], &[], &[("A", 1, 1, 1)]);
+        let p = plan(&c, &req(Target::Latest)).unwrap();
+        assert!(p.stop.contains("then promotes"), "{}", p.stop);
+    }
+
+    #[test]
+    fn latest_on_a_named_timeline_writes_that_timeline() {
+        let c = catalog(
+            &[
+                (1, 1, &[]),
+                (1, 2, &[]),
+                (1, 3, &[]),
+                (2, 3, &[]),
+                (2, 4, &[]),
+            ],
+            &[(2, "1\t0/3000100\tno recovery target specified\n")],
+            &[("A", 1, 1, 1)],
+        );
+        let mut r = req(Target::Latest);
+        r.timeline = Some(TimelineChoice::Id(tli(1)));
+        let p = plan(&c, &r).unwrap();
+        assert_eq!((p.timeline_setting.as_str(), p.last_wal), ("1", seg(1, 3)));
+        r.timeline = Some(TimelineChoice::Current);
+        let p = plan(&c, &r).unwrap();
+        assert_eq!(p.timeline_setting, "1");
+        assert!(
+            p.to_string().contains("recovery_target_timeline = '1'"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn a_time_at_the_latest_commit_is_explained() {
+        let none: &[(&str, u64)] = &[];
+        let c = catalog(&[(1, 1, none), (1, 2, none)], &[], &[("A", 1, 1, 1)]);
+        // The last commit is at 250 s.
+        let err = plan(&c, &req(secs(250))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlanError::NoTransactionAfter {
+                    relation: "the time of",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("use --latest"), "{err}");
+        let err = plan(&c, &req(secs(900))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlanError::NoTransactionAfter {
+                    relation: "after",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -74,6 +74,10 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 pub fn parse_time(input: &str) -> Result<PgTimestamp, TimeParseError> {
     let err = || TimeParseError(input.to_string());
     let s = input.trim();
+    // Every accepted form is ASCII; checking first keeps the slicing below on char boundaries.
+    if !s.is_ascii() {
+        return Err(err());
+    }
     let num = |t: &str| -> Result<i64, TimeParseError> {
         if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err());
@@ -135,6 +139,10 @@ pub fn parse_time(input: &str) -> Result<PgTimestamp, TimeParseError> {
         }
     };
     let unix = days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
+    // PostgreSQL's WAL and RFC 3339 both live between 1970 and 9999 here.
+    if !(0..253_402_300_800).contains(&unix) {
+        return Err(err());
+    }
     Ok(PgTimestamp::from_unix_micros(unix * 1_000_000 + micros))
 }
 
@@ -147,6 +155,22 @@ pub fn postgres_time(t: PgTimestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// No input makes the parser panic; what it accepts prints and parses back to itself.
+        #[test]
+        fn any_input_is_answered_without_a_panic(s in "\\PC{0,40}") {
+            if let Ok(t) = parse_time(&s) {
+                prop_assert_eq!(parse_time(&t.rfc3339()), Ok(t));
+            }
+        }
+
+        #[test]
+        fn near_misses_are_answered_without_a_panic(s in "[0-9é:+. TZ-]{10,30}") {
+            let _ = parse_time(&s);
+        }
+    }
 
     fn at(s: &str) -> String {
         parse_time(s).unwrap().rfc3339()
@@ -205,6 +229,13 @@ mod tests {
             "2024-05-01 10:00+02:0",
             "2024-05-01 10:00+99",
             "2024-05-01 10:00:00 +02:00 x",
+            "2024-05-0é 10:00",
+            "2024-05-01 10:00+1é1",
+            "2024-05-01 10:00:00.é",
+            "é",
+            "2024-05-01 10:0é",
+            "9999-12-31 23:59-01",
+            "1969-12-31 23:59",
         ] {
             assert!(parse_time(bad).is_err(), "{bad:?} must be rejected");
         }

@@ -70,6 +70,57 @@ impl Repo {
             })
     }
 
+    /// The recorded identity, which every reading command needs: without `pitr.json` there is no
+    /// repository here (a missing bucket, an unmounted or emptied directory, a wrong URL), and
+    /// nothing found missing in it may be taken as "not archived".
+    ///
+    /// # Errors
+    /// `NoRepository` naming what is there instead; store failures; a corrupt `pitr.json`.
+    pub async fn require_identity(&self) -> Result<RepoIdentity, RepoError> {
+        if let Some(id) = self.identity().await? {
+            return Ok(id);
+        }
+        Err(RepoError::NoRepository {
+            repo: self.location().to_string(),
+            reason: self.what_is_here().await,
+        })
+    }
+
+    /// What a location without `pitr.json` holds, for the message that says it is no repository.
+    async fn what_is_here(&self) -> String {
+        if let Some(root) = self.local_root.as_deref() {
+            if root.join("PG_VERSION").exists() {
+                return format!(
+                    "{} is a PostgreSQL data directory, not a pitr repository",
+                    root.display()
+                );
+            }
+            if std::fs::read_dir(root).is_ok_and(|mut d| d.next().is_none()) {
+                return format!(
+                    "directory {} is empty (an unmounted mount point, or nothing archived yet)",
+                    root.display()
+                );
+            }
+        }
+        let top = self.list_dirs("").await.unwrap_or_default();
+        let ours: Vec<&str> = top
+            .iter()
+            .map(String::as_str)
+            .filter(|d| matches!(*d, "wal" | "backups"))
+            .collect();
+        if ours.is_empty() {
+            "it holds no pitr.json (a missing or emptied bucket, or a wrong URL or prefix)".into()
+        } else {
+            format!(
+                "it holds {} but no pitr.json, which was deleted or lost: copy it back from another copy of the repository (it names the cluster, PostgreSQL version and segment size)",
+                ours.iter()
+                    .map(|d| format!("{d}/"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )
+        }
+    }
+
     /// Record `want` as this repository's identity if it has none, or check that it matches.
     ///
     /// # Errors

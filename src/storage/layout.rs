@@ -5,6 +5,7 @@
 //! wal/<TTTTTTTT>/<segment>.pitr              WAL segments, `.partial` and `.backup` files
 //! wal/<TTTTTTTT>/<segment>.idx               the segment's WAL index summary (see `index`)
 //! wal/history/<TTTTTTTT>.history.pitr        timeline history files
+//! backups/<id>/started.pitr                 claims the id, with a conditional create, before anything else
 //! backups/<id>/data/<path>.<part>.pitr        base backup files, in pieces of at most 16 MiB
 //! backups/<id>/backup_label.pitr             byte-exact from pg_backup_stop
 //! backups/<id>/tablespace_map.pitr            byte-exact from pg_backup_stop (when there are tablespaces)
@@ -29,6 +30,9 @@ pub enum ObjectKey {
     Summary(SegmentName),
     /// A base backup's manifest.
     BackupManifest(String),
+    /// The object that claims a backup id (a conditional create: two backups started in the same
+    /// second cannot both get it).
+    BackupClaim(String),
     /// A base backup's `backup_label`.
     BackupLabel(String),
     /// A base backup's `tablespace_map`.
@@ -96,6 +100,7 @@ impl ObjectKey {
             ObjectKey::Wal(name) => format!("wal/{}/{name}{SUFFIX}", tli_dir(name.timeline())),
             ObjectKey::Summary(seg) => format!("wal/{}/{seg}.idx", tli_dir(seg.tli)),
             ObjectKey::BackupManifest(id) => format!("{BACKUP_PREFIX}/{id}/manifest{SUFFIX}"),
+            ObjectKey::BackupClaim(id) => format!("{BACKUP_PREFIX}/{id}/started{SUFFIX}"),
             ObjectKey::BackupLabel(id) => format!("{BACKUP_PREFIX}/{id}/backup_label{SUFFIX}"),
             ObjectKey::TablespaceMap(id) => format!("{BACKUP_PREFIX}/{id}/tablespace_map{SUFFIX}"),
             ObjectKey::BackupPart { id, path, part } => {

@@ -79,6 +79,16 @@ pub enum RepoError {
         /// The repository location.
         repo: String,
     },
+    /// There is no pitr repository at this location: a missing directory or bucket, an empty one
+    /// (an unmounted mount point, a store restarted empty), or one without `pitr.json`. Nothing read
+    /// from it can be trusted to mean "not archived".
+    #[error("no pitr repository at {repo}: {reason}")]
+    NoRepository {
+        /// The repository location.
+        repo: String,
+        /// What was found there instead.
+        reason: String,
+    },
     /// The repository belongs to another cluster (or was written by an incompatible pitr).
     #[error("repository {repo} belongs to {repo_has}, but this is {found}")]
     IdentityMismatch {
@@ -98,8 +108,19 @@ impl RepoError {
             RepoError::BadUrl { .. } => {
                 "use file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
             }
-            RepoError::Store { .. } => {
-                "check that the store is reachable and the credentials in the environment (AWS_*, GOOGLE_*, AZURE_*) are valid"
+            RepoError::Store { source, .. } => {
+                let text = retry::chain_text(source.as_ref());
+                if text.contains("No space left") || text.contains("os error 28") {
+                    "the repository's file system is full: free space there (pitr expire) and try again"
+                } else if text.contains("Permission denied") || text.contains("os error 13") {
+                    "the repository's files must be readable and writable by the user running pitr (PostgreSQL's archive_command runs as the server's user)"
+                } else if retry::is_credentials_answer(&text) {
+                    "the store refused the credentials or found none: set them in the environment pitr runs in (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT, AZURE_STORAGE_ACCOUNT_NAME/AZURE_STORAGE_ACCOUNT_KEY) and check they may use this bucket"
+                } else if text.contains("status code: 404") || text.contains("NoSuchBucket") {
+                    "the bucket or container does not exist: check --repo"
+                } else {
+                    "check that the store is reachable (PITR_RETRY_BUDGET sets how long pitr keeps retrying)"
+                }
             }
             RepoError::Corrupt { .. } => {
                 "the stored copy failed its checksum; keep it for inspection, then restore the file from another copy or remove the object so it can be archived again"
@@ -110,12 +131,19 @@ impl RepoError {
             RepoError::IdentityMismatch { .. } => {
                 "give each cluster its own repository (--repo / PITR_REPO)"
             }
+            RepoError::NoRepository { .. } => {
+                "check --repo and that the store is mounted or reachable; archive-push creates a repository with the first WAL segment it stores"
+            }
         })
     }
 
-    /// True for a store failure that may go away by itself (network, throttling, 5xx).
+    /// True for a store failure that may go away by itself (network, throttling, 5xx, a store that
+    /// is not mounted or not there yet).
     pub fn is_store_failure(&self) -> bool {
-        matches!(self, RepoError::Store { .. })
+        matches!(
+            self,
+            RepoError::Store { .. } | RepoError::NoRepository { .. }
+        )
     }
 }
 
@@ -179,21 +207,43 @@ impl Repo {
     /// `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials and endpoints come from each
     /// cloud's standard environment variables.
     ///
+    /// A local directory must exist: reading commands never create one (see [`Repo::create`]).
+    ///
+    /// # Errors
+    /// `RepoError::BadUrl` for an unusable URL, `NoRepository` for a local directory that does not
+    /// exist.
+    pub fn open(url: &str) -> Result<Repo, RepoError> {
+        Repo::open_as(url, false)
+    }
+
+    /// [`Repo::open`] for the commands that write a repository into being (archive-push, backup,
+    /// check): a missing local directory is created.
+    ///
     /// # Errors
     /// `RepoError::BadUrl` for an unusable URL or a local directory that cannot be created.
-    pub fn open(url: &str) -> Result<Repo, RepoError> {
+    pub fn create(url: &str) -> Result<Repo, RepoError> {
+        Repo::open_as(url, true)
+    }
+
+    fn open_as(url: &str, create: bool) -> Result<Repo, RepoError> {
         let bad = |reason: String| RepoError::BadUrl {
             url: url.to_string(),
             reason,
         };
         if url.starts_with('/') {
-            return Repo::open_local(url, std::path::Path::new(url));
+            return Repo::open_local(url, std::path::Path::new(url), create);
         }
         let parsed = url::Url::parse(url).map_err(|e| bad(format!("not a URL ({e})")))?;
         let prefix = parsed.path().trim_matches('/').to_string();
         let host = parsed.host_str().unwrap_or("").to_string();
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             "file" => {
+                if !url.starts_with("file://") {
+                    return Err(bad(
+                        "a file URL is file:///absolute/path (relative paths are not accepted)"
+                            .into(),
+                    ));
+                }
                 if !host.is_empty() && host != "localhost" {
                     return Err(bad(
                         "file URLs take no host: write file:///absolute/path".into()
@@ -202,7 +252,7 @@ impl Repo {
                 let path = parsed
                     .to_file_path()
                     .map_err(|()| bad("not a local path".into()))?;
-                return Repo::open_local(url, &path);
+                return Repo::open_local(url, &path, create);
             }
             "s3" | "s3a" => {
                 let b = AmazonS3Builder::from_env()
@@ -244,13 +294,35 @@ impl Repo {
         })
     }
 
-    fn open_local(url: &str, path: &std::path::Path) -> Result<Repo, RepoError> {
+    fn open_local(url: &str, path: &std::path::Path, create: bool) -> Result<Repo, RepoError> {
         let bad = |reason: String| RepoError::BadUrl {
             url: url.to_string(),
             reason,
         };
-        std::fs::create_dir_all(path)
-            .map_err(|e| bad(format!("create directory {}: {e}", path.display())))?;
+        if create {
+            std::fs::create_dir_all(path)
+                .map_err(|e| bad(format!("create directory {}: {e}", path.display())))?;
+        } else {
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(RepoError::NoRepository {
+                        repo: url.to_string(),
+                        reason: format!("{} is not a directory", path.display()),
+                    });
+                }
+                Err(e) => {
+                    return Err(RepoError::NoRepository {
+                        repo: url.to_string(),
+                        reason: if e.kind() == std::io::ErrorKind::NotFound {
+                            format!("directory {} does not exist", path.display())
+                        } else {
+                            format!("directory {}: {e}", path.display())
+                        },
+                    });
+                }
+            }
+        }
         let fs = LocalFileSystem::new_with_prefix(path)
             .map_err(|e| bad(e.to_string()))?
             .with_fsync(true);
@@ -290,6 +362,53 @@ impl Repo {
                 root.display()
             )
         })
+    }
+
+    /// When the directory `prefix` of a local repository was last modified (Unix microseconds);
+    /// `None` for object stores, which have no directories, or when it does not exist.
+    pub fn local_dir_modified(&self, prefix: &str) -> Option<i64> {
+        let m = std::fs::metadata(self.local_root.as_ref()?.join(prefix)).ok()?;
+        let t = m
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        i64::try_from(t.as_micros()).ok()
+    }
+
+    /// Remove the directory `prefix` of a local repository and every directory under it that holds
+    /// no file (deepest first); directories that still hold files stay. Nothing for object stores.
+    ///
+    /// # Errors
+    /// A directory cannot be read or removed.
+    pub fn remove_empty_local_dirs(&self, prefix: &str) -> std::io::Result<()> {
+        fn prune(dir: &std::path::Path) -> std::io::Result<bool> {
+            let mut empty = true;
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    empty &= prune(&entry.path())?;
+                } else {
+                    empty = false;
+                }
+            }
+            if empty {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(empty)
+        }
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        match prune(&root.join(prefix)) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Where a WAL file is stored, for a local repository (`None` for object stores).
@@ -1011,9 +1130,41 @@ mod tests {
             Repo::open("s3:///prefix").unwrap_err(),
             RepoError::BadUrl { .. }
         ));
+        assert!(matches!(
+            Repo::open("file:relative").unwrap_err(),
+            RepoError::BadUrl { .. }
+        ));
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}/repo", dir.path().display());
-        assert_eq!(Repo::open(&url).unwrap().location(), url);
+        // Reading never brings a directory into being; only the writing commands do.
+        let err = Repo::open(&url).unwrap_err();
+        assert!(matches!(err, RepoError::NoRepository { .. }), "{err}");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!dir.path().join("repo").exists());
+        assert_eq!(Repo::create(&url).unwrap().location(), url);
         assert!(dir.path().join("repo").is_dir());
+        assert_eq!(Repo::open(&url).unwrap().location(), url);
+    }
+
+    #[tokio::test]
+    async fn a_location_without_pitr_json_is_no_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let repo = Repo::open(&url).unwrap();
+        let err = repo.require_identity().await.unwrap_err();
+        assert!(err.is_store_failure());
+        assert!(err.to_string().contains("is empty"), "{err}");
+        std::fs::write(dir.path().join("PG_VERSION"), "15\n").unwrap();
+        let err = repo.require_identity().await.unwrap_err();
+        assert!(
+            err.to_string().contains("PostgreSQL data directory"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("PG_VERSION")).unwrap();
+        repo.put_new(&key("000000010000000000000003"), b"x", Compression::None)
+            .await
+            .unwrap();
+        let err = repo.require_identity().await.unwrap_err();
+        assert!(err.to_string().contains("wal/ but no pitr.json"), "{err}");
     }
 }

@@ -12,7 +12,9 @@
 //! before calling it done.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Environment variable that overrides the retry budget (`30s`, `2m`, `0` for no retries).
 pub const BUDGET_ENV: &str = "PITR_RETRY_BUDGET";
@@ -69,12 +71,56 @@ impl RetryPolicy {
     }
 }
 
-/// Whether a store error may go away if the operation is tried again.
+/// Whether a store error may go away if the operation is tried again: network errors, timeouts,
+/// throttling and 5xx answers. A 4xx answer (missing bucket, no or wrong credentials, permission
+/// denied) will be the same next time, and so is a request for credentials from a cloud instance's
+/// metadata service on a machine that has none: those fail at once.
 pub fn is_transient(e: &object_store::Error) -> bool {
-    matches!(
-        e,
-        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
-    )
+    match e {
+        object_store::Error::Generic { source, .. } => {
+            !is_permanent_answer(&chain_text(source.as_ref()))
+        }
+        object_store::Error::JoinError { .. } => true,
+        _ => false,
+    }
+}
+
+/// The messages of `e` and all its sources, joined.
+pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Whether a store's error text is an answer that will not change: an HTTP 4xx status other than
+/// 408 (timeout) and 429 (throttling), or the instance metadata service (where cloud clients look
+/// for credentials when none are in the environment).
+pub fn is_permanent_answer(text: &str) -> bool {
+    let status = |first: char| {
+        text.match_indices("status code: ").any(|(i, m)| {
+            let code = text[i + m.len()..].get(..3).unwrap_or("");
+            code.starts_with(first) && code != "408" && code != "429"
+        })
+    };
+    let metadata = text.contains("169.254.169.254") || text.contains("metadata.google.internal");
+    status('4') || (metadata && !status('5'))
+}
+
+/// Whether a store's error text says the credentials are missing, wrong or not allowed.
+pub fn is_credentials_answer(text: &str) -> bool {
+    text.contains("169.254.169.254")
+        || text.contains("metadata.google.internal")
+        || text.contains("status code: 401")
+        || text.contains("status code: 403")
+        || text.contains("InvalidAccessKeyId")
+        || text.contains("SignatureDoesNotMatch")
+        || text.contains("AccessDenied")
+        || text.to_ascii_lowercase().contains("credential")
 }
 
 /// Run `attempt` until it succeeds, fails for good, or the budget is spent. `what` names the
@@ -147,7 +193,32 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[test]
+    fn answers_that_will_not_change_are_permanent() {
+        let generic = |text: &str| object_store::Error::Generic {
+            store: "S3",
+            source: text.to_string().into(),
+        };
+        for permanent in [
+            "Error performing list request: Server returned non-2xx status code: 404 Not Found: <Code>NoSuchBucket</Code>",
+            "Server returned non-2xx status code: 403 Forbidden: InvalidAccessKeyId",
+            "Error performing PUT http://169.254.169.254/latest/api/token in 4ms - error sending request",
+        ] {
+            assert!(!is_transient(&generic(permanent)), "{permanent}");
+        }
+        for transient in [
+            "connection reset by peer",
+            "Server returned non-2xx status code: 503 Service Unavailable",
+            "Server returned non-2xx status code: 429 Too Many Requests",
+            "Server returned non-2xx status code: 408 Request Timeout",
+        ] {
+            assert!(is_transient(&generic(transient)), "{transient}");
+        }
+        assert!(is_credentials_answer("status code: 403 Forbidden"));
+        assert!(!is_credentials_answer("status code: 404 Not Found"));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_permanent_ones_are_not() {
         let calls = AtomicU32::new(0);
         let r = retry(&quick(5_000), &|| "read k".into(), || async {
@@ -173,7 +244,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_budget_ends_retries_and_a_stall_counts_as_a_failure() {
         let start = Instant::now();
         let calls = AtomicU32::new(0);
@@ -184,7 +255,13 @@ mod tests {
         .await;
         assert!(r.is_err());
         assert!(calls.load(Ordering::SeqCst) > 2);
-        assert!(start.elapsed() < Duration::from_secs(2));
+        // Tokio's clock, paused: no attempt starts once the budget is spent.
+        let p = quick(300);
+        assert!(
+            start.elapsed() <= p.budget + p.max_backoff,
+            "{:?}",
+            start.elapsed()
+        );
 
         // The first attempt never answers; the second does.
         let calls = AtomicU32::new(0);
