@@ -186,3 +186,105 @@ fn missing_credentials_fail_at_once() {
         );
     }
 }
+
+/// Whether process `pid` has installed a handler for SIGTERM (bit 15 of SigCgt in /proc).
+fn catches_sigterm(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+/// A10: SIGTERM while archive-push or archive-get waits for a store ends with the contract's exit
+/// code (push: 1; get: above 125), never death by the signal (143), and nothing left in pg_wal.
+#[test]
+fn a_stop_signal_gets_the_contracts_exit_code() {
+    let scratch = Scratch::new();
+    let dir = scratch.subdir("pgdata");
+    std::fs::create_dir_all(dir.join("pg_wal")).unwrap();
+    let hist = dir.join("pg_wal/00000002.history");
+    std::fs::write(&hist, b"1\t0/3000000\tno recovery target specified\n").unwrap();
+    // A store that never answers, and a long retry budget: the command is still retrying when the
+    // signal comes.
+    let unreachable = [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "x"),
+        ("AWS_SECRET_ACCESS_KEY", "x"),
+        ("AWS_REGION", "us-east-1"),
+        ("PITR_RETRY_BUDGET", "10m"),
+    ];
+    for (args, want) in [
+        (
+            vec![
+                "--repo",
+                "s3://nowhere/p",
+                "archive-push",
+                "pg_wal/00000002.history",
+            ],
+            1,
+        ),
+        (
+            vec![
+                "--repo",
+                "s3://nowhere/p",
+                "archive-get",
+                "000000010000000000000003",
+                "pg_wal/RECOVERYXLOG",
+            ],
+            200,
+        ),
+    ] {
+        let child = std::process::Command::new(harness::PITR)
+            .args(&args)
+            .current_dir(&dir)
+            .envs(unreachable)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        harness::poll(
+            "pitr to install its signal handlers",
+            std::time::Duration::from_secs(30),
+            || catches_sigterm(pid).then_some(()),
+        );
+        // SAFETY: kill with a pid we spawned and have not reaped.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(code(&out), want, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("SIGTERM"), "{}", stderr(&out));
+        let left: Vec<String> = std::fs::read_dir(dir.join("pg_wal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("pitr-tmp") || n == "RECOVERYXLOG")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+/// Item 4: a closed stdout (`pitr info | true`) ends the command quietly, not with a panic.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let scratch = Scratch::new();
+    let url = format!("file://{}", scratch.subdir("repo").display());
+    make_repository(&url);
+    for args in [vec!["info"], vec!["info", "--json"], vec!["metrics"]] {
+        let mut all = vec!["--repo", url.as_str()];
+        all.extend(args.iter().copied());
+        let mut child = std::process::Command::new(harness::PITR)
+            .args(&all)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before pitr writes a byte.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).is_empty(), "{args:?}: {}", stderr(&out));
+    }
+}

@@ -71,85 +71,12 @@ impl From<Vec<u8>> for BigBuf {
     }
 }
 
-/// A read-only view of a whole file, mapped from the page cache: no buffer to fault in and zero, no
-/// copy. Only for files nobody truncates while they are read (a WAL segment being archived is
-/// complete and PostgreSQL leaves it alone until the archiver is done with it): touching a page past
-/// a concurrently shortened end raises SIGBUS, which stops the process before anything is stored.
-pub struct Mapped {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by this value; sharing `&[u8]` views across threads is
-// as safe as for any immutable slice.
-unsafe impl Send for Mapped {}
-// SAFETY: as above.
-unsafe impl Sync for Mapped {}
-
-impl Mapped {
-    /// Map the first `len` bytes of `file` (which must be at least that long) and fault them in.
-    ///
-    /// # Errors
-    /// `len` is zero, or the kernel refuses the mapping.
-    pub fn file(file: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
-        use std::os::fd::AsRawFd;
-        if len == 0 {
-            return Err(std::io::Error::other("cannot map an empty file"));
-        }
-        // SAFETY: a fresh private read-only mapping of an open descriptor; the kernel picks the
-        // address, and the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| std::io::Error::other("mmap returned a null address"))?;
-        Ok(Mapped { ptr, len })
-    }
-}
-
-impl std::ops::Deref for Mapped {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr..ptr + len` is a live read-only mapping until `drop`.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the range mapped in `file`, once.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_mapped_file_reads_as_its_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let f = std::fs::File::open(&path).unwrap();
-        assert_eq!(&*Mapped::file(&f, data.len()).unwrap(), &data[..]);
-        assert_eq!(&*Mapped::file(&f, 4096).unwrap(), &data[..4096]);
-        std::fs::write(&path, b"").unwrap();
-        let empty = std::fs::File::open(&path).unwrap();
-        assert!(Mapped::file(&empty, 0).is_err());
+    fn a_big_buffer_is_zeroed_and_truncates() {
         let mut big = BigBuf::zeroed(5 << 20);
         big.as_mut_slice()[..3].copy_from_slice(b"abc");
         big.truncate(4);

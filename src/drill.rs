@@ -61,7 +61,7 @@ pub struct Report {
     pub backup: String,
     /// The target asked for.
     pub target: String,
-    /// The last transaction recovery replayed, from the server log.
+    /// When the last transaction recovery replayed ended (RFC 3339, UTC), asked of the server.
     pub reached: Option<String>,
     /// Seconds to restore the files.
     pub restore_seconds: f64,
@@ -77,21 +77,46 @@ pub struct Report {
     pub scratch: Option<String>,
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use crate::users::is_root;
 
 /// uid and gid of the `postgres` user.
 fn postgres_ids() -> anyhow::Result<(u32, u32)> {
-    let name = std::ffi::CString::new("postgres").expect("no NUL");
-    // SAFETY: getpwnam with a valid C string; the result is read at once.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        bail!("running as root, but there is no postgres user to run the scratch server as");
+    crate::users::lookup("postgres")?
+        .context("running as root, but there is no postgres user to run the scratch server as")
+}
+
+/// The port the scratch server listens on, in its private socket directory (no TCP). Set
+/// explicitly, so a port in the restored postgresql.conf never matters.
+const SCRATCH_PORT: &str = "5432";
+
+/// A scratch server that is stopped however the drill ends: an error, a panic, or a signal (which
+/// drops the drill's future), unless it was stopped already.
+struct ScratchServer {
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    running: bool,
+}
+
+impl ScratchServer {
+    fn stop(&mut self, mode: &str) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        let _ = as_server_user(&mut Command::new(&self.pg_ctl)).map(|c| {
+            c.args(["-D"])
+                .arg(&self.data)
+                .args(["-m", mode, "-w", "stop"])
+                .current_dir("/")
+                .output()
+        });
     }
-    // SAFETY: non-null pointer from getpwnam.
-    Ok(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+impl Drop for ScratchServer {
+    fn drop(&mut self) {
+        self.stop("immediate");
+    }
 }
 
 fn as_server_user(cmd: &mut Command) -> anyhow::Result<&mut Command> {
@@ -166,6 +191,8 @@ fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<String> 
             "ON_ERROR_STOP=1",
             "-U",
             "postgres",
+            "-p",
+            SCRATCH_PORT,
             "-d",
             db,
             "-h",
@@ -198,6 +225,27 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
             stop_at_gap: true,
         },
     )?;
+    // The assertions are read and checked before anything is restored.
+    let statements: Vec<String> = match &opts.sql {
+        Some(file) => {
+            let sql = std::fs::read_to_string(file)
+                .with_context(|| format!("read --sql {}", file.display()))?;
+            let stmts: Vec<String> = sql
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
+                .map(str::to_string)
+                .collect();
+            if stmts.is_empty() {
+                bail!(
+                    "--sql {} holds no statement: write queries that return true, separated by ';'",
+                    file.display()
+                );
+            }
+            stmts
+        }
+        None => Vec::new(),
+    };
     let bin = find_bin(opts.pg_bin.as_deref(), plan.backup.pg_version)?;
     let scratch = tempfile::Builder::new()
         .prefix("pitr-drill-")
@@ -245,6 +293,7 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
     for (k, v) in [
         ("archive_mode", "off"),
         ("listen_addresses", ""),
+        ("port", SCRATCH_PORT),
         ("unix_socket_directories", &*sock.to_string_lossy()),
         ("primary_conninfo", ""),
         ("shared_buffers", "128MB"),
@@ -270,6 +319,12 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
 
     let log = scratch.path().join("server.log");
     let recovery_start = Instant::now();
+    // From here on the server may be running: the guard stops it on every way out.
+    let mut server = ScratchServer {
+        pg_ctl: bin.join("pg_ctl"),
+        data: data.clone(),
+        running: true,
+    };
     let status = as_server_user(&mut Command::new(bin.join("pg_ctl")))?
         .args(["-D"])
         .arg(&data)
@@ -279,14 +334,6 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         .current_dir(scratch.path())
         .output()?;
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let stop = || {
-        let _ = as_server_user(&mut Command::new(bin.join("pg_ctl"))).map(|c| {
-            c.args(["-D"])
-                .arg(&data)
-                .args(["-m", "fast", "-w", "stop"])
-                .output()
-        });
-    };
     if !status.status.success() {
         let tail: Vec<String> = log_text()
             .lines()
@@ -306,10 +353,17 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
             _ => {}
         }
         if recovery_start.elapsed() > opts.timeout {
-            stop();
+            let tail: Vec<String> = log_text()
+                .lines()
+                .rev()
+                .take(3)
+                .map(str::to_string)
+                .collect();
             bail!(
-                "recovery did not finish within {}",
-                humantime::format_duration(opts.timeout)
+                "the restored cluster was still recovering (or not answering on its socket {}) after --timeout {}; its log ends: {}",
+                sock.display(),
+                humantime::format_duration(opts.timeout),
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
             );
         }
         if !data.join("postmaster.pid").exists() {
@@ -328,33 +382,39 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
     }
     let recovery_seconds = recovery_start.elapsed().as_secs_f64();
 
+    // Judged by asking the server, not by reading its log (whose language lc_messages decides):
+    // it promoted, so recovery reached its target (PostgreSQL stops with FATAL when recovery ends
+    // before a target it was given); the last transaction it replayed is the point reached.
     let mut checks = Vec::new();
-    let text = log_text();
-    let stopping = text
-        .lines()
-        .find(|l| l.contains("recovery stopping"))
-        .map(|l| l.rsplit("LOG:").next().unwrap_or(l).trim().to_string());
-    let reached = text
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.split("last completed transaction was at log time ")
-                .nth(1)
-        })
-        .map(str::to_string);
+    let reached = psql(
+        &bin,
+        &sock,
+        "postgres",
+        "SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')",
+    )
+    .ok()
+    .filter(|r| !r.is_empty());
+    let reached_at = reached
+        .as_deref()
+        .and_then(|r| crate::restore::target::parse_time(r).ok());
+    // Where the index says recovery should have stopped: at or before a time target; at the last
+    // archived transaction for --latest.
     let target_ok = match &plan.target {
-        Target::Latest => text.contains("redo done") || text.contains("archive recovery complete"),
-        _ => stopping.is_some(),
+        Target::Time(t) => reached_at.is_none_or(|r| r <= *t),
+        Target::Latest => match catalog.window().and_then(|w| w.latest) {
+            Some(x) => reached_at == Some(x.time),
+            None => true,
+        },
+        _ => true,
     };
     checks.push(Check {
         name: "target reached".into(),
         ok: target_ok,
-        detail: stopping.clone().unwrap_or_else(|| {
-            format!(
-                "replayed to the end of the archive; last transaction {}",
-                reached.clone().unwrap_or_else(|| "none".into())
-            )
-        }),
+        detail: format!(
+            "recovered to {} and promoted; last transaction replayed at {}",
+            plan.target,
+            reached.clone().unwrap_or_else(|| "none".into())
+        ),
     });
     // WAL continuity after the backup.
     let gaps: Vec<String> = catalog
@@ -386,7 +446,15 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         },
     });
     let amcheck = as_server_user(&mut Command::new(bin.join("pg_amcheck")))?
-        .args(["--install-missing", "--all", "-U", "postgres", "-h"])
+        .args([
+            "--install-missing",
+            "--all",
+            "-U",
+            "postgres",
+            "-p",
+            SCRATCH_PORT,
+            "-h",
+        ])
         .arg(&sock)
         .current_dir("/")
         .output();
@@ -427,35 +495,27 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
             detail: e.to_string(),
         }),
     }
-    if let Some(file) = &opts.sql {
-        let sql =
-            std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
-        for stmt in sql
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
-        {
-            let check = match psql(&bin, &sock, "postgres", stmt) {
-                Ok(v) if v == "t" => Check {
-                    name: format!("sql: {stmt}"),
-                    ok: true,
-                    detail: "true".into(),
-                },
-                Ok(v) => Check {
-                    name: format!("sql: {stmt}"),
-                    ok: false,
-                    detail: format!("returned {v:?}, not true"),
-                },
-                Err(e) => Check {
-                    name: format!("sql: {stmt}"),
-                    ok: false,
-                    detail: e.to_string(),
-                },
-            };
-            checks.push(check);
-        }
+    for stmt in &statements {
+        let check = match psql(&bin, &sock, "postgres", stmt) {
+            Ok(v) if v == "t" => Check {
+                name: format!("sql: {stmt}"),
+                ok: true,
+                detail: "true".into(),
+            },
+            Ok(v) => Check {
+                name: format!("sql: {stmt}"),
+                ok: false,
+                detail: format!("returned {v:?}, not true"),
+            },
+            Err(e) => Check {
+                name: format!("sql: {stmt}"),
+                ok: false,
+                detail: e.to_string(),
+            },
+        };
+        checks.push(check);
     }
-    stop();
+    server.stop("fast");
     let ok = checks.iter().all(|c| c.ok);
     let kept = if opts.keep {
         Some(scratch.keep().to_string_lossy().into_owned())
@@ -466,13 +526,18 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         backup: plan.backup.id.clone(),
         target: plan.target.to_string(),
         reached,
-        restore_seconds,
-        recovery_seconds,
-        rto_seconds: restore_seconds + recovery_seconds,
+        restore_seconds: millis(restore_seconds),
+        recovery_seconds: millis(recovery_seconds),
+        rto_seconds: millis(restore_seconds + recovery_seconds),
         checks,
         ok,
         scratch: kept,
     })
+}
+
+/// Seconds rounded to the millisecond, as reported.
+fn millis(secs: f64) -> f64 {
+    (secs * 1000.0).round() / 1000.0
 }
 
 /// A random time inside the window, for `--random`.

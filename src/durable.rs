@@ -5,6 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 fn temp_path(dest: &Path) -> io::Result<PathBuf> {
@@ -60,11 +61,14 @@ pub fn replace_with<T, E: From<io::Error>>(
     fill: impl FnOnce(&File) -> Result<T, E>,
 ) -> Result<T, E> {
     let tmp = temp_path(dest)?;
+    let _registered = crate::cleanup::register(tmp.clone());
     let result = (|| {
+        // Only the owner reads WAL and backup files, as PostgreSQL creates them.
         let f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
         let out = fill(&f)?;
         drop(f);
@@ -82,11 +86,13 @@ fn write_via_temp(dest: &Path, data: &[u8], durable: bool) -> io::Result<()> {
         return replace_with(dest, |mut f| f.write_all(data));
     }
     let tmp = temp_path(dest)?;
+    let _registered = crate::cleanup::register(tmp.clone());
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;

@@ -113,6 +113,26 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
+        // A stop signal ends the command at once: what it was writing is removed (temp files beside
+        // %p, staging files), and the exit code is that of any failure (archive-push: 1, never
+        // death by the signal, which PostgreSQL would not count as a failure).
+        tokio::select! {
+            r = run_command(cli, &settings, quiet) => r,
+            s = pitr::cleanup::stop_signal() => {
+                let stopped = s?;
+                pitr::cleanup::remove_all();
+                Err(stopped.into())
+            }
+        }
+    });
+    // Everything the command waits for has finished; idle worker threads need not be joined (that
+    // costs milliseconds on every archive-push and archive-get).
+    runtime.shutdown_background();
+    result
+}
+
+async fn run_command(cli: Cli, settings: &config::Settings, quiet: bool) -> anyhow::Result<u8> {
+    {
         // Only the commands that store a cluster's first objects may bring a repository into being.
         let repo = match &cli.command {
             Command::ArchivePush { .. } | Command::Backup { .. } | Command::Check { .. } => {
@@ -172,11 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 Ok(exit::SUCCESS)
             }
             Command::ArchiveSpoolClean { .. } => Ok(exit::SUCCESS),
-            other => pitr::commands::run(other, &repo, &settings, quiet).await,
+            other => pitr::commands::run(other, &repo, settings, quiet).await,
         }
-    });
-    // Everything the command waits for has finished; idle worker threads need not be joined (that
-    // costs milliseconds on every archive-push and archive-get).
-    runtime.shutdown_background();
-    result
+    }
 }

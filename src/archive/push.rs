@@ -373,8 +373,7 @@ async fn put_file(
     }
 }
 
-/// Map the `len` bytes of `file` (or, where mapping fails, read them in one pass on
-/// `push_threads()` threads), then run `inspect` on them (the WAL index) on its own thread while the
+/// Read the `len` bytes of `file` in one pass on `push_threads()` threads, then run `inspect` on them (the WAL index) on its own thread while the
 /// compression threads work. Returns their envelope and what `inspect` returned.
 ///
 /// # Errors
@@ -386,17 +385,10 @@ fn read_and_encode<T: Send>(
     sink: Option<envelope::FrameSink<'_>>,
     inspect: impl FnOnce(&[u8]) -> T + Send,
 ) -> std::io::Result<(envelope::Encoded, T)> {
+    // Read, never mapped: a mapped file that someone truncates while it is read kills the process
+    // with SIGBUS, and archive_command must never die of a signal. A read of a shortened file is
+    // an error (exit 1, nothing stored).
     let threads = push_threads();
-    if let Ok(mapped) = crate::bigbuf::Mapped::file(file, len) {
-        let encoded = encode_and_inspect(&mapped, compression, threads, None, sink, inspect);
-        // Unmapping 16 MiB that several cores touched costs a TLB shootdown, about 2 ms here: let
-        // it happen beside the upload instead of before it.
-        let unmap = std::thread::Builder::new().name("pitr-unmap".into());
-        if let Err(e) = unmap.spawn(move || drop(mapped)) {
-            tracing::debug!("unmapping on this thread: {e}");
-        }
-        return encoded;
-    }
     let mut data = BigBuf::zeroed(len);
     let piece = len.div_ceil(threads).max(1);
     let crcs = std::thread::scope(|s| {
@@ -536,6 +528,23 @@ mod tests {
             repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap(),
             before
         );
+    }
+
+    #[test]
+    fn a_segment_truncated_while_it_is_read_is_an_error_not_a_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_file(dir.path(), 1);
+        let f = std::fs::File::open(&path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        // PostgreSQL (or an operator) cuts the file short after pitr looked at its size.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len as u64 / 2)
+            .unwrap();
+        let err = read_and_encode(&f, len, Compression::Zstd, None, |d| d.len()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
     }
 
     #[tokio::test]

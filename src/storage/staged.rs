@@ -22,6 +22,8 @@ pub struct Staged {
     dest: PathBuf,
     /// Set once the staging name is gone (published or removed).
     done: bool,
+    /// Removed by `main` if the process is told to stop meanwhile.
+    _registered: crate::cleanup::Registered,
 }
 
 /// What [`Staged::publish`] found.
@@ -53,6 +55,7 @@ impl Staged {
                 Ok(file) => {
                     return Ok(Staged {
                         file,
+                        _registered: crate::cleanup::register(staging.clone()),
                         staging,
                         dest: dest.to_path_buf(),
                         done: false,
