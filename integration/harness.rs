@@ -46,6 +46,15 @@ fn postgres_ids() -> (u32, u32) {
     (out("-u"), out("-g"))
 }
 
+/// `--owner postgres` when we are root (a restore run as root must give its files away).
+pub fn owner_args() -> Vec<&'static str> {
+    if is_root() {
+        vec!["--owner", "postgres"]
+    } else {
+        vec![]
+    }
+}
+
 /// Give a whole tree to the `postgres` user when we are root.
 pub fn chown_tree(path: &Path) {
     if is_root() {

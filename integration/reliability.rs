@@ -288,3 +288,44 @@ fn a_closed_stdout_ends_quietly() {
         assert!(stderr(&out).is_empty(), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// Item 9: configuration and environment errors are one line naming the file and line or the
+/// variable, with the right hint.
+#[test]
+fn configuration_errors_name_the_place() {
+    let scratch = Scratch::new();
+    let conf = scratch.path().join("pitr.toml");
+    std::fs::write(&conf, "repo = file:///x\n").unwrap();
+    let conf_s = conf.to_string_lossy().into_owned();
+    let out = pitr(scratch.path(), &["--config", &conf_s, "info"], &[]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}");
+    assert!(
+        err.contains("line 1") && err.contains("strings are quoted"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    let missing = scratch.path().join("missing.toml");
+    let out = pitr(
+        scratch.path(),
+        &["--config", &missing.to_string_lossy(), "info"],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+
+    let out = pitr(
+        scratch.path(),
+        &["--repo", "s3://bucket/p", "info"],
+        &[("PITR_RETRY_BUDGET", "banana")],
+    );
+    let err = stderr(&out);
+    assert_eq!(code(&out), 1, "{err}");
+    assert!(
+        err.contains("PITR_RETRY_BUDGET") && err.contains("takes a duration"),
+        "{err}"
+    );
+    assert!(!err.contains("s3://bucket/prefix"), "{err}");
+}

@@ -122,6 +122,11 @@ impl Setup {
     }
 
     fn refused(&self, name: &str, args: &[&str]) -> String {
+        self.refused_with(name, args, 1)
+    }
+
+    /// Refused with exit code `want` (1: cannot be done; 2: bad usage), nothing written.
+    fn refused_with(&self, name: &str, args: &[&str], want: i32) -> String {
         let dir = self.scratch.path().join(name);
         let mut all = vec![
             "--repo",
@@ -134,7 +139,7 @@ impl Setup {
         let out = pitr_as_postgres(&self.scratch, &all);
         assert_eq!(
             code(&out),
-            1,
+            want,
             "{args:?} must be refused: {}",
             String::from_utf8_lossy(&out.stdout)
         );
@@ -193,7 +198,10 @@ fn restore_targets(major: u32) {
         err.contains("no_such_point") && err.contains("after_4"),
         "{err}"
     );
-    let err = s.refused("badtime", &["--to", "next tuesday"]);
+    // Bad values are bad usage (exit 2), in one line, never a panic.
+    let err = s.refused_with("badtime", &["--to", "next tuesday"], 2);
+    assert!(err.contains("not a time"), "{err}");
+    let err = s.refused_with("nonascii", &["--to", "2024-05-0é 10:00"], 2);
     assert!(err.contains("not a time"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     // A non-empty target directory is refused and left as it was.
@@ -334,9 +342,10 @@ fn replica_streams_from_its_primary() {
         "host={} user=postgres application_name=pitr_standby",
         s.source.sock.display()
     );
-    let out = pitr_as_postgres(
-        &s.scratch,
-        &[
+    // A slot the primary does not have is refused before anything is written; --create-slot
+    // creates it.
+    let replica = |extra: &[&str]| {
+        let mut args = vec![
             "--repo",
             &s.url,
             "replica",
@@ -344,9 +353,21 @@ fn replica_streams_from_its_primary() {
             dir.to_str().unwrap(),
             "--primary-conninfo",
             &conninfo,
-        ],
-    );
+        ];
+        args.extend_from_slice(extra);
+        pitr_as_postgres(&s.scratch, &args)
+    };
+    let out = replica(&["--slot", "pitr_standby"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("--create-slot"), "{}", stderr(&out));
+    assert!(!dir.exists());
+    let out = replica(&["--slot", "pitr_standby", "--create-slot"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        s.source
+            .sql("SELECT slot_type FROM pg_replication_slots WHERE slot_name = 'pitr_standby'"),
+        "physical"
+    );
     assert!(dir.join("standby.signal").exists());
     let standby = Cluster::existing(15, &s.bin, dir, Scratch::new(), "");
     poll("the standby to stream", Duration::from_secs(60), || {
@@ -360,6 +381,11 @@ fn replica_streams_from_its_primary() {
         (rows(&standby).ends_with("6,100")).then_some(())
     });
     assert_eq!(standby.sql("SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(
+        s.source
+            .sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'pitr_standby'"),
+        "t"
+    );
     let _ = Path::new("");
 }
 

@@ -292,20 +292,18 @@ fn drill(major: u32) {
     );
     assert!(!stderr(&out).contains(&format!("(next archived: {missing})")));
     assert!(!target.exists(), "a refused restore wrote {target_s}");
-    let out = pitr(
-        scratch.path(),
-        &[
-            "--repo",
-            &url,
-            "restore",
-            "--target-dir",
-            &target_s,
-            "--latest",
-            "--stop-at-gap",
-            "--dry-run",
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "--repo",
+        &url,
+        "restore",
+        "--target-dir",
+        &target_s,
+        "--latest",
+        "--stop-at-gap",
+        "--dry-run",
+    ];
+    args.extend(harness::owner_args());
+    let out = pitr(scratch.path(), &args, &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 
@@ -416,20 +414,18 @@ fn expire_keeps_the_window() {
 
     // The earliest point of the promised window restores.
     let dir = scratch.path().join("earliest");
-    let out = pitr(
-        scratch.path(),
-        &[
-            "--repo",
-            &url,
-            "restore",
-            "--target-dir",
-            dir.to_str().unwrap(),
-            "--immediate",
-            "--action",
-            "promote",
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "--repo",
+        &url,
+        "restore",
+        "--target-dir",
+        dir.to_str().unwrap(),
+        "--immediate",
+        "--action",
+        "promote",
+    ];
+    args.extend(harness::owner_args());
+    let out = pitr(scratch.path(), &args, &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = Cluster::existing(15, &bin, dir, Scratch::new(), "archive_mode = off");
     r.wait_promoted();

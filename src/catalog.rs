@@ -420,8 +420,20 @@ impl Catalog {
         SegmentName::new(tli, n, self.seg_size()).expect("segment numbers come from valid names")
     }
 
-    /// The newest timeline the repository knows.
+    /// The newest timeline with archived WAL (the newest one known when none has any). A history
+    /// file alone (a promotion whose WAL has not arrived yet, or a stray file) does not move the
+    /// window or `--latest` to a timeline nothing can be replayed on.
     pub fn newest_timeline(&self) -> Option<TimelineId> {
+        self.timelines
+            .iter()
+            .rev()
+            .find(|(_, t)| !t.segments.is_empty())
+            .or_else(|| self.timelines.iter().next_back())
+            .map(|(tli, _)| *tli)
+    }
+
+    /// The highest timeline any object names (history files included).
+    pub fn highest_timeline(&self) -> Option<TimelineId> {
         self.timelines.keys().next_back().copied()
     }
 

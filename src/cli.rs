@@ -20,8 +20,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Flags every command takes.
+/// Flags every command takes, listed apart from each command's own in `--help`.
 #[derive(Clone, Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Repository: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
     #[arg(long, global = true, env = "PITR_REPO", value_name = "URL")]
@@ -29,7 +30,8 @@ pub struct GlobalArgs {
     /// TOML config file (repo, compress); flags and environment override it.
     #[arg(long, global = true, env = "PITR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Compression of new objects [default: zstd, level 3].
+    /// Compression of what archive-push and backup store [default: zstd, level 3]; other commands
+    /// ignore it.
     #[arg(
         long,
         global = true,
@@ -41,7 +43,7 @@ pub struct GlobalArgs {
     /// More detail on stderr (-vv for even more).
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
-    /// Only errors on stderr.
+    /// Only errors on stderr, and no plan or summary on stdout.
     #[arg(short, long, global = true)]
     pub quiet: bool,
 }
@@ -172,6 +174,19 @@ pub enum Command {
         /// Print the plan and exit without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Whether the restored cluster archives once promoted: preserve the backup's settings, or
+        /// off (for copies that must not archive into this repository).
+        #[arg(
+            long,
+            value_enum,
+            default_value = "preserve",
+            value_name = "off|preserve"
+        )]
+        archive_mode: crate::restore::exec::ArchiveMode,
+        /// Give the restored files to this user (needed when run as root: PostgreSQL refuses a
+        /// data directory it does not own).
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
     },
     /// Create a standby from the newest backup: it catches up from the archive, then streams.
     Replica {
@@ -181,9 +196,12 @@ pub enum Command {
         /// How the standby connects to its primary (libpq connection string).
         #[arg(long, value_name = "CONNINFO")]
         primary_conninfo: String,
-        /// Replication slot on the primary.
+        /// Replication slot on the primary (checked before anything is restored).
         #[arg(long, value_name = "NAME")]
         slot: Option<String>,
+        /// Create the --slot on the primary (a physical slot that reserves WAL) if it does not exist.
+        #[arg(long, requires = "slot")]
+        create_slot: bool,
         /// Use this backup (id or label) instead of the newest.
         #[arg(long, value_name = "LABEL")]
         backup: Option<String>,
@@ -193,6 +211,9 @@ pub enum Command {
         /// Parallel download streams [default: number of CPUs].
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
+        /// Give the restored files to this user (needed when run as root).
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
     },
     /// Read back every object and check checksums, WAL continuity, backups against their manifests,
     /// and unexpected deletions. Exits 1 on any finding.
@@ -266,4 +287,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_lists_global_options_apart() {
+        let help = Cli::try_parse_from(["pitr", "restore", "--help"])
+            .unwrap_err()
+            .to_string();
+        let own = help.find("--target-dir").unwrap();
+        let global = help
+            .find("Global options:")
+            .expect("a heading for global options");
+        assert!(own < global, "{help}");
+        assert!(!help[..global].contains("--repo <URL>"), "{help}");
+        assert!(help[global..].contains("--repo <URL>"), "{help}");
+        assert!(!help.to_lowercase().contains("pgbackrest"), "{help}");
+    }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::backup::{self, BackupOptions};
 use crate::catalog::Catalog;
@@ -113,6 +113,8 @@ pub async fn run(
             tablespace_map,
             jobs,
             dry_run,
+            archive_mode,
+            owner,
         } => {
             let target = match (to, lsn, xid, name) {
                 (Some(t), ..) => {
@@ -141,8 +143,12 @@ pub async fn run(
                 repo,
                 settings,
                 &request,
-                &target_dir,
-                &tablespace_map,
+                &RestoreTo {
+                    target_dir: &target_dir,
+                    tablespace_map: &tablespace_map,
+                    owner: owner.as_deref(),
+                    archive_mode,
+                },
                 default_jobs(jobs),
                 dry_run,
                 action,
@@ -156,8 +162,14 @@ pub async fn run(
             backup,
             tablespace_map,
             jobs,
+            owner,
+            create_slot,
         } => {
             require_empty(&target_dir)?;
+            let owner_ids = owner_ids(owner.as_deref())?;
+            if let Some(slot) = &slot {
+                check_slot(&primary_conninfo, slot, create_slot).await?;
+            }
             let catalog = Catalog::load(repo).await?;
             // A standby never ends recovery at a gap: it asks again and streams from its primary.
             let request = Request {
@@ -169,6 +181,7 @@ pub async fn run(
             };
             let plan = plan::plan(&catalog, &request)?;
             let relocate = relocations(&plan.backup, &tablespace_map)?;
+            crate::restore::files::preflight(&plan.backup, &target_dir, &relocate)?;
             crate::sayln!("{plan}");
             let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
             let lines = exec::standby_settings(
@@ -188,6 +201,7 @@ pub async fn run(
                 Signal::Standby,
             )
             .await?;
+            give_to_owner(owner_ids, &target_dir, &relocate)?;
             crate::sayln!(
                 "standby created in {} from backup {}: {} files, {:.1} MiB in {:.1} s. It replays the archive, then streams from its primary.\nStart it with: pg_ctl -D {} start",
                 target_dir.display(),
@@ -209,9 +223,10 @@ pub async fn run(
                     crate::outln!("{:<8} {}: {}", f.kind.to_uppercase(), f.object, f.detail);
                 }
                 crate::outln!(
-                    "verify: {} objects ({:.1} MiB) and {} backup(s) checked: {}",
+                    "verify: {} objects ({:.1} MiB of data, {:.1} MiB stored) and {} backup(s) checked: {}",
                     report.objects_checked,
                     mib(report.bytes_checked),
+                    mib(report.stored_bytes_checked),
                     report.backups_checked,
                     if report.findings.is_empty() {
                         "no problems".to_string()
@@ -434,22 +449,115 @@ fn relocations(
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The replication slot a standby will use must exist on its primary, or the standby fails later
+/// with "replication slot does not exist": check it (and create it with `--create-slot`) through an
+/// ordinary connection made from the standby's `primary_conninfo`. A primary that only accepts
+/// replication connections from that user cannot be asked: then a warning, and the restore goes on.
+///
+/// # Errors
+/// The slot does not exist (and `--create-slot` was not given), or cannot be created.
+async fn check_slot(conninfo: &str, slot: &str, create: bool) -> anyhow::Result<()> {
+    let cfg = crate::pgconn::config(Some(conninfo), None)
+        .map_err(|e| usage(format!("--primary-conninfo: {e:#}")))?;
+    let client = match crate::pgconn::connect(&cfg).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                "could not connect to the primary ({}) to check replication slot {slot:?}: {e:#}; make sure it exists",
+                crate::pgconn::describe(&cfg)
+            );
+            return Ok(());
+        }
+    };
+    let found = client
+        .query_opt(
+            "SELECT slot_type FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .context("look up the replication slot on the primary")?;
+    match found {
+        Some(row) => {
+            let kind: String = row.get(0);
+            if kind != "physical" {
+                bail!(
+                    "replication slot {slot:?} on the primary is a {kind} slot; a standby needs a physical one"
+                );
+            }
+            Ok(())
+        }
+        None if create => {
+            client
+                .query_one(
+                    "SELECT pg_create_physical_replication_slot($1, true)::text",
+                    &[&slot],
+                )
+                .await
+                .with_context(|| format!("create replication slot {slot:?} on the primary"))?;
+            crate::sayln!("created physical replication slot {slot:?} on the primary");
+            Ok(())
+        }
+        None => bail!(
+            "replication slot {slot:?} does not exist on the primary ({}); create it with --create-slot, or SELECT pg_create_physical_replication_slot('{slot}', true) there",
+            crate::pgconn::describe(&cfg)
+        ),
+    }
+}
+
+/// Where and how a restore writes.
+struct RestoreTo<'a> {
+    target_dir: &'a Path,
+    tablespace_map: &'a [String],
+    owner: Option<&'a str>,
+    archive_mode: exec::ArchiveMode,
+}
+
+/// `--owner USER` as uid and gid. Run as root without it, a restore would leave a data directory
+/// PostgreSQL refuses to start from: refused.
+fn owner_ids(owner: Option<&str>) -> anyhow::Result<Option<(u32, u32)>> {
+    match owner {
+        Some(name) => Ok(Some(crate::users::lookup(name)?.ok_or_else(|| {
+            usage(format!("--owner {name}: there is no such user"))
+        })?)),
+        None if crate::users::is_root() => Err(usage(
+            "running as root, the restored files would belong to root and PostgreSQL would not start from them: run pitr as the user that runs PostgreSQL (sudo -u postgres pitr …), or pass --owner postgres".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Give the restored data directory and tablespaces to `--owner`.
+fn give_to_owner(
+    owner: Option<(u32, u32)>,
+    target_dir: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+) -> anyhow::Result<()> {
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    crate::users::chown_tree(target_dir, uid, gid)?;
+    for loc in relocate.values() {
+        crate::users::chown_tree(loc, uid, gid)?;
+    }
+    Ok(())
+}
+
 async fn restore(
     repo: &Repo,
     settings: &Settings,
     request: &Request,
-    target_dir: &Path,
-    tablespace_map: &[String],
+    to: &RestoreTo<'_>,
     jobs: usize,
     dry_run: bool,
     action: exec::Action,
 ) -> anyhow::Result<u8> {
+    let target_dir = to.target_dir;
     require_empty(target_dir)?;
     let catalog = Catalog::load(repo).await?;
     let plan = plan::plan(&catalog, request)?;
-    let relocate = relocations(&plan.backup, tablespace_map)?;
+    let relocate = relocations(&plan.backup, to.tablespace_map)?;
     crate::restore::files::preflight(&plan.backup, target_dir, &relocate)?;
+    let owner = owner_ids(to.owner)?;
     crate::sayln!("{plan}");
     crate::sayln!("window       {}", plan::window_text(&catalog));
     if dry_run {
@@ -457,7 +565,10 @@ async fn restore(
         return Ok(exit::SUCCESS);
     }
     let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
-    let lines = exec::recovery_settings(&plan, &cmd, &exec::spool_cleanup_command()?, action);
+    let mut lines = exec::recovery_settings(&plan, &cmd, &exec::spool_cleanup_command()?, action);
+    if to.archive_mode == exec::ArchiveMode::Off {
+        lines.push(("archive_mode", "off".into()));
+    }
     let started = Instant::now();
     let done = exec::execute(
         repo,
@@ -469,6 +580,7 @@ async fn restore(
         Signal::Recovery,
     )
     .await?;
+    give_to_owner(owner, target_dir, &relocate)?;
     let secs = started.elapsed().as_secs_f64();
     let then = match (&plan.target, action) {
         // Without a target PostgreSQL ignores recovery_target_action and promotes at the end of WAL.
@@ -491,6 +603,10 @@ async fn restore(
         secs,
         mib(done.bytes) / secs.max(1e-9),
         target_dir.display(),
+    );
+    crate::sayln!(
+        "archiving    {}",
+        exec::archiving_summary(target_dir, to.archive_mode)
     );
     Ok(exit::SUCCESS)
 }

@@ -63,7 +63,7 @@ impl ConfigError {
                 "check the path given by --config / PITR_CONFIG and its permissions"
             }
             ConfigError::Parse { .. } => {
-                "the file takes repo = \"URL\" and compress = \"zstd|lz4|none\""
+                "the file is TOML: strings are quoted (repo = \"file:///var/backups/pitr\", compress = \"zstd\"), and it takes repo, compress and an [expire] table"
             }
         }
     }
@@ -91,9 +91,21 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.into(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.into(),
-        message: e.message().to_string(),
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        ConfigError::Parse {
+            path: path.into(),
+            message: match line {
+                Some(n) => format!(
+                    "line {n} ({:?}): {}",
+                    text.lines().nth(n - 1).unwrap_or("").trim(),
+                    e.message()
+                ),
+                None => e.message().to_string(),
+            },
+        }
     })
 }
 
@@ -177,6 +189,14 @@ mod tests {
             matches!(err, ConfigError::Parse { .. }) && err.to_string().contains("pitr.toml"),
             "{err}"
         );
+        // An unquoted URL: the line and its text are named.
+        std::fs::write(&path, "compress = \"zstd\"\nrepo = file:///x\n").unwrap();
+        let err = resolve(&args(None, None, Some(path.clone()))).unwrap_err();
+        assert!(
+            err.to_string().contains("line 2 (\"repo = file:///x\")"),
+            "{err}"
+        );
+        assert!(err.hint().contains("strings are quoted"));
         std::fs::write(&path, "compress = \"brotli\"\n").unwrap();
         assert!(matches!(
             resolve(&args(None, None, Some(path))),

@@ -49,8 +49,10 @@ pub struct Report {
     pub finished_at: PgTimestamp,
     /// Objects read and verified.
     pub objects_checked: u64,
-    /// Bytes read.
+    /// Bytes the objects hold once decoded (the original sizes).
     pub bytes_checked: u64,
+    /// Bytes read from the store (compressed, with headers).
+    pub stored_bytes_checked: u64,
     /// Backups checked.
     pub backups_checked: usize,
     /// Problems; empty means the repository is sound.
@@ -84,25 +86,30 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
         .map(|m| m.location.to_string())
         .collect();
     let present: BTreeSet<String> = keys.iter().cloned().collect();
-    let checked: Vec<(String, Result<u64, String>)> =
-        futures::stream::iter(keys.into_iter().filter(|k| k != STATUS_KEY))
-            .map(|key| async move {
-                let got = match repo.get_raw(&key).await {
-                    Ok(Some(b)) => Ok(b),
-                    Ok(None) => Err("deleted while verify ran".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let result =
-                    got.and_then(|b| crate::storage::envelope::decode(&b).map(|d| d.len() as u64));
-                (key, result)
-            })
-            .buffer_unordered(jobs.max(1))
-            .collect()
-            .await;
-    let mut bytes = 0;
+    // (key, (decoded bytes, stored bytes) or what is wrong)
+    type Checked = (String, Result<(u64, u64), String>);
+    let checked: Vec<Checked> = futures::stream::iter(keys.into_iter().filter(|k| k != STATUS_KEY))
+        .map(|key| async move {
+            let got = match repo.get_raw(&key).await {
+                Ok(Some(b)) => Ok(b),
+                Ok(None) => Err("deleted while verify ran".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let result = got.and_then(|b| {
+                crate::storage::envelope::decode(&b).map(|d| (d.len() as u64, b.len() as u64))
+            });
+            (key, result)
+        })
+        .buffer_unordered(jobs.max(1))
+        .collect()
+        .await;
+    let (mut bytes, mut stored_bytes) = (0, 0);
     for (key, r) in &checked {
         match r {
-            Ok(n) => bytes += n,
+            Ok((n, stored)) => {
+                bytes += n;
+                stored_bytes += stored;
+            }
             Err(e) => findings.push(Finding {
                 kind: "corrupt",
                 object: key.clone(),
@@ -254,6 +261,73 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
         }
     }
 
+    // A timeline with WAL needs its history file (or restores cannot follow it).
+    for (tli, t) in &catalog.timelines {
+        if *tli != TimelineId::ONE && !t.segments.is_empty() && !catalog.histories.contains_key(tli)
+        {
+            findings.push(Finding {
+                kind: "missing",
+                object: ObjectKey::Wal(WalFileName::History(*tli)).key(),
+                detail: format!(
+                    "timeline {tli} has {} archived segment(s) but no history file: restores cannot follow it",
+                    t.segments.len()
+                ),
+            });
+        }
+    }
+    // A history file inconsistent with the WAL: its timeline has none, while its parent's WAL goes
+    // on past the switch point (a made-up or stray history file, or a second live branch: a
+    // promoted clone archiving nothing yet while the primary keeps going).
+    for (tli, h) in &catalog.histories {
+        let (Some(last), Some(t)) = (h.entries.last(), catalog.timelines.get(tli)) else {
+            continue;
+        };
+        if !t.segments.is_empty() {
+            continue;
+        }
+        let switch_seg = last.switch_lsn.segno(seg_size);
+        let parent_after = catalog
+            .timelines
+            .get(&last.parent)
+            .map_or(0, |p| p.segments.range(SegNo(switch_seg.0 + 1)..).count());
+        if parent_after > 0 {
+            findings.push(Finding {
+                kind: "history",
+                object: ObjectKey::Wal(WalFileName::History(*tli)).key(),
+                detail: format!(
+                    "timeline {tli} branches from timeline {} at {}, but none of its WAL is archived while {parent_after} segment(s) of timeline {} follow the switch point",
+                    last.parent, last.switch_lsn, last.parent
+                ),
+            });
+        }
+    }
+    // Backups: none restorable is the worst finding of all; a backup with its label but no
+    // manifest lost the manifest (the label is written at the very end).
+    if !catalog.backups.iter().any(|b| catalog.is_restorable(b)) {
+        findings.push(Finding {
+            kind: "backup",
+            object: "backups/".into(),
+            detail: if catalog.backups.is_empty() {
+                "the repository has no complete backup: nothing can be restored (run pitr backup)"
+                    .into()
+            } else {
+                "no backup is restorable: each lacks WAL it needs".into()
+            },
+        });
+    }
+    for id in &catalog.incomplete_backups {
+        let label = ObjectKey::BackupLabel(id.clone()).key();
+        if present.contains(&label) {
+            findings.push(Finding {
+                kind: "missing",
+                object: ObjectKey::BackupManifest(id.clone()).key(),
+                detail: format!(
+                    "backup {id} has its backup_label (written when the backup stopped) but no manifest: it was deleted, or the backup died at its very end; it cannot be restored"
+                ),
+            });
+        }
+    }
+
     findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
     findings.dedup();
     let report = Report {
@@ -265,6 +339,7 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
         ),
         objects_checked: checked.len() as u64,
         bytes_checked: bytes,
+        stored_bytes_checked: stored_bytes,
         backups_checked: catalog.backups.len(),
         findings,
     };

@@ -226,15 +226,22 @@ pub async fn prepare_known(
             let data = tokio::fs::read(wal_path)
                 .await
                 .with_context(|| format!("read {}", wal_path.display()))?;
-            if let WalFileName::History(tli) = name {
-                History::parse(tli, &data).with_context(|| format!("refuse {name}"))?;
-            } else {
-                let text = std::str::from_utf8(&data).ok();
-                if !text.is_some_and(|t| t.starts_with("START WAL LOCATION:")) {
-                    bail!(
-                        "refuse {name}: not a backup history file (it must start with \"START WAL LOCATION:\")"
-                    );
+            match name {
+                WalFileName::History(tli) => {
+                    let history =
+                        History::parse(tli, &data).with_context(|| format!("refuse {name}"))?;
+                    check_history(repo, &history)
+                        .await
+                        .with_context(|| format!("refuse {name}"))?;
                 }
+                WalFileName::BackupHistory { segment, offset } => {
+                    check_backup_history(segment, offset, &data).map_err(|why| {
+                        anyhow::anyhow!(
+                            "refuse {name}: not a backup history file of this name: {why}"
+                        )
+                    })?;
+                }
+                _ => {}
             }
             (
                 data.len() as u64,
@@ -256,6 +263,113 @@ pub async fn prepare_known(
         looked,
         staged,
     })
+}
+
+/// What can be checked of a timeline history file against the repository before it is stored (it
+/// decides which WAL every later restore follows): its parent must be a timeline the repository
+/// knows, its ancestor lines must be the parent's own history (PostgreSQL copies it and adds one
+/// line), and it must branch after the parent itself began.
+///
+/// # Errors
+/// Says which check failed.
+pub async fn check_history(repo: &Repo, h: &History) -> anyhow::Result<()> {
+    let Some(last) = h.entries.last() else {
+        return Ok(());
+    };
+    let parent = last.parent;
+    let parent_history = if parent.get() > 1 {
+        repo.get(&ObjectKey::Wal(WalFileName::History(parent)))
+            .await?
+            .map(|b| History::parse(parent, &b))
+            .transpose()
+            .with_context(|| format!("read the stored history of parent timeline {parent}"))?
+    } else {
+        None
+    };
+    let holds_wal = repo.any_under(crate::storage::layout::WAL_PREFIX).await?;
+    let parent_known = parent_history.is_some()
+        || repo
+            .any_under(&format!(
+                "{}/{:08X}",
+                crate::storage::layout::WAL_PREFIX,
+                parent.get()
+            ))
+            .await?;
+    if holds_wal && !parent_known {
+        bail!(
+            "it branches from timeline {parent}, of which the repository holds neither WAL nor a history file (a history file of another cluster, or a made-up one?)"
+        );
+    }
+    if let Some(ph) = &parent_history {
+        let ours: Vec<_> = h.entries[..h.entries.len() - 1]
+            .iter()
+            .map(|e| (e.parent, e.switch_lsn))
+            .collect();
+        let theirs: Vec<_> = ph
+            .entries
+            .iter()
+            .map(|e| (e.parent, e.switch_lsn))
+            .collect();
+        if ours != theirs {
+            bail!(
+                "its ancestor lines differ from the stored history of timeline {parent}, which PostgreSQL would have copied"
+            );
+        }
+        if let Some(begin) = ph.entries.last().map(|e| e.switch_lsn)
+            && last.switch_lsn < begin
+        {
+            bail!(
+                "it branches from timeline {parent} at {}, before timeline {parent} itself began at {begin}",
+                last.switch_lsn
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A backup history file (`…​.00000028.backup`) as `do_pg_backup_stop()` writes it: its START WAL
+/// LOCATION is the LSN its name gives, in the segment its name gives, and it has a STOP WAL
+/// LOCATION and a CHECKPOINT LOCATION.
+fn check_backup_history(segment: SegmentName, offset: u32, data: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(data).map_err(|_| "it is not text".to_string())?;
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .ok_or_else(|| format!("it has no {key} line"))
+    };
+    let start = field("START WAL LOCATION:")?;
+    let (lsn, file) = start
+        .split_once(" (file ")
+        .ok_or_else(|| format!("START WAL LOCATION {start:?} does not name its file"))?;
+    let lsn: crate::pg::Lsn = lsn
+        .parse()
+        .map_err(|e| format!("START WAL LOCATION: {e}"))?;
+    let file = file.trim_end_matches(')');
+    if file != segment.to_string() {
+        return Err(format!("it starts in {file}, not in {segment}"));
+    }
+    // The name is the segment and offset of the start LSN, for the cluster's segment size (a power
+    // of two from 1 MiB to 1 GiB).
+    let matches = (20..=30)
+        .filter_map(|b| crate::pg::WalSegSize::new(1 << b))
+        .any(|sz| {
+            SegmentName::new(segment.tli, lsn.segno(sz), sz) == Some(segment)
+                && lsn.segment_offset(sz) == offset
+        });
+    if !matches {
+        return Err(format!(
+            "its start {lsn} is not at offset {offset:08X} of {segment}"
+        ));
+    }
+    for key in ["STOP WAL LOCATION:", "CHECKPOINT LOCATION:"] {
+        let v = field(key)?;
+        let lsn_text = v.split_whitespace().next().unwrap_or("");
+        lsn_text
+            .parse::<crate::pg::Lsn>()
+            .map_err(|e| format!("{key} {e}"))?;
+    }
+    Ok(())
 }
 
 /// Write what the sink did not get (all of it when the data was compressed in one piece) and the
@@ -527,6 +641,79 @@ mod tests {
         assert_eq!(
             repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap(),
             before
+        );
+    }
+
+    #[test]
+    fn backup_history_files_must_match_their_name() {
+        let WalFileName::BackupHistory { segment, offset } =
+            "000000010000000000000002.00000028.backup".parse().unwrap()
+        else {
+            panic!()
+        };
+        let good = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nSTOP WAL LOCATION: 0/2000100 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\nBACKUP METHOD: streamed\nLABEL: x\n";
+        assert_eq!(
+            check_backup_history(segment, offset, good.as_bytes()),
+            Ok(())
+        );
+        for bad in [
+            "START WAL LOCATION: anything",
+            "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n",
+            &good.replace("0/2000028", "0/2000030"),
+            &good.replace(
+                "(file 000000010000000000000002)\nSTOP",
+                "(file 000000010000000000000003)\nSTOP",
+            ),
+            &good.replace("CHECKPOINT LOCATION: 0/2000060", "CHECKPOINT LOCATION: x"),
+        ] {
+            assert!(
+                check_backup_history(segment, offset, bad.as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_history_file_must_fit_the_repository() {
+        let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://hist");
+        let tli = |n| crate::pg::TimelineId::new(n).unwrap();
+        let h = |n: u32, text: &str| History::parse(tli(n), text.as_bytes()).unwrap();
+        // An empty repository has nothing to contradict.
+        check_history(&repo, &h(2, "1\t0/3000000\tx\n"))
+            .await
+            .unwrap();
+        // With timeline 1's WAL stored: a child of 1 fits, a child of an unknown 5 does not.
+        let dir = tempfile::tempdir().unwrap();
+        push(&repo, &segment_file(dir.path(), 1), Compression::Zstd)
+            .await
+            .unwrap();
+        check_history(&repo, &h(2, "1\t0/3000000\tx\n"))
+            .await
+            .unwrap();
+        let err = check_history(&repo, &h(6, "5\t0/3000000\tx\n"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("timeline 5"), "{err}");
+        // Timeline 2's history stored: timeline 3 must repeat it and branch after it began.
+        repo.put_new(
+            &ObjectKey::Wal(WalFileName::History(tli(2))),
+            b"1\t0/3000000\tx\n",
+            Compression::None,
+        )
+        .await
+        .unwrap();
+        check_history(&repo, &h(3, "1\t0/3000000\tx\n2\t0/4000000\ty\n"))
+            .await
+            .unwrap();
+        assert!(
+            check_history(&repo, &h(3, "1\t0/3500000\tx\n2\t0/4000000\ty\n"))
+                .await
+                .is_err()
+        );
+        assert!(
+            check_history(&repo, &h(3, "1\t0/3000000\tx\n2\t0/2000000\ty\n"))
+                .await
+                .is_err()
         );
     }
 

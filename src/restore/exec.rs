@@ -37,6 +37,58 @@ impl Action {
     }
 }
 
+/// `--archive-mode`: what the restored cluster does with `archive_mode` once it is promoted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveMode {
+    /// Keep the backup's settings: once promoted it archives as the original did (a restore that
+    /// replaces the original).
+    Preserve,
+    /// `archive_mode = off`: a copy that must not archive into the original's repository (tests,
+    /// clones, drills).
+    Off,
+}
+
+/// Where a restored data directory will archive once promoted, read from the configuration files
+/// inside it (settings from files outside, such as Debian's /etc/postgresql, are not visible).
+pub fn archiving_summary(target_dir: &std::path::Path, mode: ArchiveMode) -> String {
+    if mode == ArchiveMode::Off {
+        return "it will not archive (--archive-mode off wrote archive_mode = off)".into();
+    }
+    let mut found: HashMap<String, String> = HashMap::new();
+    for file in ["postgresql.conf", "postgresql.auto.conf"] {
+        let Ok(text) = std::fs::read_to_string(target_dir.join(file)) else {
+            continue;
+        };
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let key = key.trim();
+            if key == "archive_mode" || key == "archive_command" {
+                // Later lines win, as in PostgreSQL; quotes and a trailing comment go.
+                let value = value.trim();
+                let value = match value.strip_prefix('\'') {
+                    Some(q) => q.rsplit_once('\'').map_or(q, |(v, _)| v),
+                    None => value.split('#').next().unwrap_or("").trim(),
+                };
+                found.insert(key.to_string(), value.to_string());
+            }
+        }
+    }
+    let cmd = found.get("archive_command").filter(|c| !c.is_empty());
+    match (found.get("archive_mode").map(String::as_str), cmd) {
+        (Some("off"), _) => "it will not archive (archive_mode = off in its configuration)".into(),
+        (Some(_), Some(cmd)) => format!(
+            "once promoted it archives with archive_command = '{cmd}' (restore with --archive-mode off to prevent that)"
+        ),
+        _ => "its archive settings are not all in the data directory (they may be in /etc/postgresql): check archive_mode and archive_command before promoting it, or restore with --archive-mode off".into(),
+    }
+}
+
 /// The `recovery_end_command` that removes `archive-get`'s prefetch spool (run in the data
 /// directory), after any running prefetcher finished.
 ///
@@ -217,6 +269,32 @@ pub async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn where_a_restored_cluster_archives() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(archiving_summary(dir.path(), ArchiveMode::Off).contains("will not archive"));
+        assert!(
+            archiving_summary(dir.path(), ArchiveMode::Preserve)
+                .contains("not all in the data directory")
+        );
+        std::fs::write(
+            dir.path().join("postgresql.conf"),
+            "archive_mode = on\narchive_command = 'pitr --repo file:///r archive-push %p' # here\n",
+        )
+        .unwrap();
+        let s = archiving_summary(dir.path(), ArchiveMode::Preserve);
+        assert!(
+            s.contains("archive_command = 'pitr --repo file:///r archive-push %p'"),
+            "{s}"
+        );
+        std::fs::write(
+            dir.path().join("postgresql.auto.conf"),
+            "archive_mode = 'off'\n",
+        )
+        .unwrap();
+        assert!(archiving_summary(dir.path(), ArchiveMode::Preserve).contains("will not archive"));
+    }
 
     #[test]
     fn the_target_comes_after_the_cleared_ones() {

@@ -407,9 +407,23 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
                             tli.get().to_string(),
                             format!("the backup's timeline, {tli}"),
                         ),
+                        // 'latest' makes PostgreSQL follow every history file it finds: write it
+                        // only when the plan's timeline is the highest one there is.
+                        (Target::Latest, _) | (_, Some(TimelineChoice::Latest))
+                            if c.highest_timeline() == Some(last.0) =>
+                        {
+                            (
+                                "latest".to_string(),
+                                format!("the newest timeline, {}", last.0),
+                            )
+                        }
                         (Target::Latest, _) | (_, Some(TimelineChoice::Latest)) => (
-                            "latest".to_string(),
-                            format!("the newest timeline, {}", last.0),
+                            last.0.get().to_string(),
+                            format!(
+                                "the newest timeline with archived WAL, {} (timeline {} has a history file but no WAL)",
+                                last.0,
+                                c.highest_timeline().unwrap_or(last.0)
+                            ),
                         ),
                         _ if tli == newest => (
                             tli.get().to_string(),
@@ -831,6 +845,20 @@ mod tests {
             p.to_string().contains("recovery_target_timeline = '1'"),
             "{p}"
         );
+    }
+
+    #[test]
+    fn a_history_without_wal_does_not_take_latest() {
+        let none: &[(&str, u64)] = &[];
+        let c = catalog(
+            &[(1, 1, none), (1, 2, none), (1, 3, none), (1, 4, none)],
+            &[(2, "1\t0/2000000\tno recovery target specified\n")],
+            &[("A", 1, 1, 1)],
+        );
+        let p = plan(&c, &req(Target::Latest)).unwrap();
+        assert_eq!((p.timeline, p.last_wal), (tli(1), seg(1, 4)));
+        assert_eq!(p.timeline_setting, "1");
+        assert_eq!(c.window().unwrap().latest_timeline, tli(1));
     }
 
     #[test]

@@ -79,6 +79,14 @@ pub enum RepoError {
         /// The repository location.
         repo: String,
     },
+    /// A setting from the environment cannot be used.
+    #[error("{name}: {reason}")]
+    BadSetting {
+        /// The variable.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// There is no pitr repository at this location: a missing directory or bucket, an empty one
     /// (an unmounted mount point, a store restarted empty), or one without `pitr.json`. Nothing read
     /// from it can be trusted to mean "not archived".
@@ -130,6 +138,9 @@ impl RepoError {
             }
             RepoError::IdentityMismatch { .. } => {
                 "give each cluster its own repository (--repo / PITR_REPO)"
+            }
+            RepoError::BadSetting { .. } => {
+                "PITR_RETRY_BUDGET takes a duration such as 30s or 2m, or 0 for no retries"
             }
             RepoError::NoRepository { .. } => {
                 "check --repo and that the store is mounted or reachable; archive-push creates a repository with the first WAL segment it stores"
@@ -288,7 +299,7 @@ impl Repo {
             store,
             location: url.to_string(),
             create_check,
-            retry: RetryPolicy::from_env().map_err(bad)?,
+            retry: RetryPolicy::from_env().map_err(bad_budget)?,
             checked_identity: Arc::default(),
             local_root: None,
         })
@@ -328,7 +339,7 @@ impl Repo {
             .with_fsync(true);
         // Local errors (a full disk, permissions) do not go away by waiting, unless asked to.
         let retry = if std::env::var_os(retry::BUDGET_ENV).is_some() {
-            RetryPolicy::from_env().map_err(bad)?
+            RetryPolicy::from_env().map_err(bad_budget)?
         } else {
             RetryPolicy::none()
         };
@@ -778,6 +789,24 @@ impl Repo {
         Some(found)
     }
 
+    /// Whether anything is stored under `prefix` (one listing request, first page only).
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be listed.
+    pub async fn any_under(&self, prefix: &str) -> Result<bool, RepoError> {
+        use futures::StreamExt;
+        let path = object_store::path::Path::from(prefix);
+        retry(&self.retry, &|| format!("list {prefix}"), || async {
+            match self.store.list(Some(&path)).next().await {
+                None => Ok(false),
+                Some(Ok(_)) => Ok(true),
+                Some(Err(e)) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| self.store_err_at("list", prefix, e))
+    }
+
     /// Whether an object exists.
     ///
     /// # Errors
@@ -938,6 +967,13 @@ impl Repo {
     /// The underlying store (for listing and tests).
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+}
+
+fn bad_budget(reason: String) -> RepoError {
+    RepoError::BadSetting {
+        name: retry::BUDGET_ENV,
+        reason,
     }
 }
 

@@ -64,7 +64,7 @@ impl RetryPolicy {
                 Duration::ZERO
             } else {
                 humantime::parse_duration(v.trim())
-                    .map_err(|e| format!("{BUDGET_ENV}={v:?} is not a duration ({e})"))?
+                    .map_err(|e| format!("{v:?} is not a duration ({e})"))?
             };
         }
         Ok(p)
