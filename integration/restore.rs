@@ -222,6 +222,21 @@ fn restore_targets(major: u32) {
     assert!(stderr(&out).contains("not empty"), "{}", stderr(&out));
     assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
     assert_eq!(std::fs::read(busy.join("keep.txt")).unwrap(), b"precious");
+    // Item 7: a dry run refuses what the restore refuses.
+    let out = pitr_as_postgres(
+        &s.scratch,
+        &[
+            "--repo",
+            &s.url,
+            "restore",
+            "--target-dir",
+            busy.to_str().unwrap(),
+            "--latest",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("not empty"), "{}", stderr(&out));
     // --dry-run prints the plan and writes nothing.
     let dry = s.scratch.path().join("dry");
     let out = pitr_as_postgres(
@@ -246,6 +261,29 @@ fn restore_targets(major: u32) {
         "{plan}"
     );
     assert!(!dry.exists());
+
+    // A11: a restore that fails half-way removes what it wrote, so the same command works again;
+    // a corrupt backup_label is found before any file is written.
+    let repo_dir = PathBuf::from(s.url.trim_start_matches("file://"));
+    let backup_dir = std::fs::read_dir(repo_dir.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .unwrap();
+    let piece = backup_dir.join("data/global/pg_control.0.pitr");
+    let flip = |p: &Path| {
+        let mut b = std::fs::read(p).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 0x55;
+        std::fs::write(p, b).unwrap();
+    };
+    for broken in [piece, backup_dir.join("backup_label.pitr")] {
+        flip(&broken);
+        let err = s.refused("half", &["--latest"]);
+        assert!(err.contains("corrupt"), "{err}");
+        flip(&broken);
+    }
+    assert_eq!(s.restore_rows("again", &["--latest"]), "1,2,3,4,5,6");
     eprintln!(
         "PG {major}: --to, --to --exclusive, --name, --xid, --xid --exclusive, --lsn, --immediate, --latest, offsets: exact rows; refusals clean"
     );
@@ -307,11 +345,55 @@ fn timelines_are_followed() {
         &harness::pitr(s.scratch.path(), &["--repo", &s.url, "info", "--json"], &[]).stdout,
     )
     .unwrap();
-    assert_eq!(info["window"]["latest_timeline"], 2, "{info:#}");
+    // Item 2: the copy promoted on timeline 2 stopped archiving while the old primary went on on
+    // timeline 1: two live branches, and the one that went on later is the live end.
+    assert_eq!(info["window"]["latest_timeline"], 1, "{info:#}");
     assert_eq!(info["timelines"][1]["parent"], 1);
+    assert_eq!(
+        (&info["timelines"][0]["live"], &info["timelines"][1]["live"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{info:#}"
+    );
+    assert_eq!(
+        info["timelines"][1]["window"]["latest_timeline"], 2,
+        "{info:#}"
+    );
+    let (rc, report) = {
+        let out = harness::pitr(
+            s.scratch.path(),
+            &["--repo", &s.url, "verify", "--json"],
+            &[],
+        );
+        (
+            code(&out),
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        )
+    };
+    assert_eq!(rc, 1, "{report:#}");
+    assert!(
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "branch"),
+        "{report:#}"
+    );
 
-    assert_eq!(s.restore_rows("latest", &["--latest"]), "1,2,3,20,21");
-    assert_eq!(s.restore_rows("on_tl2", &["--to", &t20]), "1,2,3,20");
+    assert_eq!(s.restore_rows("latest", &["--latest"]), "1,2,3,4,5,6,7,8");
+    assert_eq!(
+        s.restore_rows("latest_tl2", &["--latest", "--timeline", "2"]),
+        "1,2,3,20,21"
+    );
+    // A time after the fork lies on both branches: refused with both, until --timeline chooses.
+    let err = s.refused("ambiguous", &["--to", &t20]);
+    assert!(
+        err.contains("diverging timelines") && err.contains("--timeline"),
+        "{err}"
+    );
+    assert_eq!(
+        s.restore_rows("on_tl2", &["--to", &t20, "--timeline", "2"]),
+        "1,2,3,20"
+    );
     let plan = pitr_as_postgres(
         &s.scratch,
         &[
@@ -326,7 +408,10 @@ fn timelines_are_followed() {
         ],
     );
     let plan_text = String::from_utf8_lossy(&plan.stdout);
-    assert!(plan_text.contains("only on timeline 1"), "{plan_text}");
+    assert!(
+        plan_text.contains("recovery_target_timeline = '1'"),
+        "{plan_text}"
+    );
     assert_eq!(
         s.restore_rows("on_tl1", &["--name", "tl1_after_fork"]),
         "1,2,3,4,5,6,7"

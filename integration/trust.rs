@@ -72,6 +72,22 @@ fn verify_check_and_metrics() {
     ] {
         assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
     }
+    // Item 12: exposure is measured from what is archived (the newest segment's arrival, which is
+    // after the last commit it holds), not from the last commit.
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+    };
+    assert!(
+        value("pitr_archive_last_segment_timestamp_seconds")
+            >= value("pitr_last_commit_timestamp_seconds"),
+        "{metrics}"
+    );
+    assert!(value("pitr_rpo_exposure_seconds") >= 0.0, "{metrics}");
 
     // check: archive_command pointing elsewhere fails with a hint.
     c.sql("ALTER SYSTEM SET archive_command = '/bin/true'");
@@ -174,6 +190,9 @@ fn drill(major: u32) {
     };
     let (scratch, repo_dir, url, c) = harness::archiving_cluster(major, &bin, "");
     c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 5000) g");
+    // The backup carries a port of its own (in postgresql.auto.conf, for the next restart): the
+    // drill must not look for its scratch server there.
+    c.sql("ALTER SYSTEM SET port = 5499");
     let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     for i in 0..3 {
@@ -197,6 +216,8 @@ fn drill(major: u32) {
                 "--pg-bin",
                 &bin_s,
                 "--json",
+                "--timeout",
+                "5m",
             ],
             &[],
         );
@@ -216,12 +237,123 @@ fn drill(major: u32) {
         "{report:#}"
     );
     assert!(report["rto_seconds"].as_f64().unwrap() > 0.0);
+    // Item 12: RFC 3339 like every other time, and seconds to the millisecond.
+    let reached = report["reached"].as_str().unwrap_or_default();
+    assert!(
+        reached.contains('T')
+            && reached.ends_with('Z')
+            && pitr::restore::target::parse_time(reached).is_ok(),
+        "{report:#}"
+    );
+    let rto = report["rto_seconds"].as_f64().unwrap();
+    assert_eq!((rto * 1000.0).round() / 1000.0, rto);
+    // An assertion file without a statement is refused before anything is restored.
+    let (rc_empty, empty) = run("-- nothing here\n");
+    assert_eq!(rc_empty, 1, "{empty:#}");
+    assert!(
+        empty["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("holds no statement"),
+        "{empty:#}"
+    );
     eprintln!(
         "PG {major} drill: RTO {:.1} s (restore {:.1} s + recovery {:.1} s), checks {}",
         report["rto_seconds"].as_f64().unwrap(),
         report["restore_seconds"].as_f64().unwrap(),
         report["recovery_seconds"].as_f64().unwrap(),
         report["checks"].as_array().unwrap().len()
+    );
+
+    // A10: however a drill ends (a restore that fails, SIGTERM while its server runs), it leaves
+    // no server running and no scratch directory behind.
+    let tmp = scratch.subdir("drill-tmp");
+    let leftovers = || std::fs::read_dir(&tmp).unwrap().count();
+    let drill_cmd = || {
+        let mut cmd = std::process::Command::new(harness::PITR);
+        cmd.args([
+            "--repo",
+            &url,
+            "drill",
+            "--pg-bin",
+            &bin_s,
+            "--timeout",
+            "5m",
+        ])
+        .current_dir(scratch.path())
+        .env("TMPDIR", &tmp);
+        cmd
+    };
+    let backup_dir = std::fs::read_dir(repo_dir.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .unwrap();
+    let piece = backup_dir.join("data/global/pg_control.0.pitr");
+    let original = std::fs::read(&piece).unwrap();
+    let mut damaged = original.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x55;
+    std::fs::write(&piece, &damaged).unwrap();
+    let out = drill_cmd().output().unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(
+        leftovers(),
+        0,
+        "a drill whose restore failed left its scratch directory"
+    );
+    std::fs::write(&piece, &original).unwrap();
+    // An assertion that takes its time, so the signal finds the drill talking to its server.
+    let slow = scratch.path().join("slow.sql");
+    std::fs::write(&slow, "SELECT count(*) >= 0 FROM pg_sleep(600);").unwrap();
+    harness::chown_postgres(&slow);
+    let child = drill_cmd()
+        .args(["--sql", slow.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let pidfile = harness::poll(
+        "the drill to run its slow assertion",
+        std::time::Duration::from_secs(120),
+        || {
+            let dir = std::fs::read_dir(&tmp).ok()?.next()?.ok()?.path();
+            let out = harness::as_postgres(&mut std::process::Command::new(bin.join("psql")))
+                .args(["-X", "-A", "-t", "-U", "postgres", "-p", "5432", "-h"])
+                .arg(dir.join("sock"))
+                .args([
+                    "-c",
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()",
+                ])
+                .current_dir("/")
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout).trim() == "1")
+                .then(|| dir.join("data/postmaster.pid"))
+        },
+    );
+    let postmaster: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill with a pid we spawned and have not reaped.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(leftovers(), 0, "SIGTERM left the drill's scratch directory");
+    // Gone, or a zombie nobody reaped yet (a container's init may not).
+    let alive = std::fs::read_to_string(format!("/proc/{postmaster}/status")).is_ok_and(|st| {
+        !st.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    });
+    assert!(
+        !alive,
+        "SIGTERM left the drill's scratch server (pid {postmaster}) running"
     );
 
     let (rc, report) = run("SELECT count(*) = 999 FROM t;");
@@ -302,6 +434,18 @@ fn drill(major: u32) {
         "--stop-at-gap",
         "--dry-run",
     ];
+    let as_root = !harness::owner_args().is_empty();
+    if as_root {
+        // Item 11: as root, without --owner, the restore would leave a data directory PostgreSQL
+        // refuses to start from: refused, even as a dry run.
+        let out = pitr(scratch.path(), &args, &[]);
+        assert_eq!(code(&out), 2, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--owner postgres"),
+            "{}",
+            stderr(&out)
+        );
+    }
     args.extend(harness::owner_args());
     let out = pitr(scratch.path(), &args, &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -386,6 +530,17 @@ fn expire_keeps_the_window() {
     );
     assert!(!said.contains("#4243000"), "{said}");
     assert_eq!(objects(), n_before, "a dry run deleted something");
+    // Item 12: the segment WAL is kept from by name, objects in order, and the window after.
+    let kept_from = before["backups"][2]["start_wal"].as_str().unwrap();
+    assert!(said.contains(&format!("before {kept_from}")), "{said}");
+    assert!(said.contains("after:  the recoverable window is"), "{said}");
+    let listed: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("  backups/") || l.starts_with("  wal/"))
+        .collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert!(!listed.is_empty() && listed == sorted, "{said}");
 
     let out = pitr(
         scratch.path(),
@@ -400,6 +555,17 @@ fn expire_keeps_the_window() {
     let kept = &after["backups"].as_array().unwrap();
     assert_eq!(kept.len(), 1, "{after:#}");
     assert_eq!(kept[0]["id"], before["backups"][2]["id"]);
+    // A6: the expired backups leave no directories behind, so nothing is "incomplete".
+    let dirs: Vec<String> = std::fs::read_dir(repo_dir.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs, [kept[0]["id"].as_str().unwrap()], "{dirs:?}");
+    assert_eq!(
+        after["incomplete_backups"],
+        serde_json::json!([]),
+        "{after:#}"
+    );
     assert_eq!(after["window"]["earliest"], kept[0]["stop_time"]);
     assert_eq!(after["window"]["latest"], before["window"]["latest"]);
     assert!(objects() < n_before);

@@ -420,16 +420,65 @@ impl Catalog {
         SegmentName::new(tli, n, self.seg_size()).expect("segment numbers come from valid names")
     }
 
-    /// The newest timeline with archived WAL (the newest one known when none has any). A history
-    /// file alone (a promotion whose WAL has not arrived yet, or a stray file) does not move the
-    /// window or `--latest` to a timeline nothing can be replayed on.
+    /// The timeline whose WAL is the live end of the history: among the [live
+    /// branches](Catalog::live_branches), the one with the latest archived commit (the highest on a
+    /// tie). A history file alone (a promotion whose WAL has not arrived yet, or a stray file) does
+    /// not move the window or `--latest` to a timeline nothing can be replayed on; and a promoted
+    /// copy that archived into this repository does not take over from the primary that goes on.
     pub fn newest_timeline(&self) -> Option<TimelineId> {
-        self.timelines
+        let live = self.live_branches();
+        live.iter()
+            .copied()
+            .max_by_key(|t| (self.latest_xact_on(*t).map(|x| x.time), *t))
+            .or_else(|| self.timelines.keys().next_back().copied())
+    }
+
+    /// Timelines with archived WAL that nothing supersedes: those that are no other such
+    /// timeline's ancestor, and ancestors whose WAL goes on past the point where a child branched
+    /// off (two servers archiving diverging histories: a split brain, or a promoted copy).
+    pub fn live_branches(&self) -> Vec<TimelineId> {
+        let seg_size = self.seg_size();
+        let with_wal: Vec<TimelineId> = self
+            .timelines
             .iter()
-            .rev()
-            .find(|(_, t)| !t.segments.is_empty())
-            .or_else(|| self.timelines.iter().next_back())
+            .filter(|(_, t)| !t.segments.is_empty())
             .map(|(tli, _)| *tli)
+            .collect();
+        with_wal
+            .iter()
+            .copied()
+            .filter(|&tli| {
+                // Every child (with WAL) that branched from `tli`, at its switch point.
+                let switches: Vec<SegNo> = with_wal
+                    .iter()
+                    .filter(|&&c| c != tli)
+                    .filter_map(|c| {
+                        let h = self.histories.get(c)?;
+                        h.entries
+                            .iter()
+                            .find(|e| e.parent == tli)
+                            .map(|e| e.switch_lsn.segno(seg_size))
+                    })
+                    .collect();
+                let Some(earliest_switch) = switches.iter().min() else {
+                    return true; // nobody branched from it
+                };
+                // Goes on past the switch segment (which both may hold).
+                self.timelines.get(&tli).is_some_and(|t| {
+                    t.segments
+                        .range(SegNo(earliest_switch.0 + 1)..)
+                        .next()
+                        .is_some()
+                })
+            })
+            .collect()
+    }
+
+    /// Whether backup `b` lies on the timeline path to `tli`.
+    pub fn backup_on_path(&self, b: &BackupManifest, tli: TimelineId) -> bool {
+        self.path_lsns(tli).iter().any(|&(t, begin, end)| {
+            t.get() == b.timeline && b.start_lsn >= begin && end.is_none_or(|e| b.stop_lsn <= e)
+        })
     }
 
     /// The highest timeline any object names (history files included).
@@ -566,15 +615,20 @@ impl Catalog {
         self.latest_xact_in(segs.into_iter().flatten())
     }
 
-    /// The recoverable window along the newest timeline: from the end of the oldest restorable
-    /// backup to the latest commit reachable through contiguous WAL from a restorable backup. Without
-    /// a restorable backup it is measured from the oldest archived segment, and `earliest` is `None`.
+    /// The recoverable window along the newest timeline (see [`Catalog::window_on`]).
     pub fn window(&self) -> Option<Window> {
-        let newest = self.newest_timeline()?;
+        self.window_on(self.newest_timeline()?)
+    }
+
+    /// The recoverable window along the path to timeline `newest`: from the end of the oldest
+    /// restorable backup on that path to the latest commit reachable through contiguous WAL from
+    /// one. Without a restorable backup it is measured from the oldest archived segment, and
+    /// `earliest` is `None`.
+    pub fn window_on(&self, newest: TimelineId) -> Option<Window> {
         let restorable: Vec<&BackupManifest> = self
             .backups
             .iter()
-            .filter(|b| self.is_restorable(b))
+            .filter(|b| self.is_restorable(b) && self.backup_on_path(b, newest))
             .collect();
         if !restorable.is_empty() {
             let mut best: Option<Window> = None;

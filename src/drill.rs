@@ -180,8 +180,19 @@ fn find_bin(pg_bin: Option<&Path>, major: u32) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<String> {
-    let out = as_server_user(&mut Command::new(bin.join("psql")))?
+/// Run `cmd` to completion without blocking the runtime, so a stop signal is handled at once; the
+/// child is killed if the drill is dropped meanwhile.
+async fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    let cmd = std::mem::replace(cmd, Command::new("true"));
+    tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .output()
+        .await
+}
+
+async fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<String> {
+    let mut cmd = Command::new(bin.join("psql"));
+    as_server_user(&mut cmd)?
         .args([
             "-X",
             "-q",
@@ -199,8 +210,8 @@ fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<String> 
         ])
         .arg(sock)
         .args(["-c", sql])
-        .current_dir("/")
-        .output()?;
+        .current_dir("/");
+    let out = output(&mut cmd).await?;
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -325,14 +336,15 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         data: data.clone(),
         running: true,
     };
-    let status = as_server_user(&mut Command::new(bin.join("pg_ctl")))?
+    let mut start = Command::new(bin.join("pg_ctl"));
+    as_server_user(&mut start)?
         .args(["-D"])
         .arg(&data)
         .arg("-l")
         .arg(&log)
         .args(["-w", "-t", "3600", "start"])
-        .current_dir(scratch.path())
-        .output()?;
+        .current_dir(scratch.path());
+    let status = output(&mut start).await?;
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     if !status.status.success() {
         let tail: Vec<String> = log_text()
@@ -348,7 +360,7 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
     }
     // Wait for the end of recovery.
     loop {
-        match psql(&bin, &sock, "postgres", "SELECT pg_is_in_recovery()") {
+        match psql(&bin, &sock, "postgres", "SELECT pg_is_in_recovery()").await {
             Ok(v) if v == "f" => break,
             _ => {}
         }
@@ -392,6 +404,7 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         "postgres",
         "SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')",
     )
+    .await
     .ok()
     .filter(|r| !r.is_empty());
     let reached_at = reached
@@ -445,7 +458,8 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
             format!("missing WAL {}", gaps.join("; "))
         },
     });
-    let amcheck = as_server_user(&mut Command::new(bin.join("pg_amcheck")))?
+    let mut amcheck = Command::new(bin.join("pg_amcheck"));
+    as_server_user(&mut amcheck)?
         .args([
             "--install-missing",
             "--all",
@@ -456,8 +470,8 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
             "-h",
         ])
         .arg(&sock)
-        .current_dir("/")
-        .output();
+        .current_dir("/");
+    let amcheck = output(&mut amcheck).await;
     checks.push(match amcheck {
         Ok(o) => Check {
             name: "pg_amcheck".into(),
@@ -483,7 +497,9 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         &sock,
         "postgres",
         "SELECT coalesce(sum(checksum_failures), 0) FROM pg_stat_database",
-    ) {
+    )
+    .await
+    {
         Ok(n) => checks.push(Check {
             name: "data checksum failures".into(),
             ok: n == "0",
@@ -496,7 +512,7 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         }),
     }
     for stmt in &statements {
-        let check = match psql(&bin, &sock, "postgres", stmt) {
+        let check = match psql(&bin, &sock, "postgres", stmt).await {
             Ok(v) if v == "t" => Check {
                 name: format!("sql: {stmt}"),
                 ok: true,

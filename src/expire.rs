@@ -271,7 +271,11 @@ pub async fn run(
             wal_files -= 1;
         }
     }
-    let staging = repo.stale_staging(STALE_STAGING_AGE)?;
+    // A walk of a local repository's directories: on the blocking pool.
+    let staging = {
+        let repo = repo.clone();
+        tokio::task::spawn_blocking(move || repo.stale_staging(STALE_STAGING_AGE)).await??
+    };
     // The window afterwards: the same catalog without what goes.
     let mut after = catalog.clone();
     after.backups.retain(|b| kept.contains(&b.id));

@@ -84,6 +84,11 @@ pub struct TimelineJson {
     pub unindexed_segments: usize,
     /// The latest commit/abort on this timeline.
     pub latest_commit: Option<XactJson>,
+    /// The recoverable window along this timeline's own history (`null` without WAL on it).
+    pub window: Option<WindowJson>,
+    /// Whether this timeline is a live branch: archived WAL that no later timeline supersedes.
+    /// More than one live branch means diverging histories (a promoted copy, or a split brain).
+    pub live: bool,
 }
 
 /// A contiguous run of segments.
@@ -140,9 +145,22 @@ pub struct WindowJson {
     pub wal_end_segment: String,
 }
 
+impl From<crate::catalog::Window> for WindowJson {
+    fn from(w: crate::catalog::Window) -> WindowJson {
+        WindowJson {
+            earliest: w.earliest,
+            latest: w.latest.map(|x| x.time),
+            latest_timeline: w.latest_timeline.get(),
+            latest_xid: w.latest.map(|x| x.xid),
+            wal_end_segment: w.last_segment.to_string(),
+        }
+    }
+}
+
 impl Info {
     /// Summarize a catalog.
     pub fn new(repository: &str, c: &Catalog) -> Info {
+        let live = c.live_branches();
         let timelines = c
             .timelines
             .iter()
@@ -173,16 +191,15 @@ impl Info {
                         .collect(),
                     unindexed_segments: t.unindexed.len(),
                     latest_commit: c.latest_xact_on(tli).map(XactJson::from),
+                    window: (!t.segments.is_empty())
+                        .then(|| c.window_on(tli))
+                        .flatten()
+                        .map(WindowJson::from),
+                    live: live.contains(&tli),
                 }
             })
             .collect();
-        let window = c.window().map(|w| WindowJson {
-            earliest: w.earliest,
-            latest: w.latest.map(|x| x.time),
-            latest_timeline: w.latest_timeline.get(),
-            latest_xid: w.latest.map(|x| x.xid),
-            wal_end_segment: w.last_segment.to_string(),
-        });
+        let window = c.window().map(WindowJson::from);
         Info {
             repository: repository.to_string(),
             system_identifier: c.identity.as_ref().map(|i| i.system_identifier.clone()),
@@ -353,6 +370,27 @@ impl Info {
             }
             None => {
                 let _ = writeln!(o, "  - (no WAL archived)");
+            }
+        }
+        // Diverging histories: each live branch has its own window, and a restore to a time after
+        // the fork must say which one it means.
+        let live: Vec<&TimelineJson> = self.timelines.iter().filter(|t| t.live).collect();
+        if live.len() > 1 {
+            let _ = writeln!(
+                o,
+                "\n{} live branches: more than one server archives into this repository (a promoted copy, or a split brain); restores to times after the fork need --timeline",
+                live.len()
+            );
+            for t in live {
+                let Some(w) = &t.window else { continue };
+                let _ = writeln!(
+                    o,
+                    "  timeline {:<4} {} to {}  (WAL contiguous to {})",
+                    t.timeline,
+                    w.earliest.map_or("-".to_string(), |x| x.rfc3339()),
+                    w.latest.map_or("-".to_string(), |x| x.rfc3339()),
+                    w.wal_end_segment
+                );
             }
         }
         if !self.index_problems.is_empty() {

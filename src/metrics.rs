@@ -54,12 +54,47 @@ pub async fn render(repo: &Repo, now: f64) -> anyhow::Result<String> {
             "Time of the latest commit/abort reachable through contiguous WAL.",
             &[(String::new(), secs(x.time))],
         );
-        metric(
-            &mut o,
-            "pitr_rpo_exposure_seconds",
-            "Seconds since that commit: what a failure now could lose at most.",
-            &[(String::new(), now - secs(x.time))],
+    }
+    // Exposure is measured from what is known archived: the newest segment of the live timeline
+    // reached the repository at its upload time, so everything written before that segment ended
+    // is safe. (Measured from the last commit instead, it would grow without bound on a server that
+    // archives with archive_timeout but commits nothing.)
+    if let Some(newest) = c.newest_timeline() {
+        let prefix = format!(
+            "{}/{:08X}",
+            crate::storage::layout::WAL_PREFIX,
+            newest.get()
         );
+        let uploaded = repo
+            .list(Some(&prefix))
+            .await?
+            .into_iter()
+            .filter(|m| {
+                matches!(
+                    crate::storage::layout::parse_wal_key(m.location.as_ref()),
+                    Some(crate::storage::layout::Listed::Wal(
+                        crate::pg::WalFileName::Segment(_) | crate::pg::WalFileName::Partial(_)
+                    ))
+                )
+            })
+            .map(|m| m.last_modified.timestamp_micros() as f64 / 1e6)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+        if let Some(t) = uploaded {
+            metric(
+                &mut o,
+                "pitr_archive_last_segment_timestamp_seconds",
+                "When the newest segment of the live timeline reached the repository.",
+                &[(tl(&newest), t)],
+            );
+            metric(
+                &mut o,
+                "pitr_rpo_exposure_seconds",
+                "Seconds since the newest segment reached the repository: WAL written since then is not archived yet. Alert when it exceeds a few archive_timeout periods on a server that writes WAL.",
+                &[(String::new(), (now - t).max(0.0))],
+            );
+        }
     }
     if let Some(w) = &window {
         if let Some(e) = w.earliest {

@@ -301,6 +301,30 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             });
         }
     }
+    // A second live branch: two servers archive diverging histories into one repository.
+    let live = catalog.live_branches();
+    if live.len() > 1 {
+        let names: Vec<String> = live
+            .iter()
+            .map(|t| {
+                format!(
+                    "timeline {t} (latest commit {})",
+                    catalog
+                        .latest_xact_on(*t)
+                        .map_or("none".to_string(), |x| x.time.rfc3339())
+                )
+            })
+            .collect();
+        findings.push(Finding {
+            kind: "branch",
+            object: "wal/".into(),
+            detail: format!(
+                "{} live branches keep growing: {}; a promoted copy (restore it with --archive-mode off) or a split brain archives into this repository",
+                live.len(),
+                names.join(", ")
+            ),
+        });
+    }
     // Backups: none restorable is the worst finding of all; a backup with its label but no
     // manifest lost the manifest (the label is written at the very end).
     if !catalog.backups.iter().any(|b| catalog.is_restorable(b)) {

@@ -63,10 +63,22 @@ pub async fn get_with_prefetch(
         return get(repo, wal_name, dest).await;
     }
     // A spooled copy, or one the prefetcher is downloading right now.
-    let outcome = if super::prefetch::take(dest, seg)
-        || (super::prefetch::in_flight(dest, seg)
-            && super::prefetch::wait_and_take(dest, seg, std::time::Duration::from_secs(5)))
-    {
+    // Waiting for the prefetcher polls the file system: on the blocking pool, not a runtime worker.
+    let waited = {
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            super::prefetch::take(&dest, seg)
+                || (super::prefetch::in_flight(&dest, seg)
+                    && super::prefetch::wait_and_take(
+                        &dest,
+                        seg,
+                        std::time::Duration::from_secs(5),
+                    ))
+        })
+        .await
+        .unwrap_or(false)
+    };
+    let outcome = if waited {
         let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
         tracing::debug!("restored {seg} from the prefetch spool");
         GetOutcome::Written { bytes }

@@ -734,6 +734,32 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loser_of_two_conflicting_pushes_leaves_the_winners_summary() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (segment_file(da.path(), 1), segment_file(db.path(), 2));
+        let seg = match name_of(&a).unwrap() {
+            WalFileName::Segment(s) => s,
+            other => panic!("{other}"),
+        };
+        for round in 0..20 {
+            let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://race");
+            let (ra, rb) = tokio::join!(
+                push(&repo, &a, Compression::Zstd),
+                push(&repo, &b, Compression::Zstd)
+            );
+            assert!(ra.is_ok() != rb.is_ok(), "round {round}: exactly one wins");
+            let winner = if ra.is_ok() { &a } else { &b };
+            let fresh = Repo::from_store(Arc::new(InMemory::new()), "memory://fresh");
+            push(&fresh, winner, Compression::Zstd).await.unwrap();
+            assert_eq!(
+                repo.get(&ObjectKey::Summary(seg)).await.unwrap(),
+                fresh.get(&ObjectKey::Summary(seg)).await.unwrap(),
+                "round {round}: the summary is the winner's"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_push_that_fails_leaves_no_summary() {
         let dir = tempfile::tempdir().unwrap();

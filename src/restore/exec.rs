@@ -238,6 +238,31 @@ pub async fn execute(
     settings: &[(&'static str, String)],
     signal: Signal,
 ) -> anyhow::Result<RestoredFiles> {
+    // Nothing is written into a directory that is not empty; once something is, a failure removes
+    // it again, so the same command can simply be run again.
+    super::files::preflight(&plan.backup, target_dir, relocate)?;
+    let existed = super::files::existing_dirs(&plan.backup, target_dir, relocate);
+    match write_all(repo, plan, target_dir, relocate, jobs, settings, signal).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            super::files::remove_restored(&plan.backup, target_dir, relocate, &existed);
+            Err(e.context(format!(
+                "restore into {} (what pitr wrote there was removed: the same command can be run again)",
+                target_dir.display()
+            )))
+        }
+    }
+}
+
+async fn write_all(
+    repo: &Repo,
+    plan: &Plan,
+    target_dir: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+    jobs: usize,
+    settings: &[(&'static str, String)],
+    signal: Signal,
+) -> anyhow::Result<RestoredFiles> {
     let restored = restore_files(repo, &plan.backup, target_dir, relocate, jobs).await?;
     let auto = target_dir.join("postgresql.auto.conf");
     let mut conf = std::fs::read(&auto).unwrap_or_default();

@@ -83,6 +83,69 @@ pub fn preflight(
     Ok(())
 }
 
+/// Remove what a failed restore wrote: the contents of `target` and of each tablespace location
+/// (all of which [`preflight`] found empty or absent), and the directories themselves when they did
+/// not exist before. A retry then starts from where the first attempt did.
+pub fn remove_restored(
+    manifest: &BackupManifest,
+    target: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+    existed: &[(PathBuf, bool)],
+) {
+    let mut dirs: Vec<PathBuf> = vec![target.to_path_buf()];
+    dirs.extend(
+        manifest
+            .tablespaces
+            .iter()
+            .filter_map(|t| tablespace_target(manifest, t.oid, relocate)),
+    );
+    for dir in dirs {
+        let keep_dir = existed.iter().any(|(d, e)| d == &dir && *e);
+        let result = if keep_dir {
+            std::fs::read_dir(&dir).and_then(|entries| {
+                entries.into_iter().try_for_each(|e| {
+                    let p = e?.path();
+                    if std::fs::symlink_metadata(&p)?.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    }
+                })
+            })
+        } else {
+            std::fs::remove_dir_all(&dir)
+        };
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "could not remove {} after the failed restore: {e}",
+                dir.display()
+            ),
+        }
+    }
+}
+
+/// Which of the directories a restore writes into exist already (`remove_restored` keeps those).
+pub fn existing_dirs(
+    manifest: &BackupManifest,
+    target: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+) -> Vec<(PathBuf, bool)> {
+    std::iter::once(target.to_path_buf())
+        .chain(
+            manifest
+                .tablespaces
+                .iter()
+                .filter_map(|t| tablespace_target(manifest, t.oid, relocate)),
+        )
+        .map(|d| {
+            let e = d.is_dir();
+            (d, e)
+        })
+        .collect()
+}
+
 /// The tablespace location to use for `oid`.
 fn tablespace_target(
     manifest: &BackupManifest,
@@ -111,6 +174,18 @@ pub async fn restore_files(
     jobs: usize,
 ) -> anyhow::Result<RestoredFiles> {
     preflight(manifest, target, relocate)?;
+    // The label first: a missing or corrupt one is found before a byte is written.
+    let label = repo
+        .get(&ObjectKey::BackupLabel(manifest.id.clone()))
+        .await
+        .with_context(|| format!("read the backup_label of backup {}", manifest.id))?
+        .with_context(|| {
+            format!(
+                "backup {} has no backup_label in {}",
+                manifest.id,
+                repo.location()
+            )
+        })?;
     make_dir(target)?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))?;
     for dir in &manifest.directories {
@@ -218,17 +293,7 @@ pub async fn restore_files(
     creator.await??;
     let written = started.elapsed();
 
-    // backup_label and tablespace_map.
-    let label = repo
-        .get(&ObjectKey::BackupLabel(manifest.id.clone()))
-        .await?
-        .with_context(|| {
-            format!(
-                "backup {} has no backup_label in {}",
-                manifest.id,
-                repo.location()
-            )
-        })?;
+    // backup_label (fetched and verified before any file was written) and tablespace_map.
     durable::write_atomically(&target.join("backup_label"), &label)?;
     if manifest.has_tablespace_map {
         let map: String = manifest

@@ -85,6 +85,11 @@ pub enum PlanError {
         "the repository has no restorable base backup (run pitr backup; a backup counts once its WAL is archived)"
     )]
     NoBackup,
+    /// No backup can be read: their manifests are damaged.
+    #[error(
+        "the repository has no restorable base backup: {0} (pitr verify lists every damaged object)"
+    )]
+    UnreadableBackups(String),
     /// `--backup` names nothing restorable.
     #[error("no restorable backup has the id or label {wanted:?} (restorable: {known})")]
     BackupNotFound {
@@ -111,6 +116,16 @@ pub enum PlanError {
         target: String,
         /// The window.
         window: String,
+    },
+    /// The target lies on diverging timelines; `--timeline` must choose.
+    #[error(
+        "{target} lies on diverging timelines and means a different point on each: {candidates}; choose one with --timeline N"
+    )]
+    Ambiguous {
+        /// The target.
+        target: String,
+        /// The timelines and where recovery would stop on each.
+        candidates: String,
     },
     /// A time target at or after the latest archived transaction end.
     #[error(
@@ -331,6 +346,20 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
     let mut backups: Vec<&BackupManifest> =
         c.backups.iter().filter(|b| c.is_restorable(b)).collect();
     if backups.is_empty() {
+        let broken: Vec<String> = c
+            .problems
+            .iter()
+            .filter(|p| p.segment.starts_with("backup "))
+            .map(|p| {
+                format!(
+                    "the manifest of {} cannot be used ({})",
+                    p.segment, p.reason
+                )
+            })
+            .collect();
+        if !broken.is_empty() {
+            return Err(PlanError::UnreadableBackups(broken.join("; ")));
+        }
         return Err(PlanError::NoBackup);
     }
     if let Some(wanted) = &req.backup {
@@ -386,7 +415,10 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
             });
         }
     }
-    for &tli in &candidates {
+    // The first hit on each candidate timeline (newest backup first).
+    let mut hits: Vec<Plan> = Vec::new();
+    let mut too_late = false;
+    'timelines: for &tli in &candidates {
         let path = c.path_lsns(tli);
         for b in backups.iter().filter(|b| backup_on_path(b, &path)) {
             match try_backup(c, tli, b, req) {
@@ -420,9 +452,10 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
                         (Target::Latest, _) | (_, Some(TimelineChoice::Latest)) => (
                             last.0.get().to_string(),
                             format!(
-                                "the newest timeline with archived WAL, {} (timeline {} has a history file but no WAL)",
+                                "the live end of the archived history, {} (written as a number: 'latest' would make PostgreSQL follow timeline {}, which has no WAL here or stopped while {} went on)",
                                 last.0,
-                                c.highest_timeline().unwrap_or(last.0)
+                                c.highest_timeline().unwrap_or(last.0),
+                                last.0
                             ),
                         ),
                         _ if tli == newest => (
@@ -436,7 +469,7 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
                             ),
                         ),
                     };
-                    return Ok(Plan {
+                    hits.push(Plan {
                         backup: (*b).clone(),
                         target: req.target.clone(),
                         exclusive: req.exclusive,
@@ -452,13 +485,51 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
                         wal_segments: walked,
                         stop,
                     });
+                    continue 'timelines;
                 }
                 Attempt::TooEarly => too_early = true,
                 Attempt::NotFound => not_found = true,
-                Attempt::TooLate => {}
+                Attempt::TooLate => too_late = true,
             }
         }
     }
+    // A time or LSN that lies on diverging timelines (a split brain, or a promoted copy that
+    // archived here while the primary went on) stops at different places on each: the user
+    // chooses. Hits that stop at the same place (a target before a fork) are one answer.
+    let mut places: Vec<(TimelineId, SegmentName)> =
+        hits.iter().map(|p| (p.timeline, p.last_wal)).collect();
+    places.sort();
+    places.dedup();
+    if places.len() > 1 && req.timeline.is_none() {
+        let candidates: Vec<String> = hits
+            .iter()
+            .map(|p| {
+                let branch = c
+                    .timelines
+                    .get(&p.timeline)
+                    .and_then(|t| t.parent.zip(t.switch_lsn))
+                    .map_or(String::new(), |(parent, at)| {
+                        format!(", branched from timeline {parent} at {at}")
+                    });
+                format!(
+                    "timeline {}{branch} (stops in {}, latest commit there {})",
+                    p.timeline,
+                    p.last_wal,
+                    c.latest_xact_on(p.timeline)
+                        .map_or("none".to_string(), |x| x.time.rfc3339())
+                )
+            })
+            .collect();
+        return Err(PlanError::Ambiguous {
+            target: req.target.to_string(),
+            candidates: candidates.join("; "),
+        });
+    }
+    if let Some(plan) = hits.into_iter().next() {
+        return Ok(plan);
+    }
+    // Before every backup only if no backup ended before the target.
+    let too_early = too_early && !too_late;
     let window = window_text(c);
     let target = req.target.to_string();
     Err(match &req.target {
@@ -862,6 +933,41 @@ mod tests {
     }
 
     #[test]
+    fn a_promoted_copy_does_not_take_over_from_the_primary() {
+        // Timeline 2 is a promoted test restore that archived segments 3-4, then stopped; the
+        // primary went on on timeline 1 to segment 6.
+        let none: &[(&str, u64)] = &[];
+        let c = catalog(
+            &[
+                (1, 1, none),
+                (1, 2, none),
+                (1, 3, none),
+                (1, 4, none),
+                (1, 5, none),
+                (1, 6, none),
+                (2, 3, none),
+                (2, 4, none),
+            ],
+            &[(2, "1\t0/3000100\tno recovery target specified\n")],
+            &[("A", 1, 1, 1)],
+        );
+        assert_eq!(c.live_branches(), vec![tli(1), tli(2)]);
+        assert_eq!(c.newest_timeline(), Some(tli(1)));
+        let w = c.window().unwrap();
+        assert_eq!((w.latest_timeline, w.last_segment), (tli(1), seg(1, 6)));
+        // --latest follows the primary, and says so in what it writes.
+        let p = plan(&c, &req(Target::Latest)).unwrap();
+        assert_eq!((p.last_wal, p.timeline_setting.as_str()), (seg(1, 6), "1"));
+        // A time only the primary reached: timeline 1, no refusal.
+        assert_eq!(plan(&c, &req(secs(520))).unwrap().last_wal, seg(1, 5));
+        // A time on both branches after the fork: the user chooses.
+        assert!(matches!(
+            plan(&c, &req(secs(420))),
+            Err(PlanError::Ambiguous { .. })
+        ));
+    }
+
+    #[test]
     fn a_time_at_the_latest_commit_is_explained() {
         let none: &[(&str, u64)] = &[];
         let c = catalog(&[(1, 1, none), (1, 2, none)], &[], &[("A", 1, 1, 1)]);
@@ -951,14 +1057,44 @@ mod tests {
             "{}",
             p.timeline_reason
         );
-        // A time on the current history follows timeline 2.
-        assert_eq!(plan(&c, &req(secs(420))).unwrap().timeline, tli(2));
-        // --timeline forces it.
+        // Timeline 1 went on after timeline 2 branched off: a time after the fork means a
+        // different point on each, so it is refused with both candidates until --timeline chooses.
+        match plan(&c, &req(secs(420))).unwrap_err() {
+            PlanError::Ambiguous { candidates, .. } => {
+                assert!(
+                    candidates.contains("timeline 2, branched from timeline 1 at 0/3000100")
+                        && candidates.contains("timeline 1 (stops in 000000010000000000000004"),
+                    "{candidates}"
+                );
+            }
+            e => panic!("{e}"),
+        }
+        // A time before the fork is the same point on both: no question.
+        assert_eq!(plan(&c, &req(secs(220))).unwrap().last_wal, seg(1, 2));
         let mut r = req(secs(420));
+        r.timeline = Some(TimelineChoice::Id(tli(2)));
+        assert_eq!(plan(&c, &r).unwrap().last_wal, seg(2, 4));
+        // --timeline forces it.
         r.timeline = Some(TimelineChoice::Id(tli(1)));
         assert_eq!(plan(&c, &r).unwrap().last_wal, seg(1, 4));
         r.timeline = Some(TimelineChoice::Id(tli(7)));
         assert!(matches!(plan(&c, &r), Err(PlanError::TimelineUnknown(7))));
+    }
+
+    #[test]
+    fn a_damaged_manifest_is_named() {
+        let mut c = catalog(&[(1, 1, &[])], &[], &[]);
+        c.problems.push(crate::catalog::IndexProblem {
+            segment: "backup 20261121T101304Z".into(),
+            lsn: None,
+            reason: "stored object backups/20261121T101304Z/manifest.pitr is corrupt".into(),
+        });
+        let err = plan(&c, &req(Target::Latest)).unwrap_err();
+        assert!(matches!(err, PlanError::UnreadableBackups(_)), "{err}");
+        assert!(
+            err.to_string().contains("manifest.pitr is corrupt"),
+            "{err}"
+        );
     }
 
     #[test]

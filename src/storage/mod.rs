@@ -834,7 +834,12 @@ impl Repo {
         let data = match original {
             Original::Bytes(b) => b,
             Original::File(path) => {
-                reread = std::fs::read(path).map_err(|e| {
+                // Up to a segment's worth of reading: on the blocking pool.
+                let owned = path.to_path_buf();
+                let read = tokio::task::spawn_blocking(move || std::fs::read(&owned))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                reread = read.map_err(|e| {
                     self.store_err(
                         "compare",
                         key,
