@@ -18,6 +18,34 @@ fn temp_path(dest: &Path) -> io::Result<PathBuf> {
     Ok(dest.with_file_name(tmp))
 }
 
+/// Remove temp files beside `dest` that a killed process (one no longer running) left: with
+/// SIGKILL nothing else would, and each can be a whole WAL segment in `pg_wal`. Returns how many.
+pub fn remove_stale_temps(dest: &Path) -> usize {
+    let Some(name) = dest.file_name().and_then(|n| n.to_str()) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.pitr-tmp.");
+    let Ok(entries) = fs::read_dir(parent_dir(dest)) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// The directory holding `path` ("." for a bare file name).
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
@@ -124,6 +152,25 @@ pub fn start_writeback(f: &std::fs::File, offset: u64, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("RECOVERYXLOG");
+        // i32::MAX is beyond any pid_max: no such process.
+        let dead = dir
+            .path()
+            .join(format!(".RECOVERYXLOG.pitr-tmp.{}", i32::MAX));
+        let mine = dir
+            .path()
+            .join(format!(".RECOVERYXLOG.pitr-tmp.{}", std::process::id()));
+        let other = dir.path().join(".other.pitr-tmp.1");
+        for f in [&dead, &mine, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&dest), 1);
+        assert!(!dead.exists() && mine.exists() && other.exists());
+    }
 
     #[test]
     fn writes_and_replaces_without_leaving_temp_files() {

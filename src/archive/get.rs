@@ -115,6 +115,13 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
         }
     };
     let key = ObjectKey::Wal(name);
+    let stale = durable::remove_stale_temps(dest);
+    if stale > 0 {
+        tracing::info!(
+            "removed {stale} temp file(s) left beside {} by killed fetches",
+            dest.display()
+        );
+    }
     let threads = crate::archive::push::push_threads();
     // Decompressed straight into a temp file beside %p, which is renamed into place only once every
     // check passed: PostgreSQL never sees a partial or unverified file.

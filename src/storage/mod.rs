@@ -1187,6 +1187,25 @@ mod tests {
         assert_eq!(Repo::open(&url).unwrap().location(), url);
     }
 
+    #[test]
+    fn store_hints_fit_the_cause() {
+        let store = |text: &str| RepoError::Store {
+            op: "write",
+            key: "wal/00000001/000000010000000000000003.pitr".into(),
+            repo: "file:///r".into(),
+            source: Box::new(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source: text.to_string().into(),
+            }),
+        };
+        let hint = |text: &str| store(text).hint().unwrap_or_default();
+        assert!(hint("No space left on device (os error 28)").contains("full"));
+        assert!(!hint("No space left on device (os error 28)").contains("AWS"));
+        assert!(hint("Permission denied (os error 13)").contains("readable and writable"));
+        assert!(hint("status code: 403 Forbidden").contains("credentials"));
+        assert!(hint("connection reset by peer").contains("reachable"));
+    }
+
     #[tokio::test]
     async fn a_location_without_pitr_json_is_no_repository() {
         let dir = tempfile::tempdir().unwrap();
