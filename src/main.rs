@@ -14,6 +14,14 @@ use pitr::storage::Repo;
 use pitr::{archive, config, error};
 
 fn main() -> ExitCode {
+    // Segment-sized buffers (16 MiB and more) are read on several threads, one after another. glibc
+    // raises its mmap threshold after the first such buffer is freed and from then on serves them
+    // from per-thread heaps that keep the memory: fixing the threshold gives each back when freed.
+    // SAFETY: mallopt only changes allocator tuning; it is called before any other thread exists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

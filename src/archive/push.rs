@@ -64,6 +64,8 @@ pub struct Prepared {
     pub name: WalFileName,
     path: PathBuf,
     stored: envelope::Encoded,
+    /// The stored length (`stored` is emptied once a staging file holds the bytes).
+    stored_len: u64,
     original_len: u64,
     summary: Option<(SegmentName, SegmentSummary)>,
     /// The check of the segment's cluster against the repository, still running: `store` waits for
@@ -150,7 +152,7 @@ pub async fn prepare_known(
             // A local repository gets the frames as they are done (see `staged`), unless the
             // segment is known to be stored already.
             let stage = !matches!(known, Known::Is(true));
-            // Knowing the segment is not stored yet lets its summary be written beside it.
+            // Whether the segment is stored already, found out while it is compressed.
             let looked = Some({
                 let repo = repo.clone();
                 tokio::spawn(async move {
@@ -253,10 +255,19 @@ pub async fn prepare_known(
             )
         }
     };
+    // A staging file holds the bytes now; with `--parallel`, several prepared files wait for
+    // their uploads, and each would otherwise keep its compressed copy in memory too.
+    let stored_len = stored.len() as u64;
+    let stored = if staged.is_some() {
+        envelope::Encoded::empty()
+    } else {
+        stored
+    };
     Ok(Prepared {
         name,
         path: wal_path.to_path_buf(),
         stored,
+        stored_len,
         original_len,
         summary,
         identity,
@@ -405,6 +416,7 @@ pub async fn store(
         name,
         path,
         stored,
+        stored_len,
         original_len,
         summary,
         identity,
@@ -421,7 +433,7 @@ pub async fn store(
     // The segment first, its summary only once it is stored: a push that fails leaves no summary
     // that would claim the segment was archived, and one that finds the segment stored (identical
     // bytes, or a concurrent writer's different ones) never touches the summary of what is there.
-    let outcome = put_file(repo, name, &path, stored, staged, found)
+    let outcome = put_file(repo, name, &path, (stored, stored_len), staged, found)
         .await
         .with_context(|| format!("archive {name}"))?;
     if let Some((seg, summary)) = summary {
@@ -471,13 +483,13 @@ async fn put_file(
     repo: &Repo,
     name: WalFileName,
     path: &Path,
-    stored: envelope::Encoded,
+    (stored, stored_len): (envelope::Encoded, u64),
     staged: Option<Staged>,
     found: Option<bool>,
 ) -> Result<PutOutcome, RepoError> {
     match staged {
         Some(st) if found != Some(true) => {
-            repo.publish_staged(name, Original::File(path), st, stored.len() as u64)
+            repo.publish_staged(name, Original::File(path), st, stored_len)
                 .await
         }
         _ => {

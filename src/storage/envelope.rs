@@ -61,6 +61,12 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// Nothing: for an object whose bytes already went to a staging file, so that memory does not
+    /// hold them too while the upload waits.
+    pub fn empty() -> Encoded {
+        Encoded { parts: Vec::new() }
+    }
+
     /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.parts.iter().map(bytes::Bytes::len).sum()
