@@ -287,6 +287,18 @@ fn a_closed_stdout_ends_quietly() {
         assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).is_empty(), "{args:?}: {}", stderr(&out));
     }
+    // The command still ends with its own answer: verify of a repository without a backup finds
+    // that, whether or not anyone reads the report.
+    let child = std::process::Command::new(harness::PITR)
+        .args(["--repo", url.as_str(), "verify"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = child;
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
 }
 
 /// Item 9: configuration and environment errors are one line naming the file and line or the

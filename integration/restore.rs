@@ -379,7 +379,16 @@ fn timelines_are_followed() {
         "{report:#}"
     );
 
-    assert_eq!(s.restore_rows("latest", &["--latest"]), "1,2,3,4,5,6,7,8");
+    // Which end is "latest" is the user's call: refused with both, --timeline chooses.
+    let err = s.refused("latest", &["--latest"]);
+    assert!(
+        err.contains("diverging timelines") && err.contains("timeline 1 (latest commit"),
+        "{err}"
+    );
+    assert_eq!(
+        s.restore_rows("latest_tl1", &["--latest", "--timeline", "1"]),
+        "1,2,3,4,5,6,7,8"
+    );
     assert_eq!(
         s.restore_rows("latest_tl2", &["--latest", "--timeline", "2"]),
         "1,2,3,20,21"

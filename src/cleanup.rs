@@ -50,16 +50,54 @@ pub struct Interrupted {
     pub name: &'static str,
 }
 
-/// Wait for a stop signal.
-///
-/// # Errors
-/// The signal handlers cannot be installed.
-pub async fn stop_signal() -> std::io::Result<Interrupted> {
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+fn set_stop_signals_blocked(block: bool) {
+    // SAFETY: a signal set built with sigemptyset/sigaddset and handed to pthread_sigmask, which
+    // only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// Hold stop signals back until [`stop_signal`] handles them: called first thing in `main`, so a
+/// signal that arrives while the process starts is kept pending instead of killing it (which
+/// archive_command must never do). Threads started later inherit the mask; child processes do not
+/// (the standard library resets it before exec).
+pub fn hold_stop_signals() {
+    set_stop_signals_blocked(true);
+}
+
+/// Wait for a stop signal. Its handlers are installed, then the signals held back by
+/// [`hold_stop_signals`] are let through on this thread. Where the handlers cannot be installed it
+/// never returns: the signals then stay held back and the command runs to its end.
+pub async fn stop_signal() -> Interrupted {
+    match installed().await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("stop signals cannot be handled: {e}");
+            std::future::pending().await
+        }
+    }
+}
+
+async fn installed() -> std::io::Result<Interrupted> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut quit = signal(SignalKind::quit())?;
+    set_stop_signals_blocked(false);
     let name = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",

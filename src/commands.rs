@@ -167,15 +167,20 @@ pub async fn run(
         } => {
             require_empty(&target_dir)?;
             let owner_ids = owner_ids(owner.as_deref())?;
-            if let Some(slot) = &slot {
-                check_slot(&primary_conninfo, slot, create_slot).await?;
-            }
+            // Checked before anything is written; created only once the standby exists, so a
+            // failed restore leaves no slot holding WAL on the primary.
+            let slot_to_create = match &slot {
+                Some(slot) => check_slot(&primary_conninfo, slot, create_slot).await?,
+                None => None,
+            };
             let catalog = Catalog::load(repo).await?;
             // A standby never ends recovery at a gap: it asks again and streams from its primary.
             let request = Request {
                 target: Target::Latest,
                 exclusive: false,
-                timeline: None,
+                // The standby follows its primary's timeline whatever it is; the plan only picks
+                // the backup.
+                timeline: Some(TimelineChoice::Latest),
                 backup,
                 stop_at_gap: true,
             };
@@ -201,7 +206,20 @@ pub async fn run(
                 Signal::Standby,
             )
             .await?;
-            give_to_owner(owner_ids, &target_dir, &relocate)?;
+            give_to_owner(owner_ids, &plan.backup, &target_dir, &relocate)?;
+            if let Some((cfg, slot)) = slot_to_create {
+                // A new connection: a restore can outlast an idle one.
+                crate::pgconn::connect(&cfg)
+                    .await
+                    .context("connect to the primary to create the replication slot")?
+                    .query_one(
+                        "SELECT pg_create_physical_replication_slot($1, true)::text",
+                        &[&slot],
+                    )
+                    .await
+                    .with_context(|| format!("create replication slot {slot:?} on the primary"))?;
+                crate::sayln!("created physical replication slot {slot:?} on the primary");
+            }
             crate::sayln!(
                 "standby created in {} from backup {}: {} files, {:.1} MiB in {:.1} s. It replays the archive, then streams from its primary.\nStart it with: pg_ctl -D {} start",
                 target_dir.display(),
@@ -454,9 +472,16 @@ fn relocations(
 /// ordinary connection made from the standby's `primary_conninfo`. A primary that only accepts
 /// replication connections from that user cannot be asked: then a warning, and the restore goes on.
 ///
+/// Returns the connection settings and slot name to create once the standby is restored, when it is
+/// missing and `create` was asked for.
+///
 /// # Errors
-/// The slot does not exist (and `--create-slot` was not given), or cannot be created.
-async fn check_slot(conninfo: &str, slot: &str, create: bool) -> anyhow::Result<()> {
+/// The slot does not exist (and `--create-slot` was not given), or is not a physical one.
+async fn check_slot(
+    conninfo: &str,
+    slot: &str,
+    create: bool,
+) -> anyhow::Result<Option<(tokio_postgres::Config, String)>> {
     let cfg = crate::pgconn::config(Some(conninfo), None)
         .map_err(|e| usage(format!("--primary-conninfo: {e:#}")))?;
     let client = match crate::pgconn::connect(&cfg).await {
@@ -466,7 +491,7 @@ async fn check_slot(conninfo: &str, slot: &str, create: bool) -> anyhow::Result<
                 "could not connect to the primary ({}) to check replication slot {slot:?}: {e:#}; make sure it exists",
                 crate::pgconn::describe(&cfg)
             );
-            return Ok(());
+            return Ok(None);
         }
     };
     let found = client
@@ -484,19 +509,9 @@ async fn check_slot(conninfo: &str, slot: &str, create: bool) -> anyhow::Result<
                     "replication slot {slot:?} on the primary is a {kind} slot; a standby needs a physical one"
                 );
             }
-            Ok(())
+            Ok(None)
         }
-        None if create => {
-            client
-                .query_one(
-                    "SELECT pg_create_physical_replication_slot($1, true)::text",
-                    &[&slot],
-                )
-                .await
-                .with_context(|| format!("create replication slot {slot:?} on the primary"))?;
-            crate::sayln!("created physical replication slot {slot:?} on the primary");
-            Ok(())
-        }
+        None if create => Ok(Some((cfg, slot.to_string()))),
         None => bail!(
             "replication slot {slot:?} does not exist on the primary ({}); create it with --create-slot, or SELECT pg_create_physical_replication_slot('{slot}', true) there",
             crate::pgconn::describe(&cfg)
@@ -526,18 +541,19 @@ fn owner_ids(owner: Option<&str>) -> anyhow::Result<Option<(u32, u32)>> {
     }
 }
 
-/// Give the restored data directory and tablespaces to `--owner`.
+/// Give the restored data directory and every tablespace location (relocated or not) to
+/// `--owner`.
 fn give_to_owner(
     owner: Option<(u32, u32)>,
+    manifest: &crate::backup::manifest::BackupManifest,
     target_dir: &Path,
     relocate: &HashMap<u32, PathBuf>,
 ) -> anyhow::Result<()> {
     let Some((uid, gid)) = owner else {
         return Ok(());
     };
-    crate::users::chown_tree(target_dir, uid, gid)?;
-    for loc in relocate.values() {
-        crate::users::chown_tree(loc, uid, gid)?;
+    for dir in crate::restore::files::restored_dirs(manifest, target_dir, relocate) {
+        crate::users::chown_tree(&dir, uid, gid)?;
     }
     Ok(())
 }
@@ -580,7 +596,7 @@ async fn restore(
         Signal::Recovery,
     )
     .await?;
-    give_to_owner(owner, target_dir, &relocate)?;
+    give_to_owner(owner, &plan.backup, target_dir, &relocate)?;
     let secs = started.elapsed().as_secs_f64();
     let then = match (&plan.target, action) {
         // Without a target PostgreSQL ignores recovery_target_action and promotes at the end of WAL.

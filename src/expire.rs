@@ -219,6 +219,12 @@ pub async fn run(
     let mut abandoned = Vec::new();
     for id in &catalog.incomplete_backups {
         let objects = repo.list(Some(&format!("{BACKUP_PREFIX}/{id}"))).await?;
+        // Its backup_label is written when the backup stopped: a manifest lost after that is
+        // damage for verify to report and a person to look at, not leftovers to sweep away.
+        let label = ObjectKey::BackupLabel(id.clone()).key();
+        if objects.iter().any(|m| m.location.as_ref() == label) {
+            continue;
+        }
         let newest = objects
             .iter()
             .map(|m| m.last_modified.timestamp_micros())

@@ -14,6 +14,7 @@ use pitr::storage::Repo;
 use pitr::{archive, config, error};
 
 fn main() -> ExitCode {
+    pitr::cleanup::hold_stop_signals();
     // Segment-sized buffers (16 MiB and more) are read on several threads, one after another. glibc
     // raises its mmap threshold after the first such buffer is freed and from then on serves them
     // from per-thread heaps that keep the memory: fixing the threshold gives each back when freed.
@@ -47,8 +48,6 @@ fn main() -> ExitCode {
     let outcome = std::panic::catch_unwind(|| run(cli));
     let code = match outcome {
         Ok(Ok(code)) => code,
-        // `pitr info | head`: whoever read our output has what they wanted.
-        Ok(Err(err)) if pitr::output::is_closed_stdout(&err) => exit::SUCCESS,
         Ok(Err(err)) => {
             eprintln!("pitr {name}: error: {}", error::one_line(&err));
             contract.for_error(&err)
@@ -124,13 +123,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         // A stop signal ends the command at once: what it was writing is removed (temp files beside
         // %p, staging files), and the exit code is that of any failure (archive-push: 1, never
         // death by the signal, which PostgreSQL would not count as a failure).
+        // Polled first, so the handlers are in place before the command starts.
         tokio::select! {
-            r = run_command(cli, &settings, quiet) => r,
-            s = pitr::cleanup::stop_signal() => {
-                let stopped = s?;
+            biased;
+            stopped = pitr::cleanup::stop_signal() => {
                 pitr::cleanup::remove_all();
                 Err(stopped.into())
             }
+            r = run_command(cli, &settings, quiet) => r,
         }
     });
     // Everything the command waits for has finished; idle worker threads need not be joined (that

@@ -2,8 +2,9 @@
 //!
 //! Every line goes through [`out!`](crate::out)/[`outln!`](crate::outln) (the command's data:
 //! tables, JSON, reports) or [`say!`](crate::say)/[`sayln!`](crate::sayln) (plans and summaries,
-//! which `-q` silences). A closed stdout (`pitr info | head -3`) is not an error: the command
-//! returns [`ClosedStdout`] at once, and `main` ends quietly with success, as other Unix tools do.
+//! which `-q` silences). A closed stdout (`pitr info | head -3`) is not an error: nothing more is
+//! printed, and the command goes on to its own end and exit code (a restore whose plan nobody reads
+//! still restores; a verify with findings still exits 1).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,30 +21,28 @@ pub fn quiet() -> bool {
     QUIET.load(Ordering::Relaxed)
 }
 
-/// Whoever reads our stdout has gone away (a closed pipe).
-#[derive(Debug, thiserror::Error)]
-#[error("stdout was closed")]
-pub struct ClosedStdout;
+static CLOSED: AtomicBool = AtomicBool::new(false);
 
-/// Write `args` to stdout.
+/// Write `args` to stdout; once stdout is found closed, nothing more is written.
 ///
 /// # Errors
-/// [`ClosedStdout`] for a closed pipe; other write failures as they are.
+/// Write failures other than a closed pipe (a full disk under a redirect, say).
 pub fn write(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    if CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
     match out.write_fmt(args).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ClosedStdout.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
         Err(e) => Err(anyhow::Error::new(e).context("write to stdout")),
     }
 }
 
-/// Whether `err` is only a closed stdout.
-pub fn is_closed_stdout(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.is::<ClosedStdout>())
-}
-
-/// Print the command's data; returns from the enclosing function on a closed stdout.
+/// Print the command's data.
 #[macro_export]
 macro_rules! out {
     ($($t:tt)*) => { $crate::output::write(format_args!($($t)*))? };

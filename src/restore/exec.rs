@@ -242,14 +242,55 @@ pub async fn execute(
     // it again, so the same command can simply be run again.
     super::files::preflight(&plan.backup, target_dir, relocate)?;
     let existed = super::files::existing_dirs(&plan.backup, target_dir, relocate);
+    // A new data directory is claimed with a plain create: a second restore racing this one into
+    // the same path fails here, before either could remove the other's work.
+    if !target_dir.exists() {
+        if let Some(parent) = target_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("create {}", parent.display()))?;
+        }
+        std::fs::create_dir(target_dir)
+            .with_context(|| format!("create target directory {}", target_dir.display()))?;
+    }
+    // Removes what was written on every way out but success: an error, and also a stop signal,
+    // which drops this future (a half-restored directory must never be started).
+    let mut guard = CleanupGuard {
+        manifest: plan.backup.clone(),
+        target: target_dir.to_path_buf(),
+        relocate: relocate.clone(),
+        existed,
+        armed: true,
+    };
     match write_all(repo, plan, target_dir, relocate, jobs, settings, signal).await {
-        Ok(r) => Ok(r),
-        Err(e) => {
-            super::files::remove_restored(&plan.backup, target_dir, relocate, &existed);
-            Err(e.context(format!(
-                "restore into {} (what pitr wrote there was removed: the same command can be run again)",
-                target_dir.display()
-            )))
+        Ok(r) => {
+            guard.armed = false;
+            Ok(r)
+        }
+        Err(e) => Err(e.context(format!(
+            "restore into {} (what pitr wrote there was removed: the same command can be run again)",
+            target_dir.display()
+        ))),
+    }
+}
+
+/// See [`execute`].
+struct CleanupGuard {
+    manifest: crate::backup::manifest::BackupManifest,
+    target: PathBuf,
+    relocate: HashMap<u32, PathBuf>,
+    existed: Vec<(PathBuf, bool)>,
+    armed: bool,
+}
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            super::files::remove_restored(
+                &self.manifest,
+                &self.target,
+                &self.relocate,
+                &self.existed,
+            );
         }
     }
 }

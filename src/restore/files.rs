@@ -126,6 +126,22 @@ pub fn remove_restored(
     }
 }
 
+/// The data directory and every tablespace location a restore of `manifest` writes into.
+pub fn restored_dirs(
+    manifest: &BackupManifest,
+    target: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+) -> Vec<PathBuf> {
+    std::iter::once(target.to_path_buf())
+        .chain(
+            manifest
+                .tablespaces
+                .iter()
+                .filter_map(|t| tablespace_target(manifest, t.oid, relocate)),
+        )
+        .collect()
+}
+
 /// Which of the directories a restore writes into exist already (`remove_restored` keeps those).
 pub fn existing_dirs(
     manifest: &BackupManifest,

@@ -415,6 +415,27 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
             });
         }
     }
+    // `--latest` with two live branches (a promoted copy archiving here, or a split brain): which
+    // end is "latest" is the user's call.
+    let live = c.live_branches();
+    if matches!(req.target, Target::Latest) && req.timeline.is_none() && live.len() > 1 {
+        let candidates: Vec<String> = live
+            .iter()
+            .map(|t| {
+                format!(
+                    "timeline {t} (latest commit {}, WAL to {})",
+                    c.latest_xact_on(*t)
+                        .map_or("none".to_string(), |x| x.time.rfc3339()),
+                    c.window_on(*t)
+                        .map_or("-".to_string(), |w| w.last_segment.to_string())
+                )
+            })
+            .collect();
+        return Err(PlanError::Ambiguous {
+            target: req.target.to_string(),
+            candidates: candidates.join("; "),
+        });
+    }
     // The first hit on each candidate timeline (newest backup first).
     let mut hits: Vec<Plan> = Vec::new();
     let mut too_late = false;
@@ -496,10 +517,30 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
     // A time or LSN that lies on diverging timelines (a split brain, or a promoted copy that
     // archived here while the primary went on) stops at different places on each: the user
     // chooses. Hits that stop at the same place (a target before a fork) are one answer.
-    let mut places: Vec<(TimelineId, SegmentName)> =
-        hits.iter().map(|p| (p.timeline, p.last_wal)).collect();
+    let seg_size = c.seg_size();
+    let mut places: Vec<(TimelineId, SegNo)> = hits
+        .iter()
+        .filter_map(|p| Some((p.timeline, p.last_wal.segno(seg_size)?)))
+        .collect();
     places.sort();
     places.dedup();
+    // The segment where a child branched off is held by both timelines; a stop in the parent's
+    // copy before the switch point (the parent wrote no commit after it there) is the child's stop
+    // too.
+    let same_stop = |(pt, pn): (TimelineId, SegNo), (ct, cn): (TimelineId, SegNo)| {
+        pn == cn
+            && c.histories
+                .get(&ct)
+                .and_then(|h| h.entries.iter().find(|e| e.parent == pt))
+                .is_some_and(|e| {
+                    e.switch_lsn.segno(seg_size) == pn
+                        && c.summaries
+                            .get(&(pt, pn))
+                            .is_some_and(|s| s.last_xact.is_none_or(|x| x.lsn < e.switch_lsn))
+                })
+    };
+    let all = places.clone();
+    places.retain(|&a| !all.iter().any(|&b| a != b && same_stop(a, b)));
     if places.len() > 1 && req.timeline.is_none() {
         let candidates: Vec<String> = hits
             .iter()
@@ -933,6 +974,40 @@ mod tests {
     }
 
     #[test]
+    fn a_clean_failover_has_one_live_branch_and_a_shared_switch_segment() {
+        // The old primary archived segments 1-3 (3 holds the switch point, with no commit after
+        // it) and stopped; timeline 2 goes on from segment 3.
+        let none: &[(&str, u64)] = &[];
+        let mut c = catalog(
+            &[
+                (1, 1, none),
+                (1, 2, none),
+                (1, 3, none),
+                (2, 3, none),
+                (2, 4, none),
+            ],
+            &[(2, "1\t0/3000100\tno recovery target specified\n")],
+            &[("A", 1, 1, 1)],
+        );
+        assert_eq!(c.live_branches(), vec![tli(2)]);
+        let p = plan(&c, &req(Target::Latest)).unwrap();
+        assert_eq!(
+            (p.last_wal, p.timeline_setting.as_str()),
+            (seg(2, 4), "latest")
+        );
+        // A time whose stop lies in segment 3 before the switch: one answer, not two.
+        for k in [(1, SegNo(3)), (2, SegNo(3))] {
+            if let Some(s) = c.summaries.get_mut(&(tli(k.0), k.1)) {
+                s.last_xact = s.last_xact.map(|x| XactRef {
+                    lsn: Lsn(3 * SEG + 0x50),
+                    ..x
+                });
+            }
+        }
+        assert_eq!(plan(&c, &req(secs(320))).unwrap().timeline, tli(2));
+    }
+
+    #[test]
     fn a_promoted_copy_does_not_take_over_from_the_primary() {
         // Timeline 2 is a promoted test restore that archived segments 3-4, then stopped; the
         // primary went on on timeline 1 to segment 6.
@@ -955,8 +1030,15 @@ mod tests {
         assert_eq!(c.newest_timeline(), Some(tli(1)));
         let w = c.window().unwrap();
         assert_eq!((w.latest_timeline, w.last_segment), (tli(1), seg(1, 6)));
-        // --latest follows the primary, and says so in what it writes.
-        let p = plan(&c, &req(Target::Latest)).unwrap();
+        // --latest: which end is meant is the user's call; --timeline 1 follows the primary and
+        // says so in what it writes.
+        assert!(matches!(
+            plan(&c, &req(Target::Latest)),
+            Err(PlanError::Ambiguous { .. })
+        ));
+        let mut r = req(Target::Latest);
+        r.timeline = Some(TimelineChoice::Id(tli(1)));
+        let p = plan(&c, &r).unwrap();
         assert_eq!((p.last_wal, p.timeline_setting.as_str()), (seg(1, 6), "1"));
         // A time only the primary reached: timeline 1, no refusal.
         assert_eq!(plan(&c, &req(secs(520))).unwrap().last_wal, seg(1, 5));
@@ -1044,7 +1126,14 @@ mod tests {
             &[(2, "1\t0/3000100\tbefore 1970-01-01 00:05:00+00\n\n")],
             &[("A", 1, 1, 1)],
         );
-        let p = plan(&c, &req(Target::Latest)).unwrap();
+        // Both branches go on: --latest must be told which.
+        assert!(matches!(
+            plan(&c, &req(Target::Latest)),
+            Err(PlanError::Ambiguous { .. })
+        ));
+        let mut r = req(Target::Latest);
+        r.timeline = Some(TimelineChoice::Id(tli(2)));
+        let p = plan(&c, &r).unwrap();
         assert_eq!((p.timeline, p.last_wal), (tli(2), seg(2, 5)));
         assert_eq!(p.path, vec![tli(1), tli(2)]);
         let p = plan(&c, &req(Target::Name("on_new".into()))).unwrap();

@@ -742,7 +742,17 @@ impl Repo {
                 })
                 .await
                 .map_err(|e| self.store_err("write", key, e))?;
-                Ok(len)
+                // Without a conditional create, a writer racing us may have won: read back, and
+                // only what we wrote counts as ours (claims carry a nonce, so two differ).
+                match self.get_raw(&key.key()).await? {
+                    Some(stored) if stored.as_ref() == payload_bytes(&payload).as_slice() => {
+                        Ok(len)
+                    }
+                    _ => Err(RepoError::Conflict {
+                        key: key.key(),
+                        repo: self.location.clone(),
+                    }),
+                }
             }
             Err(e) => Err(self.store_err("write", key, e)),
         }
