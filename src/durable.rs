@@ -154,6 +154,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn written_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("RECOVERYXLOG");
+        replace_with(&a, |mut f| f.write_all(b"wal")).unwrap();
+        let b = dir.path().join("backup_label");
+        write_atomically(&b, b"label").unwrap();
+        for p in [a, b] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+    }
+
+    #[test]
     fn temp_files_of_dead_processes_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("RECOVERYXLOG");

@@ -377,3 +377,75 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::identity::RepoIdentity;
+    use std::sync::Arc;
+
+    fn wal(name: &str) -> ObjectKey {
+        ObjectKey::Wal(name.parse().unwrap())
+    }
+
+    /// A3 and A4: what makes a repository unrestorable is a finding, never "no problems".
+    #[tokio::test]
+    async fn unrestorable_repositories_are_findings() {
+        let repo = Repo::from_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            "memory://v",
+        );
+        repo.ensure_identity(&RepoIdentity {
+            format_version: crate::storage::identity::FORMAT_VERSION,
+            system_identifier: "1".into(),
+            pg_version: 15,
+            wal_segment_size: 16 << 20,
+            wal_page_size: 8192,
+        })
+        .await
+        .unwrap();
+        for n in [
+            "000000010000000000000001",
+            "000000010000000000000002",
+            "000000010000000000000003",
+            // Timeline 2 has WAL but its history file is gone.
+            "000000020000000000000003",
+        ] {
+            repo.put_new(&wal(n), b"segment", Compression::None)
+                .await
+                .unwrap();
+        }
+        // Timeline 3 branched at segment 1, none of its WAL archived, while timeline 1 goes on.
+        repo.put_new(
+            &wal("00000003.history"),
+            b"1\t0/1000100\tno recovery target specified\n",
+            Compression::None,
+        )
+        .await
+        .unwrap();
+        // A backup whose manifest was deleted: pieces and label still there.
+        repo.create_encoded(
+            &ObjectKey::BackupLabel("20261121T101304Z".into()),
+            crate::storage::envelope::encode(b"START WAL LOCATION: 0/1000028\n", Compression::None)
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        let report = run(&repo, 4).await.unwrap();
+        let has = |kind: &str, object: &str| {
+            report
+                .findings
+                .iter()
+                .any(|f| f.kind == kind && f.object.contains(object))
+        };
+        assert!(has("missing", "00000002.history"), "{:#?}", report.findings);
+        assert!(has("history", "00000003.history"), "{:#?}", report.findings);
+        assert!(
+            has("missing", "20261121T101304Z/manifest"),
+            "{:#?}",
+            report.findings
+        );
+        assert!(has("backup", "backups/"), "{:#?}", report.findings);
+        assert!(report.stored_bytes_checked > 0);
+    }
+}
