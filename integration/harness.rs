@@ -46,6 +46,24 @@ fn postgres_ids() -> (u32, u32) {
     (out("-u"), out("-g"))
 }
 
+/// Flip one bit of the last byte of a file (an object of a local repository, say); flipping twice
+/// restores it.
+pub fn flip_last_byte(p: &Path) {
+    let mut b = std::fs::read(p).unwrap();
+    let i = b.len() - 1;
+    b[i] ^= 0x10;
+    std::fs::write(p, b).unwrap();
+}
+
+/// The directory of the first backup in a local repository.
+pub fn first_backup_dir(repo_dir: &Path) -> PathBuf {
+    std::fs::read_dir(repo_dir.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .expect("a backup in the repository")
+}
+
 /// `--owner postgres` when we are root (a restore run as root must give its files away).
 pub fn owner_args() -> Vec<&'static str> {
     if is_root() {

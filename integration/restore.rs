@@ -265,23 +265,13 @@ fn restore_targets(major: u32) {
     // A11: a restore that fails half-way removes what it wrote, so the same command works again;
     // a corrupt backup_label is found before any file is written.
     let repo_dir = PathBuf::from(s.url.trim_start_matches("file://"));
-    let backup_dir = std::fs::read_dir(repo_dir.join("backups"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .next()
-        .unwrap();
+    let backup_dir = harness::first_backup_dir(&repo_dir);
     let piece = backup_dir.join("data/global/pg_control.0.pitr");
-    let flip = |p: &Path| {
-        let mut b = std::fs::read(p).unwrap();
-        let last = b.len() - 1;
-        b[last] ^= 0x55;
-        std::fs::write(p, b).unwrap();
-    };
     for broken in [piece, backup_dir.join("backup_label.pitr")] {
-        flip(&broken);
+        harness::flip_last_byte(&broken);
         let err = s.refused("half", &["--latest"]);
         assert!(err.contains("corrupt"), "{err}");
-        flip(&broken);
+        harness::flip_last_byte(&broken);
     }
     assert_eq!(s.restore_rows("again", &["--latest"]), "1,2,3,4,5,6");
     eprintln!(

@@ -4,14 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::harness::{self, Cluster, Scratch, code, pitr, stderr};
-
-fn flip_last_byte(p: &Path) {
-    let mut b = std::fs::read(p).unwrap();
-    let i = b.len() - 1;
-    b[i] ^= 0x10;
-    std::fs::write(p, b).unwrap();
-}
+use crate::harness::{self, Cluster, Scratch, code, flip_last_byte, pitr, stderr};
 
 fn verify(url: &str, cwd: &Path) -> (i32, serde_json::Value) {
     let out = pitr(cwd, &["--repo", url, "verify", "--json"], &[]);
@@ -284,17 +277,8 @@ fn drill(major: u32) {
         .env("TMPDIR", &tmp);
         cmd
     };
-    let backup_dir = std::fs::read_dir(repo_dir.join("backups"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .next()
-        .unwrap();
-    let piece = backup_dir.join("data/global/pg_control.0.pitr");
-    let original = std::fs::read(&piece).unwrap();
-    let mut damaged = original.clone();
-    let last = damaged.len() - 1;
-    damaged[last] ^= 0x55;
-    std::fs::write(&piece, &damaged).unwrap();
+    let piece = harness::first_backup_dir(&repo_dir).join("data/global/pg_control.0.pitr");
+    flip_last_byte(&piece);
     let out = drill_cmd().output().unwrap();
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert_eq!(
@@ -302,7 +286,7 @@ fn drill(major: u32) {
         0,
         "a drill whose restore failed left its scratch directory"
     );
-    std::fs::write(&piece, &original).unwrap();
+    flip_last_byte(&piece);
     // An assertion that takes its time, so the signal finds the drill talking to its server.
     let slow = scratch.path().join("slow.sql");
     std::fs::write(&slow, "SELECT count(*) >= 0 FROM pg_sleep(600);").unwrap();

@@ -92,14 +92,7 @@ pub fn remove_restored(
     relocate: &HashMap<u32, PathBuf>,
     existed: &[(PathBuf, bool)],
 ) {
-    let mut dirs: Vec<PathBuf> = vec![target.to_path_buf()];
-    dirs.extend(
-        manifest
-            .tablespaces
-            .iter()
-            .filter_map(|t| tablespace_target(manifest, t.oid, relocate)),
-    );
-    for dir in dirs {
+    for dir in restored_dirs(manifest, target, relocate) {
         let keep_dir = existed.iter().any(|(d, e)| d == &dir && *e);
         let result = if keep_dir {
             std::fs::read_dir(&dir).and_then(|entries| {
@@ -148,13 +141,8 @@ pub fn existing_dirs(
     target: &Path,
     relocate: &HashMap<u32, PathBuf>,
 ) -> Vec<(PathBuf, bool)> {
-    std::iter::once(target.to_path_buf())
-        .chain(
-            manifest
-                .tablespaces
-                .iter()
-                .filter_map(|t| tablespace_target(manifest, t.oid, relocate)),
-        )
+    restored_dirs(manifest, target, relocate)
+        .into_iter()
         .map(|d| {
             let e = d.is_dir();
             (d, e)
