@@ -1,7 +1,8 @@
 //! Resolved settings: flags > environment > config file > defaults.
 //!
-//! Flags and environment variables are merged by clap (`cli::GlobalArgs`); this module adds the TOML
-//! file (`--config` / `PITR_CONFIG`) underneath them and validates the result.
+//! Flags and environment variables are merged by the command line (the binary's `GlobalArgs`), which
+//! hands them over as [`Overrides`]; this module adds the TOML file (`--config` / `PITR_CONFIG`)
+//! underneath them and validates the result.
 //!
 //! ```toml
 //! repo = "s3://bucket/prefix"
@@ -12,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::cli::GlobalArgs;
 use crate::compress::Compression;
 
 /// The config file's contents. Unknown keys are refused so a typo is not silently ignored.
@@ -109,11 +109,22 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// Merge flags/environment over the config file over defaults.
+/// What the command line (flags, then environment) says, above the config file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--repo` / `PITR_REPO`.
+    pub repo: Option<String>,
+    /// `--config` / `PITR_CONFIG`.
+    pub config: Option<PathBuf>,
+    /// `--compress` / `PITR_COMPRESS`.
+    pub compress: Option<Compression>,
+}
+
+/// The settings: `args` over the config file it names, over the defaults.
 ///
 /// # Errors
-/// A `ConfigError`.
-pub fn resolve(args: &GlobalArgs) -> Result<Settings, ConfigError> {
+/// No repository anywhere, or a config file that cannot be read or parsed.
+pub fn resolve(args: &Overrides) -> Result<Settings, ConfigError> {
     let file = match &args.config {
         Some(p) => read_file(p)?,
         None => FileConfig::default(),
@@ -141,13 +152,11 @@ mod tests {
         repo: Option<&str>,
         compress: Option<Compression>,
         config: Option<PathBuf>,
-    ) -> GlobalArgs {
-        GlobalArgs {
+    ) -> Overrides {
+        Overrides {
             repo: repo.map(Into::into),
             compress,
             config,
-            verbose: 0,
-            quiet: false,
         }
     }
 

@@ -1,7 +1,9 @@
 //! pitr: PostgreSQL WAL archiving and point-in-time recovery over object storage.
 //!
-//! The binary (`main.rs`) only parses arguments and maps outcomes to exit codes; everything else is
-//! here, one module per concept.
+//! The library: PostgreSQL formats (`pg`), the repository (`storage`), archiving, backups, the
+//! catalog, restore planning and execution, and the trust commands' checks. It takes plain option
+//! values and returns reports; the binary (`main.rs` and `cmd/`, one file per command) parses the
+//! command line, calls it, prints, and maps outcomes to exit codes.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -11,8 +13,6 @@ pub mod bigbuf;
 pub mod catalog;
 pub mod check;
 pub mod cleanup;
-pub mod cli;
-pub mod commands;
 pub mod compress;
 pub mod config;
 pub mod drill;
@@ -23,7 +23,6 @@ pub mod expire;
 pub mod index;
 pub mod info;
 pub mod metrics;
-pub mod output;
 pub mod pg;
 pub mod pgconn;
 pub mod restore;

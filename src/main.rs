@@ -6,12 +6,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use pitr::archive::get::GetOutcome;
-use pitr::cli::{Cli, Command};
 use pitr::exit::{self, Contract};
-use pitr::pg::WalFileName;
 use pitr::storage::Repo;
-use pitr::{archive, config, error};
+use pitr::{config, error};
+
+mod cmd;
+use cmd::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     pitr::cleanup::hold_stop_signals();
@@ -35,10 +35,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.global.verbose, cli.global.quiet);
-    pitr::output::set_quiet(cli.global.quiet);
+    cmd::output::set_quiet(cli.global.quiet);
     let contract = match &cli.command {
-        Command::ArchivePush { .. } => Contract::ArchivePush,
-        Command::ArchiveGet { .. } => Contract::ArchiveGet {
+        Command::ArchivePush(_) => Contract::ArchivePush,
+        Command::ArchiveGet(_) => Contract::ArchiveGet {
             standby: Path::new("standby.signal").exists(),
         },
         _ => Contract::Other,
@@ -64,19 +64,19 @@ fn main() -> ExitCode {
 
 fn command_name(c: &Command) -> &'static str {
     match c {
-        Command::ArchivePush { .. } => "archive-push",
-        Command::ArchiveGet { .. } => "archive-get",
-        Command::Info { .. } => "info",
-        Command::Backup { .. } => "backup",
-        Command::Restore { .. } => "restore",
-        Command::Replica { .. } => "replica",
-        Command::Verify { .. } => "verify",
-        Command::Check { .. } => "check",
+        Command::ArchivePush(_) => "archive-push",
+        Command::ArchiveGet(_) => "archive-get",
+        Command::Info(_) => "info",
+        Command::Backup(_) => "backup",
+        Command::Restore(_) => "restore",
+        Command::Replica(_) => "replica",
+        Command::Verify(_) => "verify",
+        Command::Check(_) => "check",
         Command::Metrics => "metrics",
-        Command::Drill { .. } => "drill",
-        Command::Expire { .. } => "expire",
-        Command::ArchivePrefetch { .. } => "archive-prefetch",
-        Command::ArchiveSpoolClean { .. } => "archive-spool-clean",
+        Command::Drill(_) => "drill",
+        Command::Expire(_) => "expire",
+        Command::ArchivePrefetch(_) => "archive-prefetch",
+        Command::ArchiveSpoolClean(_) => "archive-spool-clean",
     }
 }
 
@@ -102,17 +102,17 @@ fn init_logging(verbose: u8, quiet: bool) {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     // The only command that needs no repository.
-    if let Command::ArchiveSpoolClean { spool } = &cli.command {
-        archive::prefetch::clean(spool, std::time::Duration::from_secs(60));
-        return Ok(exit::SUCCESS);
+    if let Command::ArchiveSpoolClean(a) = &cli.command {
+        return Ok(cmd::archive_prefetch::clean(a));
     }
-    let settings = config::resolve(&cli.global)?;
-    let quiet = cli.global.quiet;
-    // Async archiving: most calls find their file already stored by an earlier call. Answer those
-    // before building a runtime and a store client (tens of milliseconds for a cloud store).
-    if let Command::ArchivePush { wal_path, parallel } = &cli.command
-        && *parallel > 1
-        && archive::batch::answered_by_marker(&settings.repo, wal_path).is_some()
+    let g = &cli.global;
+    let settings = config::resolve(&config::Overrides {
+        repo: g.repo.clone(),
+        config: g.config.clone(),
+        compress: g.compress,
+    })?;
+    if let Command::ArchivePush(a) = &cli.command
+        && cmd::archive_push::answered_by_marker(a, &settings)
     {
         return Ok(exit::SUCCESS);
     }
@@ -130,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 pitr::cleanup::remove_all();
                 Err(stopped.into())
             }
-            r = run_command(cli, &settings, quiet) => r,
+            r = run_command(cli.command, &settings) => r,
         }
     });
     // Everything the command waits for has finished; idle worker threads need not be joined (that
@@ -139,68 +139,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     result
 }
 
-async fn run_command(cli: Cli, settings: &config::Settings, quiet: bool) -> anyhow::Result<u8> {
-    {
-        // Only the commands that store a cluster's first objects may bring a repository into being.
-        let repo = match &cli.command {
-            Command::ArchivePush { .. } | Command::Backup { .. } | Command::Check { .. } => {
-                Repo::create(&settings.repo)?
-            }
-            _ => Repo::open(&settings.repo)?,
-        };
-        match cli.command {
-            Command::ArchivePush { wal_path, parallel } => {
-                archive::batch::push_with_ahead(
-                    &repo,
-                    &wal_path,
-                    settings.compress,
-                    usize::from(parallel),
-                )
-                .await?;
-                Ok(exit::SUCCESS)
-            }
-            Command::ArchiveGet {
-                wal_name,
-                dest_path,
-                prefetch,
-            } => {
-                let mut global_args = vec!["--repo".to_string(), settings.repo.clone()];
-                if let Some(c) = &settings.config_path {
-                    global_args.push("--config".into());
-                    global_args.push(
-                        c.canonicalize()
-                            .unwrap_or_else(|_| c.clone())
-                            .to_string_lossy()
-                            .into_owned(),
-                    );
-                }
-                let prefetch = archive::get::Prefetch {
-                    count: prefetch,
-                    global_args,
-                };
-                match archive::get::get_with_prefetch(&repo, &wal_name, &dest_path, &prefetch)
-                    .await?
-                {
-                    GetOutcome::Written { .. } => Ok(exit::SUCCESS),
-                    GetOutcome::NotFound => Ok(exit::FAILURE),
-                }
-            }
-            Command::ArchivePrefetch {
-                after,
-                spool,
-                count,
-                seg_size,
-            } => {
-                let WalFileName::Segment(seg) = after.parse::<WalFileName>()? else {
-                    anyhow::bail!("{after} is not a segment name");
-                };
-                let seg_size = pitr::pg::WalSegSize::new(seg_size)
-                    .ok_or_else(|| anyhow::anyhow!("bad segment size {seg_size}"))?;
-                archive::prefetch::run(&repo, seg, &spool, count, seg_size).await?;
-                Ok(exit::SUCCESS)
-            }
-            Command::ArchiveSpoolClean { .. } => Ok(exit::SUCCESS),
-            other => pitr::commands::run(other, &repo, settings, quiet).await,
+async fn run_command(command: Command, settings: &config::Settings) -> anyhow::Result<u8> {
+    // Only the commands that store a cluster's first objects may bring a repository into being.
+    let repo = match &command {
+        Command::ArchivePush(_) | Command::Backup(_) | Command::Check(_) => {
+            Repo::create(&settings.repo)?
         }
-    }
+        _ => Repo::open(&settings.repo)?,
+    };
+    cmd::run(command, &repo, settings).await
 }

@@ -45,20 +45,20 @@ pub fn write(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
 /// Print the command's data.
 #[macro_export]
 macro_rules! out {
-    ($($t:tt)*) => { $crate::output::write(format_args!($($t)*))? };
+    ($($t:tt)*) => { $crate::cmd::output::write(format_args!($($t)*))? };
 }
 
 /// [`out!`] with a newline.
 #[macro_export]
 macro_rules! outln {
-    ($($t:tt)*) => { $crate::output::write(format_args!("{}\n", format_args!($($t)*)))? };
+    ($($t:tt)*) => { $crate::cmd::output::write(format_args!("{}\n", format_args!($($t)*)))? };
 }
 
 /// Print a plan or summary line, unless `-q`.
 #[macro_export]
 macro_rules! sayln {
     ($($t:tt)*) => {
-        if !$crate::output::quiet() {
+        if !$crate::cmd::output::quiet() {
             $crate::outln!($($t)*)
         }
     };

@@ -1,0 +1,86 @@
+//! `pitr backup`: a base backup of the running cluster, and its one-line summary.
+
+use super::{default_jobs, mib};
+use pitr::backup::{self, BackupOptions};
+use pitr::config::Settings;
+use pitr::exit;
+use pitr::storage::Repo;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The cluster's data directory.
+    #[arg(long, env = "PGDATA", value_name = "DIR")]
+    pgdata: PathBuf,
+    /// libpq connection string or URI [default: PGHOST/PGPORT/PGUSER/PGDATABASE, then the socket
+    /// of the server running on --pgdata].
+    #[arg(long, value_name = "CONNINFO")]
+    dbname: Option<String>,
+    /// Label passed to pg_backup_start [default: "pitr <id>"].
+    #[arg(long)]
+    label: Option<String>,
+    /// Parallel copy streams [default: number of CPUs].
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// How long to wait for the backup's WAL to be archived.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+    archive_timeout: std::time::Duration,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run the command.
+///
+/// # Errors
+/// Its failure, for `main` to report.
+pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+    let Args {
+        pgdata,
+        dbname,
+        label,
+        jobs,
+        archive_timeout,
+        json,
+    } = args;
+
+    let opts = BackupOptions {
+        pgdata,
+        dbname,
+        label,
+        jobs: default_jobs(jobs),
+        compression: settings.compress,
+        archive_timeout,
+        progress: !super::output::quiet(),
+    };
+    let started = Instant::now();
+    let m = backup::run(repo, &opts).await?;
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        let summary = serde_json::json!({
+            "id": m.id, "label": m.label, "timeline": m.timeline,
+            "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn,
+            "start_time": m.start_time, "stop_time": m.stop_time,
+            "start_wal": m.start_wal, "stop_wal": m.stop_wal,
+            "files": m.files.len(), "size_bytes": m.size_bytes, "stored_bytes": m.stored_bytes,
+            "compression": m.compression, "jobs": opts.jobs, "duration_seconds": secs,
+            "throughput_mib_per_second": mib(m.size_bytes) / secs.max(1e-9),
+        });
+        crate::outln!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        crate::sayln!(
+            "backup {} complete: {} files, {:.1} MiB copied, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
+            m.id,
+            m.files.len(),
+            mib(m.size_bytes),
+            mib(m.stored_bytes),
+            m.compression,
+            secs,
+            mib(m.size_bytes) / secs.max(1e-9),
+            m.start_wal,
+            m.stop_wal
+        );
+    }
+    Ok(exit::SUCCESS)
+}

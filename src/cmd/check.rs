@@ -1,0 +1,32 @@
+//! `pitr check`: the server archives into this repository.
+
+use pitr::config::Settings;
+use pitr::exit;
+use pitr::storage::Repo;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// libpq connection string or URI [default: PGHOST/PGPORT/PGUSER/PGDATABASE].
+    #[arg(long, value_name = "CONNINFO")]
+    dbname: Option<String>,
+    /// How long to wait for the switched segment.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    archive_timeout: std::time::Duration,
+}
+
+/// Run the command.
+///
+/// # Errors
+/// Its failure, for `main` to report.
+pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+    let Args {
+        dbname,
+        archive_timeout,
+    } = args;
+
+    for line in pitr::check::run(repo, settings, dbname.as_deref(), archive_timeout).await? {
+        crate::outln!("{line}");
+    }
+    crate::outln!("check: archiving into {} works", repo.location());
+    Ok(exit::SUCCESS)
+}

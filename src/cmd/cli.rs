@@ -1,0 +1,124 @@
+//! Command-line arguments (the contract in DESIGN.md). Global flags are accepted before or after the
+//! subcommand and each has an environment variable, since `archive_command` strings are awkward to
+//! extend.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use pitr::compress::Compression;
+
+/// pitr: PostgreSQL WAL archiving and point-in-time recovery to object storage.
+#[derive(Debug, Parser)]
+#[command(name = "pitr", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Flags every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes, listed apart from each command's own in `--help`.
+#[derive(Clone, Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Repository: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
+    #[arg(long, global = true, env = "PITR_REPO", value_name = "URL")]
+    pub repo: Option<String>,
+    /// TOML config file (repo, compress); flags and environment override it.
+    #[arg(long, global = true, env = "PITR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Compression of what archive-push and backup store [default: zstd, level 3]; other commands
+    /// ignore it.
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_COMPRESS",
+        value_enum,
+        value_name = "ALGO"
+    )]
+    pub compress: Option<Compression>,
+    /// More detail on stderr (-vv for even more).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr, and no plan or summary on stdout.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Archive one WAL file: archive_command = 'pitr archive-push %p'.
+    ///
+    /// Exits 0 only once the file is durably stored (or an identical copy already is); any failure
+    /// exits 1 so PostgreSQL keeps the file and retries.
+    ArchivePush(super::archive_push::Args),
+    /// Fetch one WAL file: restore_command = 'pitr archive-get %f %p'.
+    ///
+    /// Exits 0 when written, 1 when the repository does not hold the file, 200 when the file exists
+    /// but cannot be fetched intact (so recovery stops instead of ending early).
+    ArchiveGet(super::archive_get::Args),
+    /// Internal: the background prefetcher started by archive-get.
+    #[command(hide = true)]
+    ArchivePrefetch(super::archive_prefetch::Args),
+    /// Internal: remove archive-get's prefetch spool when recovery ends (recovery_end_command).
+    #[command(hide = true)]
+    ArchiveSpoolClean(super::archive_prefetch::CleanArgs),
+    /// Take a base backup of a running cluster (run on the database host).
+    ///
+    /// The backup is listed (and usable) only once its manifest is written, after every file is
+    /// stored and the WAL from its start to its end is in the repository.
+    Backup(super::backup::Args),
+    /// Restore a base backup into an empty directory and configure PostgreSQL to recover to a target.
+    ///
+    /// The plan (backup, timeline, WAL) is checked against the repository's index before anything is
+    /// written: a target outside the recoverable window is refused with the window.
+    Restore(super::restore::Args),
+    /// Create a standby from the newest backup: it catches up from the archive, then streams.
+    Replica(super::replica::Args),
+    /// Read back every object and check checksums, WAL continuity, backups against their manifests,
+    /// and unexpected deletions. Exits 1 on any finding.
+    Verify(super::verify::Args),
+    /// Check that the server archives into this repository: settings, identity, and a WAL switch
+    /// that must reach the repository.
+    Check(super::check::Args),
+    /// Restore into a scratch directory, start PostgreSQL there, and check it: target reached,
+    /// pg_amcheck, data checksums, WAL continuity, your SQL assertions. Reports the measured RTO.
+    Drill(super::drill::Args),
+    /// Delete backups and WAL that the retention policy no longer needs, never breaking the window.
+    Expire(super::expire::Args),
+    /// Print Prometheus metrics: RPO exposure, newest segment, backups, window, last verify.
+    Metrics,
+    /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the
+    /// recoverable window.
+    Info(super::info::Args),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_lists_global_options_apart() {
+        let help = Cli::try_parse_from(["pitr", "restore", "--help"])
+            .unwrap_err()
+            .to_string();
+        let own = help.find("--target-dir").unwrap();
+        let global = help
+            .find("Global options:")
+            .expect("a heading for global options");
+        assert!(own < global, "{help}");
+        assert!(!help[..global].contains("--repo <URL>"), "{help}");
+        assert!(help[global..].contains("--repo <URL>"), "{help}");
+        assert!(!help.to_lowercase().contains("pgbackrest"), "{help}");
+    }
+}

@@ -1,0 +1,136 @@
+//! The commands: one file per subcommand, each turning its arguments into the library's options,
+//! calling it, and printing the result (`output`). `main` parses the command line, picks the
+//! repository, and maps the outcome to the exit contract (`pitr::exit`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use pitr::config::Settings;
+use pitr::storage::Repo;
+
+pub(crate) mod archive_get;
+pub(crate) mod archive_prefetch;
+pub(crate) mod archive_push;
+pub(crate) mod backup;
+pub(crate) mod check;
+pub(crate) mod cli;
+pub(crate) mod drill;
+pub(crate) mod expire;
+pub(crate) mod info;
+pub(crate) mod metrics;
+pub(crate) mod output;
+pub(crate) mod replica;
+pub(crate) mod restore;
+pub(crate) mod verify;
+
+use cli::Command;
+
+/// Run `command` against `repo`.
+///
+/// # Errors
+/// The command's failure, for `main` to report.
+pub(crate) async fn run(command: Command, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+    match command {
+        Command::ArchivePush(a) => archive_push::run(a, repo, settings).await,
+        Command::ArchiveGet(a) => archive_get::run(a, repo, settings).await,
+        Command::ArchivePrefetch(a) => archive_prefetch::run(a, repo).await,
+        Command::ArchiveSpoolClean(a) => Ok(archive_prefetch::clean(&a)),
+        Command::Backup(a) => backup::run(a, repo, settings).await,
+        Command::Restore(a) => restore::run(a, repo, settings).await,
+        Command::Replica(a) => replica::run(a, repo, settings).await,
+        Command::Info(a) => info::run(a, repo).await,
+        Command::Verify(a) => verify::run(a, repo).await,
+        Command::Check(a) => check::run(a, repo, settings).await,
+        Command::Drill(a) => drill::run(a, repo, settings).await,
+        Command::Expire(a) => expire::run(a, repo, settings).await,
+        Command::Metrics => metrics::run(repo).await,
+    }
+}
+
+/// Mebibytes, for summaries.
+pub(crate) fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+/// `--jobs`, or the number of CPUs.
+pub(crate) fn default_jobs(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1)
+}
+
+pub(crate) fn usage(msg: String) -> anyhow::Error {
+    pitr::error::UsageError(msg).into()
+}
+
+/// `--tablespace-map OLD=NEW`, OLD being an OID or the original location.
+pub(crate) fn relocations(
+    b: &pitr::backup::manifest::BackupManifest,
+    specs: &[String],
+) -> anyhow::Result<HashMap<u32, PathBuf>> {
+    let mut out = HashMap::new();
+    for spec in specs {
+        let (old, new) = spec
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--tablespace-map {spec:?}: expected OLD=NEW")))?;
+        let ts = b
+            .tablespaces
+            .iter()
+            .find(|t| t.oid.to_string() == old || t.location == old)
+            .ok_or_else(|| {
+                let known: Vec<String> = b
+                    .tablespaces
+                    .iter()
+                    .map(|t| format!("{} ({})", t.oid, t.location))
+                    .collect();
+                usage(format!(
+                    "--tablespace-map: backup {} has no tablespace {old:?} (it has: {})",
+                    b.id,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })?;
+        let new = Path::new(new);
+        if !new.is_absolute() {
+            return Err(usage(format!(
+                "--tablespace-map: {} must be an absolute path",
+                new.display()
+            )));
+        }
+        out.insert(ts.oid, new.to_path_buf());
+    }
+    Ok(out)
+}
+
+/// `--owner USER` as uid and gid. Run as root without it, a restore would leave a data directory
+/// PostgreSQL refuses to start from: refused.
+pub(crate) fn owner_ids(owner: Option<&str>) -> anyhow::Result<Option<(u32, u32)>> {
+    match owner {
+        Some(name) => Ok(Some(pitr::users::lookup(name)?.ok_or_else(|| {
+            usage(format!("--owner {name}: there is no such user"))
+        })?)),
+        None if pitr::users::is_root() => Err(usage(
+            "running as root, the restored files would belong to root and PostgreSQL would not start from them: run pitr as the user that runs PostgreSQL (sudo -u postgres pitr …), or pass --owner postgres".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Give the restored data directory and every tablespace location (relocated or not) to
+/// `--owner`.
+pub(crate) fn give_to_owner(
+    owner: Option<(u32, u32)>,
+    manifest: &pitr::backup::manifest::BackupManifest,
+    target_dir: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+) -> anyhow::Result<()> {
+    let Some((uid, gid)) = owner else {
+        return Ok(());
+    };
+    for dir in pitr::restore::files::restored_dirs(manifest, target_dir, relocate) {
+        pitr::users::chown_tree(&dir, uid, gid)?;
+    }
+    Ok(())
+}

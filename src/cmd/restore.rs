@@ -1,0 +1,238 @@
+//! `pitr restore`: plan a restore to a target, check it, write it, say what recovery will do.
+
+use super::{default_jobs, give_to_owner, mib, owner_ids, relocations, usage};
+use anyhow::bail;
+use pitr::catalog::Catalog;
+use pitr::config::Settings;
+use pitr::exit;
+use pitr::pg::{Lsn, TimelineId};
+use pitr::restore::exec::{self, Signal};
+use pitr::restore::files::require_empty;
+use pitr::restore::plan::{self, Request, TimelineChoice};
+use pitr::restore::target::{Target, parse_time};
+use pitr::storage::Repo;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to", "lsn", "xid", "name", "immediate", "latest"])))]
+pub(crate) struct Args {
+    /// The data directory to create (must be empty or absent).
+    #[arg(long, value_name = "DIR")]
+    target_dir: PathBuf,
+    /// Recover to this time: 'YYYY-MM-DD HH:MM[:SS[.ffffff]][Z|+HH|+HH:MM|-HHMM]' (UTC without offset).
+    #[arg(long, value_name = "TIME")]
+    to: Option<String>,
+    /// Recover to this WAL position (X/X).
+    #[arg(long, value_name = "LSN")]
+    lsn: Option<String>,
+    /// Recover to the commit or abort of this transaction.
+    #[arg(long, value_name = "XID")]
+    xid: Option<u32>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long)]
+    immediate: bool,
+    /// Replay all archived WAL, following the newest timeline. Refused when the archive has a gap
+    /// with WAL beyond it (recovery would promote at the gap); see --stop-at-gap.
+    #[arg(long)]
+    latest: bool,
+    /// With --latest: recover only up to the first gap in the archived WAL, knowingly leaving
+    /// what lies beyond it.
+    #[arg(long, requires = "latest")]
+    stop_at_gap: bool,
+    /// Stop just before the target transaction instead of just after it.
+    #[arg(long)]
+    exclusive: bool,
+    /// Timeline to recover along: latest, current or a number [default: the one holding the target].
+    #[arg(long, value_name = "latest|current|N")]
+    timeline: Option<String>,
+    /// What PostgreSQL does at the target.
+    #[arg(long, value_enum, default_value = "pause")]
+    action: pitr::restore::exec::Action,
+    /// Restore this backup (id or label) instead of the newest one that reaches the target.
+    #[arg(long, value_name = "LABEL")]
+    backup: Option<String>,
+    /// Put tablespace OLD (its OID or original path) at NEW; repeatable.
+    #[arg(long, value_name = "OLD=NEW")]
+    tablespace_map: Vec<String>,
+    /// Parallel download streams [default: number of CPUs].
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Print the plan and exit without writing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Whether the restored cluster archives once promoted: preserve the backup's settings, or
+    /// off (for copies that must not archive into this repository).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "preserve",
+        value_name = "off|preserve"
+    )]
+    archive_mode: pitr::restore::exec::ArchiveMode,
+    /// Give the restored files to this user (needed when run as root: PostgreSQL refuses a
+    /// data directory it does not own).
+    #[arg(long, value_name = "USER")]
+    owner: Option<String>,
+}
+
+/// Run the command.
+///
+/// # Errors
+/// Its failure, for `main` to report.
+pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+    let Args {
+        target_dir,
+        to,
+        lsn,
+        xid,
+        name,
+        immediate,
+        latest,
+        stop_at_gap,
+        exclusive,
+        timeline,
+        action,
+        backup,
+        tablespace_map,
+        jobs,
+        dry_run,
+        archive_mode,
+        owner,
+    } = args;
+
+    let target = match (to, lsn, xid, name) {
+        (Some(t), ..) => {
+            let t = parse_time(&t).map_err(|e| usage(format!("--to: {e}")))?;
+            crate::sayln!("target time  {} (UTC)", t.rfc3339());
+            Target::Time(t)
+        }
+        (_, Some(l), ..) => {
+            Target::Lsn(l.parse::<Lsn>().map_err(|e| usage(format!("--lsn: {e}")))?)
+        }
+        (_, _, Some(x), _) => Target::Xid(x),
+        (_, _, _, Some(n)) => Target::Name(n),
+        _ if immediate => Target::Immediate,
+        _ if latest => Target::Latest,
+        _ => bail!("name a target: --to, --lsn, --xid, --name, --immediate or --latest"),
+    };
+    let timeline = timeline.as_deref().map(parse_timeline).transpose()?;
+    let request = Request {
+        target,
+        exclusive,
+        timeline,
+        backup,
+        stop_at_gap,
+    };
+    restore(
+        repo,
+        settings,
+        &request,
+        &RestoreTo {
+            target_dir: &target_dir,
+            tablespace_map: &tablespace_map,
+            owner: owner.as_deref(),
+            archive_mode,
+        },
+        default_jobs(jobs),
+        dry_run,
+        action,
+    )
+    .await
+}
+
+fn parse_timeline(s: &str) -> anyhow::Result<TimelineChoice> {
+    Ok(match s {
+        "latest" => TimelineChoice::Latest,
+        "current" => TimelineChoice::Current,
+        n => {
+            let bad = || {
+                usage(format!(
+                    "--timeline {n:?}: expected latest, current or a timeline number (1 or more)"
+                ))
+            };
+            let n: u32 = n.parse().map_err(|_| bad())?;
+            TimelineChoice::Id(TimelineId::new(n).ok_or_else(bad)?)
+        }
+    })
+}
+
+/// Where and how a restore writes.
+struct RestoreTo<'a> {
+    target_dir: &'a Path,
+    tablespace_map: &'a [String],
+    owner: Option<&'a str>,
+    archive_mode: exec::ArchiveMode,
+}
+
+async fn restore(
+    repo: &Repo,
+    settings: &Settings,
+    request: &Request,
+    to: &RestoreTo<'_>,
+    jobs: usize,
+    dry_run: bool,
+    action: exec::Action,
+) -> anyhow::Result<u8> {
+    let target_dir = to.target_dir;
+    require_empty(target_dir)?;
+    let catalog = Catalog::load(repo).await?;
+    let plan = plan::plan(&catalog, request)?;
+    let relocate = relocations(&plan.backup, to.tablespace_map)?;
+    pitr::restore::files::preflight(&plan.backup, target_dir, &relocate)?;
+    let owner = owner_ids(to.owner)?;
+    crate::sayln!("{plan}");
+    crate::sayln!("window       {}", plan::window_text(&catalog));
+    if dry_run {
+        crate::sayln!("dry run: nothing written");
+        return Ok(exit::SUCCESS);
+    }
+    let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
+    let mut lines = exec::recovery_settings(&plan, &cmd, &exec::spool_cleanup_command()?, action);
+    if to.archive_mode == exec::ArchiveMode::Off {
+        lines.push(("archive_mode", "off".into()));
+    }
+    let started = Instant::now();
+    let done = exec::execute(
+        repo,
+        &plan,
+        target_dir,
+        &relocate,
+        jobs,
+        &lines,
+        Signal::Recovery,
+    )
+    .await?;
+    give_to_owner(owner, &plan.backup, target_dir, &relocate)?;
+    let secs = started.elapsed().as_secs_f64();
+    let then = match (&plan.target, action) {
+        // Without a target PostgreSQL ignores recovery_target_action and promotes at the end of WAL.
+        (Target::Latest, _) => format!(
+            "recovery then replays the archived WAL to the end of {} and promotes to a new timeline",
+            plan.last_wal
+        ),
+        (_, exec::Action::Pause) => {
+            "recovery then stops at the target and pauses: check the data, then SELECT pg_wal_replay_resume() to promote".into()
+        }
+        (_, exec::Action::Promote) => "recovery then stops at the target and promotes".into(),
+        (_, exec::Action::Shutdown) => "recovery then stops at the target and shuts down".into(),
+    };
+    crate::sayln!(
+        "restored backup {} into {}: {} files, {:.1} MiB in {:.1} s ({:.1} MiB/s); recovery.signal and recovery settings written.\nStart it with: pg_ctl -D {} start   ({then})",
+        plan.backup.id,
+        target_dir.display(),
+        done.files,
+        mib(done.bytes),
+        secs,
+        mib(done.bytes) / secs.max(1e-9),
+        target_dir.display(),
+    );
+    crate::sayln!(
+        "archiving    {}",
+        exec::archiving_summary(target_dir, to.archive_mode)
+    );
+    Ok(exit::SUCCESS)
+}
