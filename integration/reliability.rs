@@ -341,3 +341,53 @@ fn configuration_errors_name_the_place() {
     );
     assert!(!err.contains("s3://bucket/prefix"), "{err}");
 }
+
+/// Every subcommand's usage errors exit 2 with one line on stderr (which may be PostgreSQL's log),
+/// before anything touches a repository.
+#[test]
+fn usage_errors_are_one_line_and_exit_2() {
+    let scratch = Scratch::new();
+    let cases: &[&[&str]] = &[
+        &["archive-push"],
+        &["archive-push", "--parallel", "0", "x"],
+        &["archive-get", "000000010000000000000001"],
+        &["backup", "--jobs", "many"],
+        &["restore", "--target-dir", "/tmp/x"],
+        &[
+            "restore",
+            "--target-dir",
+            "/tmp/x",
+            "--to",
+            "a",
+            "--lsn",
+            "0/1",
+        ],
+        &["restore", "--target-dir", "/tmp/x", "--stop-at-gap"],
+        &["replica", "--target-dir", "/tmp/x"],
+        &[
+            "replica",
+            "--target-dir",
+            "/tmp/x",
+            "--primary-conninfo",
+            "x",
+            "--create-slot",
+        ],
+        &["verify", "--jobs", "-1"],
+        &["check", "--archive-timeout", "soon"],
+        &["drill", "--to", "x", "--random"],
+        &["expire", "--keep-full", "x"],
+        &["metrics", "--bogus"],
+        &["info", "--bogus"],
+        &["no-such-command"],
+    ];
+    for args in cases {
+        let mut all = vec!["--repo", "file:///nonexistent-pitr-usage"];
+        all.extend_from_slice(args);
+        let out = pitr(scratch.path(), &all, &[]);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("pitr: error: "), "{args:?}: {err}");
+    }
+    assert!(!Path::new("/nonexistent-pitr-usage").exists());
+}

@@ -25,13 +25,27 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
+        // --help and --version print as clap renders them; a usage error is one line (stderr may
+        // be PostgreSQL's log), naming what is wrong and where the help is.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::SUCCESS
-            });
+            return ExitCode::from(exit::SUCCESS);
+        }
+        Err(e) => {
+            // clap's first paragraph is the message (what is missing may follow on its own lines).
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .skip_while(|l| l.is_empty())
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            let message = message.join(" ");
+            let message = message.trim_start_matches("error: ");
+            eprintln!(
+                "pitr: error: {message} (hint: pitr --help lists the commands, pitr COMMAND --help what one takes)"
+            );
+            return ExitCode::from(exit::USAGE);
         }
     };
     init_logging(cli.global.verbose, cli.global.quiet);

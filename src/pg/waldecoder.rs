@@ -396,7 +396,7 @@ impl<'a> SegmentDecoder<'a> {
         verify_record(&record, self.prev_lsn)?;
         self.prev_lsn = Some(lsn);
         *pos = maxalign(off as u64) as usize;
-        if record.rmid() == RM_XLOG_ID && record.info() & 0xF0 == XLOG_SWITCH {
+        if record.rmid() == RM_XLOG_ID && record.info() & !XLR_INFO_MASK == XLOG_SWITCH {
             self.end = Some(End::Switch(lsn));
             *pos = self.seg.len();
         }
@@ -415,6 +415,13 @@ pub const RM_XLOG_ID: u8 = 0;
 pub const RM_XACT_ID: u8 = 1;
 /// `XLOG_SWITCH`.
 pub const XLOG_SWITCH: u8 = 0x40;
+/// `XLR_INFO_MASK`: the low bits of `xl_info` belong to the WAL machinery, the high ones to the
+/// resource manager.
+pub const XLR_INFO_MASK: u8 = 0x0F;
+/// `RM_MAX_BUILTIN_ID` (`RM_LOGICALMSG_ID`, the last built-in resource manager in 13–18).
+pub const RM_MAX_BUILTIN_ID: u8 = 21;
+/// `RM_MIN_CUSTOM_ID`: ids from here to 255 belong to extensions.
+pub const RM_MIN_CUSTOM_ID: u8 = 128;
 
 /// Check a reassembled record's header and CRC (`ValidXLogRecordHeader`, `ValidXLogRecord`).
 ///
@@ -428,7 +435,8 @@ pub fn verify_record(r: &Record, expected_prev: Option<Lsn>) -> Result<(), Decod
             r.bytes.len()
         )));
     }
-    if r.rmid() > 21 && r.rmid() < 128 {
+    // RmgrIdIsValid(): built in, or an extension's custom id.
+    if r.rmid() > RM_MAX_BUILTIN_ID && r.rmid() < RM_MIN_CUSTOM_ID {
         return Err(err(format!("invalid resource manager id {}", r.rmid())));
     }
     if let Some(prev) = expected_prev

@@ -137,6 +137,33 @@ const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
 const XLR_MAX_BLOCK_ID: u8 = 32;
 const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
 const BKPBLOCK_SAME_REL: u8 = 0x80;
+/// `BKPIMAGE_HAS_HOLE`: a hole offset follows the image header.
+const BKPIMAGE_HAS_HOLE: u8 = 0x01;
+/// `BKPIMAGE_IS_COMPRESSED` before PostgreSQL 15.
+const BKPIMAGE_IS_COMPRESSED_V14: u8 = 0x02;
+/// `BKPIMAGE_COMPRESS_PGLZ | BKPIMAGE_COMPRESS_LZ4 | BKPIMAGE_COMPRESS_ZSTD` from 15 on.
+const BKPIMAGE_COMPRESSED_V15: u8 = 0x04 | 0x08 | 0x10;
+
+// `RM_XLOG_ID` record types (`pg_control.h`).
+const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
+const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
+const XLOG_BACKUP_END: u8 = 0x50;
+const XLOG_RESTORE_POINT: u8 = 0x70;
+const XLOG_END_OF_RECOVERY: u8 = 0x90;
+
+// `RM_XACT_ID` record types and `xinfo` flags (`access/xact.h`).
+const XLOG_XACT_OPMASK: u8 = 0x70;
+const XLOG_XACT_COMMIT: u8 = 0x00;
+const XLOG_XACT_ABORT: u8 = 0x20;
+const XLOG_XACT_COMMIT_PREPARED: u8 = 0x30;
+const XLOG_XACT_ABORT_PREPARED: u8 = 0x40;
+const XLOG_XACT_HAS_INFO: u8 = 0x80;
+const XACT_XINFO_HAS_DBINFO: u32 = 1 << 0;
+const XACT_XINFO_HAS_SUBXACTS: u32 = 1 << 1;
+const XACT_XINFO_HAS_RELFILELOCATORS: u32 = 1 << 2;
+const XACT_XINFO_HAS_INVALS: u32 = 1 << 3;
+const XACT_XINFO_HAS_TWOPHASE: u32 = 1 << 4;
+const XACT_XINFO_HAS_DROPPED_STATS: u32 = 1 << 8;
 
 /// The record's main data, found by walking its block headers.
 ///
@@ -187,11 +214,11 @@ pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], Deco
                     pos += 5;
                     datatotal += img_len;
                     let compressed = if major >= PgMajor::V15 {
-                        bimg_info & 0x1C != 0
+                        bimg_info & BKPIMAGE_COMPRESSED_V15 != 0
                     } else {
-                        bimg_info & 0x02 != 0
+                        bimg_info & BKPIMAGE_IS_COMPRESSED_V14 != 0
                     };
-                    if compressed && bimg_info & 0x01 != 0 {
+                    if compressed && bimg_info & BKPIMAGE_HAS_HOLE != 0 {
                         pos += 2;
                     }
                 }
@@ -224,14 +251,14 @@ fn need(data: &[u8], len: usize, r: &Record, what: &str) -> Result<(), DecodeErr
 /// # Errors
 /// A record of an indexed kind whose main data is malformed.
 pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
-    let info = r.info() & 0xF0;
+    let info = r.info() & !super::waldecoder::XLR_INFO_MASK;
     match r.rmid() {
         RM_XLOG_ID => match info {
-            0x00 | 0x10 => {
+            XLOG_CHECKPOINT_SHUTDOWN | XLOG_CHECKPOINT_ONLINE => {
                 let d = main_data(r, major)?;
                 need(d, 72, r, "checkpoint")?;
                 Ok(Some(Event::Checkpoint {
-                    shutdown: info == 0x00,
+                    shutdown: info == XLOG_CHECKPOINT_SHUTDOWN,
                     redo: Lsn(le_u64(d, 0)),
                     tli: le_u32(d, 8),
                     prev_tli: le_u32(d, 12),
@@ -239,14 +266,14 @@ pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
                 }))
             }
             XLOG_SWITCH => Ok(Some(Event::Switch)),
-            0x50 => {
+            XLOG_BACKUP_END => {
                 let d = main_data(r, major)?;
                 need(d, 8, r, "backup end")?;
                 Ok(Some(Event::BackupEnd {
                     start: Lsn(le_u64(d, 0)),
                 }))
             }
-            0x70 => {
+            XLOG_RESTORE_POINT => {
                 let d = main_data(r, major)?;
                 need(d, 8 + 64, r, "restore point")?;
                 let raw = &d[8..8 + 64];
@@ -256,7 +283,7 @@ pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
                     time: PgTimestamp(le_u64(d, 0) as i64),
                 }))
             }
-            0x90 => {
+            XLOG_END_OF_RECOVERY => {
                 let d = main_data(r, major)?;
                 need(d, 16, r, "end of recovery")?;
                 Ok(Some(Event::EndOfRecovery {
@@ -268,11 +295,11 @@ pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
             _ => Ok(None),
         },
         RM_XACT_ID => {
-            let kind = match r.info() & 0x70 {
-                0x00 => XactKind::Commit,
-                0x20 => XactKind::Abort,
-                0x30 => XactKind::CommitPrepared,
-                0x40 => XactKind::AbortPrepared,
+            let kind = match r.info() & XLOG_XACT_OPMASK {
+                XLOG_XACT_COMMIT => XactKind::Commit,
+                XLOG_XACT_ABORT => XactKind::Abort,
+                XLOG_XACT_COMMIT_PREPARED => XactKind::CommitPrepared,
+                XLOG_XACT_ABORT_PREPARED => XactKind::AbortPrepared,
                 _ => return Ok(None),
             };
             let d = main_data(r, major)?;
@@ -296,7 +323,7 @@ fn twophase_xid(r: &Record, d: &[u8], major: PgMajor, kind: XactKind) -> Result<
         msg: format!("two-phase transaction record: {m}"),
         lsn: r.lsn,
     };
-    if r.info() & 0x80 == 0 {
+    if r.info() & XLOG_XACT_HAS_INFO == 0 {
         return Err(err("no xinfo"));
     }
     let at = |p: usize| -> Result<u32, DecodeError> {
@@ -312,22 +339,22 @@ fn twophase_xid(r: &Record, d: &[u8], major: PgMajor, kind: XactKind) -> Result<
             .map(|n| 4 + n * item)
             .map_err(|_| err("negative count"))
     };
-    if xinfo & (1 << 0) != 0 {
+    if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
         p += 8; // dbinfo
     }
-    if xinfo & (1 << 1) != 0 {
+    if xinfo & XACT_XINFO_HAS_SUBXACTS != 0 {
         p += count(p, 4)?; // subxacts
     }
-    if xinfo & (1 << 2) != 0 {
+    if xinfo & XACT_XINFO_HAS_RELFILELOCATORS != 0 {
         p += count(p, 12)?; // relfilelocators
     }
-    if xinfo & (1 << 8) != 0 {
+    if xinfo & XACT_XINFO_HAS_DROPPED_STATS != 0 {
         p += count(p, if major >= PgMajor::V18 { 16 } else { 12 })?; // dropped stats
     }
-    if kind == XactKind::CommitPrepared && xinfo & (1 << 3) != 0 {
+    if kind == XactKind::CommitPrepared && xinfo & XACT_XINFO_HAS_INVALS != 0 {
         p += count(p, 16)?; // invalidations
     }
-    if xinfo & (1 << 4) == 0 {
+    if xinfo & XACT_XINFO_HAS_TWOPHASE == 0 {
         return Err(err("no two-phase xid"));
     }
     at(p)
