@@ -6,7 +6,44 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-static PATHS: Mutex<Vec<(u64, PathBuf)>> = Mutex::new(Vec::new());
+/// Paths registered for removal.
+#[derive(Debug, Default)]
+struct Registry {
+    paths: Mutex<Vec<(u64, PathBuf)>>,
+}
+
+impl Registry {
+    const fn new() -> Registry {
+        Registry {
+            paths: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn add(&self, id: u64, path: PathBuf) {
+        if let Ok(mut p) = self.paths.lock() {
+            p.push((id, path));
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Ok(mut p) = self.paths.lock() {
+            p.retain(|(i, _)| *i != id);
+        }
+    }
+
+    fn remove_all(&self) -> usize {
+        let paths: Vec<PathBuf> = match self.paths.lock() {
+            Ok(mut p) => p.drain(..).map(|(_, path)| path).collect(),
+            Err(_) => return 0,
+        };
+        paths
+            .iter()
+            .filter(|p| std::fs::remove_file(p).is_ok())
+            .count()
+    }
+}
+
+static REGISTRY: Registry = Registry::new();
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// A registered path; dropping it unregisters the path (its owner renamed or removed it).
@@ -16,30 +53,19 @@ pub struct Registered(u64);
 /// Remember `path` for removal on a stop signal, until the returned guard is dropped.
 pub fn register(path: PathBuf) -> Registered {
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    if let Ok(mut p) = PATHS.lock() {
-        p.push((id, path));
-    }
+    REGISTRY.add(id, path);
     Registered(id)
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        if let Ok(mut p) = PATHS.lock() {
-            p.retain(|(id, _)| *id != self.0);
-        }
+        REGISTRY.forget(self.0);
     }
 }
 
 /// Remove every registered file (the process is stopping). Returns how many were removed.
 pub fn remove_all() -> usize {
-    let paths: Vec<PathBuf> = match PATHS.lock() {
-        Ok(mut p) => p.drain(..).map(|(_, path)| path).collect(),
-        Err(_) => return 0,
-    };
-    paths
-        .iter()
-        .filter(|p| std::fs::remove_file(p).is_ok())
-        .count()
+    REGISTRY.remove_all()
 }
 
 /// The process was told to stop.
@@ -113,15 +139,18 @@ mod tests {
 
     #[test]
     fn registered_files_are_removed_and_released_ones_kept() {
+        // Its own registry: the process-wide one holds other tests' files.
+        let registry = Registry::new();
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         std::fs::write(&a, "x").unwrap();
         std::fs::write(&b, "x").unwrap();
-        let _ga = register(a.clone());
-        let gb = register(b.clone());
-        drop(gb);
-        assert!(remove_all() >= 1);
+        registry.add(1, a.clone());
+        registry.add(2, b.clone());
+        registry.forget(2);
+        assert_eq!(registry.remove_all(), 1);
         assert!(!a.exists());
         assert!(b.exists());
+        assert_eq!(registry.remove_all(), 0);
     }
 }

@@ -3,17 +3,7 @@
 use std::fmt;
 
 /// How an object's bytes are compressed in the repository.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Deserialize,
-    serde::Serialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// Zstandard at level 3: a good ratio at the speed archiving needs.

@@ -22,27 +22,21 @@ use crate::storage::Repo;
 use crate::storage::layout::{BACKUP_PREFIX, Listed, ObjectKey, parse_wal_key};
 
 /// A retention policy (flags, or `[expire]` in the config file).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, clap::Args)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Keep the N newest backups.
-    #[arg(long, value_name = "N")]
     pub keep_full: Option<usize>,
     /// Keep everything needed to restore to any moment this long ago (e.g. 30d).
     #[serde(default, with = "opt_duration")]
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub keep_within: Option<std::time::Duration>,
     /// Keep the newest backup of each of the last N days.
-    #[arg(long, value_name = "N")]
     pub keep_daily: Option<usize>,
     /// Keep the newest backup of each of the last N ISO weeks.
-    #[arg(long, value_name = "N")]
     pub keep_weekly: Option<usize>,
     /// Keep the newest backup of each of the last N months.
-    #[arg(long, value_name = "N")]
     pub keep_monthly: Option<usize>,
     /// Keep the newest backup of each of the last N years.
-    #[arg(long, value_name = "N")]
     pub keep_yearly: Option<usize>,
 }
 

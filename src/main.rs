@@ -123,7 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     let settings = config::resolve(&config::Overrides {
         repo: g.repo.clone(),
         config: g.config.clone(),
-        compress: g.compress,
+        compress: g.compress.map(Into::into),
     })?;
     if let Command::ArchivePush(a) = &cli.command
         && cmd::archive_push::answered_by_marker(a, &settings)

@@ -39,13 +39,34 @@ pub struct GlobalArgs {
         value_enum,
         value_name = "ALGO"
     )]
-    pub compress: Option<Compression>,
+    pub compress: Option<CompressArg>,
     /// More detail on stderr (-vv for even more).
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
     /// Only errors on stderr, and no plan or summary on stdout.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+}
+
+/// `--compress`: the command line's names for [`Compression`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressArg {
+    /// Zstandard at level 3: a good ratio at the speed archiving needs.
+    Zstd,
+    /// LZ4 block compression: faster, larger.
+    Lz4,
+    /// Stored as is.
+    None,
+}
+
+impl From<CompressArg> for Compression {
+    fn from(c: CompressArg) -> Compression {
+        match c {
+            CompressArg::Zstd => Compression::Zstd,
+            CompressArg::Lz4 => Compression::Lz4,
+            CompressArg::None => Compression::None,
+        }
+    }
 }
 
 /// The commands.

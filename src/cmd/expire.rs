@@ -10,7 +10,7 @@ use pitr::storage::Repo;
 pub(crate) struct Args {
     /// The retention policy (flags override the config file's [expire] table).
     #[command(flatten)]
-    policy: pitr::expire::Policy,
+    policy: PolicyArgs,
     /// List what would be deleted, delete nothing.
     #[arg(long)]
     dry_run: bool,
@@ -20,6 +20,42 @@ pub(crate) struct Args {
     /// Delete even more than --max-delete objects.
     #[arg(long)]
     force: bool,
+}
+
+/// The retention flags, which become a [`pitr::expire::Policy`].
+#[derive(Debug, clap::Args)]
+pub(crate) struct PolicyArgs {
+    /// Keep the N newest backups.
+    #[arg(long, value_name = "N")]
+    keep_full: Option<usize>,
+    /// Keep everything needed to restore to any moment this long ago (e.g. 30d).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    keep_within: Option<std::time::Duration>,
+    /// Keep the newest backup of each of the last N days.
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<usize>,
+    /// Keep the newest backup of each of the last N ISO weeks.
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<usize>,
+    /// Keep the newest backup of each of the last N months.
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<usize>,
+    /// Keep the newest backup of each of the last N years.
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<usize>,
+}
+
+impl From<PolicyArgs> for pitr::expire::Policy {
+    fn from(a: PolicyArgs) -> pitr::expire::Policy {
+        pitr::expire::Policy {
+            keep_full: a.keep_full,
+            keep_within: a.keep_within,
+            keep_daily: a.keep_daily,
+            keep_weekly: a.keep_weekly,
+            keep_monthly: a.keep_monthly,
+            keep_yearly: a.keep_yearly,
+        }
+    }
 }
 
 /// Run the command.
@@ -33,6 +69,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         max_delete,
         force,
     } = args;
+    let flags: pitr::expire::Policy = flags.into();
 
     let policy = if flags.is_empty() {
         settings.expire.clone()

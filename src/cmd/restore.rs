@@ -51,7 +51,7 @@ pub(crate) struct Args {
     timeline: Option<String>,
     /// What PostgreSQL does at the target.
     #[arg(long, value_enum, default_value = "pause")]
-    action: pitr::restore::exec::Action,
+    action: ActionArg,
     /// Restore this backup (id or label) instead of the newest one that reaches the target.
     #[arg(long, value_name = "LABEL")]
     backup: Option<String>,
@@ -72,11 +72,50 @@ pub(crate) struct Args {
         default_value = "preserve",
         value_name = "off|preserve"
     )]
-    archive_mode: pitr::restore::exec::ArchiveMode,
+    archive_mode: ArchiveModeArg,
     /// Give the restored files to this user (needed when run as root: PostgreSQL refuses a
     /// data directory it does not own).
     #[arg(long, value_name = "USER")]
     owner: Option<String>,
+}
+
+/// `--action`: the command line's names for [`exec::Action`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ActionArg {
+    /// Pause at the target, read-only (PostgreSQL's default): inspect, then `pg_wal_replay_resume()`.
+    Pause,
+    /// End recovery at the target and open read-write on a new timeline.
+    Promote,
+    /// Stop the server at the target.
+    Shutdown,
+}
+
+impl From<ActionArg> for exec::Action {
+    fn from(a: ActionArg) -> exec::Action {
+        match a {
+            ActionArg::Pause => exec::Action::Pause,
+            ActionArg::Promote => exec::Action::Promote,
+            ActionArg::Shutdown => exec::Action::Shutdown,
+        }
+    }
+}
+
+/// `--archive-mode`: the command line's names for [`exec::ArchiveMode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ArchiveModeArg {
+    /// Keep the backup's settings: once promoted it archives as the original did.
+    Preserve,
+    /// `archive_mode = off`: a copy that must not archive into the original's repository.
+    Off,
+}
+
+impl From<ArchiveModeArg> for exec::ArchiveMode {
+    fn from(a: ArchiveModeArg) -> exec::ArchiveMode {
+        match a {
+            ArchiveModeArg::Preserve => exec::ArchiveMode::Preserve,
+            ArchiveModeArg::Off => exec::ArchiveMode::Off,
+        }
+    }
 }
 
 /// Run the command.
@@ -103,6 +142,8 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         archive_mode,
         owner,
     } = args;
+    let (action, archive_mode): (exec::Action, exec::ArchiveMode) =
+        (action.into(), archive_mode.into());
 
     let target = match (to, lsn, xid, name) {
         (Some(t), ..) => {

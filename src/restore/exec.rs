@@ -17,7 +17,7 @@ use crate::durable;
 use crate::storage::Repo;
 
 /// `recovery_target_action`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Pause at the target, read-only (PostgreSQL's default): inspect, then `pg_wal_replay_resume()`.
     Pause,
@@ -38,7 +38,7 @@ impl Action {
 }
 
 /// `--archive-mode`: what the restored cluster does with `archive_mode` once it is promoted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ArchiveMode {
     /// Keep the backup's settings: once promoted it archives as the original did (a restore that
     /// replaces the original).
