@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::pg::xlogrecord::PgTimestamp;
-use crate::restore::exec::{self, Action, Signal, shell_quote};
+use crate::restore::exec::{self, Action, Signal};
 use crate::restore::plan::{self, Request};
 use crate::restore::target::Target;
 use crate::storage::Repo;
@@ -270,37 +270,15 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
     std::fs::copy(std::env::current_exe()?, &exe)
         .context("copy the pitr binary into the scratch directory")?;
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
-    let mut restore_cmd = vec![
-        shell_quote(&exe.to_string_lossy()),
-        "--repo".into(),
-        shell_quote(&settings.repo),
-    ];
-    if let Some(c) = &settings.config_path {
-        restore_cmd.extend([
-            "--config".into(),
-            shell_quote(
-                &c.canonicalize()
-                    .unwrap_or_else(|_| c.clone())
-                    .to_string_lossy(),
-            ),
-        ]);
-    }
-    restore_cmd.extend(["archive-get".into(), "%f".into(), "%p".into()]);
+    let commands =
+        exec::RecoveryCommand::new(&exe, &settings.repo, settings.config_path.as_deref());
     let relocate: HashMap<u32, PathBuf> = plan
         .backup
         .tablespaces
         .iter()
         .map(|t| (t.oid, scratch.path().join(format!("tablespace-{}", t.oid))))
         .collect();
-    let mut lines = exec::recovery_settings(
-        &plan,
-        &restore_cmd.join(" "),
-        &format!(
-            "{} archive-spool-clean pg_wal/pitr_spool",
-            shell_quote(&exe.to_string_lossy())
-        ),
-        Action::Promote,
-    );
+    let mut lines = exec::recovery_settings(&plan, &commands, Action::Promote);
     for (k, v) in [
         ("archive_mode", "off"),
         ("listen_addresses", ""),

@@ -80,13 +80,9 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     let relocate = relocations(&plan.backup, &tablespace_map)?;
     pitr::restore::files::preflight(&plan.backup, &target_dir, &relocate)?;
     crate::sayln!("{plan}");
-    let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
-    let lines = exec::standby_settings(
-        &cmd,
-        &exec::spool_cleanup_command()?,
-        &primary_conninfo,
-        slot.as_deref(),
-    );
+    let commands =
+        exec::RecoveryCommand::for_this_binary(repo.location(), settings.config_path.as_deref())?;
+    let lines = exec::standby_settings(&commands, &primary_conninfo, slot.as_deref());
     let started = Instant::now();
     let done = exec::execute(
         repo,

@@ -231,8 +231,9 @@ async fn restore(
         crate::sayln!("dry run: nothing written");
         return Ok(exit::SUCCESS);
     }
-    let cmd = exec::restore_command(repo.location(), settings.config_path.as_deref())?;
-    let mut lines = exec::recovery_settings(&plan, &cmd, &exec::spool_cleanup_command()?, action);
+    let commands =
+        exec::RecoveryCommand::for_this_binary(repo.location(), settings.config_path.as_deref())?;
+    let mut lines = exec::recovery_settings(&plan, &commands, action);
     if to.archive_mode == exec::ArchiveMode::Off {
         lines.push(("archive_mode", "off".into()));
     }

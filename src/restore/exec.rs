@@ -89,19 +89,50 @@ pub fn archiving_summary(target_dir: &std::path::Path, mode: ArchiveMode) -> Str
     }
 }
 
-/// The `recovery_end_command` that removes `archive-get`'s prefetch spool (run in the data
-/// directory), after any running prefetcher finished.
-///
-/// # Errors
-/// The path of the running binary cannot be found.
-pub fn spool_cleanup_command() -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("find the path of this pitr binary")?;
-    let exe = exe.canonicalize().unwrap_or(exe);
-    Ok(format!(
-        "{} archive-spool-clean pg_wal/{}",
-        shell_quote(&exe.to_string_lossy()),
-        crate::archive::prefetch::SPOOL_DIR
-    ))
+/// The two commands a recovering server runs: `restore_command` (archive-get through a `pitr`
+/// binary with this repository's settings) and `recovery_end_command` (the prefetch spool's
+/// cleanup). Built here only, for restore, replica and drill.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryCommand {
+    /// `restore_command`.
+    pub restore: String,
+    /// `recovery_end_command`.
+    pub recovery_end: String,
+}
+
+impl RecoveryCommand {
+    /// The commands for the `pitr` binary at `exe`, reading `repo_url` (and the config file, made
+    /// absolute: the server runs them from its data directory).
+    pub fn new(exe: &Path, repo_url: &str, config_path: Option<&Path>) -> RecoveryCommand {
+        let exe = shell_quote(&exe.to_string_lossy());
+        let mut words = vec![exe.clone(), "--repo".into(), shell_quote(repo_url)];
+        if let Some(c) = config_path {
+            let c = c.canonicalize().unwrap_or_else(|_| c.to_path_buf());
+            words.push("--config".into());
+            words.push(shell_quote(&c.to_string_lossy()));
+        }
+        words.extend(["archive-get".into(), "%f".into(), "%p".into()]);
+        RecoveryCommand {
+            restore: words.join(" "),
+            recovery_end: format!(
+                "{exe} archive-spool-clean pg_wal/{}",
+                crate::archive::prefetch::SPOOL_DIR
+            ),
+        }
+    }
+
+    /// [`RecoveryCommand::new`] for this very binary.
+    ///
+    /// # Errors
+    /// The binary's own path cannot be found.
+    pub fn for_this_binary(
+        repo_url: &str,
+        config_path: Option<&Path>,
+    ) -> anyhow::Result<RecoveryCommand> {
+        let exe = std::env::current_exe().context("find the path of this pitr binary")?;
+        let exe = exe.canonicalize().unwrap_or(exe);
+        Ok(RecoveryCommand::new(&exe, repo_url, config_path))
+    }
 }
 
 /// PostgreSQL's recovery target settings; at most one may be non-empty.
@@ -130,32 +161,10 @@ pub fn conf_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The `restore_command` that calls this binary with the same repository settings.
-///
-/// # Errors
-/// The path of the running binary cannot be found.
-pub fn restore_command(repo_url: &str, config_path: Option<&Path>) -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("find the path of this pitr binary")?;
-    let exe = exe.canonicalize().unwrap_or(exe);
-    let mut words = vec![
-        shell_quote(&exe.to_string_lossy()),
-        "--repo".into(),
-        shell_quote(repo_url),
-    ];
-    if let Some(c) = config_path {
-        let c = c.canonicalize().unwrap_or_else(|_| c.to_path_buf());
-        words.push("--config".into());
-        words.push(shell_quote(&c.to_string_lossy()));
-    }
-    words.extend(["archive-get".into(), "%f".into(), "%p".into()]);
-    Ok(words.join(" "))
-}
-
 /// The lines pitr appends to `postgresql.auto.conf` for a targeted recovery.
 pub fn recovery_settings(
     plan: &Plan,
-    restore_cmd: &str,
-    cleanup_cmd: &str,
+    commands: &RecoveryCommand,
     action: Action,
 ) -> Vec<(&'static str, String)> {
     let mut target: HashMap<&'static str, String> = HashMap::new();
@@ -177,7 +186,7 @@ pub fn recovery_settings(
         }
         Target::Latest => {}
     }
-    let mut lines = vec![("restore_command", restore_cmd.to_string())];
+    let mut lines = vec![("restore_command", commands.restore.clone())];
     // Clear every other target first: PostgreSQL's assign hooks refuse any later recovery_target_*
     // line, even an empty one, once a different target is set.
     for key in RECOVERY_TARGETS {
@@ -186,7 +195,7 @@ pub fn recovery_settings(
         }
     }
     lines.extend(target);
-    lines.push(("recovery_end_command", cleanup_cmd.to_string()));
+    lines.push(("recovery_end_command", commands.recovery_end.clone()));
     lines.push((
         "recovery_target_inclusive",
         if plan.exclusive { "off" } else { "on" }.into(),
@@ -198,17 +207,16 @@ pub fn recovery_settings(
 
 /// The lines for a standby that catches up from the archive, then streams from its primary.
 pub fn standby_settings(
-    restore_cmd: &str,
-    cleanup_cmd: &str,
+    commands: &RecoveryCommand,
     primary_conninfo: &str,
     slot: Option<&str>,
 ) -> Vec<(&'static str, String)> {
     let mut lines = vec![
-        ("restore_command", restore_cmd.to_string()),
+        ("restore_command", commands.restore.clone()),
         ("primary_conninfo", primary_conninfo.to_string()),
         ("primary_slot_name", slot.unwrap_or("").to_string()),
         ("recovery_target_timeline", "latest".to_string()),
-        ("recovery_end_command", cleanup_cmd.to_string()),
+        ("recovery_end_command", commands.recovery_end.clone()),
     ];
     for key in RECOVERY_TARGETS {
         lines.push((key, String::new()));
@@ -386,12 +394,19 @@ mod tests {
             stop: String::new(),
         }
         };
-        let lines = recovery_settings(
-            &plan_target(Target::Xid(735)),
-            "cmd",
-            "clean",
-            Action::Promote,
+        let commands = RecoveryCommand::new(Path::new("/usr/local/bin/pitr"), "s3://b/p x", None);
+        assert_eq!(
+            commands.restore,
+            "/usr/local/bin/pitr --repo 's3://b/p x' archive-get %f %p"
         );
+        assert_eq!(
+            commands.recovery_end,
+            format!(
+                "/usr/local/bin/pitr archive-spool-clean pg_wal/{}",
+                crate::archive::prefetch::SPOOL_DIR
+            )
+        );
+        let lines = recovery_settings(&plan_target(Target::Xid(735)), &commands, Action::Promote);
         let keys: Vec<&str> = lines.iter().map(|(k, _)| *k).collect();
         let xid = keys
             .iter()
@@ -410,7 +425,7 @@ mod tests {
         }
         assert!(lines.contains(&("recovery_target_inclusive", "off".into())));
         assert!(lines.contains(&("recovery_target_action", "promote".into())));
-        let latest = recovery_settings(&plan_target(Target::Latest), "cmd", "clean", Action::Pause);
+        let latest = recovery_settings(&plan_target(Target::Latest), &commands, Action::Pause);
         let targets = RECOVERY_TARGETS;
         assert!(
             latest
