@@ -360,15 +360,8 @@ fn s3_conditional_create() {
 fn archive_get_exit_codes() {
     let scratch = Scratch::new();
     let dir = scratch.subdir("pgdata");
-    let unreachable = [
-        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "x"),
-        ("AWS_SECRET_ACCESS_KEY", "x"),
-        ("AWS_REGION", "us-east-1"),
-        // Retries within a short budget, then the contract's answer.
-        ("PITR_RETRY_BUDGET", "1s"),
-    ];
+    // Retries within a short budget, then the contract's answer.
+    let unreachable = harness::unreachable_s3("1s");
     let args = [
         "--repo",
         "s3://nowhere/p",

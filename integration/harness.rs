@@ -476,6 +476,19 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// Environment for an S3 store that never answers (nothing listens on port 9), with `budget` for
+/// pitr's retries.
+pub fn unreachable_s3(budget: &str) -> [(&'static str, &str); 6] {
+    [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "x"),
+        ("AWS_SECRET_ACCESS_KEY", "x"),
+        ("AWS_REGION", "us-east-1"),
+        ("PITR_RETRY_BUDGET", budget),
+    ]
+}
+
 /// Run the test's `pitr` (as the current user) with `args`, in `cwd`.
 pub fn pitr(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(PITR);

@@ -210,14 +210,7 @@ fn a_stop_signal_gets_the_contracts_exit_code() {
     std::fs::write(&hist, b"1\t0/3000000\tno recovery target specified\n").unwrap();
     // A store that never answers, and a long retry budget: the command is still retrying when the
     // signal comes.
-    let unreachable = [
-        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "x"),
-        ("AWS_SECRET_ACCESS_KEY", "x"),
-        ("AWS_REGION", "us-east-1"),
-        ("PITR_RETRY_BUDGET", "10m"),
-    ];
+    let unreachable = harness::unreachable_s3("10m");
     for (args, want) in [
         (
             vec![

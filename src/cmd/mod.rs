@@ -47,6 +47,25 @@ pub(crate) async fn run(command: Command, repo: &Repo, settings: &Settings) -> a
     }
 }
 
+/// What restore and replica both take: which backup, where its tablespaces go, how many streams,
+/// and whose the files become.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Placement {
+    /// Restore this backup (id or label) instead of the newest one that reaches the target.
+    #[arg(long, value_name = "LABEL")]
+    pub(crate) backup: Option<String>,
+    /// Put tablespace OLD (its OID or original path) at NEW; repeatable.
+    #[arg(long, value_name = "OLD=NEW")]
+    pub(crate) tablespace_map: Vec<String>,
+    /// Parallel download streams [default: number of CPUs].
+    #[arg(long, value_name = "N")]
+    pub(crate) jobs: Option<usize>,
+    /// Give the restored files to this user (needed when run as root: PostgreSQL refuses a
+    /// data directory it does not own).
+    #[arg(long, value_name = "USER")]
+    pub(crate) owner: Option<String>,
+}
+
 /// Mebibytes, for summaries.
 pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / 1048576.0

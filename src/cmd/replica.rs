@@ -27,18 +27,8 @@ pub(crate) struct Args {
     /// Create the --slot on the primary (a physical slot that reserves WAL) if it does not exist.
     #[arg(long, requires = "slot")]
     create_slot: bool,
-    /// Use this backup (id or label) instead of the newest.
-    #[arg(long, value_name = "LABEL")]
-    backup: Option<String>,
-    /// Put tablespace OLD (its OID or original path) at NEW; repeatable.
-    #[arg(long, value_name = "OLD=NEW")]
-    tablespace_map: Vec<String>,
-    /// Parallel download streams [default: number of CPUs].
-    #[arg(long, value_name = "N")]
-    jobs: Option<usize>,
-    /// Give the restored files to this user (needed when run as root).
-    #[arg(long, value_name = "USER")]
-    owner: Option<String>,
+    #[command(flatten)]
+    placement: super::Placement,
 }
 
 /// Run the command.
@@ -50,11 +40,14 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         target_dir,
         primary_conninfo,
         slot,
-        backup,
-        tablespace_map,
-        jobs,
-        owner,
         create_slot,
+        placement:
+            super::Placement {
+                backup,
+                tablespace_map,
+                jobs,
+                owner,
+            },
     } = args;
 
     require_empty(&target_dir)?;

@@ -52,15 +52,8 @@ pub(crate) struct Args {
     /// What PostgreSQL does at the target.
     #[arg(long, value_enum, default_value = "pause")]
     action: ActionArg,
-    /// Restore this backup (id or label) instead of the newest one that reaches the target.
-    #[arg(long, value_name = "LABEL")]
-    backup: Option<String>,
-    /// Put tablespace OLD (its OID or original path) at NEW; repeatable.
-    #[arg(long, value_name = "OLD=NEW")]
-    tablespace_map: Vec<String>,
-    /// Parallel download streams [default: number of CPUs].
-    #[arg(long, value_name = "N")]
-    jobs: Option<usize>,
+    #[command(flatten)]
+    placement: super::Placement,
     /// Print the plan and exit without writing anything.
     #[arg(long)]
     dry_run: bool,
@@ -73,10 +66,6 @@ pub(crate) struct Args {
         value_name = "off|preserve"
     )]
     archive_mode: ArchiveModeArg,
-    /// Give the restored files to this user (needed when run as root: PostgreSQL refuses a
-    /// data directory it does not own).
-    #[arg(long, value_name = "USER")]
-    owner: Option<String>,
 }
 
 /// `--action`: the command line's names for [`exec::Action`].
@@ -135,12 +124,15 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         exclusive,
         timeline,
         action,
-        backup,
-        tablespace_map,
-        jobs,
         dry_run,
         archive_mode,
-        owner,
+        placement:
+            super::Placement {
+                backup,
+                tablespace_map,
+                jobs,
+                owner,
+            },
     } = args;
     let (action, archive_mode): (exec::Action, exec::ArchiveMode) =
         (action.into(), archive_mode.into());
