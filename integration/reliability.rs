@@ -11,9 +11,9 @@ fn make_repository(url: &str) {
     let repo = pitr::storage::Repo::create(url).unwrap();
     let id = pitr::storage::identity::RepoIdentity {
         format_version: pitr::storage::identity::FORMAT_VERSION,
-        system_identifier: "7000000000000000001".into(),
+        system_identifier: pitr::pg::SystemId(7000000000000000001),
         pg_version: 15,
-        wal_segment_size: 16 << 20,
+        wal_segment_size: pitr::pg::WalSegSize::DEFAULT,
         wal_page_size: 8192,
     };
     block_on(repo.ensure_identity(&id)).unwrap();

@@ -174,7 +174,7 @@ fn restore_targets(major: u32) {
     // An offset in --to is honoured: the same instant written in +02:00.
     let utc = pitr::restore::target::parse_time(&t3).unwrap();
     let two_hours = 2 * 3600 * 1_000_000;
-    let shifted = pitr::pg::xlogrecord::PgTimestamp(utc.0 + two_hours)
+    let shifted = pitr::pg::PgTimestamp(utc.0 + two_hours)
         .rfc3339()
         .replace('Z', "+02:00");
     assert_eq!(s.restore_rows("time_offset", &["--to", &shifted]), "1,2,3");

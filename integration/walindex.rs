@@ -288,7 +288,8 @@ fn pg18_info_shows_the_window() {
 fn catalog_of_10k_segments() {
     use pitr::compress::Compression;
     use pitr::index::{SegmentSummary, XactRef};
-    use pitr::pg::xlogrecord::{PgTimestamp, XactKind};
+    use pitr::pg::PgTimestamp;
+    use pitr::pg::xlogrecord::XactKind;
     use pitr::pg::{SegNo, SegmentName, TimelineId, WalSegSize};
     use pitr::storage::envelope;
     use pitr::storage::layout::ObjectKey;
@@ -302,9 +303,9 @@ fn catalog_of_10k_segments() {
     };
     let ident = pitr::storage::identity::RepoIdentity {
         format_version: 1,
-        system_identifier: "7".into(),
+        system_identifier: pitr::pg::SystemId(7),
         pg_version: 15,
-        wal_segment_size: 16 << 20,
+        wal_segment_size: pitr::pg::WalSegSize::DEFAULT,
         wal_page_size: 8192,
     };
     write(&ObjectKey::Identity, &serde_json::to_vec(&ident).unwrap());

@@ -12,15 +12,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
 
-use crate::backup::manifest::BackupManifest;
 use crate::index::{RestorePoint, SegmentSummary, XactRef};
+use crate::manifest::BackupManifest;
+use crate::pg::PgTimestamp;
 use crate::pg::timeline::History;
 use crate::pg::waldecoder::join_fragments;
-use crate::pg::xlogrecord::{PgTimestamp, event};
+use crate::pg::xlogrecord::event;
 use crate::pg::{Lsn, PgMajor, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
 use crate::storage::Repo;
 use crate::storage::identity::RepoIdentity;
-use crate::storage::layout::{BACKUP_PREFIX, Listed, ObjectKey, WAL_PREFIX, parse_wal_key};
+use crate::storage::layout::{Listed, ObjectKey, Prefix};
 
 /// How many objects are fetched at once while loading.
 pub const LOAD_CONCURRENCY: usize = 32;
@@ -98,6 +99,36 @@ impl Beyond {
     }
 }
 
+/// A hole in the archived WAL of one timeline: segments missing between two archived runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    /// The last archived segment before the hole.
+    pub after: SegmentName,
+    /// The first archived segment after it.
+    pub before: SegmentName,
+}
+
+impl Gap {
+    /// "segment … is missing" / "segments … to … are missing".
+    pub fn describe(&self, seg_size: WalSegSize) -> String {
+        let (Some(a), Some(b)) = (self.after.segno(seg_size), self.before.segno(seg_size)) else {
+            return format!(
+                "WAL after {} and before {} is missing",
+                self.after, self.before
+            );
+        };
+        let name = |n: u64| SegmentName::new(self.after.tli, SegNo(n), seg_size);
+        match (name(a.0 + 1), name(b.0.saturating_sub(1))) {
+            (Some(first), Some(last)) if first == last => format!("segment {first} is missing"),
+            (Some(first), Some(last)) => format!("segments {first} to {last} are missing"),
+            _ => format!(
+                "WAL after {} and before {} is missing",
+                self.after, self.before
+            ),
+        }
+    }
+}
+
 /// The catalog of a repository.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -140,10 +171,14 @@ impl Catalog {
     pub async fn load(repo: &Repo) -> anyhow::Result<Catalog> {
         let identity = Some(repo.require_identity().await?);
         let listed: Vec<Listed> = repo
-            .list(Some(WAL_PREFIX))
+            .list(&Prefix::Wal)
             .await?
             .into_iter()
-            .filter_map(|meta| parse_wal_key(meta.location.as_ref()))
+            .filter_map(|e| match e.object? {
+                ObjectKey::Wal(name) => Some(Listed::Wal(name)),
+                ObjectKey::Summary(seg) => Some(Listed::Summary(seg)),
+                _ => None,
+            })
             .collect();
         let mut loaded = Loaded {
             identity,
@@ -209,7 +244,7 @@ impl Catalog {
                 }
             }
         }
-        let ids: Vec<String> = repo.list_dirs(BACKUP_PREFIX).await?;
+        let ids: Vec<String> = repo.list_dirs(&Prefix::Backups).await?;
         let manifests: Vec<(String, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(ids)
             .map(|id| async move {
                 let got = repo
@@ -252,7 +287,7 @@ impl Catalog {
         let Some(identity) = c.identity.clone() else {
             return c;
         };
-        let seg_size = WalSegSize::new(identity.wal_segment_size).unwrap_or(WalSegSize::DEFAULT);
+        let seg_size = identity.wal_segment_size;
         let major = PgMajor::from_number(identity.pg_version);
         for name in loaded.wal {
             match name {
@@ -301,7 +336,7 @@ impl Catalog {
             {
                 continue;
             }
-            match serde_json::from_slice::<SegmentSummary>(&bytes) {
+            match crate::format::decode::<SegmentSummary>(&bytes) {
                 Ok(s) => {
                     if let crate::index::ParseStatus::Failed { lsn, reason } = &s.status {
                         c.problems.push(IndexProblem {
@@ -315,7 +350,7 @@ impl Catalog {
                 Err(e) => c.problems.push(IndexProblem {
                     segment: seg.to_string(),
                     lsn: None,
-                    reason: format!("unreadable summary: {e}"),
+                    reason: e.to_string(),
                 }),
             }
         }
@@ -331,12 +366,12 @@ impl Catalog {
             c.join_spanning_records(major);
         }
         for (id, manifest) in loaded.backups {
-            match manifest.map(|b| serde_json::from_slice::<BackupManifest>(&b)) {
+            match manifest.map(|b| BackupManifest::from_json(&b)) {
                 Some(Ok(m)) => c.backups.push(m),
                 Some(Err(e)) => c.problems.push(IndexProblem {
                     segment: format!("backup {id}"),
                     lsn: None,
-                    reason: format!("unreadable manifest: {e}"),
+                    reason: e.to_string(),
                 }),
                 None => c.incomplete_backups.push(id),
             }
@@ -349,9 +384,7 @@ impl Catalog {
 
     /// Whether every WAL segment from `b`'s start to its stop is archived.
     pub fn is_restorable(&self, b: &BackupManifest) -> bool {
-        let Some(tli) = TimelineId::new(b.timeline) else {
-            return false;
-        };
+        let tli = b.timeline;
         let Some(t) = self.timelines.get(&tli) else {
             return false;
         };
@@ -389,12 +422,21 @@ impl Catalog {
         }
     }
 
-    /// The segment size of the cluster.
+    /// The backups a restore can start from (every WAL segment from start to stop archived),
+    /// oldest first: the one answer `restore`, `expire`, `metrics`, `info` and `verify` use.
+    pub fn restorable_backups(&self) -> Vec<&BackupManifest> {
+        self.backups
+            .iter()
+            .filter(|b| self.is_restorable(b))
+            .collect()
+    }
+
+    /// The segment size of the cluster, from `pitr.json`. A catalog without an identity holds no
+    /// WAL (`load` refuses a repository without one), so the size it reports there names nothing.
     pub fn seg_size(&self) -> WalSegSize {
         self.identity
             .as_ref()
-            .and_then(|i| WalSegSize::new(i.wal_segment_size))
-            .unwrap_or(WalSegSize::DEFAULT)
+            .map_or(WalSegSize::DEFAULT, |i| i.wal_segment_size)
     }
 
     /// Contiguous runs of segments on `tli`, as (first, last).
@@ -413,6 +455,31 @@ impl Catalog {
             }
         }
         out
+    }
+
+    /// The holes in the archived WAL of `tli`, oldest first.
+    pub fn gaps(&self, tli: TimelineId) -> Vec<Gap> {
+        self.ranges(tli)
+            .windows(2)
+            .filter_map(|w| match w {
+                [(_, last), (next, _)] => Some(Gap {
+                    after: self.name(tli, *last),
+                    before: self.name(tli, *next),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The holes on every timeline whose archived WAL resumes after segment `from` (all of them
+    /// for `None`): the WAL a restore from a backup starting at `from` could need.
+    pub fn gaps_after(&self, from: Option<SegNo>) -> Vec<Gap> {
+        let seg_size = self.seg_size();
+        self.timelines
+            .keys()
+            .flat_map(|&t| self.gaps(t))
+            .filter(|g| from.is_none_or(|f| g.before.segno(seg_size).is_some_and(|n| n > f)))
+            .collect()
     }
 
     /// The segment name of `n` on `tli`.
@@ -477,7 +544,7 @@ impl Catalog {
     /// Whether backup `b` lies on the timeline path to `tli`.
     pub fn backup_on_path(&self, b: &BackupManifest, tli: TimelineId) -> bool {
         self.path_lsns(tli).iter().any(|&(t, begin, end)| {
-            t.get() == b.timeline && b.start_lsn >= begin && end.is_none_or(|e| b.stop_lsn <= e)
+            t == b.timeline && b.start_lsn >= begin && end.is_none_or(|e| b.stop_lsn <= e)
         })
     }
 
@@ -703,9 +770,9 @@ mod tests {
     fn ident() -> RepoIdentity {
         RepoIdentity {
             format_version: 1,
-            system_identifier: "1".into(),
+            system_identifier: crate::pg::SystemId(1),
             pg_version: 15,
-            wal_segment_size: 16 << 20,
+            wal_segment_size: crate::pg::WalSegSize::DEFAULT,
             wal_page_size: 8192,
         }
     }

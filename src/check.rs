@@ -68,7 +68,7 @@ pub async fn run(
     }
     out.push(format!("ok   archive_command = {command}"));
     match repo.identity().await? {
-        Some(id) if id.system_identifier != sysid => {
+        Some(id) if id.system_identifier.to_string() != sysid => {
             return Err(RepoError::IdentityMismatch {
                 repo: repo.location().to_string(),
                 repo_has: format!("cluster {}", id.system_identifier),

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::catalog::Catalog;
 use crate::config::Settings;
-use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::PgTimestamp;
 use crate::restore::exec::{self, Action, Signal};
 use crate::restore::plan::{self, Request};
 use crate::restore::target::Target;

@@ -14,12 +14,13 @@ use std::collections::BTreeSet;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::backup::manifest::BackupManifest;
 use crate::catalog::Catalog;
-use crate::pg::xlogrecord::PgTimestamp;
+use crate::manifest::BackupManifest;
+use crate::pg::PgTimestamp;
+use crate::pg::time::Calendar;
 use crate::pg::{SegNo, WalFileName};
-use crate::storage::Repo;
-use crate::storage::layout::{BACKUP_PREFIX, Listed, ObjectKey, parse_wal_key};
+use crate::storage::layout::{ObjectKey, Prefix};
+use crate::storage::{Entry, Repo};
 
 /// A retention policy (flags, or `[expire]` in the config file).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -57,23 +58,6 @@ impl Policy {
     }
 }
 
-/// Civil date parts (UTC) of a timestamp: (year, month, ISO year-week, day number).
-fn calendar(t: PgTimestamp) -> (i64, i64, (i64, i64), i64) {
-    let days = t.unix_micros().div_euclid(86_400_000_000);
-    // civil_from_days (Howard Hinnant)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    // ISO week: Monday-based weeks since the epoch (1970-01-05 was a Monday) are enough to group by.
-    let week = (days + 3).div_euclid(7);
-    (y, y * 12 + m, (0, week), days)
-}
-
 /// Which backups `policy` keeps at time `now`. `backups` are the complete, restorable backups.
 pub fn keep(backups: &[BackupManifest], policy: &Policy, now: PgTimestamp) -> BTreeSet<String> {
     let mut sorted: Vec<&BackupManifest> = backups.iter().collect();
@@ -98,11 +82,11 @@ pub fn keep(backups: &[BackupManifest], policy: &Policy, now: PgTimestamp) -> BT
             keep.insert(b.id.clone());
         }
     }
-    let mut gfs = |n: Option<usize>, bucket: &dyn Fn(PgTimestamp) -> (i64, i64)| {
+    let mut gfs = |n: Option<usize>, bucket: &dyn Fn(Calendar) -> (i32, u32)| {
         let Some(n) = n else { return };
         let mut seen = Vec::new();
         for b in &sorted {
-            let k = bucket(b.stop_time);
+            let k = bucket(b.stop_time.calendar());
             if !seen.contains(&k) {
                 if seen.len() == n {
                     break;
@@ -112,10 +96,10 @@ pub fn keep(backups: &[BackupManifest], policy: &Policy, now: PgTimestamp) -> BT
             }
         }
     };
-    gfs(policy.keep_daily, &|t| (calendar(t).3, 0));
-    gfs(policy.keep_weekly, &|t| calendar(t).2);
-    gfs(policy.keep_monthly, &|t| (calendar(t).1, 0));
-    gfs(policy.keep_yearly, &|t| (calendar(t).0, 0));
+    gfs(policy.keep_daily, &|c| c.day);
+    gfs(policy.keep_weekly, &|c| c.iso_week);
+    gfs(policy.keep_monthly, &|c| c.month);
+    gfs(policy.keep_yearly, &|c| (c.year, 0));
     keep
 }
 
@@ -152,7 +136,8 @@ pub const STALE_STAGING_AGE: std::time::Duration = std::time::Duration::from_sec
 /// most its archive timeout for the WAL before it writes the manifest.
 pub const ABANDONED_BACKUP_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-/// Plan and (unless `dry_run`) carry out the expiry.
+/// Plan and (unless `dry_run`) carry out the expiry. Returns what goes and the objects deleted
+/// (or, for a dry run, to delete), each backup's manifest before its other objects.
 ///
 /// # Errors
 /// More than `max_delete` objects without `force`, or store failures.
@@ -163,19 +148,15 @@ pub async fn run(
     dry_run: bool,
     max_delete: usize,
     force: bool,
-) -> anyhow::Result<(Outcome, Vec<String>)> {
+) -> anyhow::Result<(Outcome, Vec<Entry>)> {
     if policy.is_empty() {
         bail!(
             "name a retention policy: --keep-full, --keep-within, --keep-daily/weekly/monthly/yearly (or [expire] in the config file)"
         );
     }
     let catalog = Catalog::load(repo).await?;
-    let restorable: Vec<BackupManifest> = catalog
-        .backups
-        .iter()
-        .filter(|b| catalog.is_restorable(b))
-        .cloned()
-        .collect();
+    let restorable: Vec<BackupManifest> =
+        catalog.restorable_backups().into_iter().cloned().collect();
     if restorable.is_empty() {
         bail!("the repository has no restorable backup; expire deletes nothing until one exists");
     }
@@ -185,92 +166,17 @@ pub async fn run(
         .iter()
         .filter(|b| !kept.contains(&b.id))
         .collect();
+    let kept_backups = || catalog.backups.iter().filter(|b| kept.contains(&b.id));
     let seg_size = catalog.seg_size();
-    let oldest_kept_start: SegNo = catalog
-        .backups
-        .iter()
-        .filter(|b| kept.contains(&b.id))
-        .map(|b| b.start_lsn.segno(seg_size))
-        .min()
-        .unwrap_or(SegNo(0));
+    let oldest_kept = kept_backups().min_by_key(|b| b.start_lsn);
+    let oldest_kept_start: SegNo = oldest_kept.map_or(SegNo(0), |b| b.start_lsn.segno(seg_size));
 
-    // Objects: each expired backup (manifest first), then the WAL before the oldest kept start.
-    let mut deletions: Vec<String> = Vec::new();
+    let mut deletions: Vec<Entry> = Vec::new();
     for b in &expired {
-        deletions.push(ObjectKey::BackupManifest(b.id.clone()).key());
-        let mut rest: Vec<String> = repo
-            .list(Some(&format!("{BACKUP_PREFIX}/{}", b.id)))
-            .await?
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect();
-        rest.retain(|k| *k != ObjectKey::BackupManifest(b.id.clone()).key());
-        rest.sort();
-        deletions.extend(rest);
+        deletions.extend(backup_objects(repo, &b.id).await?);
     }
-    // Interrupted backups: pieces (or, in a local repository, empty directories) with no manifest
-    // and nothing written for a day.
-    let mut abandoned = Vec::new();
-    for id in &catalog.incomplete_backups {
-        let objects = repo.list(Some(&format!("{BACKUP_PREFIX}/{id}"))).await?;
-        // Its backup_label is written when the backup stopped: a manifest lost after that is
-        // damage for verify to report and a person to look at, not leftovers to sweep away.
-        let label = ObjectKey::BackupLabel(id.clone()).key();
-        if objects.iter().any(|m| m.location.as_ref() == label) {
-            continue;
-        }
-        let newest = objects
-            .iter()
-            .map(|m| m.last_modified.timestamp_micros())
-            .max();
-        let idle_since = match newest {
-            Some(t) => Some(t),
-            None => repo.local_dir_modified(&format!("{BACKUP_PREFIX}/{id}")),
-        };
-        let age_limit = if newest.is_some() {
-            ABANDONED_BACKUP_AGE
-        } else {
-            STALE_STAGING_AGE
-        };
-        if idle_since.is_some_and(|t| now.unix_micros() - t > age_limit.as_micros() as i64) {
-            abandoned.push(id.clone());
-            let mut keys: Vec<String> = objects
-                .into_iter()
-                .map(|m| m.location.to_string())
-                .collect();
-            keys.sort();
-            deletions.extend(keys);
-        }
-    }
-    let wal_keys: Vec<String> = repo
-        .list(Some("wal"))
-        .await?
-        .into_iter()
-        .map(|m| m.location.to_string())
-        .collect();
-    let mut wal_files = 0;
-    for key in wal_keys {
-        let segment = match parse_wal_key(&key) {
-            Some(Listed::Wal(
-                WalFileName::Segment(s)
-                | WalFileName::Partial(s)
-                | WalFileName::BackupHistory { segment: s, .. },
-            )) => {
-                wal_files += 1;
-                s
-            }
-            Some(Listed::Summary(s)) => s,
-            _ => continue, // history files and anything unknown stay
-        };
-        if segment
-            .segno(seg_size)
-            .is_some_and(|n| n < oldest_kept_start)
-        {
-            deletions.push(key);
-        } else if matches!(parse_wal_key(&key), Some(Listed::Wal(_))) {
-            wal_files -= 1;
-        }
-    }
+    let abandoned = abandoned_backups(repo, &catalog, now, &mut deletions).await?;
+    let wal_files = expired_wal(repo, seg_size, oldest_kept_start, &mut deletions).await?;
     // A walk of a local repository's directories: on the blocking pool.
     let staging = {
         let repo = repo.clone();
@@ -282,18 +188,9 @@ pub async fn run(
     for t in after.timelines.values_mut() {
         t.segments.retain(|n| *n >= oldest_kept_start);
     }
-    let kept_from = catalog
-        .backups
-        .iter()
-        .filter(|b| kept.contains(&b.id))
-        .min_by_key(|b| b.start_lsn)
-        .and_then(|b| {
-            let tli = crate::pg::TimelineId::new(b.timeline)?;
-            Some(catalog.name(tli, oldest_kept_start).to_string())
-        });
     let outcome = Outcome {
-        wal_kept_from: kept_from,
-        abandoned: abandoned.clone(),
+        wal_kept_from: oldest_kept.map(|b| catalog.name(b.timeline, oldest_kept_start).to_string()),
+        abandoned,
         window_after: crate::restore::plan::window_text(&after),
         staging_files: staging.iter().map(|p| p.display().to_string()).collect(),
         backups: expired.iter().map(|b| b.id.clone()).collect(),
@@ -313,13 +210,13 @@ pub async fn run(
             outcome.wal_files
         );
     }
-    for key in &deletions {
-        repo.delete(key).await?;
+    for entry in &deletions {
+        repo.delete(entry).await?;
     }
     // A local repository keeps the directories the objects were in: without this every expired
     // backup would be listed as an incomplete one for ever.
-    for id in outcome.backups.iter().chain(&abandoned) {
-        repo.remove_empty_local_dirs(&format!("{BACKUP_PREFIX}/{id}"))
+    for id in outcome.backups.iter().chain(&outcome.abandoned) {
+        repo.remove_empty_local_dirs(&Prefix::Backup(id.clone()))
             .with_context(|| format!("remove the directories of backup {id}"))?;
     }
     for path in &staging {
@@ -330,6 +227,76 @@ pub async fn run(
         }
     }
     Ok((outcome, deletions))
+}
+
+/// Every object of backup `id`, its manifest first (so a half-expired backup is never listed),
+/// the rest in key order.
+async fn backup_objects(repo: &Repo, id: &str) -> anyhow::Result<Vec<Entry>> {
+    let manifest = ObjectKey::BackupManifest(id.to_string());
+    let mut objects = repo.list(&Prefix::Backup(id.to_string())).await?;
+    objects.sort_by_key(|e| (e.object.as_ref() != Some(&manifest), e.key().to_string()));
+    Ok(objects)
+}
+
+/// Interrupted backups: pieces (or, in a local repository, empty directories) with no manifest
+/// and nothing written for a day. Their objects are added to `deletions`; their ids returned.
+async fn abandoned_backups(
+    repo: &Repo,
+    catalog: &Catalog,
+    now: PgTimestamp,
+    deletions: &mut Vec<Entry>,
+) -> anyhow::Result<Vec<String>> {
+    let mut abandoned = Vec::new();
+    for id in &catalog.incomplete_backups {
+        let mut objects = repo.list(&Prefix::Backup(id.clone())).await?;
+        // Its backup_label is written when the backup stopped: a manifest lost after that is
+        // damage for verify to report and a person to look at, not leftovers to sweep away.
+        let label = ObjectKey::BackupLabel(id.clone());
+        if objects.iter().any(|e| e.object.as_ref() == Some(&label)) {
+            continue;
+        }
+        let newest = objects.iter().map(|e| e.modified_micros).max();
+        let (idle_since, age_limit) = match newest {
+            Some(t) => (Some(t), ABANDONED_BACKUP_AGE),
+            None => (
+                repo.local_dir_modified(&Prefix::Backup(id.clone())),
+                STALE_STAGING_AGE,
+            ),
+        };
+        if idle_since.is_some_and(|t| now.unix_micros() - t > age_limit.as_micros() as i64) {
+            abandoned.push(id.clone());
+            objects.sort_by(|a, b| a.key().cmp(b.key()));
+            deletions.extend(objects);
+        }
+    }
+    Ok(abandoned)
+}
+
+/// The WAL before segment `before` (history files always stay): added to `deletions`. Returns how
+/// many WAL files (segments, partials, backup history files; summaries not counted) go.
+async fn expired_wal(
+    repo: &Repo,
+    seg_size: crate::pg::WalSegSize,
+    before: SegNo,
+    deletions: &mut Vec<Entry>,
+) -> anyhow::Result<usize> {
+    let mut wal_files = 0;
+    for entry in repo.list(&Prefix::Wal).await? {
+        let (segment, is_wal) = match &entry.object {
+            Some(ObjectKey::Wal(
+                WalFileName::Segment(s)
+                | WalFileName::Partial(s)
+                | WalFileName::BackupHistory { segment: s, .. },
+            )) => (*s, true),
+            Some(ObjectKey::Summary(s)) => (*s, false),
+            _ => continue, // history files and anything unknown stay
+        };
+        if segment.segno(seg_size).is_some_and(|n| n < before) {
+            wal_files += usize::from(is_wal);
+            deletions.push(entry);
+        }
+    }
+    Ok(wal_files)
 }
 
 #[cfg(test)]
@@ -346,16 +313,16 @@ mod tests {
             program_version: "t".into(),
             id: id.into(),
             label: id.into(),
-            system_identifier: "1".into(),
+            system_identifier: crate::pg::SystemId(1),
             pg_version: 15,
-            timeline: 1,
+            timeline: crate::pg::TimelineId::ONE,
             start_lsn: Lsn(0),
             checkpoint_lsn: Lsn(0),
             stop_lsn: Lsn(0),
             start_time: PgTimestamp(day * DAY + hour * 3_600_000_000),
             stop_time: PgTimestamp(day * DAY + hour * 3_600_000_000),
-            start_wal: String::new(),
-            stop_wal: String::new(),
+            start_wal: "000000010000000000000001".parse().unwrap(),
+            stop_wal: "000000010000000000000001".parse().unwrap(),
             compression: Compression::Zstd,
             files: vec![],
             directories: vec![],

@@ -11,8 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pg::PgTimestamp;
 use crate::pg::waldecoder::{DecodeError, End, HeadFragment, SegmentDecoder, TailFragment};
-use crate::pg::xlogrecord::{Event, PgTimestamp, XactKind, event};
+use crate::pg::xlogrecord::{Event, XactKind, event};
 use crate::pg::{Lsn, PgMajor, SegmentName, WalSegSize};
 
 /// Summary format version.
@@ -166,6 +167,14 @@ impl SegmentSummary {
             Event::BackupEnd { start } => self.backup_ends.push((lsn, start)),
             Event::Switch => self.switch_lsn = Some(lsn),
         }
+    }
+}
+
+impl crate::format::Versioned for SegmentSummary {
+    const WHAT: &'static str = "segment summary";
+    const SUPPORTED: u32 = SUMMARY_FORMAT;
+    fn version(&self) -> u32 {
+        self.format
     }
 }
 

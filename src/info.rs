@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use crate::catalog::{Catalog, FoundRestorePoint, IndexProblem};
 use crate::index::XactRef;
-use crate::pg::xlogrecord::PgTimestamp;
-use crate::pg::{Lsn, TimelineId};
+use crate::pg::PgTimestamp;
+use crate::pg::{Lsn, SegmentName, SystemId, TimelineId, WalSegSize};
 
 /// `info --json`. Field names are a contract (DESIGN.md).
 #[derive(Debug, Serialize)]
@@ -15,11 +15,11 @@ pub struct Info {
     /// The repository URL.
     pub repository: String,
     /// The cluster's system identifier (text: it exceeds JSON's exact integers).
-    pub system_identifier: Option<String>,
+    pub system_identifier: Option<SystemId>,
     /// PostgreSQL major version.
     pub pg_version: Option<u32>,
     /// WAL segment size in bytes.
-    pub wal_segment_size: Option<u32>,
+    pub wal_segment_size: Option<WalSegSize>,
     /// Timelines, oldest first.
     pub timelines: Vec<TimelineJson>,
     /// Complete base backups, oldest first.
@@ -42,7 +42,7 @@ pub struct BackupJson {
     /// Key-safe id (the directory under `backups/`).
     pub id: String,
     /// Timeline.
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// Redo LSN where recovery starts.
     pub start_lsn: Lsn,
     /// End of the backup: recovery is consistent after it.
@@ -52,9 +52,9 @@ pub struct BackupJson {
     /// Stop time: the earliest moment a restore from this backup can stop at.
     pub stop_time: PgTimestamp,
     /// First WAL segment needed.
-    pub start_wal: String,
+    pub start_wal: SegmentName,
     /// Last WAL segment needed to be consistent.
-    pub stop_wal: String,
+    pub stop_wal: SegmentName,
     /// Files copied.
     pub files: usize,
     /// Bytes copied.
@@ -202,7 +202,7 @@ impl Info {
         let window = c.window().map(WindowJson::from);
         Info {
             repository: repository.to_string(),
-            system_identifier: c.identity.as_ref().map(|i| i.system_identifier.clone()),
+            system_identifier: c.identity.as_ref().map(|i| i.system_identifier),
             pg_version: c.identity.as_ref().map(|i| i.pg_version),
             wal_segment_size: c.identity.as_ref().map(|i| i.wal_segment_size),
             timelines,
@@ -217,8 +217,8 @@ impl Info {
                     stop_lsn: b.stop_lsn,
                     start_time: b.start_time,
                     stop_time: b.stop_time,
-                    start_wal: b.start_wal.clone(),
-                    stop_wal: b.stop_wal.clone(),
+                    start_wal: b.start_wal,
+                    stop_wal: b.stop_wal,
                     files: b.files.len(),
                     size_bytes: b.size_bytes,
                     stored_bytes: b.stored_bytes,
@@ -250,7 +250,7 @@ impl Info {
         let _ = writeln!(
             o,
             "cluster      {id} (PostgreSQL {v}, {} MiB WAL segments)",
-            sz >> 20
+            sz.bytes() >> 20
         );
         let _ = writeln!(o, "\nWAL");
         let _ = writeln!(

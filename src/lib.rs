@@ -20,12 +20,16 @@ pub mod durable;
 pub mod error;
 pub mod exit;
 pub mod expire;
+pub mod format;
 pub mod index;
 pub mod info;
+pub mod manifest;
 pub mod metrics;
 pub mod pg;
 pub mod pgconn;
 pub mod restore;
 pub mod storage;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod users;
 pub mod verify;

@@ -4,8 +4,10 @@
 use std::fmt::Write as _;
 
 use crate::catalog::Catalog;
-use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::PgTimestamp;
+use crate::pg::WalFileName;
 use crate::storage::Repo;
+use crate::storage::layout::{ObjectKey, Prefix};
 
 fn secs(t: PgTimestamp) -> f64 {
     t.unix_micros() as f64 / 1e6
@@ -60,24 +62,19 @@ pub async fn render(repo: &Repo, now: f64) -> anyhow::Result<String> {
     // is safe. (Measured from the last commit instead, it would grow without bound on a server that
     // archives with archive_timeout but commits nothing.)
     if let Some(newest) = c.newest_timeline() {
-        let prefix = format!(
-            "{}/{:08X}",
-            crate::storage::layout::WAL_PREFIX,
-            newest.get()
-        );
         let uploaded = repo
-            .list(Some(&prefix))
+            .list(&Prefix::WalTimeline(newest))
             .await?
             .into_iter()
-            .filter(|m| {
+            .filter(|e| {
                 matches!(
-                    crate::storage::layout::parse_wal_key(m.location.as_ref()),
-                    Some(crate::storage::layout::Listed::Wal(
-                        crate::pg::WalFileName::Segment(_) | crate::pg::WalFileName::Partial(_)
+                    e.object,
+                    Some(ObjectKey::Wal(
+                        WalFileName::Segment(_) | WalFileName::Partial(_)
                     ))
                 )
             })
-            .map(|m| m.last_modified.timestamp_micros() as f64 / 1e6)
+            .map(|e| e.modified_micros as f64 / 1e6)
             .fold(None, |acc: Option<f64>, t| {
                 Some(acc.map_or(t, |a| a.max(t)))
             });
@@ -114,7 +111,7 @@ pub async fn render(repo: &Repo, now: f64) -> anyhow::Result<String> {
             );
         }
     }
-    let restorable: Vec<_> = c.backups.iter().filter(|b| c.is_restorable(b)).collect();
+    let restorable: Vec<_> = c.restorable_backups();
     metric(
         &mut o,
         "pitr_backups",
@@ -153,9 +150,7 @@ pub async fn render(repo: &Repo, now: f64) -> anyhow::Result<String> {
         "Segments or summaries the WAL index could not read.",
         &[(String::new(), c.problems.len() as f64)],
     );
-    let status = repo.get_raw(crate::verify::STATUS_KEY).await;
-    if let Ok(Some(b)) = status
-        && let Ok(json) = crate::storage::envelope::decode(&b)
+    if let Ok(Some(json)) = repo.get(&ObjectKey::VerifyStatus).await
         && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json)
     {
         if let Some(t) = v["finished_at"]

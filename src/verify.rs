@@ -21,13 +21,11 @@ use serde::Serialize;
 
 use crate::catalog::Catalog;
 use crate::compress::Compression;
-use crate::pg::xlogrecord::PgTimestamp;
+use crate::manifest::BackupManifest;
+use crate::pg::PgTimestamp;
 use crate::pg::{SegNo, TimelineId, WalFileName};
-use crate::storage::layout::{Listed, ObjectKey, parse_wal_key};
-use crate::storage::{Repo, RepoError};
-
-/// Where verify records its last result.
-pub const STATUS_KEY: &str = "status/verify.json";
+use crate::storage::layout::{ObjectKey, Prefix};
+use crate::storage::{Entry, PutMode, Repo, RepoError};
 
 /// One problem.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -64,141 +62,194 @@ pub struct Report {
 /// # Errors
 /// Only failures to list or read the store at all; everything about the content is a finding.
 pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
-    let mut findings = Vec::new();
     let catalog = Catalog::load(repo).await?;
-    for p in &catalog.problems {
-        let detail = match p.lsn {
-            Some(lsn) => format!("WAL records could not be decoded past {lsn}: {}", p.reason),
-            None => p.reason.clone(),
-        };
-        findings.push(Finding {
+    let mut findings = index_findings(&catalog);
+    let listing = repo.list(&Prefix::Everything).await?;
+    let present: BTreeSet<String> = listing.iter().map(|e| e.key().to_string()).collect();
+    let objects = check_objects(repo, listing, jobs).await;
+    findings.extend(objects.findings);
+    for b in &catalog.backups {
+        findings.extend(check_backup(repo, b, &present, jobs).await);
+    }
+    findings.extend(wal_findings(&catalog, &present));
+    findings.extend(history_findings(&catalog));
+    findings.extend(backup_findings(&catalog, &present));
+    findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+    findings.dedup();
+    let report = Report {
+        repository: repo.location().to_string(),
+        finished_at: PgTimestamp::now(),
+        objects_checked: objects.checked,
+        bytes_checked: objects.bytes,
+        stored_bytes_checked: objects.stored_bytes,
+        backups_checked: catalog.backups.len(),
+        findings,
+    };
+    // Record the result for `pitr metrics` (a status object may be replaced).
+    let json = serde_json::to_vec(&serde_json::json!({
+        "finished_at": report.finished_at, "findings": report.findings.len(), "objects_checked": report.objects_checked
+    }))?;
+    let key = ObjectKey::VerifyStatus;
+    let stored = repo.seal(&key, &json, Compression::None)?;
+    if let Err(e) = repo.put(&key, stored, PutMode::OverwriteDerived).await {
+        tracing::warn!("record the verify result in {}: {e}", key.key());
+    }
+    Ok(report)
+}
+
+/// What the WAL index could not read.
+fn index_findings(catalog: &Catalog) -> Vec<Finding> {
+    catalog
+        .problems
+        .iter()
+        .map(|p| Finding {
             kind: "index",
             object: p.segment.clone(),
-            detail,
-        });
-    }
+            detail: match p.lsn {
+                Some(lsn) => format!("WAL records could not be decoded past {lsn}: {}", p.reason),
+                None => p.reason.clone(),
+            },
+        })
+        .collect()
+}
 
-    // Every object's checksums.
-    let keys: Vec<String> = repo
-        .list(None)
-        .await?
-        .into_iter()
-        .map(|m| m.location.to_string())
-        .collect();
-    let present: BTreeSet<String> = keys.iter().cloned().collect();
+/// What reading every object back found.
+struct ObjectsChecked {
+    checked: u64,
+    bytes: u64,
+    stored_bytes: u64,
+    findings: Vec<Finding>,
+}
+
+/// Every object's checksums (the verify status, which each run replaces, aside).
+async fn check_objects(repo: &Repo, listing: Vec<Entry>, jobs: usize) -> ObjectsChecked {
     // (key, (decoded bytes, stored bytes) or what is wrong)
     type Checked = (String, Result<(u64, u64), String>);
-    let checked: Vec<Checked> = futures::stream::iter(keys.into_iter().filter(|k| k != STATUS_KEY))
-        .map(|key| async move {
-            let got = match repo.get_raw(&key).await {
-                Ok(Some(b)) => Ok(b),
-                Ok(None) => Err("deleted while verify ran".to_string()),
-                Err(e) => Err(e.to_string()),
+    let checked: Vec<Checked> = futures::stream::iter(
+        listing
+            .into_iter()
+            .filter(|e| e.object != Some(ObjectKey::VerifyStatus)),
+    )
+    .map(|entry| async move {
+        let got = match repo.get_stored(&entry).await {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err("deleted while verify ran".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let result = got.and_then(|b| {
+            crate::storage::envelope::decode(&b).map(|d| (d.len() as u64, b.len() as u64))
+        });
+        (entry.key().to_string(), result)
+    })
+    .buffer_unordered(jobs.max(1))
+    .collect()
+    .await;
+    let mut out = ObjectsChecked {
+        checked: checked.len() as u64,
+        bytes: 0,
+        stored_bytes: 0,
+        findings: Vec::new(),
+    };
+    for (key, r) in checked {
+        match r {
+            Ok((n, stored)) => {
+                out.bytes += n;
+                out.stored_bytes += stored;
+            }
+            Err(detail) => out.findings.push(Finding {
+                kind: "corrupt",
+                object: key,
+                detail,
+            }),
+        }
+    }
+    out
+}
+
+/// A backup's label, and every piece its manifest lists, with its size and CRC.
+async fn check_backup(
+    repo: &Repo,
+    b: &BackupManifest,
+    present: &BTreeSet<String>,
+    jobs: usize,
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let label = ObjectKey::BackupLabel(b.id.clone()).key();
+    if !present.contains(&label) {
+        findings.push(Finding {
+            kind: "missing",
+            object: label,
+            detail: format!("backup {} has no backup_label", b.id),
+        });
+    }
+    let pieces = b.files.iter().flat_map(|f| {
+        f.parts.iter().enumerate().map(move |(i, p)| {
+            let key = ObjectKey::BackupPart {
+                id: b.id.clone(),
+                path: f.path.clone(),
+                part: i as u32,
             };
-            let result = got.and_then(|b| {
-                crate::storage::envelope::decode(&b).map(|d| (d.len() as u64, b.len() as u64))
-            });
-            (key, result)
+            (key, p.size, p.crc32c)
+        })
+    });
+    let missing = |name: String| Finding {
+        kind: "missing",
+        object: name,
+        detail: format!("listed in the manifest of backup {}", b.id),
+    };
+    let results: Vec<Option<Finding>> = futures::stream::iter(pieces)
+        .map(|(key, size, crc)| async move {
+            let name = key.key();
+            if !present.contains(&name) {
+                return Some(missing(name));
+            }
+            match repo.get(&key).await {
+                Ok(Some(d)) if d.len() as u64 == size && crc32c::crc32c(&d) == crc => None,
+                Ok(Some(d)) => Some(Finding {
+                    kind: "corrupt",
+                    object: name,
+                    detail: format!(
+                        "{} bytes with CRC {:08x}; the manifest says {size} bytes, CRC {crc:08x}",
+                        d.len(),
+                        crc32c::crc32c(&d)
+                    ),
+                }),
+                Ok(None) => Some(missing(name)),
+                Err(RepoError::Corrupt { .. }) => None, // already reported with every object
+                Err(e) => Some(Finding {
+                    kind: "corrupt",
+                    object: name,
+                    detail: e.to_string(),
+                }),
+            }
         })
         .buffer_unordered(jobs.max(1))
         .collect()
         .await;
-    let (mut bytes, mut stored_bytes) = (0, 0);
-    for (key, r) in &checked {
-        match r {
-            Ok((n, stored)) => {
-                bytes += n;
-                stored_bytes += stored;
-            }
-            Err(e) => findings.push(Finding {
-                kind: "corrupt",
-                object: key.clone(),
-                detail: e.clone(),
-            }),
-        }
-    }
+    findings.extend(results.into_iter().flatten());
+    findings
+}
 
-    // Backups: every piece the manifest lists, with its size and CRC.
-    let present_ref = &present;
-    for b in &catalog.backups {
-        let label = ObjectKey::BackupLabel(b.id.clone()).key();
-        if !present.contains(&label) {
-            findings.push(Finding {
-                kind: "missing",
-                object: label,
-                detail: format!("backup {} has no backup_label", b.id),
-            });
-        }
-        let pieces: Vec<(ObjectKey, u64, u32)> = b
-            .files
-            .iter()
-            .flat_map(|f| {
-                f.parts.iter().enumerate().map(move |(i, p)| {
-                    (
-                        ObjectKey::BackupPart {
-                            id: b.id.clone(),
-                            path: f.path.clone(),
-                            part: i as u32,
-                        },
-                        p.size,
-                        p.crc32c,
-                    )
-                })
-            })
-            .collect();
-        let results: Vec<Option<Finding>> = futures::stream::iter(pieces)
-            .map(|(key, size, crc)| async move {
-                let name = key.key();
-                if !present_ref.contains(&name) {
-                    return Some(Finding { kind: "missing", object: name, detail: format!("listed in the manifest of backup {}", b.id) });
-                }
-                match repo.get(&key).await {
-                    Ok(Some(d)) if d.len() as u64 == size && crc32c::crc32c(&d) == crc => None,
-                    Ok(Some(d)) => Some(Finding {
-                        kind: "corrupt",
-                        object: name,
-                        detail: format!("{} bytes with CRC {:08x}; the manifest says {size} bytes, CRC {crc:08x}", d.len(), crc32c::crc32c(&d)),
-                    }),
-                    Ok(None) => Some(Finding { kind: "missing", object: name, detail: format!("listed in the manifest of backup {}", b.id) }),
-                    Err(RepoError::Corrupt { .. }) => None, // already reported above
-                    Err(e) => Some(Finding { kind: "corrupt", object: name, detail: e.to_string() }),
-                }
-            })
-            .buffer_unordered(jobs.max(1))
-            .collect()
-            .await;
-        findings.extend(results.into_iter().flatten());
-    }
-
-    // WAL continuity from the oldest backup's start, per timeline.
+/// WAL continuity from the oldest backup's start on every timeline, backups whose own WAL is
+/// incomplete, and segments deleted after they were archived (their summary, written after the
+/// segment, is still there).
+fn wal_findings(catalog: &Catalog, present: &BTreeSet<String>) -> Vec<Finding> {
     let seg_size = catalog.seg_size();
+    let mut findings = Vec::new();
     let oldest_start = catalog
         .backups
         .iter()
         .map(|b| b.start_lsn.segno(seg_size))
         .min();
-    for &tli in catalog.timelines.keys() {
-        let ranges = catalog.ranges(tli);
-        for w in ranges.windows(2) {
-            if oldest_start.is_some_and(|s| w[1].0 > s) {
-                let (first, last) = (
-                    catalog.name(tli, SegNo(w[0].1.0 + 1)),
-                    catalog.name(tli, SegNo(w[1].0.0 - 1)),
-                );
-                let detail = if first == last {
-                    format!("segment {first} is missing")
-                } else {
-                    format!("segments {first} to {last} are missing")
-                };
-                findings.push(Finding {
-                    kind: "gap",
-                    object: format!("timeline {tli}"),
-                    detail,
-                });
-            }
+    if oldest_start.is_some() {
+        for g in catalog.gaps_after(oldest_start) {
+            findings.push(Finding {
+                kind: "gap",
+                object: format!("timeline {}", g.after.tli),
+                detail: g.describe(seg_size),
+            });
         }
     }
-    // A backup whose own WAL is incomplete.
     for b in catalog.backups.iter().filter(|b| !catalog.is_restorable(b)) {
         findings.push(Finding {
             kind: "missing",
@@ -209,10 +260,8 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             ),
         });
     }
-
-    // Summaries whose segment is gone: deleted after it was archived.
-    for key in &present {
-        if let Some(Listed::Summary(seg)) = parse_wal_key(key) {
+    for key in present {
+        if let Some(ObjectKey::Summary(seg)) = ObjectKey::parse(key) {
             let wal = ObjectKey::Wal(WalFileName::Segment(seg)).key();
             if !present.contains(&wal) {
                 findings.push(Finding {
@@ -223,8 +272,14 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             }
         }
     }
+    findings
+}
 
-    // History files: each repeats its parent's lines; every ancestor's history file exists.
+/// History files: each repeats its parent's lines, every ancestor's history file exists, every
+/// timeline with WAL has one, none contradicts the WAL, and one live branch only.
+fn history_findings(catalog: &Catalog) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let history_key = |tli: TimelineId| ObjectKey::Wal(WalFileName::History(tli)).key();
     for (tli, h) in &catalog.histories {
         for (i, e) in h.entries.iter().enumerate() {
             if e.parent == TimelineId::ONE {
@@ -233,7 +288,7 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             match catalog.histories.get(&e.parent) {
                 None => findings.push(Finding {
                     kind: "missing",
-                    object: ObjectKey::Wal(WalFileName::History(e.parent)).key(),
+                    object: history_key(e.parent),
                     detail: format!(
                         "timeline {tli}'s history names timeline {} as an ancestor",
                         e.parent
@@ -249,7 +304,7 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
                 {
                     findings.push(Finding {
                         kind: "history",
-                        object: ObjectKey::Wal(WalFileName::History(*tli)).key(),
+                        object: history_key(*tli),
                         detail: format!(
                             "does not repeat the lines of timeline {}'s history",
                             e.parent
@@ -260,14 +315,13 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             }
         }
     }
-
     // A timeline with WAL needs its history file (or restores cannot follow it).
     for (tli, t) in &catalog.timelines {
         if *tli != TimelineId::ONE && !t.segments.is_empty() && !catalog.histories.contains_key(tli)
         {
             findings.push(Finding {
                 kind: "missing",
-                object: ObjectKey::Wal(WalFileName::History(*tli)).key(),
+                object: history_key(*tli),
                 detail: format!(
                     "timeline {tli} has {} archived segment(s) but no history file: restores cannot follow it",
                     t.segments.len()
@@ -275,32 +329,7 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             });
         }
     }
-    // A history file inconsistent with the WAL: its timeline has none, while its parent's WAL goes
-    // on past the switch point (a made-up or stray history file, or a second live branch: a
-    // promoted clone archiving nothing yet while the primary keeps going).
-    for (tli, h) in &catalog.histories {
-        let (Some(last), Some(t)) = (h.entries.last(), catalog.timelines.get(tli)) else {
-            continue;
-        };
-        if !t.segments.is_empty() {
-            continue;
-        }
-        let switch_seg = last.switch_lsn.segno(seg_size);
-        let parent_after = catalog
-            .timelines
-            .get(&last.parent)
-            .map_or(0, |p| p.segments.range(SegNo(switch_seg.0 + 1)..).count());
-        if parent_after > 0 {
-            findings.push(Finding {
-                kind: "history",
-                object: ObjectKey::Wal(WalFileName::History(*tli)).key(),
-                detail: format!(
-                    "timeline {tli} branches from timeline {} at {}, but none of its WAL is archived while {parent_after} segment(s) of timeline {} follow the switch point",
-                    last.parent, last.switch_lsn, last.parent
-                ),
-            });
-        }
-    }
+    findings.extend(stray_histories(catalog));
     // A second live branch: two servers archive diverging histories into one repository.
     let live = catalog.live_branches();
     if live.len() > 1 {
@@ -325,9 +354,46 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             ),
         });
     }
-    // Backups: none restorable is the worst finding of all; a backup with its label but no
-    // manifest lost the manifest (the label is written at the very end).
-    if !catalog.backups.iter().any(|b| catalog.is_restorable(b)) {
+    findings
+}
+
+/// A history file inconsistent with the WAL: its timeline has none, while its parent's WAL goes
+/// on past the switch point (a made-up or stray history file, or a second live branch: a
+/// promoted clone archiving nothing yet while the primary keeps going).
+fn stray_histories(catalog: &Catalog) -> Vec<Finding> {
+    let seg_size = catalog.seg_size();
+    let mut findings = Vec::new();
+    for (tli, h) in &catalog.histories {
+        let (Some(last), Some(t)) = (h.entries.last(), catalog.timelines.get(tli)) else {
+            continue;
+        };
+        if !t.segments.is_empty() {
+            continue;
+        }
+        let switch_seg = last.switch_lsn.segno(seg_size);
+        let parent_after = catalog
+            .timelines
+            .get(&last.parent)
+            .map_or(0, |p| p.segments.range(SegNo(switch_seg.0 + 1)..).count());
+        if parent_after > 0 {
+            findings.push(Finding {
+                kind: "history",
+                object: ObjectKey::Wal(WalFileName::History(*tli)).key(),
+                detail: format!(
+                    "timeline {tli} branches from timeline {} at {}, but none of its WAL is archived while {parent_after} segment(s) of timeline {} follow the switch point",
+                    last.parent, last.switch_lsn, last.parent
+                ),
+            });
+        }
+    }
+    findings
+}
+
+/// No restorable backup is the worst finding of all; a backup with its label but no manifest lost
+/// the manifest (the label is written at the very end).
+fn backup_findings(catalog: &Catalog, present: &BTreeSet<String>) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    if catalog.restorable_backups().is_empty() {
         findings.push(Finding {
             kind: "backup",
             object: "backups/".into(),
@@ -351,37 +417,14 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
             });
         }
     }
-
-    findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
-    findings.dedup();
-    let report = Report {
-        repository: repo.location().to_string(),
-        finished_at: crate::pg::xlogrecord::PgTimestamp::from_unix_micros(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as i64),
-        ),
-        objects_checked: checked.len() as u64,
-        bytes_checked: bytes,
-        stored_bytes_checked: stored_bytes,
-        backups_checked: catalog.backups.len(),
-        findings,
-    };
-    // Record the result for `pitr metrics` (a status object may be replaced).
-    let json = serde_json::to_vec(&serde_json::json!({
-        "finished_at": report.finished_at, "findings": report.findings.len(), "objects_checked": report.objects_checked
-    }))?;
-    let stored = crate::storage::envelope::encode(&json, Compression::None)?;
-    if let Err(e) = repo.put_overwrite(STATUS_KEY, stored).await {
-        tracing::warn!("record the verify result in {STATUS_KEY}: {e}");
-    }
-    Ok(report)
+    findings
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::identity::RepoIdentity;
+    use crate::testing::PutBytes;
     use std::sync::Arc;
 
     fn wal(name: &str) -> ObjectKey {
@@ -397,9 +440,9 @@ mod tests {
         );
         repo.ensure_identity(&RepoIdentity {
             format_version: crate::storage::identity::FORMAT_VERSION,
-            system_identifier: "1".into(),
+            system_identifier: crate::pg::SystemId(1),
             pg_version: 15,
-            wal_segment_size: 16 << 20,
+            wal_segment_size: crate::pg::WalSegSize::DEFAULT,
             wal_page_size: 8192,
         })
         .await
@@ -424,7 +467,7 @@ mod tests {
         .await
         .unwrap();
         // A backup whose manifest was deleted: pieces and label still there.
-        repo.create_encoded(
+        repo.put_unique(
             &ObjectKey::BackupLabel("20261121T101304Z".into()),
             crate::storage::envelope::encode(b"START WAL LOCATION: 0/1000028\n", Compression::None)
                 .unwrap(),

@@ -309,7 +309,7 @@ async fn fetch_one(
         return Ok(true); // the spool was cleaned away
     }
     let key = ObjectKey::Wal(WalFileName::Segment(seg));
-    let stored = match repo.get_raw(&key.key()).await {
+    let stored = match repo.get_stored(&key).await {
         Ok(Some(b)) => b,
         Ok(None) => {
             let _ = std::fs::remove_file(&tmp);
@@ -341,6 +341,7 @@ async fn fetch_one(
 mod tests {
     use super::*;
     use crate::pg::TimelineId;
+    use crate::testing::PutBytes;
 
     #[test]
     fn prune_keeps_only_what_recovery_will_ask_for() {

@@ -22,9 +22,9 @@ use crate::pg::segment::{SIZE_OF_LONG_PHD, validate_segment_start};
 use crate::pg::timeline::History;
 use crate::storage::envelope;
 use crate::storage::identity::RepoIdentity;
-use crate::storage::layout::ObjectKey;
+use crate::storage::layout::{ObjectKey, Prefix};
 use crate::storage::staged::Staged;
-use crate::storage::{Original, PutOutcome, Repo, RepoError};
+use crate::storage::{Original, Payload, PutMode, PutOutcome, Repo, RepoError};
 
 /// What a push did.
 #[derive(Clone, Debug)]
@@ -297,15 +297,9 @@ pub async fn check_history(repo: &Repo, h: &History) -> anyhow::Result<()> {
     } else {
         None
     };
-    let holds_wal = repo.any_under(crate::storage::layout::WAL_PREFIX).await?;
-    let parent_known = parent_history.is_some()
-        || repo
-            .any_under(&format!(
-                "{}/{:08X}",
-                crate::storage::layout::WAL_PREFIX,
-                parent.get()
-            ))
-            .await?;
+    let holds_wal = repo.any_under(&Prefix::Wal).await?;
+    let parent_known =
+        parent_history.is_some() || repo.any_under(&Prefix::WalTimeline(parent)).await?;
     if holds_wal && !parent_known {
         // Not a contradiction (a cascaded failover can skip a timeline whose server never
         // archived), and refusing it would stall all archiving behind it: stored, and reported.
@@ -490,16 +484,18 @@ async fn put_file(
     staged: Option<Staged>,
     found: Option<bool>,
 ) -> Result<PutOutcome, RepoError> {
-    match staged {
-        Some(st) if found != Some(true) => {
-            repo.publish_staged(name, Original::File(path), st, stored_len)
-                .await
-        }
-        _ => {
-            repo.put_new_encoded_looked(&ObjectKey::Wal(name), Original::File(path), stored, found)
-                .await
-        }
-    }
+    let payload = match staged {
+        Some(file) if found != Some(true) => Payload::Staged {
+            file,
+            stored_bytes: stored_len,
+        },
+        _ => Payload::Memory(stored),
+    };
+    let mode = PutMode::CreateOrCompare {
+        original: Original::File(path),
+        found,
+    };
+    repo.put(&ObjectKey::Wal(name), payload, mode).await
 }
 
 /// Read the `len` bytes of `file` in one pass on `push_threads()` threads, then run `inspect` on them (the WAL index) on its own thread while the
@@ -577,8 +573,13 @@ async fn store_summary(
         );
     }
     let json = serde_json::to_vec(summary)?;
-    repo.put_derived(&ObjectKey::Summary(seg), &json, Compression::Zstd)
-        .await?;
+    let key = ObjectKey::Summary(seg);
+    repo.put(
+        &key,
+        repo.seal(&key, &json, Compression::Zstd)?,
+        PutMode::OverwriteDerived,
+    )
+    .await?;
     Ok(())
 }
 
@@ -586,6 +587,7 @@ async fn store_summary(
 mod tests {
     use super::*;
     use crate::pg::PgMajor;
+    use crate::testing::PutBytes;
     use object_store::memory::InMemory;
     use std::sync::Arc;
 
@@ -629,15 +631,15 @@ mod tests {
         assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
         // The same bytes again: already stored, and the summary is not rewritten (a read-only
         // repository answers 0 for an identical segment).
-        let before = repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap();
+        let before = repo.get_stored(&ObjectKey::Summary(seg)).await.unwrap();
         let r = push(&repo, &path, Compression::Lz4).await.unwrap();
         assert_eq!(r.outcome, PutOutcome::AlreadyStored);
         assert_eq!(
-            repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap(),
+            repo.get_stored(&ObjectKey::Summary(seg)).await.unwrap(),
             before
         );
         // A summary lost to a crash between the two writes comes back with the next push.
-        repo.delete(&ObjectKey::Summary(seg).key()).await.unwrap();
+        repo.delete(&ObjectKey::Summary(seg)).await.unwrap();
         push(&repo, &path, Compression::Zstd).await.unwrap();
         assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
         // Other bytes under the name, looked up as absent (another writer got in after the look):
@@ -654,7 +656,7 @@ mod tests {
             .unwrap();
         assert_eq!(kept[9000], 1);
         assert_eq!(
-            repo.get_raw(&ObjectKey::Summary(seg).key()).await.unwrap(),
+            repo.get_stored(&ObjectKey::Summary(seg)).await.unwrap(),
             before
         );
     }
@@ -843,5 +845,89 @@ mod tests {
             .filter(|n| n.contains('#'))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    mod faults {
+        use super::super::push;
+        use crate::compress::Compression;
+        use crate::storage::Repo;
+        use crate::storage::retry::RetryPolicy;
+        use crate::testing::faults::{Fault, Faulty, quick, segment_file, stored, wal_key};
+        use std::sync::atomic::Ordering;
+        use std::time::Duration;
+
+        #[tokio::test]
+        async fn push_recovers_from_transient_failures() {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, bytes) = segment_file(dir.path());
+            for (fault, failures) in [
+                (Fault::Fail, 3),
+                (Fault::ApplyThenFail, 1),
+                (Fault::ApplyThenFail, 2),
+                (Fault::Stall, 1),
+            ] {
+                for look_first in [false, true] {
+                    let store = Faulty::new(fault, failures);
+                    let repo = if look_first {
+                        Repo::from_store_look_first(store.clone(), "faulty://")
+                    } else {
+                        Repo::from_store(store.clone(), "faulty://")
+                    }
+                    .with_retry(quick());
+                    let report = push(&repo, &path, Compression::Zstd)
+                        .await
+                        .unwrap_or_else(|e| panic!("{fault:?} x{failures}: {e:#}"));
+                    assert_eq!(report.original_bytes, bytes.len() as u64);
+                    assert_eq!(
+                        stored(&store, &wal_key()).await.as_deref(),
+                        Some(bytes.as_slice()),
+                        "{fault:?} x{failures}"
+                    );
+                    assert!(store.calls.load(Ordering::SeqCst) > failures);
+                    // And it reads back through the same faults.
+                    store.remaining.store(failures, Ordering::SeqCst);
+                    assert_eq!(repo.get(&wal_key()).await.unwrap().unwrap(), bytes);
+                }
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_store_that_stays_down_is_a_failure_not_a_success() {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, _) = segment_file(dir.path());
+            for fault in [Fault::Fail, Fault::Stall] {
+                let store = Faulty::new(fault, u32::MAX);
+                let policy = RetryPolicy {
+                    budget: Duration::from_millis(800),
+                    ..quick()
+                };
+                let repo = Repo::from_store(store.clone(), "faulty://").with_retry(policy);
+                let start = tokio::time::Instant::now();
+                let err = push(&repo, &path, Compression::Zstd).await.unwrap_err();
+                // Tokio's clock (paused, so it is exact): retries stop once the budget is spent.
+                assert!(
+                    start.elapsed() <= policy.budget + policy.max_backoff + policy.attempt_timeout,
+                    "{fault:?}: {:?}",
+                    start.elapsed()
+                );
+                assert!(
+                    format!("{err:#}").contains("injected fault")
+                        || format!("{err:#}").contains("no answer"),
+                    "{err:#}"
+                );
+                assert_eq!(stored(&store, &wal_key()).await, None, "{fault:?}");
+                assert!(
+                    store.calls.load(Ordering::SeqCst) >= 2,
+                    "{fault:?} was not retried"
+                );
+            }
+            // Answers lost every time: the object may be there, but push still fails rather than guess.
+            let store = Faulty::new(Fault::ApplyThenFail, u32::MAX);
+            let repo = Repo::from_store(store.clone(), "faulty://").with_retry(RetryPolicy {
+                budget: Duration::from_millis(500),
+                ..quick()
+            });
+            assert!(push(&repo, &path, Compression::Zstd).await.is_err());
+        }
     }
 }

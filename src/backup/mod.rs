@@ -13,7 +13,6 @@
 //!    manifest, the server session ends (which aborts the backup on the server), and the backup is
 //!    not listed anywhere.
 
-pub mod manifest;
 pub mod walk;
 
 use std::io::IsTerminal;
@@ -28,12 +27,12 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 
 use crate::compress::Compression;
-use crate::pg::xlogrecord::PgTimestamp;
-use crate::pg::{Lsn, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
+use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry, MANIFEST_FORMAT, Part};
+use crate::pg::PgTimestamp;
+use crate::pg::{Lsn, SegNo, SegmentName, SystemId, TimelineId, WalFileName, WalSegSize};
 use crate::pgconn;
 use crate::storage::layout::ObjectKey;
-use crate::storage::{Repo, envelope};
-use manifest::{BackupManifest, CHUNK_SIZE, FileEntry, MANIFEST_FORMAT, Part};
+use crate::storage::{PutMode, Repo, envelope};
 use walk::SourceFile;
 
 /// What to back up and how.
@@ -61,7 +60,7 @@ pub struct LabelInfo {
     /// START WAL LOCATION.
     pub start_lsn: Lsn,
     /// The segment named on that line.
-    pub start_wal: String,
+    pub start_wal: SegmentName,
     /// CHECKPOINT LOCATION.
     pub checkpoint_lsn: Lsn,
     /// START TIMELINE.
@@ -83,7 +82,10 @@ pub fn parse_label(text: &str) -> anyhow::Result<LabelInfo> {
         .split_once(" (file ")
         .context("malformed START WAL LOCATION")?;
     let start_lsn: Lsn = lsn.parse()?;
-    let start_wal = file.trim_end_matches(')').to_string();
+    let start_wal: SegmentName = file
+        .trim_end_matches(')')
+        .parse()
+        .context("malformed START WAL LOCATION")?;
     let checkpoint_lsn: Lsn = field("CHECKPOINT LOCATION:")
         .context("backup_label has no CHECKPOINT LOCATION")?
         .parse()?;
@@ -101,24 +103,7 @@ pub fn parse_label(text: &str) -> anyhow::Result<LabelInfo> {
 
 /// `YYYYMMDDTHHMMSSZ` for a Unix time in microseconds.
 pub fn backup_id(unix_micros: i64) -> String {
-    let secs = unix_micros.div_euclid(1_000_000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    PgTimestamp::from_unix_micros(unix_micros).compact_utc()
 }
 
 /// Claim an id for a backup starting at `unix_micros` under which nothing is stored yet, not even
@@ -131,7 +116,7 @@ pub fn backup_id(unix_micros: i64) -> String {
 /// The store cannot be listed or written.
 pub async fn fresh_backup_id(repo: &Repo, unix_micros: i64) -> anyhow::Result<String> {
     let taken: std::collections::HashSet<String> = repo
-        .list_dirs(crate::storage::layout::BACKUP_PREFIX)
+        .list_dirs(&crate::storage::layout::Prefix::Backups)
         .await?
         .into_iter()
         .collect();
@@ -164,7 +149,11 @@ pub async fn fresh_backup_id(repo: &Repo, unix_micros: i64) -> anyhow::Result<St
         }
         let stored = envelope::encode(&claim, Compression::None)?;
         match repo
-            .create_encoded(&ObjectKey::BackupClaim(id.clone()), stored)
+            .put(
+                &ObjectKey::BackupClaim(id.clone()),
+                stored,
+                PutMode::CreateUnique,
+            )
             .await
         {
             Ok(_) => return Ok(id),
@@ -245,9 +234,10 @@ async fn copy_piece(
         part: job.part,
     };
     let stored_len = repo
-        .create_encoded(&key, stored)
+        .put(&key, stored, PutMode::CreateUnique)
         .await
-        .with_context(|| format!("store {}", file.rel))?;
+        .with_context(|| format!("store {}", file.rel))?
+        .stored_bytes();
     Ok((
         job,
         PartOutcome::Stored(Part {
@@ -385,7 +375,10 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     }
     let row = client.query_one("SELECT current_setting('archive_mode'), system_identifier::text FROM pg_control_system()", &[]).await?;
     let archive_mode: String = row.get(0);
-    let sysid: String = row.get(1);
+    let sysid: SystemId = row
+        .get::<_, String>(1)
+        .parse()
+        .context("the server's system identifier")?;
     if archive_mode == "off" {
         bail!(
             "archive_mode is off on this server: a backup without archived WAL can never be restored (set archive_mode = on and archive_command to pitr archive-push, then restart)"
@@ -458,17 +451,21 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     let stop_time = PgTimestamp::from_unix_micros(row.get(3));
     let stop_lsn: Lsn = stop_text.parse()?;
     let info = parse_label(&labelfile).context("read the backup_label pg_backup_stop returned")?;
-    repo.create_encoded(
-        &ObjectKey::BackupLabel(id.clone()),
-        envelope::encode(labelfile.as_bytes(), Compression::None)?,
+    let key = ObjectKey::BackupLabel(id.clone());
+    repo.put(
+        &key,
+        repo.seal(&key, labelfile.as_bytes(), Compression::None)?,
+        PutMode::CreateUnique,
     )
     .await
     .context("store backup_label")?;
     let spcmap = spcmap.filter(|s| !s.is_empty());
     if let Some(map) = &spcmap {
-        repo.create_encoded(
-            &ObjectKey::TablespaceMap(id.clone()),
-            envelope::encode(map.as_bytes(), Compression::None)?,
+        let key = ObjectKey::TablespaceMap(id.clone());
+        repo.put(
+            &key,
+            repo.seal(&key, map.as_bytes(), Compression::None)?,
+            PutMode::CreateUnique,
         )
         .await
         .context("store tablespace_map")?;
@@ -480,7 +477,7 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         .identity()
         .await?
         .context("the repository has no archived WAL from this cluster")?;
-    let seg_size = WalSegSize::new(identity.wal_segment_size).context("repository segment size")?;
+    let seg_size = identity.wal_segment_size;
     let needed = needed_segments(info.timeline, info.start_lsn, stop_lsn, seg_size);
     tracing::info!(
         "backup {id} stopped at {stop_lsn}; waiting for WAL {} to {} to be archived",
@@ -502,14 +499,14 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         label,
         system_identifier: sysid,
         pg_version: major.number(),
-        timeline: info.timeline.get(),
+        timeline: info.timeline,
         start_lsn: info.start_lsn,
         checkpoint_lsn: info.checkpoint_lsn,
         stop_lsn,
         start_time,
         stop_time,
         start_wal: info.start_wal,
-        stop_wal: needed.last().map(ToString::to_string).unwrap_or_default(),
+        stop_wal: needed.last().copied().unwrap_or(info.start_wal),
         compression: opts.compression,
         files: entries,
         directories: listing.directories,
@@ -519,9 +516,11 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         stored_bytes,
     };
     let json = serde_json::to_vec(&manifest)?;
-    repo.create_encoded(
-        &ObjectKey::BackupManifest(id.clone()),
-        envelope::encode(&json, Compression::Zstd)?,
+    let key = ObjectKey::BackupManifest(id.clone());
+    repo.put(
+        &key,
+        repo.seal(&key, &json, Compression::Zstd)?,
+        PutMode::CreateUnique,
     )
     .await
     .context("store the backup manifest")?;
@@ -580,7 +579,7 @@ mod tests {
         let text = "START WAL LOCATION: 0/6000028 (file 000000010000000000000006)\nCHECKPOINT LOCATION: 0/6000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\nSTART TIME: 2026-11-21 10:13:00 UTC\nLABEL: lowlevel\nSTART TIMELINE: 1\n";
         let l = parse_label(text).unwrap();
         assert_eq!(l.start_lsn, Lsn(0x600_0028));
-        assert_eq!(l.start_wal, "000000010000000000000006");
+        assert_eq!(l.start_wal.to_string(), "000000010000000000000006");
         assert_eq!(l.checkpoint_lsn, Lsn(0x600_0060));
         assert_eq!(l.timeline, TimelineId::ONE);
         assert!(parse_label("LABEL: x\n").is_err());
@@ -597,9 +596,13 @@ mod tests {
             path: "base/1/1".into(),
             part: 0,
         };
-        repo.create_encoded(&piece, envelope::encode(b"x", Compression::None).unwrap())
-            .await
-            .unwrap();
+        repo.put(
+            &piece,
+            envelope::encode(b"x", Compression::None).unwrap(),
+            PutMode::CreateUnique,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             fresh_backup_id(&repo, t + 10).await.unwrap(),
             "20261121T101304Z-2"

@@ -16,6 +16,8 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+pub use crate::manifest::Tablespace;
+
 /// Directories whose contents are not copied.
 pub const EXCLUDE_DIR_CONTENTS: &[&str] = &[
     "pg_wal",
@@ -52,15 +54,6 @@ pub struct SourceFile {
     pub mtime: i64,
     /// Permission bits.
     pub mode: u32,
-}
-
-/// A tablespace found under `pg_tblspc`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Tablespace {
-    /// Its OID (the symlink's name).
-    pub oid: u32,
-    /// Where the symlink pointed.
-    pub location: String,
 }
 
 /// What to copy.

@@ -76,7 +76,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     } else {
         flags
     };
-    let now = pitr::pg::xlogrecord::PgTimestamp::from_unix_micros(
+    let now = pitr::pg::PgTimestamp::from_unix_micros(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as i64),
@@ -114,9 +114,9 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         }
     }
     if dry_run {
-        let mut sorted = deletions.clone();
-        sorted.sort();
-        for key in &sorted {
+        let mut sorted: Vec<&str> = deletions.iter().map(|e| e.key()).collect();
+        sorted.sort_unstable();
+        for key in sorted {
             crate::outln!("  {key}");
         }
         crate::sayln!("after:  {} (once expired)", outcome.window_after);

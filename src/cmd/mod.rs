@@ -83,7 +83,7 @@ pub(crate) fn usage(msg: String) -> anyhow::Error {
 
 /// `--tablespace-map OLD=NEW`, OLD being an OID or the original location.
 pub(crate) fn relocations(
-    b: &pitr::backup::manifest::BackupManifest,
+    b: &pitr::manifest::BackupManifest,
     specs: &[String],
 ) -> anyhow::Result<HashMap<u32, PathBuf>> {
     let mut out = HashMap::new();
@@ -141,7 +141,7 @@ pub(crate) fn owner_ids(owner: Option<&str>) -> anyhow::Result<Option<(u32, u32)
 /// `--owner`.
 pub(crate) fn give_to_owner(
     owner: Option<(u32, u32)>,
-    manifest: &pitr::backup::manifest::BackupManifest,
+    manifest: &pitr::manifest::BackupManifest,
     target_dir: &Path,
     relocate: &HashMap<u32, PathBuf>,
 ) -> anyhow::Result<()> {

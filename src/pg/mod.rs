@@ -4,11 +4,15 @@
 
 pub mod lsn;
 pub mod segment;
+pub mod sysid;
+pub mod time;
 pub mod timeline;
 pub mod version;
 pub mod walname;
 
 pub use lsn::Lsn;
+pub use sysid::SystemId;
+pub use time::PgTimestamp;
 pub use version::PgMajor;
 pub use walname::{SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
 #[cfg(test)]

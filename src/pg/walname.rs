@@ -70,9 +70,26 @@ impl SegNo {
     }
 }
 
-/// The WAL segment size: a power of two from 1 MiB to 1 GiB (`IsValidWalSegSize`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The WAL segment size: a power of two from 1 MiB to 1 GiB (`IsValidWalSegSize`). Stored as
+/// its size in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
 pub struct WalSegSize(u32);
+
+impl TryFrom<u32> for WalSegSize {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Self, String> {
+        WalSegSize::new(v).ok_or_else(|| {
+            format!("{v} is not a WAL segment size (a power of two from 1 MiB to 1 GiB)")
+        })
+    }
+}
+
+impl From<WalSegSize> for u32 {
+    fn from(s: WalSegSize) -> u32 {
+        s.0
+    }
+}
 
 impl WalSegSize {
     /// PostgreSQL's default, 16 MiB.
@@ -139,6 +156,27 @@ impl SegmentName {
 impl fmt::Display for SegmentName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:08X}{:08X}{:08X}", self.tli.0, self.log, self.seg)
+    }
+}
+
+impl FromStr for SegmentName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<SegmentName, NameError> {
+        SegmentName::parse(s).ok_or_else(|| NameError(s.to_string()))
+    }
+}
+
+/// Stored as its 24-digit name.
+impl serde::Serialize for SegmentName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SegmentName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -7,64 +7,9 @@
 //! Only called on records whose CRC already matched; reads are still bounds-checked.
 
 use super::lsn::Lsn;
+use super::time::PgTimestamp;
 use super::version::PgMajor;
 use super::waldecoder::{DecodeError, RM_XACT_ID, RM_XLOG_ID, Record, XLOG_SWITCH, le_u32, le_u64};
-
-/// Microseconds since 2000-01-01 00:00:00 UTC (`TimestampTz`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PgTimestamp(pub i64);
-
-/// Seconds between the Unix epoch and PostgreSQL's (2000-01-01).
-pub const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
-
-impl PgTimestamp {
-    /// Microseconds since the Unix epoch.
-    pub fn unix_micros(self) -> i64 {
-        self.0.saturating_add(PG_EPOCH_UNIX_SECS * 1_000_000)
-    }
-
-    /// From microseconds since the Unix epoch.
-    pub fn from_unix_micros(us: i64) -> PgTimestamp {
-        PgTimestamp(us.saturating_sub(PG_EPOCH_UNIX_SECS * 1_000_000))
-    }
-
-    /// RFC 3339 in UTC with microseconds, e.g. `2026-11-21T10:13:04.919520Z`.
-    pub fn rfc3339(self) -> String {
-        let us = self.unix_micros();
-        let secs = us.div_euclid(1_000_000);
-        let micros = us.rem_euclid(1_000_000);
-        match u64::try_from(secs) {
-            // RFC 3339 ends with year 9999 (and humantime refuses later times).
-            Ok(s) if s >= 253_402_300_800 => format!("{us}us-after-1970"),
-            Ok(s) => {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
-                let base = humantime::format_rfc3339_seconds(t).to_string();
-                format!("{}.{micros:06}Z", base.trim_end_matches('Z'))
-            }
-            Err(_) => format!("{us}us-before-1970"),
-        }
-    }
-}
-
-impl serde::Serialize for PgTimestamp {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.rfc3339())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for PgTimestamp {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s: String = serde::Deserialize::deserialize(d)?;
-        let t = humantime::parse_rfc3339(&s).map_err(serde::de::Error::custom)?;
-        let us = t
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(serde::de::Error::custom)?
-            .as_micros();
-        Ok(PgTimestamp::from_unix_micros(
-            i64::try_from(us).map_err(serde::de::Error::custom)?,
-        ))
-    }
-}
 
 /// How a transaction ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -283,7 +283,7 @@ pub async fn execute(
 
 /// See [`execute`].
 struct CleanupGuard {
-    manifest: crate::backup::manifest::BackupManifest,
+    manifest: crate::manifest::BackupManifest,
     target: PathBuf,
     relocate: HashMap<u32, PathBuf>,
     existed: Vec<(PathBuf, bool)>,
@@ -378,7 +378,7 @@ mod tests {
                 "format_version": 1, "program_version": "t", "id": "b", "label": "b", "system_identifier": "1",
                 "pg_version": 15, "timeline": 1, "start_lsn": "0/1", "checkpoint_lsn": "0/1", "stop_lsn": "0/2",
                 "start_time": "2026-01-01T00:00:00.000000Z", "stop_time": "2026-01-01T00:00:00.000000Z",
-                "start_wal": "", "stop_wal": "", "compression": "zstd", "files": [], "directories": [],
+                "start_wal": "000000010000000000000001", "stop_wal": "000000010000000000000001", "compression": "zstd", "files": [], "directories": [],
                 "has_tablespace_map": false, "size_bytes": 0, "stored_bytes": 0
             }))
             .unwrap(),

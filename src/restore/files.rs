@@ -13,8 +13,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 
-use crate::backup::manifest::{BackupManifest, CHUNK_SIZE};
 use crate::durable;
+use crate::manifest::{BackupManifest, CHUNK_SIZE};
 use crate::storage::Repo;
 use crate::storage::envelope::{self, DecodeToError};
 use crate::storage::layout::ObjectKey;

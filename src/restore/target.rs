@@ -1,14 +1,9 @@
-//! Recovery targets and the `--to` time syntax.
-//!
-//! `--to` accepts `YYYY-MM-DD HH:MM`, `YYYY-MM-DD HH:MM:SS`, fractional seconds (up to microseconds),
-//! a `T` instead of the space, and an optional offset: `Z`, `+02`, `+02:00`, `-0530`. Without an offset
-//! the time is UTC. The resolved instant is always shown in UTC and written into
-//! `recovery_target_time` with an explicit `+00` offset, so PostgreSQL's own time zone never matters.
+//! Recovery targets. The `--to` time syntax is `pg::time`'s.
 
 use std::fmt;
 
 use crate::pg::Lsn;
-use crate::pg::xlogrecord::PgTimestamp;
+use crate::pg::PgTimestamp;
 
 /// Where recovery should stop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,116 +35,19 @@ impl fmt::Display for Target {
     }
 }
 
-/// The time was not in an accepted form.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "{0:?} is not a time pitr understands: use YYYY-MM-DD HH:MM[:SS[.ffffff]] with an optional offset (Z, +02, +02:00, -0530); without one it is UTC"
-)]
-pub struct TimeParseError(pub String);
+pub use crate::pg::time::TimeParseError;
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn days_in_month(y: i64, m: i64) -> i64 {
-    match m {
-        4 | 6 | 9 | 11 => 30,
-        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
-        2 => 28,
-        _ => 31,
-    }
-}
-
-/// Parse a `--to` time.
+/// Parse a `--to` time (see [`crate::pg::time::parse_target_time`] for the forms).
 ///
 /// # Errors
 /// `TimeParseError` for anything but the accepted forms, or an impossible date.
 pub fn parse_time(input: &str) -> Result<PgTimestamp, TimeParseError> {
-    let err = || TimeParseError(input.to_string());
-    let s = input.trim();
-    // Every accepted form is ASCII; checking first keeps the slicing below on char boundaries.
-    if !s.is_ascii() {
-        return Err(err());
-    }
-    let num = |t: &str| -> Result<i64, TimeParseError> {
-        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(err());
-        }
-        t.parse().map_err(|_| err())
-    };
-    if s.len() < 16 {
-        return Err(err());
-    }
-    let (date, rest) = s.split_at(10);
-    let rest = rest.strip_prefix([' ', 'T']).ok_or_else(err)?;
-    let d: Vec<&str> = date.split('-').collect();
-    if d.len() != 3 || d[0].len() != 4 || d[1].len() != 2 || d[2].len() != 2 {
-        return Err(err());
-    }
-    let (y, mo, day) = (num(d[0])?, num(d[1])?, num(d[2])?);
-    if !(1..=12).contains(&mo) || day < 1 || day > days_in_month(y, mo) {
-        return Err(err());
-    }
-    // Split the clock from the offset.
-    let (clock, offset) = match rest.find(['Z', 'z', '+', '-']) {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let clock = clock.trim_end();
-    let (hms, frac) = match clock.split_once('.') {
-        Some((a, b)) => (a, Some(b)),
-        None => (clock, None),
-    };
-    let t: Vec<&str> = hms.split(':').collect();
-    if !(2..=3).contains(&t.len()) || t.iter().any(|p| p.len() != 2) {
-        return Err(err());
-    }
-    let (h, mi) = (num(t[0])?, num(t[1])?);
-    let sec = if t.len() == 3 { num(t[2])? } else { 0 };
-    if h > 23 || mi > 59 || sec > 59 || (frac.is_some() && t.len() != 3) {
-        return Err(err());
-    }
-    let micros = match frac {
-        None => 0,
-        Some(f) if !f.is_empty() && f.len() <= 6 => num(f)? * 10i64.pow(6 - f.len() as u32),
-        Some(_) => return Err(err()),
-    };
-    let offset_secs = match offset {
-        "" | "Z" | "z" => 0,
-        o => {
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            let body = &o[1..];
-            let (oh, om) = match body.len() {
-                2 => (num(body)?, 0),
-                4 => (num(&body[..2])?, num(&body[2..])?),
-                5 if body.as_bytes()[2] == b':' => (num(&body[..2])?, num(&body[3..])?),
-                _ => return Err(err()),
-            };
-            if oh > 15 || om > 59 {
-                return Err(err());
-            }
-            sign * (oh * 3600 + om * 60)
-        }
-    };
-    let unix = days_from_civil(y, mo, day) * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
-    // PostgreSQL's WAL and RFC 3339 both live between 1970 and 9999 here.
-    if !(0..253_402_300_800).contains(&unix) {
-        return Err(err());
-    }
-    Ok(PgTimestamp::from_unix_micros(unix * 1_000_000 + micros))
+    crate::pg::time::parse_target_time(input)
 }
 
 /// The value for `recovery_target_time`: UTC with an explicit offset.
 pub fn postgres_time(t: PgTimestamp) -> String {
-    let r = t.rfc3339(); // 2026-11-21T10:13:04.919520Z
-    format!("{} {}+00", &r[..10], &r[11..r.len() - 1])
+    t.postgres()
 }
 
 #[cfg(test)]

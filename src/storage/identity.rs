@@ -6,10 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::layout::ObjectKey;
-use super::{Repo, RepoError};
+use super::layout::{ObjectKey, Prefix};
+use super::{PutMode, Repo, RepoError};
 use crate::compress::Compression;
 use crate::pg::segment::SegmentHeader;
+use crate::pg::{SystemId, WalSegSize};
 
 /// The repository format this pitr writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -19,14 +20,22 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct RepoIdentity {
     /// Repository format version.
     pub format_version: u32,
-    /// The cluster's system identifier, as text (it exceeds JSON's exact integer range).
-    pub system_identifier: String,
+    /// The cluster's system identifier, stored as text (it exceeds JSON's exact integer range).
+    pub system_identifier: SystemId,
     /// PostgreSQL major version.
     pub pg_version: u32,
-    /// WAL segment size in bytes.
-    pub wal_segment_size: u32,
+    /// WAL segment size (stored in bytes).
+    pub wal_segment_size: WalSegSize,
     /// WAL page size in bytes.
     pub wal_page_size: u32,
+}
+
+impl crate::format::Versioned for RepoIdentity {
+    const WHAT: &'static str = "repository identity (pitr.json)";
+    const SUPPORTED: u32 = FORMAT_VERSION;
+    fn version(&self) -> u32 {
+        self.format_version
+    }
 }
 
 impl RepoIdentity {
@@ -34,9 +43,9 @@ impl RepoIdentity {
     pub fn from_header(h: &SegmentHeader) -> RepoIdentity {
         RepoIdentity {
             format_version: FORMAT_VERSION,
-            system_identifier: h.system_identifier.to_string(),
+            system_identifier: SystemId(h.system_identifier),
             pg_version: h.major.number(),
-            wal_segment_size: h.seg_size.bytes(),
+            wal_segment_size: h.seg_size,
             wal_page_size: h.page_size,
         }
     }
@@ -46,7 +55,7 @@ impl RepoIdentity {
             "cluster {} (PostgreSQL {}, {} MiB WAL segments)",
             self.system_identifier,
             self.pg_version,
-            self.wal_segment_size >> 20
+            self.wal_segment_size.bytes() >> 20
         )
     }
 }
@@ -61,12 +70,12 @@ impl Repo {
         let Some(bytes) = self.get(&key).await? else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
+        crate::format::decode::<RepoIdentity>(&bytes)
             .map(Some)
-            .map_err(|e| RepoError::Corrupt {
+            .map_err(|e| RepoError::Format {
                 key: key.key(),
                 repo: self.location().to_string(),
-                detail: format!("not a pitr identity: {e}"),
+                source: e,
             })
     }
 
@@ -102,7 +111,10 @@ impl Repo {
                 );
             }
         }
-        let top = self.list_dirs("").await.unwrap_or_default();
+        let top = self
+            .list_dirs(&Prefix::Everything)
+            .await
+            .unwrap_or_default();
         let ours: Vec<&str> = top
             .iter()
             .map(String::as_str)
@@ -139,10 +151,9 @@ impl Repo {
             Some(have) => have,
             None => {
                 let json = serde_json::to_vec_pretty(want).expect("identity serializes");
-                match self
-                    .put_new(&ObjectKey::Identity, &json, Compression::None)
-                    .await
-                {
+                let key = ObjectKey::Identity;
+                let sealed = self.seal(&key, &json, Compression::None)?;
+                match self.put(&key, sealed, PutMode::compare_with(&json)).await {
                     Ok(_) => return Ok(()),
                     // Someone else created it meanwhile: compare with theirs.
                     Err(RepoError::Conflict { .. }) => {
@@ -152,16 +163,6 @@ impl Repo {
                 }
             }
         };
-        if have.format_version > FORMAT_VERSION {
-            return Err(RepoError::IdentityMismatch {
-                repo: self.location().to_string(),
-                repo_has: format!("repository format {}", have.format_version),
-                found: format!(
-                    "pitr {} which writes format {FORMAT_VERSION}",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            });
-        }
         if have.system_identifier != want.system_identifier
             || have.pg_version != want.pg_version
             || have.wal_segment_size != want.wal_segment_size

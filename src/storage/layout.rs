@@ -10,6 +10,7 @@
 //! backups/<id>/backup_label.pitr             byte-exact from pg_backup_stop
 //! backups/<id>/tablespace_map.pitr            byte-exact from pg_backup_stop (when there are tablespaces)
 //! backups/<id>/manifest.pitr                 written LAST: a backup exists only once this does
+//! status/verify.json                         the last `pitr verify` result (derived, replaced)
 //! ```
 //! Every object, summaries and `pitr.json` included, is wrapped in the checksummed envelope.
 //! WAL objects keep PostgreSQL's file names so a person can find a segment by eye; `.pitr` marks
@@ -46,6 +47,44 @@ pub enum ObjectKey {
         /// Piece number, from 0.
         part: u32,
     },
+    /// The last `pitr verify` result, for `pitr metrics` (derived: replaced by each run).
+    VerifyStatus,
+}
+
+/// A part of the repository to list: every listing names one of these, never a raw prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prefix {
+    /// The whole repository.
+    Everything,
+    /// Every WAL-related object (segments, summaries, history files).
+    Wal,
+    /// The WAL objects of one timeline.
+    WalTimeline(TimelineId),
+    /// Every backup.
+    Backups,
+    /// Everything of one backup.
+    Backup(String),
+}
+
+impl Prefix {
+    /// The prefix relative to the repository root (`""` for everything).
+    pub fn key(&self) -> String {
+        match self {
+            Prefix::Everything => String::new(),
+            Prefix::Wal => WAL_PREFIX.to_string(),
+            Prefix::WalTimeline(tli) => format!("{WAL_PREFIX}/{}", tli_dir(*tli)),
+            Prefix::Backups => BACKUP_PREFIX.to_string(),
+            Prefix::Backup(id) => format!("{BACKUP_PREFIX}/{id}"),
+        }
+    }
+
+    /// `None` for the whole repository, else the object-store path.
+    pub fn path(&self) -> Option<Path> {
+        match self {
+            Prefix::Everything => None,
+            other => Some(Path::from(other.key())),
+        }
+    }
 }
 
 /// Prefix of every backup key.
@@ -91,6 +130,9 @@ fn tli_dir(tli: TimelineId) -> String {
 /// Suffix of every enveloped object.
 pub const SUFFIX: &str = ".pitr";
 
+/// Key of the verify status (kept as it was first written, `.json` without the envelope suffix).
+const VERIFY_STATUS: &str = "status/verify.json";
+
 impl ObjectKey {
     /// The key relative to the repository prefix.
     pub fn key(&self) -> String {
@@ -106,7 +148,48 @@ impl ObjectKey {
             ObjectKey::BackupPart { id, path, part } => {
                 format!("{BACKUP_PREFIX}/{id}/data/{path}.{part}{SUFFIX}")
             }
+            ObjectKey::VerifyStatus => VERIFY_STATUS.to_string(),
         }
+    }
+
+    /// The object a key found by a listing names: the inverse of [`ObjectKey::key`]; `None` for
+    /// anything pitr did not write.
+    pub fn parse(key: &str) -> Option<ObjectKey> {
+        match key {
+            "pitr.json" => return Some(ObjectKey::Identity),
+            VERIFY_STATUS => return Some(ObjectKey::VerifyStatus),
+            _ => {}
+        }
+        if let Some(listed) = parse_wal_key(key) {
+            return Some(match listed {
+                Listed::Wal(name) => ObjectKey::Wal(name),
+                Listed::Summary(seg) => ObjectKey::Summary(seg),
+            });
+        }
+        let rest = key.strip_prefix(BACKUP_PREFIX)?.strip_prefix('/')?;
+        let (id, file) = rest.split_once('/')?;
+        if id.is_empty() {
+            return None;
+        }
+        let id = id.to_string();
+        if let Some(data) = file.strip_prefix("data/") {
+            let (path, part) = data.strip_suffix(SUFFIX)?.rsplit_once('.')?;
+            if path.is_empty() || part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            return Some(ObjectKey::BackupPart {
+                id,
+                path: path.to_string(),
+                part: part.parse().ok()?,
+            });
+        }
+        Some(match file.strip_suffix(SUFFIX)? {
+            "manifest" => ObjectKey::BackupManifest(id),
+            "started" => ObjectKey::BackupClaim(id),
+            "backup_label" => ObjectKey::BackupLabel(id),
+            "tablespace_map" => ObjectKey::TablespaceMap(id),
+            _ => return None,
+        })
     }
 
     /// The key as an object-store path.
@@ -183,5 +266,59 @@ mod tests {
         );
         // The object-store path is the same text (no escaping needed for these names).
         assert_eq!(ObjectKey::Identity.path().as_ref(), "pitr.json");
+    }
+
+    #[test]
+    fn every_key_parses_back_to_its_object() {
+        let WalFileName::Segment(seg) = "000000020000000000000003".parse().unwrap() else {
+            panic!()
+        };
+        let id = "20261121T101304Z".to_string();
+        let all = [
+            ObjectKey::Identity,
+            ObjectKey::VerifyStatus,
+            ObjectKey::Wal("000000010000000000000003".parse().unwrap()),
+            ObjectKey::Wal("00000002.history".parse().unwrap()),
+            ObjectKey::Wal("000000010000000000000003.00000028.backup".parse().unwrap()),
+            ObjectKey::Summary(seg),
+            ObjectKey::BackupManifest(id.clone()),
+            ObjectKey::BackupClaim(id.clone()),
+            ObjectKey::BackupLabel(id.clone()),
+            ObjectKey::TablespaceMap(id.clone()),
+            ObjectKey::BackupPart {
+                id: id.clone(),
+                path: "base/5/16384.1".into(),
+                part: 12,
+            },
+            ObjectKey::BackupPart {
+                id,
+                path: "pg_tblspc/16390/PG_18_202406281/5/16391".into(),
+                part: 0,
+            },
+        ];
+        for k in all {
+            assert_eq!(ObjectKey::parse(&k.key()), Some(k.clone()), "{}", k.key());
+        }
+        for junk in [
+            "",
+            "pitr.json.bak",
+            "backups/x",
+            "backups//manifest.pitr",
+            "backups/x/manifest",
+            "backups/x/other.pitr",
+            "backups/x/data/base/1.pitr",
+            "backups/x/data/.0.pitr",
+            "backups/x/data/base/1.-1.pitr",
+            "status/other.json",
+        ] {
+            assert_eq!(ObjectKey::parse(junk), None, "{junk}");
+        }
+        assert_eq!(Prefix::Everything.key(), "");
+        assert_eq!(Prefix::Everything.path(), None);
+        assert_eq!(
+            Prefix::WalTimeline(TimelineId::new(10).unwrap()).key(),
+            "wal/0000000A"
+        );
+        assert_eq!(Prefix::Backup("b".into()).key(), "backups/b");
     }
 }

@@ -14,8 +14,9 @@ pub mod layout;
 pub mod retry;
 pub mod staged;
 
-#[cfg(test)]
-mod faults;
+mod objects;
+
+pub use objects::{Entry, Located, Original, Payload, PutMode, PutOutcome};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,13 +26,10 @@ use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::prefix::PrefixStore;
-use object_store::{
-    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-};
+use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
-use crate::compress::Compression;
 use layout::ObjectKey;
-use retry::{RetryPolicy, retry};
+use retry::RetryPolicy;
 
 /// How many times a read that fails verification is retried before the object is called corrupt.
 pub const READ_ATTEMPTS: u32 = 3;
@@ -97,6 +95,29 @@ pub enum RepoError {
         /// What was found there instead.
         reason: String,
     },
+    /// A stored JSON object cannot be read: a newer format than this pitr reads, or bad content.
+    #[error("{key} in {repo}: {source}")]
+    Format {
+        /// The object key.
+        key: String,
+        /// The repository location.
+        repo: String,
+        /// What is wrong.
+        #[source]
+        source: crate::format::FormatError,
+    },
+    /// A local file operation failed (publishing a staging file, reading a WAL file again): not a
+    /// store failure, so never retried or reported as one.
+    #[error("{op} {}: {source}", path.display())]
+    Local {
+        /// The operation, e.g. "publish".
+        op: &'static str,
+        /// The local file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The repository belongs to another cluster (or was written by an incompatible pitr).
     #[error("repository {repo} belongs to {repo_has}, but this is {found}")]
     IdentityMismatch {
@@ -130,6 +151,24 @@ impl RepoError {
                     "check that the store is reachable (PITR_RETRY_BUDGET sets how long pitr keeps retrying)"
                 }
             }
+            RepoError::Format {
+                source: crate::format::FormatError::Newer { .. },
+                ..
+            } => {
+                "this repository was written by a newer pitr: use that version (or newer) to read it"
+            }
+            RepoError::Format { .. } => {
+                "the object holds content this pitr cannot read; restore it from another copy of the repository"
+            }
+            RepoError::Local { source, .. } => match source.kind() {
+                std::io::ErrorKind::StorageFull => {
+                    "the repository's file system is full: free space there (pitr expire) and try again"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "the repository's files must be readable and writable by the user running pitr (PostgreSQL's archive_command runs as the server's user)"
+                }
+                _ => "check the file and the file system it is on",
+            },
             RepoError::Corrupt { .. } => {
                 "the stored copy failed its checksum; keep it for inspection, then restore the file from another copy or remove the object so it can be archived again"
             }
@@ -158,18 +197,6 @@ impl RepoError {
     }
 }
 
-/// What a conditional create did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PutOutcome {
-    /// The object was stored now.
-    Stored {
-        /// Bytes written to the store (compressed, with header).
-        stored_bytes: u64,
-    },
-    /// An identical object was already stored; nothing was written.
-    AlreadyStored,
-}
-
 /// Whether a store's conditional create can be trusted on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CreateCheck {
@@ -192,16 +219,6 @@ pub struct Repo {
     checked_identity: Arc<std::sync::Mutex<Option<identity::RepoIdentity>>>,
     /// The directory of a local repository (`None` for object stores).
     local_root: Option<std::path::PathBuf>,
-}
-
-/// Where the original bytes of an object being stored can be read again, to compare with an object
-/// found under the same key.
-#[derive(Clone, Copy, Debug)]
-pub enum Original<'a> {
-    /// In memory.
-    Bytes(&'a [u8]),
-    /// In a local file that is not changing (a WAL file PostgreSQL handed over).
-    File(&'a std::path::Path),
 }
 
 /// The cloud clients' own per-request retries; `retry` adds a budget above them.
@@ -377,8 +394,8 @@ impl Repo {
 
     /// When the directory `prefix` of a local repository was last modified (Unix microseconds);
     /// `None` for object stores, which have no directories, or when it does not exist.
-    pub fn local_dir_modified(&self, prefix: &str) -> Option<i64> {
-        let m = std::fs::metadata(self.local_root.as_ref()?.join(prefix)).ok()?;
+    pub fn local_dir_modified(&self, prefix: &layout::Prefix) -> Option<i64> {
+        let m = std::fs::metadata(self.local_root.as_ref()?.join(prefix.key())).ok()?;
         let t = m
             .modified()
             .ok()?
@@ -392,7 +409,7 @@ impl Repo {
     ///
     /// # Errors
     /// A directory cannot be read or removed.
-    pub fn remove_empty_local_dirs(&self, prefix: &str) -> std::io::Result<()> {
+    pub fn remove_empty_local_dirs(&self, prefix: &layout::Prefix) -> std::io::Result<()> {
         fn prune(dir: &std::path::Path) -> std::io::Result<bool> {
             let mut empty = true;
             for entry in std::fs::read_dir(dir)? {
@@ -415,7 +432,7 @@ impl Repo {
         let Some(root) = &self.local_root else {
             return Ok(());
         };
-        match prune(&root.join(prefix)) {
+        match prune(&root.join(prefix.key())) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
@@ -425,37 +442,6 @@ impl Repo {
     /// Where a WAL file is stored, for a local repository (`None` for object stores).
     pub fn local_wal_path(&self, name: crate::pg::WalFileName) -> Option<std::path::PathBuf> {
         Some(self.local_root.as_ref()?.join(ObjectKey::Wal(name).key()))
-    }
-
-    /// Publish a WAL file written to a staging file (see [`staged`]): created, or, when the name is
-    /// taken, compared with what is stored, as [`Repo::put_new_encoded_looked`] does.
-    ///
-    /// # Errors
-    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
-    pub async fn publish_staged(
-        &self,
-        name: crate::pg::WalFileName,
-        data: Original<'_>,
-        staged: staged::Staged,
-        stored_bytes: u64,
-    ) -> Result<PutOutcome, RepoError> {
-        let key = ObjectKey::Wal(name);
-        let published = tokio::task::spawn_blocking(move || staged.publish())
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        match published {
-            Ok(staged::Published::Created) => Ok(PutOutcome::Stored { stored_bytes }),
-            Ok(staged::Published::Exists) => self.compare_existing(&key, data).await,
-            Err(e) => Err(self.store_err(
-                "write",
-                &key,
-                object_store::Error::Generic {
-                    store: "LocalFileSystem",
-                    source: Box::new(e),
-                },
-            )),
-        }
     }
 
     /// A repository over any store (tests use `object_store::memory::InMemory`).
@@ -502,22 +488,18 @@ impl Repo {
         }
     }
 
+    /// The object store underneath, for tests that damage objects on purpose. pitr itself goes
+    /// through the typed methods.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     /// The repository URL, for messages.
     pub fn location(&self) -> &str {
         &self.location
     }
 
-    fn store_err(
-        &self,
-        op: &'static str,
-        key: &ObjectKey,
-        source: object_store::Error,
-    ) -> RepoError {
-        self.store_err_at(op, &key.key(), source)
-    }
-
-    /// [`Repo::store_err`] for a raw key or prefix.
-    fn store_err_at(&self, op: &'static str, key: &str, source: object_store::Error) -> RepoError {
+    fn store_err(&self, op: &'static str, key: &str, source: object_store::Error) -> RepoError {
         RepoError::Store {
             op,
             key: key.to_string(),
@@ -526,462 +508,12 @@ impl Repo {
         }
     }
 
-    fn corrupt(&self, key: &ObjectKey, detail: String) -> RepoError {
+    fn corrupt(&self, key: &str, detail: String) -> RepoError {
         RepoError::Corrupt {
-            key: key.key(),
+            key: key.to_string(),
             repo: self.location.clone(),
             detail,
         }
-    }
-
-    /// Read and verify an object. `Ok(None)` means the store positively answered that it does not
-    /// hold it. A read that fails verification is retried (`READ_ATTEMPTS`) before it is reported
-    /// as `Corrupt`, since a transfer can be damaged in flight.
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be read, `Corrupt` when the object fails verification.
-    pub async fn get(&self, key: &ObjectKey) -> Result<Option<Vec<u8>>, RepoError> {
-        self.get_decoded(key, envelope::decode).await
-    }
-
-    /// Read `key` and hand its stored bytes to `unwrap`, which verifies and decodes them wherever
-    /// they go (a file, say) and answers `Ok(Err(detail))` when they fail a check. Like [`Repo::get`],
-    /// a read that fails verification is retried (`READ_ATTEMPTS`) before it is reported as
-    /// `Corrupt`. `Ok(None)`: the store does not hold the object.
-    ///
-    /// # Errors
-    /// `unwrap`'s own errors (a local write), `Store`, or `Corrupt` naming the key.
-    pub async fn read_verified<T, Fut>(
-        &self,
-        key: &ObjectKey,
-        mut unwrap: impl FnMut(bytes::Bytes) -> Fut,
-    ) -> anyhow::Result<Option<T>>
-    where
-        Fut: std::future::Future<Output = anyhow::Result<Result<T, String>>>,
-    {
-        let name = key.key();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let Some(stored) = self.get_raw(&name).await? else {
-                return Ok(None);
-            };
-            match unwrap(stored).await? {
-                Ok(out) => return Ok(Some(out)),
-                Err(detail) => {
-                    tracing::warn!(key = %name, attempt, "stored object failed verification: {detail}");
-                    if attempt >= READ_ATTEMPTS {
-                        return Err(self.corrupt(key, detail).into());
-                    }
-                }
-            }
-        }
-    }
-
-    async fn get_decoded<T>(
-        &self,
-        key: &ObjectKey,
-        decode: impl Fn(&[u8]) -> Result<T, String>,
-    ) -> Result<Option<T>, RepoError> {
-        let path = key.path();
-        let mut last = String::new();
-        for attempt in 1..=READ_ATTEMPTS {
-            let stored = retry(&self.retry, &|| format!("read {}", key.key()), || async {
-                self.store.get(&path).await?.bytes().await
-            })
-            .await;
-            let stored = match stored {
-                Ok(b) => b,
-                Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(self.store_err("read", key, e)),
-            };
-            match decode(&stored) {
-                Ok(data) => return Ok(Some(data)),
-                Err(detail) => {
-                    tracing::warn!(key = %key.key(), attempt, "stored object failed verification: {detail}");
-                    last = detail;
-                }
-            }
-        }
-        Err(self.corrupt(key, last))
-    }
-
-    /// Store `data` under `key` unless something is already there. An identical existing object is
-    /// success (`AlreadyStored`); a different one is `Conflict` and stays untouched.
-    ///
-    /// # Errors
-    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
-    pub async fn put_new(
-        &self,
-        key: &ObjectKey,
-        data: &[u8],
-        compression: Compression,
-    ) -> Result<PutOutcome, RepoError> {
-        let stored = envelope::encode(data, compression)
-            .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
-        self.put_new_encoded(key, Original::Bytes(data), stored.into())
-            .await
-    }
-
-    /// [`Repo::put_new`] for a caller that has already wrapped `data` into `stored` (with
-    /// [`envelope::encode_parallel`], say).
-    ///
-    /// # Errors
-    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
-    pub async fn put_new_encoded(
-        &self,
-        key: &ObjectKey,
-        data: Original<'_>,
-        stored: envelope::Encoded,
-    ) -> Result<PutOutcome, RepoError> {
-        self.put_new_encoded_looked(key, data, stored, None).await
-    }
-
-    /// Whether this store wants an existence check before a conditional create (see
-    /// [`Repo::put_new_encoded_looked`]).
-    pub fn looks_first(&self) -> bool {
-        self.create_check == CreateCheck::LookFirst
-    }
-
-    /// [`Repo::put_new_encoded`] where the caller may already have looked whether the key exists
-    /// (`found`), for instance while it was compressing, to save a round trip: a key found is
-    /// compared at once, one not found is created (conditionally, so a writer since the look is
-    /// still caught).
-    ///
-    /// # Errors
-    /// `Conflict`, `Corrupt` (the existing object cannot be compared), or `Store`.
-    pub async fn put_new_encoded_looked(
-        &self,
-        key: &ObjectKey,
-        data: Original<'_>,
-        stored: envelope::Encoded,
-        found: Option<bool>,
-    ) -> Result<PutOutcome, RepoError> {
-        let path = key.path();
-        let found = match found {
-            None if self.looks_first() => Some(self.exists(key).await?),
-            found => found,
-        };
-        if found == Some(true) {
-            return self.compare_existing(key, data).await;
-        }
-        let stored_bytes = stored.len() as u64;
-        let payload = PutPayload::from_iter(stored.into_parts());
-        match self.put_create(&path, key, &payload).await {
-            Ok(_) => Ok(PutOutcome::Stored { stored_bytes }),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                self.compare_existing(key, data).await
-            }
-            Err(object_store::Error::NotImplemented { .. }) => {
-                // No conditional create here: we looked first; write, then read back and compare so
-                // a concurrent writer of different bytes is caught rather than acknowledged.
-                tracing::debug!(key = %key.key(), "store lacks conditional create; writing and reading back");
-                retry(&self.retry, &|| format!("write {}", key.key()), || {
-                    self.store.put(&path, payload.clone())
-                })
-                .await
-                .map_err(|e| self.store_err("write", key, e))?;
-                match self.compare_existing(key, data).await? {
-                    PutOutcome::AlreadyStored => Ok(PutOutcome::Stored { stored_bytes }),
-                    other => Ok(other),
-                }
-            }
-            Err(e) => Err(self.store_err("write", key, e)),
-        }
-    }
-
-    /// A conditional create (`PutMode::Create`) of `payload` at `path`, with retries.
-    async fn put_create(
-        &self,
-        path: &object_store::path::Path,
-        key: &ObjectKey,
-        payload: &PutPayload,
-    ) -> Result<object_store::PutResult, object_store::Error> {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        retry(&self.retry, &|| format!("write {}", key.key()), || {
-            self.store.put_opts(path, payload.clone(), opts.clone())
-        })
-        .await
-    }
-
-    /// Store an already-enveloped object under a key nothing else uses (backup pieces): a
-    /// conditional create, where an existing object is a `Conflict`.
-    ///
-    /// # Errors
-    /// `Conflict` or `Store`.
-    pub async fn create_encoded(&self, key: &ObjectKey, stored: Vec<u8>) -> Result<u64, RepoError> {
-        let path = key.path();
-        let len = stored.len() as u64;
-        let payload = PutPayload::from(stored);
-        match self.put_create(&path, key, &payload).await {
-            Ok(_) => Ok(len),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                // Ours, if an earlier attempt was applied but its answer lost; anything else conflicts.
-                match self.get_raw(&key.key()).await? {
-                    Some(existing) if existing.as_ref() == payload_bytes(&payload).as_slice() => {
-                        Ok(len)
-                    }
-                    _ => Err(RepoError::Conflict {
-                        key: key.key(),
-                        repo: self.location.clone(),
-                    }),
-                }
-            }
-            Err(object_store::Error::NotImplemented { .. }) => {
-                if self.exists(key).await? {
-                    return Err(RepoError::Conflict {
-                        key: key.key(),
-                        repo: self.location.clone(),
-                    });
-                }
-                retry(&self.retry, &|| format!("write {}", key.key()), || {
-                    self.store.put(&path, payload.clone())
-                })
-                .await
-                .map_err(|e| self.store_err("write", key, e))?;
-                // Without a conditional create, a writer racing us may have won: read back, and
-                // only what we wrote counts as ours (claims carry a nonce, so two differ).
-                match self.get_raw(&key.key()).await? {
-                    Some(stored) if stored.as_ref() == payload_bytes(&payload).as_slice() => {
-                        Ok(len)
-                    }
-                    _ => Err(RepoError::Conflict {
-                        key: key.key(),
-                        repo: self.location.clone(),
-                    }),
-                }
-            }
-            Err(e) => Err(self.store_err("write", key, e)),
-        }
-    }
-
-    /// Which of `keys` exist, found with one listing that starts just before the smallest (S3 lists in
-    /// key order, so it stops after the largest) instead of one lookup each. Only keys in one
-    /// directory are answered; `None` when they are not, or when the listing fails (callers then look
-    /// each key up).
-    pub async fn which_exist(
-        &self,
-        keys: &[ObjectKey],
-    ) -> Option<std::collections::HashSet<String>> {
-        use futures::StreamExt;
-        let names: Vec<String> = keys.iter().map(ObjectKey::key).collect();
-        let dir = |k: &str| k.rsplit_once('/').map(|(d, _)| d.to_string());
-        let first_dir = dir(names.first()?)?;
-        if names.iter().any(|k| dir(k).as_deref() != Some(&first_dir)) {
-            return None;
-        }
-        let (min, max) = (names.iter().min()?, names.iter().max()?);
-        // Everything after `min` minus its last character: `min` itself and all that follow.
-        let offset = object_store::path::Path::from(&min[..min.len() - 1]);
-        let prefix = object_store::path::Path::from(first_dir.as_str());
-        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
-        let mut found = std::collections::HashSet::new();
-        let mut listing = self.store.list_with_offset(Some(&prefix), &offset);
-        while let Some(item) = listing.next().await {
-            let meta = match item {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!("listing {prefix} failed, looking keys up one by one: {e}");
-                    return None;
-                }
-            };
-            let key = meta.location.to_string();
-            if key.as_str() > max.as_str() {
-                break;
-            }
-            if wanted.contains(key.as_str()) {
-                found.insert(key);
-            }
-        }
-        Some(found)
-    }
-
-    /// Whether anything is stored under `prefix` (one listing request, first page only).
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be listed.
-    pub async fn any_under(&self, prefix: &str) -> Result<bool, RepoError> {
-        use futures::StreamExt;
-        let path = object_store::path::Path::from(prefix);
-        retry(&self.retry, &|| format!("list {prefix}"), || async {
-            match self.store.list(Some(&path)).next().await {
-                None => Ok(false),
-                Some(Ok(_)) => Ok(true),
-                Some(Err(e)) => Err(e),
-            }
-        })
-        .await
-        .map_err(|e| self.store_err_at("list", prefix, e))
-    }
-
-    /// Whether an object exists.
-    ///
-    /// # Errors
-    /// `Store` when the store cannot answer.
-    pub async fn exists(&self, key: &ObjectKey) -> Result<bool, RepoError> {
-        let path = key.path();
-        let head = retry(&self.retry, &|| format!("look up {}", key.key()), || {
-            self.store.head(&path)
-        })
-        .await;
-        match head {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.store_err("look up", key, e)),
-        }
-    }
-
-    async fn compare_existing(
-        &self,
-        key: &ObjectKey,
-        original: Original<'_>,
-    ) -> Result<PutOutcome, RepoError> {
-        let existing = self.get(key).await?;
-        let reread;
-        let data = match original {
-            Original::Bytes(b) => b,
-            Original::File(path) => {
-                // Up to a segment's worth of reading: on the blocking pool.
-                let owned = path.to_path_buf();
-                let read = tokio::task::spawn_blocking(move || std::fs::read(&owned))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                reread = read.map_err(|e| {
-                    self.store_err(
-                        "compare",
-                        key,
-                        object_store::Error::Generic {
-                            store: "pitr",
-                            source: format!("read {} again: {e}", path.display()).into(),
-                        },
-                    )
-                })?;
-                &reread[..]
-            }
-        };
-        match existing {
-            Some(existing) if existing == data => Ok(PutOutcome::AlreadyStored),
-            Some(_) => Err(RepoError::Conflict {
-                key: key.key(),
-                repo: self.location.clone(),
-            }),
-            None => Err(self.store_err(
-                "read back",
-                key,
-                object_store::Error::Generic {
-                    store: "pitr",
-                    source: "object vanished right after it was found".into(),
-                },
-            )),
-        }
-    }
-
-    /// Every object under `prefix` (all objects for `None`), with retries.
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be listed.
-    pub async fn list(
-        &self,
-        prefix: Option<&str>,
-    ) -> Result<Vec<object_store::ObjectMeta>, RepoError> {
-        use futures::TryStreamExt;
-        let path = prefix.map(object_store::path::Path::from);
-        let what = prefix.unwrap_or("(all)");
-        retry(&self.retry, &|| format!("list {what}"), || {
-            self.store.list(path.as_ref()).try_collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| self.store_err_at("list", what, e))
-    }
-
-    /// The names of the "directories" directly under `prefix`, with retries.
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be listed.
-    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, RepoError> {
-        let path = object_store::path::Path::from(prefix);
-        let listed = retry(&self.retry, &|| format!("list {prefix}"), || {
-            self.store.list_with_delimiter(Some(&path))
-        })
-        .await
-        .map_err(|e| self.store_err_at("list", prefix, e))?;
-        Ok(listed
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .collect())
-    }
-
-    /// The stored bytes under `key` exactly as stored (not verified), with retries; `None` when absent.
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be read.
-    pub async fn get_raw(&self, key: &str) -> Result<Option<bytes::Bytes>, RepoError> {
-        let path = object_store::path::Path::from(key);
-        match retry(&self.retry, &|| format!("read {key}"), || async {
-            self.store.get(&path).await?.bytes().await
-        })
-        .await
-        {
-            Ok(b) => Ok(Some(b)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.store_err_at("read", key, e)),
-        }
-    }
-
-    /// Delete the object under `key`, with retries; an absent object is success.
-    ///
-    /// # Errors
-    /// `Store` when the store refuses.
-    pub async fn delete(&self, key: &str) -> Result<(), RepoError> {
-        let path = object_store::path::Path::from(key);
-        match retry(&self.retry, &|| format!("delete {key}"), || {
-            self.store.delete(&path)
-        })
-        .await
-        {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.store_err_at("delete", key, e)),
-        }
-    }
-
-    /// Store derived data (a WAL summary), which can always be rebuilt from the objects it describes:
-    /// a plain write that replaces whatever is there, so one round trip.
-    ///
-    /// # Errors
-    /// `Store` when the store refuses.
-    pub async fn put_derived(
-        &self,
-        key: &ObjectKey,
-        data: &[u8],
-        compression: Compression,
-    ) -> Result<(), RepoError> {
-        let stored = envelope::encode(data, compression)
-            .map_err(|e| self.corrupt(key, format!("compress: {e}")))?;
-        self.put_overwrite(&key.key(), stored).await
-    }
-
-    /// Overwrite `key` with already-enveloped bytes (only for derived status objects), with retries.
-    ///
-    /// # Errors
-    /// `Store` when the store refuses.
-    pub async fn put_overwrite(&self, key: &str, stored: Vec<u8>) -> Result<(), RepoError> {
-        let path = object_store::path::Path::from(key);
-        let payload = PutPayload::from(stored);
-        retry(&self.retry, &|| format!("write {key}"), || {
-            self.store.put(&path, payload.clone())
-        })
-        .await
-        .map(|_| ())
-        .map_err(|e| self.store_err_at("write", key, e))
-    }
-
-    /// The underlying store (for listing and tests).
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
     }
 }
 
@@ -990,10 +522,6 @@ fn bad_budget(reason: String) -> RepoError {
         name: retry::BUDGET_ENV,
         reason,
     }
-}
-
-fn payload_bytes(p: &PutPayload) -> Vec<u8> {
-    p.iter().flat_map(|b| b.iter().copied()).collect()
 }
 
 fn need_host(url: &str, host: &str) -> Result<String, RepoError> {
@@ -1009,6 +537,9 @@ fn need_host(url: &str, host: &str) -> Result<String, RepoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::Compression;
+    use crate::testing::PutBytes;
+    use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
 
     fn key(name: &str) -> ObjectKey {

@@ -36,6 +36,11 @@ pub enum Published {
 }
 
 impl Staged {
+    /// Where it is published.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
     /// A staging file beside `dest`, whose directory must exist (where it does not, the caller
     /// stores the object the ordinary way, which creates directories durably).
     ///

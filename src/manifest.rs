@@ -1,13 +1,17 @@
-//! The backup manifest: versioned JSON, stored last. A backup exists only once its manifest does.
+//! The backup manifest: a repository format that `backup` writes (last: a backup exists only once
+//! its manifest does) and the catalog, the planner, restore, verify and expire read.
+//!
+//! Its values are typed as stored: timelines, segment names, LSNs and the system identifier parse
+//! on read, so a manifest with a bad value is unreadable (a finding) rather than a silent default.
 
 use serde::{Deserialize, Serialize};
 
-use super::walk::Tablespace;
 use crate::compress::Compression;
-use crate::pg::Lsn;
-use crate::pg::xlogrecord::PgTimestamp;
+use crate::format::{FormatError, Versioned};
+use crate::pg::PgTimestamp;
+use crate::pg::{Lsn, SegmentName, SystemId, TimelineId};
 
-/// Manifest format written by this pitr.
+/// Manifest format written by this pitr (and the newest it reads).
 pub const MANIFEST_FORMAT: u32 = 1;
 
 /// Size of the pieces large files are stored in (bounds memory: jobs × one chunk).
@@ -39,6 +43,15 @@ pub struct FileEntry {
     pub parts: Vec<Part>,
 }
 
+/// A tablespace found under `pg_tblspc/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tablespace {
+    /// Its OID (the symlink's name).
+    pub oid: u32,
+    /// Where the symlink pointed.
+    pub location: String,
+}
+
 /// A completed base backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupManifest {
@@ -50,12 +63,12 @@ pub struct BackupManifest {
     pub id: String,
     /// The label given to `pg_backup_start`.
     pub label: String,
-    /// The cluster's system identifier.
-    pub system_identifier: String,
+    /// The cluster's system identifier (stored as decimal text).
+    pub system_identifier: SystemId,
     /// PostgreSQL major version.
     pub pg_version: u32,
     /// Timeline at the start.
-    pub timeline: u32,
+    pub timeline: TimelineId,
     /// Redo LSN the recovery starts from (`START WAL LOCATION`).
     pub start_lsn: Lsn,
     /// Checkpoint LSN.
@@ -67,9 +80,9 @@ pub struct BackupManifest {
     /// When `pg_backup_stop` returned (server clock): the earliest time a restore can stop at.
     pub stop_time: PgTimestamp,
     /// Segment holding `start_lsn`.
-    pub start_wal: String,
+    pub start_wal: SegmentName,
     /// Segment holding the end of `stop_lsn`.
-    pub stop_wal: String,
+    pub stop_wal: SegmentName,
     /// Compression of the data objects.
     pub compression: Compression,
     /// Files, in the order they were listed.
@@ -85,4 +98,22 @@ pub struct BackupManifest {
     pub size_bytes: u64,
     /// Bytes stored.
     pub stored_bytes: u64,
+}
+
+impl Versioned for BackupManifest {
+    const WHAT: &'static str = "backup manifest";
+    const SUPPORTED: u32 = MANIFEST_FORMAT;
+    fn version(&self) -> u32 {
+        self.format_version
+    }
+}
+
+impl BackupManifest {
+    /// Parse a stored manifest, checking its format version.
+    ///
+    /// # Errors
+    /// A newer format, or JSON that is not a valid manifest.
+    pub fn from_json(bytes: &[u8]) -> Result<BackupManifest, FormatError> {
+        crate::format::decode(bytes)
+    }
 }

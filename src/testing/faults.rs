@@ -1,5 +1,6 @@
 //! Fault injection (tests only): a store wrapper that fails, loses answers, or stalls, to prove that
-//! retries recover from transient failures and never report a write that did not happen.
+//! retries recover from transient failures and never report a write that did not happen. Any test
+//! can wrap a repository in it; it knows the store, nothing of the commands.
 
 use std::fmt;
 use std::ops::Range;
@@ -16,15 +17,13 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 
-use super::Repo;
-use super::retry::RetryPolicy;
-use crate::compress::Compression;
 use crate::pg::PgMajor;
 use crate::storage::layout::ObjectKey;
+use crate::storage::retry::RetryPolicy;
 
 /// What a faulty call does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fault {
+pub(crate) enum Fault {
     /// Fail before touching the inner store (a refused connection, a 503).
     Fail,
     /// Apply the call, then fail (the answer was lost on the way back).
@@ -34,12 +33,13 @@ enum Fault {
 }
 
 #[derive(Debug)]
-struct Faulty {
+pub(crate) struct Faulty {
     inner: InMemory,
     fault: Fault,
     /// How many more calls (puts and gets) fail.
-    remaining: AtomicU32,
-    calls: AtomicU32,
+    pub(crate) remaining: AtomicU32,
+    /// Calls seen so far.
+    pub(crate) calls: AtomicU32,
 }
 
 impl fmt::Display for Faulty {
@@ -56,7 +56,8 @@ fn injected() -> object_store::Error {
 }
 
 impl Faulty {
-    fn new(fault: Fault, failures: u32) -> Arc<Faulty> {
+    /// A store whose next `failures` puts and gets misbehave as `fault` says.
+    pub(crate) fn new(fault: Fault, failures: u32) -> Arc<Faulty> {
         Arc::new(Faulty {
             inner: InMemory::new(),
             fault,
@@ -138,7 +139,8 @@ impl ObjectStore for Faulty {
     }
 }
 
-fn quick() -> RetryPolicy {
+/// Retries quick enough for tests.
+pub(crate) fn quick() -> RetryPolicy {
     RetryPolicy {
         budget: Duration::from_secs(5),
         attempt_timeout: Duration::from_millis(300),
@@ -148,7 +150,7 @@ fn quick() -> RetryPolicy {
 }
 
 /// A 1 MiB segment file with a valid long header, written where `archive-push` can read it.
-fn segment_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+pub(crate) fn segment_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     let mut bytes =
         crate::pg::segment::tests::fake_segment(PgMajor::V15, 1, 3, 7_000_000_000, 1 << 20);
     for (i, b) in bytes.iter_mut().enumerate().skip(8192) {
@@ -159,118 +161,19 @@ fn segment_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     (path, bytes)
 }
 
-fn wal_key() -> ObjectKey {
+/// The key of the segment `segment_file` writes.
+pub(crate) fn wal_key() -> ObjectKey {
     ObjectKey::Wal("000000010000000000000003".parse().unwrap())
 }
 
 /// Read what the inner store holds, bypassing the faults.
-async fn stored(store: &Faulty, key: &ObjectKey) -> Option<Vec<u8>> {
+pub(crate) async fn stored(store: &Faulty, key: &ObjectKey) -> Option<Vec<u8>> {
     let r = store
         .inner
         .get_opts(&key.path(), GetOptions::default())
         .await;
     match r {
-        Ok(r) => Some(super::envelope::decode(&r.bytes().await.unwrap()).unwrap()),
+        Ok(r) => Some(crate::storage::envelope::decode(&r.bytes().await.unwrap()).unwrap()),
         Err(_) => None,
     }
-}
-
-#[tokio::test]
-async fn push_recovers_from_transient_failures() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, bytes) = segment_file(dir.path());
-    for (fault, failures) in [
-        (Fault::Fail, 3),
-        (Fault::ApplyThenFail, 1),
-        (Fault::ApplyThenFail, 2),
-        (Fault::Stall, 1),
-    ] {
-        for look_first in [false, true] {
-            let store = Faulty::new(fault, failures);
-            let repo = if look_first {
-                Repo::from_store_look_first(store.clone(), "faulty://")
-            } else {
-                Repo::from_store(store.clone(), "faulty://")
-            }
-            .with_retry(quick());
-            let report = crate::archive::push::push(&repo, &path, Compression::Zstd)
-                .await
-                .unwrap_or_else(|e| panic!("{fault:?} x{failures}: {e:#}"));
-            assert_eq!(report.original_bytes, bytes.len() as u64);
-            assert_eq!(
-                stored(&store, &wal_key()).await.as_deref(),
-                Some(bytes.as_slice()),
-                "{fault:?} x{failures}"
-            );
-            assert!(store.calls.load(Ordering::SeqCst) > failures);
-            // And it reads back through the same faults.
-            store.remaining.store(failures, Ordering::SeqCst);
-            assert_eq!(repo.get(&wal_key()).await.unwrap().unwrap(), bytes);
-        }
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_store_that_stays_down_is_a_failure_not_a_success() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, _) = segment_file(dir.path());
-    for fault in [Fault::Fail, Fault::Stall] {
-        let store = Faulty::new(fault, u32::MAX);
-        let policy = RetryPolicy {
-            budget: Duration::from_millis(800),
-            ..quick()
-        };
-        let repo = Repo::from_store(store.clone(), "faulty://").with_retry(policy);
-        let start = tokio::time::Instant::now();
-        let err = crate::archive::push::push(&repo, &path, Compression::Zstd)
-            .await
-            .unwrap_err();
-        // Tokio's clock (paused, so it is exact): retries stop once the budget is spent.
-        assert!(
-            start.elapsed() <= policy.budget + policy.max_backoff + policy.attempt_timeout,
-            "{fault:?}: {:?}",
-            start.elapsed()
-        );
-        assert!(
-            format!("{err:#}").contains("injected fault")
-                || format!("{err:#}").contains("no answer"),
-            "{err:#}"
-        );
-        assert_eq!(stored(&store, &wal_key()).await, None, "{fault:?}");
-        assert!(
-            store.calls.load(Ordering::SeqCst) >= 2,
-            "{fault:?} was not retried"
-        );
-    }
-    // Answers lost every time: the object may be there, but push still fails rather than guess.
-    let store = Faulty::new(Fault::ApplyThenFail, u32::MAX);
-    let repo = Repo::from_store(store.clone(), "faulty://").with_retry(RetryPolicy {
-        budget: Duration::from_millis(500),
-        ..quick()
-    });
-    assert!(
-        crate::archive::push::push(&repo, &path, Compression::Zstd)
-            .await
-            .is_err()
-    );
-}
-
-#[tokio::test]
-async fn a_backup_piece_whose_answer_was_lost_is_not_a_conflict() {
-    let store = Faulty::new(Fault::ApplyThenFail, 1);
-    let repo = Repo::from_store(store.clone(), "faulty://").with_retry(quick());
-    let key = ObjectKey::BackupLabel("20240501T100000Z".into());
-    let stored_bytes =
-        super::envelope::encode(b"START WAL LOCATION: 0/3000028", Compression::None).unwrap();
-    assert!(
-        repo.create_encoded(&key, stored_bytes.clone())
-            .await
-            .is_ok()
-    );
-    // Someone else's bytes under the same key still conflict.
-    let other = super::envelope::encode(b"something else", Compression::None).unwrap();
-    assert!(matches!(
-        repo.create_encoded(&key, other).await,
-        Err(super::RepoError::Conflict { .. })
-    ));
 }
