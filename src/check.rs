@@ -9,24 +9,32 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::config::Settings;
 use crate::pg::WalFileName;
 use crate::pgconn;
 use crate::storage::layout::ObjectKey;
 use crate::storage::{Repo, RepoError};
 
+/// What `check` is asked to check.
+#[derive(Clone, Debug)]
+pub struct CheckOptions {
+    /// The repository URL `archive_command` must archive into.
+    pub repo_url: String,
+    /// The config file in use (an `archive_command` naming it archives into its repository).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Where to connect (libpq connection string or database name).
+    pub dbname: Option<String>,
+    /// How long to wait for the switched segment to arrive.
+    pub timeout: Duration,
+}
+
 /// Run the check; returns the lines to print.
 ///
 /// # Errors
 /// The first thing that is wrong, with what to do about it.
-pub async fn run(
-    repo: &Repo,
-    settings: &Settings,
-    dbname: Option<&str>,
-    timeout: Duration,
-) -> anyhow::Result<Vec<String>> {
+pub async fn run(repo: &Repo, opts: &CheckOptions) -> anyhow::Result<Vec<String>> {
+    let timeout = opts.timeout;
     let mut out = Vec::new();
-    let cfg = pgconn::config(dbname, None)?;
+    let cfg = pgconn::config(opts.dbname.as_deref(), None)?;
     let client = pgconn::connect(&cfg).await?;
     let row = client
         .query_one(
@@ -38,7 +46,7 @@ pub async fn run(
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     let suggestion = format!(
         "archive_command = '/path/to/pitr --repo {} archive-push %p'",
-        settings.repo
+        opts.repo_url
     );
     if in_recovery {
         bail!(
@@ -54,8 +62,8 @@ pub async fn run(
     out.push(format!("ok   archive_mode = {mode}, wal_level = {level}"));
     let points_here = command.contains("archive-push")
         && command.contains("pitr")
-        && (command.contains(&settings.repo)
-            || settings
+        && (command.contains(&opts.repo_url)
+            || opts
                 .config_path
                 .as_ref()
                 .is_some_and(|c| command.contains(&*c.to_string_lossy()))
@@ -63,7 +71,7 @@ pub async fn run(
     if !points_here {
         bail!(
             "archive_command is {command:?}, which does not archive into {} with pitr; set {suggestion}",
-            settings.repo
+            opts.repo_url
         );
     }
     out.push(format!("ok   archive_command = {command}"));

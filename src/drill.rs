@@ -19,7 +19,6 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::catalog::Catalog;
-use crate::config::Settings;
 use crate::pg::PgTimestamp;
 use crate::restore::exec::{self, Action, Signal};
 use crate::restore::plan::{self, Request};
@@ -41,6 +40,10 @@ pub struct DrillOptions {
     pub jobs: usize,
     /// How long recovery may take.
     pub timeout: Duration,
+    /// The repository URL the restored server's `restore_command` reads.
+    pub repo_url: String,
+    /// The config file that command passes on, if any.
+    pub config_path: Option<PathBuf>,
 }
 
 /// One check's outcome.
@@ -223,7 +226,7 @@ async fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<St
 /// # Errors
 /// A plan refusal, a restore failure, or a server that does not start; failed checks are in the
 /// report instead.
-pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyhow::Result<Report> {
+pub async fn run(repo: &Repo, opts: &DrillOptions) -> anyhow::Result<Report> {
     let catalog = Catalog::load(repo).await?;
     let plan = plan::plan(
         &catalog,
@@ -237,26 +240,7 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         },
     )?;
     // The assertions are read and checked before anything is restored.
-    let statements: Vec<String> = match &opts.sql {
-        Some(file) => {
-            let sql = std::fs::read_to_string(file)
-                .with_context(|| format!("read --sql {}", file.display()))?;
-            let stmts: Vec<String> = sql
-                .split(';')
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
-                .map(str::to_string)
-                .collect();
-            if stmts.is_empty() {
-                bail!(
-                    "--sql {} holds no statement: write queries that return true, separated by ';'",
-                    file.display()
-                );
-            }
-            stmts
-        }
-        None => Vec::new(),
-    };
+    let statements = read_statements(opts.sql.as_deref())?;
     let bin = find_bin(opts.pg_bin.as_deref(), plan.backup.pg_version)?;
     let scratch = tempfile::Builder::new()
         .prefix("pitr-drill-")
@@ -270,27 +254,14 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
     std::fs::copy(std::env::current_exe()?, &exe)
         .context("copy the pitr binary into the scratch directory")?;
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
-    let commands =
-        exec::RecoveryCommand::new(&exe, &settings.repo, settings.config_path.as_deref());
+    let commands = exec::RecoveryCommand::new(&exe, &opts.repo_url, opts.config_path.as_deref());
     let relocate: HashMap<u32, PathBuf> = plan
         .backup
         .tablespaces
         .iter()
         .map(|t| (t.oid, scratch.path().join(format!("tablespace-{}", t.oid))))
         .collect();
-    let mut lines = exec::recovery_settings(&plan, &commands, Action::Promote);
-    for (k, v) in [
-        ("archive_mode", "off"),
-        ("listen_addresses", ""),
-        ("port", SCRATCH_PORT),
-        ("unix_socket_directories", &*sock.to_string_lossy()),
-        ("primary_conninfo", ""),
-        ("shared_buffers", "128MB"),
-        ("log_destination", "stderr"),
-        ("logging_collector", "off"),
-    ] {
-        lines.push((k, v.to_string()));
-    }
+    let lines = scratch_settings(&plan, &commands, &sock);
 
     let started = Instant::now();
     exec::execute(
@@ -306,210 +277,26 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
     let restore_seconds = started.elapsed().as_secs_f64();
     chown_tree(scratch.path())?;
 
-    let log = scratch.path().join("server.log");
     let recovery_start = Instant::now();
-    // From here on the server may be running: the guard stops it on every way out.
-    let mut server = ScratchServer {
-        pg_ctl: bin.join("pg_ctl"),
-        data: data.clone(),
-        running: true,
+    let server = Server {
+        bin: &bin,
+        data: &data,
+        sock: &sock,
+        log: scratch.path().join("server.log"),
     };
-    let mut start = Command::new(bin.join("pg_ctl"));
-    as_server_user(&mut start)?
-        .args(["-D"])
-        .arg(&data)
-        .arg("-l")
-        .arg(&log)
-        .args(["-w", "-t", "3600", "start"])
-        .current_dir(scratch.path());
-    let status = output(&mut start).await?;
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    if !status.status.success() {
-        let tail: Vec<String> = log_text()
-            .lines()
-            .rev()
-            .take(5)
-            .map(str::to_string)
-            .collect();
-        bail!(
-            "the restored cluster did not start: {}",
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        );
-    }
-    // Wait for the end of recovery.
-    loop {
-        match psql(&bin, &sock, "postgres", "SELECT pg_is_in_recovery()").await {
-            Ok(v) if v == "f" => break,
-            _ => {}
-        }
-        if recovery_start.elapsed() > opts.timeout {
-            let tail: Vec<String> = log_text()
-                .lines()
-                .rev()
-                .take(3)
-                .map(str::to_string)
-                .collect();
-            bail!(
-                "the restored cluster was still recovering (or not answering on its socket {}) after --timeout {}; its log ends: {}",
-                sock.display(),
-                humantime::format_duration(opts.timeout),
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            );
-        }
-        if !data.join("postmaster.pid").exists() {
-            let tail: Vec<String> = log_text()
-                .lines()
-                .rev()
-                .take(4)
-                .map(str::to_string)
-                .collect();
-            bail!(
-                "the restored cluster stopped during recovery: {}",
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // From here on the server may be running: the guard stops it on every way out.
+    let mut guard = server.start(scratch.path()).await?;
+    server.wait_for_promotion(opts.timeout).await?;
     let recovery_seconds = recovery_start.elapsed().as_secs_f64();
 
-    // Judged by asking the server, not by reading its log (whose language lc_messages decides):
-    // it promoted, so recovery reached its target (PostgreSQL stops with FATAL when recovery ends
-    // before a target it was given); the last transaction it replayed is the point reached.
-    let mut checks = Vec::new();
-    let reached = psql(
-        &bin,
-        &sock,
-        "postgres",
-        "SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')",
-    )
-    .await
-    .ok()
-    .filter(|r| !r.is_empty());
-    let reached_at = reached
-        .as_deref()
-        .and_then(|r| crate::restore::target::parse_time(r).ok());
-    // Where the index says recovery should have stopped: at or before a time target; at the last
-    // archived transaction for --latest.
-    let target_ok = match &plan.target {
-        Target::Time(t) => reached_at.is_none_or(|r| r <= *t),
-        Target::Latest => match catalog.window().and_then(|w| w.latest) {
-            Some(x) => reached_at == Some(x.time),
-            None => true,
-        },
-        _ => true,
-    };
-    checks.push(Check {
-        name: "target reached".into(),
-        ok: target_ok,
-        detail: format!(
-            "recovered to {} and promoted; last transaction replayed at {}",
-            plan.target,
-            reached.clone().unwrap_or_else(|| "none".into())
-        ),
-    });
-    // WAL continuity after the backup.
-    let gaps: Vec<String> = catalog
-        .timelines
-        .keys()
-        .flat_map(|&t| {
-            catalog
-                .ranges(t)
-                .windows(2)
-                .map(move |w| (t, w[0].1, w[1].0))
-                .collect::<Vec<_>>()
-        })
-        .filter(|(_, _, next)| *next > plan.backup.start_lsn.segno(catalog.seg_size()))
-        .map(|(t, after, before)| {
-            format!(
-                "after {} and before {}",
-                catalog.name(t, after),
-                catalog.name(t, before)
-            )
-        })
-        .collect();
-    checks.push(Check {
-        name: "WAL contiguous after the backup".into(),
-        ok: gaps.is_empty(),
-        detail: if gaps.is_empty() {
-            "no gaps".into()
-        } else {
-            format!("missing WAL {}", gaps.join("; "))
-        },
-    });
-    let mut amcheck = Command::new(bin.join("pg_amcheck"));
-    as_server_user(&mut amcheck)?
-        .args([
-            "--install-missing",
-            "--all",
-            "-U",
-            "postgres",
-            "-p",
-            SCRATCH_PORT,
-            "-h",
-        ])
-        .arg(&sock)
-        .current_dir("/");
-    let amcheck = output(&mut amcheck).await;
-    checks.push(match amcheck {
-        Ok(o) => Check {
-            name: "pg_amcheck".into(),
-            ok: o.status.success(),
-            detail: if o.status.success() {
-                "all databases: no corruption found".into()
-            } else {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            },
-        },
-        Err(e) => Check {
-            name: "pg_amcheck".into(),
-            ok: false,
-            detail: format!("could not run pg_amcheck: {e}"),
-        },
-    });
-    match psql(
-        &bin,
-        &sock,
-        "postgres",
-        "SELECT coalesce(sum(checksum_failures), 0) FROM pg_stat_database",
-    )
-    .await
-    {
-        Ok(n) => checks.push(Check {
-            name: "data checksum failures".into(),
-            ok: n == "0",
-            detail: n,
-        }),
-        Err(e) => checks.push(Check {
-            name: "data checksum failures".into(),
-            ok: false,
-            detail: e.to_string(),
-        }),
-    }
+    let (reached, mut checks) = target_check(&server, &catalog, &plan).await;
+    checks.push(gap_check(&catalog, &plan));
+    checks.push(server.amcheck().await);
+    checks.push(server.checksum_failures().await);
     for stmt in &statements {
-        let check = match psql(&bin, &sock, "postgres", stmt).await {
-            Ok(v) if v == "t" => Check {
-                name: format!("sql: {stmt}"),
-                ok: true,
-                detail: "true".into(),
-            },
-            Ok(v) => Check {
-                name: format!("sql: {stmt}"),
-                ok: false,
-                detail: format!("returned {v:?}, not true"),
-            },
-            Err(e) => Check {
-                name: format!("sql: {stmt}"),
-                ok: false,
-                detail: e.to_string(),
-            },
-        };
-        checks.push(check);
+        checks.push(server.sql_check(stmt).await);
     }
-    server.stop("fast");
+    guard.stop("fast");
     let ok = checks.iter().all(|c| c.ok);
     let kept = if opts.keep {
         Some(scratch.keep().to_string_lossy().into_owned())
@@ -527,6 +314,261 @@ pub async fn run(repo: &Repo, settings: &Settings, opts: &DrillOptions) -> anyho
         ok,
         scratch: kept,
     })
+}
+
+/// The `--sql` assertions, one statement per `;` (comment-only pieces dropped).
+fn read_statements(file: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    let Some(file) = file else {
+        return Ok(Vec::new());
+    };
+    let sql =
+        std::fs::read_to_string(file).with_context(|| format!("read --sql {}", file.display()))?;
+    let stmts: Vec<String> = sql
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.lines().all(|l| l.trim_start().starts_with("--")))
+        .map(str::to_string)
+        .collect();
+    if stmts.is_empty() {
+        bail!(
+            "--sql {} holds no statement: write queries that return true, separated by ';'",
+            file.display()
+        );
+    }
+    Ok(stmts)
+}
+
+/// The recovery settings of the scratch server: the plan's, promoted at the target, reachable only
+/// on its own socket, archiving nothing.
+fn scratch_settings(
+    plan: &plan::Plan,
+    commands: &exec::RecoveryCommand,
+    sock: &Path,
+) -> Vec<(&'static str, String)> {
+    let mut lines = exec::recovery_settings(plan, commands, Action::Promote);
+    for (k, v) in [
+        ("archive_mode", "off"),
+        ("listen_addresses", ""),
+        ("port", SCRATCH_PORT),
+        ("unix_socket_directories", &*sock.to_string_lossy()),
+        ("primary_conninfo", ""),
+        ("shared_buffers", "128MB"),
+        ("log_destination", "stderr"),
+        ("logging_collector", "off"),
+    ] {
+        lines.push((k, v.to_string()));
+    }
+    lines
+}
+
+/// The restored scratch server.
+struct Server<'a> {
+    bin: &'a Path,
+    data: &'a Path,
+    sock: &'a Path,
+    log: PathBuf,
+}
+
+impl Server<'_> {
+    /// The last `n` lines of the server's log, joined.
+    fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut tail: Vec<&str> = text.lines().rev().take(n).collect();
+        tail.reverse();
+        tail.join(" | ")
+    }
+
+    async fn start(&self, cwd: &Path) -> anyhow::Result<ScratchServer> {
+        let guard = ScratchServer {
+            pg_ctl: self.bin.join("pg_ctl"),
+            data: self.data.to_path_buf(),
+            running: true,
+        };
+        let mut start = Command::new(self.bin.join("pg_ctl"));
+        as_server_user(&mut start)?
+            .args(["-D"])
+            .arg(self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "3600", "start"])
+            .current_dir(cwd);
+        let status = output(&mut start).await?;
+        if !status.status.success() {
+            bail!("the restored cluster did not start: {}", self.log_tail(5));
+        }
+        Ok(guard)
+    }
+
+    /// Poll until recovery has ended, the server has stopped, or `timeout` has passed.
+    async fn wait_for_promotion(&self, timeout: Duration) -> anyhow::Result<()> {
+        let since = Instant::now();
+        loop {
+            if self
+                .psql("SELECT pg_is_in_recovery()")
+                .await
+                .is_ok_and(|v| v == "f")
+            {
+                return Ok(());
+            }
+            if since.elapsed() > timeout {
+                bail!(
+                    "the restored cluster was still recovering (or not answering on its socket {}) after --timeout {}; its log ends: {}",
+                    self.sock.display(),
+                    humantime::format_duration(timeout),
+                    self.log_tail(3)
+                );
+            }
+            if !self.data.join("postmaster.pid").exists() {
+                bail!(
+                    "the restored cluster stopped during recovery: {}",
+                    self.log_tail(4)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        psql(self.bin, self.sock, "postgres", sql).await
+    }
+
+    async fn amcheck(&self) -> Check {
+        let mut amcheck = Command::new(self.bin.join("pg_amcheck"));
+        let ran = match as_server_user(&mut amcheck) {
+            Ok(cmd) => {
+                cmd.args([
+                    "--install-missing",
+                    "--all",
+                    "-U",
+                    "postgres",
+                    "-p",
+                    SCRATCH_PORT,
+                    "-h",
+                ])
+                .arg(self.sock)
+                .current_dir("/");
+                output(&mut amcheck).await.map_err(anyhow::Error::from)
+            }
+            Err(e) => Err(e),
+        };
+        match ran {
+            Ok(o) => Check {
+                name: "pg_amcheck".into(),
+                ok: o.status.success(),
+                detail: if o.status.success() {
+                    "all databases: no corruption found".into()
+                } else {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                },
+            },
+            Err(e) => Check {
+                name: "pg_amcheck".into(),
+                ok: false,
+                detail: format!("could not run pg_amcheck: {e}"),
+            },
+        }
+    }
+
+    async fn checksum_failures(&self) -> Check {
+        let name = "data checksum failures".to_string();
+        match self
+            .psql("SELECT coalesce(sum(checksum_failures), 0) FROM pg_stat_database")
+            .await
+        {
+            Ok(n) => Check {
+                name,
+                ok: n == "0",
+                detail: n,
+            },
+            Err(e) => Check {
+                name,
+                ok: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    async fn sql_check(&self, stmt: &str) -> Check {
+        let name = format!("sql: {stmt}");
+        match self.psql(stmt).await {
+            Ok(v) if v == "t" => Check {
+                name,
+                ok: true,
+                detail: "true".into(),
+            },
+            Ok(v) => Check {
+                name,
+                ok: false,
+                detail: format!("returned {v:?}, not true"),
+            },
+            Err(e) => Check {
+                name,
+                ok: false,
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Whether recovery stopped where the index says it should: judged by asking the server, not by
+/// reading its log (whose language lc_messages decides). It promoted, so recovery reached its
+/// target (PostgreSQL stops with FATAL when recovery ends before a target it was given); the last
+/// transaction it replayed is the point reached, at or before a time target, at the last archived
+/// transaction for --latest. Returns that point (RFC 3339) and the check.
+async fn target_check(
+    server: &Server<'_>,
+    catalog: &Catalog,
+    plan: &plan::Plan,
+) -> (Option<String>, Vec<Check>) {
+    let reached = server
+        .psql("SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')")
+        .await
+        .ok()
+        .filter(|r| !r.is_empty());
+    let reached_at = reached
+        .as_deref()
+        .and_then(|r| PgTimestamp::parse_rfc3339(r).ok());
+    let target_ok = match &plan.target {
+        Target::Time(t) => reached_at.is_none_or(|r| r <= *t),
+        Target::Latest => match catalog.window().and_then(|w| w.latest) {
+            Some(x) => reached_at == Some(x.time),
+            None => true,
+        },
+        _ => true,
+    };
+    let check = Check {
+        name: "target reached".into(),
+        ok: target_ok,
+        detail: format!(
+            "recovered to {} and promoted; last transaction replayed at {}",
+            plan.target,
+            reached.clone().unwrap_or_else(|| "none".into())
+        ),
+    };
+    (reached, vec![check])
+}
+
+/// WAL continuity after the backup: the catalog's gaps past the backup's start.
+fn gap_check(catalog: &Catalog, plan: &plan::Plan) -> Check {
+    let start = plan.backup.start_lsn.segno(catalog.seg_size());
+    let gaps: Vec<String> = catalog
+        .gaps_after(Some(start))
+        .iter()
+        .map(|g| format!("after {} and before {}", g.after, g.before))
+        .collect();
+    Check {
+        name: "WAL contiguous after the backup".into(),
+        ok: gaps.is_empty(),
+        detail: if gaps.is_empty() {
+            "no gaps".into()
+        } else {
+            format!("missing WAL {}", gaps.join("; "))
+        },
+    }
 }
 
 /// Seconds rounded to the millisecond, as reported.

@@ -47,7 +47,7 @@ pub fn remove_stale_temps(dest: &Path) -> usize {
 }
 
 /// The directory holding `path` ("." for a bare file name).
-fn parent_dir(path: &Path) -> &Path {
+pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

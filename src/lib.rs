@@ -21,6 +21,8 @@ pub mod error;
 pub mod exit;
 pub mod expire;
 pub mod format;
+#[cfg(test)]
+mod golden;
 pub mod index;
 pub mod info;
 pub mod manifest;
@@ -31,5 +33,6 @@ pub mod restore;
 pub mod storage;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod units;
 pub mod users;
 pub mod verify;

@@ -49,10 +49,7 @@ pub async fn push_with_ahead(
 ) -> anyhow::Result<PushReport> {
     let start = Instant::now();
     let name = push::name_of(wal_path)?;
-    let pg_wal = match wal_path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let pg_wal = crate::durable::parent_dir(wal_path).to_path_buf();
     let markers = pg_wal.join(MARKER_DIR);
     if let Some(report) = answered_by_marker(repo.location(), wal_path) {
         return Ok(report);
@@ -147,10 +144,7 @@ fn listable(path: &Path) -> Option<WalFileName> {
 pub fn answered_by_marker(location: &str, wal_path: &Path) -> Option<PushReport> {
     let start = Instant::now();
     let name = push::name_of(wal_path).ok()?;
-    let pg_wal = match wal_path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let pg_wal = crate::durable::parent_dir(wal_path);
     let marker = pg_wal.join(MARKER_DIR).join(name.to_string());
     let expected = marker_text(location, wal_path)?;
     if !std::fs::read_to_string(&marker).is_ok_and(|m| m == expected) {

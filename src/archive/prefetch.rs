@@ -37,10 +37,7 @@ pub const MAX_AHEAD_BYTES: u64 = 256 << 20;
 
 /// The spool directory for a destination path.
 pub fn spool_dir(dest: &Path) -> PathBuf {
-    match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.join(SPOOL_DIR),
-        _ => PathBuf::from(SPOOL_DIR),
-    }
+    crate::durable::parent_dir(dest).join(SPOOL_DIR)
 }
 
 /// Hand over a spooled copy of `seg` to `dest` by rename; `true` if there was one.

@@ -131,149 +131,199 @@ pub async fn prepare_known(
     known: Known,
 ) -> anyhow::Result<Prepared> {
     let name = name_of(wal_path)?;
-    let (original_len, stored, summary, identity, looked, staged) = match name {
-        WalFileName::Segment(seg) | WalFileName::Partial(seg) => {
-            let file = std::fs::File::open(wal_path)
-                .with_context(|| format!("open {}", wal_path.display()))?;
-            let len = file
-                .metadata()
-                .with_context(|| format!("stat {}", wal_path.display()))?
-                .len() as usize;
-            let mut first = vec![0u8; len.min(SIZE_OF_LONG_PHD)];
-            file.read_exact_at(&mut first, 0)
-                .with_context(|| format!("read {}", wal_path.display()))?;
-            let header = validate_segment_start(seg, &first, len)
-                .with_context(|| format!("refuse {name}"))?;
-            let identity = {
-                let repo = repo.clone();
-                let want = RepoIdentity::from_header(&header);
-                tokio::spawn(async move { repo.ensure_identity(&want).await })
-            };
-            // A local repository gets the frames as they are done (see `staged`), unless the
-            // segment is known to be stored already.
-            let stage = !matches!(known, Known::Is(true));
-            // Whether the segment is stored already, found out while it is compressed.
-            let looked = Some({
-                let repo = repo.clone();
-                tokio::spawn(async move {
-                    let answer = match known {
-                        Known::Ask => None,
-                        Known::Is(found) => Some(found),
-                        Known::Pending(listing) => listing.await,
-                    };
-                    match answer {
-                        Some(found) => Ok(found),
-                        None => repo.exists(&ObjectKey::Wal(name)).await,
-                    }
-                })
-            });
-            let index = matches!(name, WalFileName::Segment(_));
-            let display = wal_path.display().to_string();
-            let staged = match repo.local_wal_path(name) {
-                Some(dest) if stage => Staged::begin(&dest).ok(),
-                _ => None,
-            };
-            let (stored, summary, staged) = tokio::task::spawn_blocking(move || {
-                let streamed = std::sync::atomic::AtomicU64::new(0);
-                let failed = std::sync::atomic::AtomicBool::new(false);
-                let sink = |offset: u64, frame: &[u8]| {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    let Some(st) = &staged else { return };
-                    if failed.load(Relaxed) {
-                        return;
-                    }
-                    match st.write_at(offset, frame) {
-                        Ok(()) => {
-                            streamed.fetch_add(frame.len() as u64, Relaxed);
-                        }
-                        Err(e) => {
-                            tracing::debug!("staging {name}: {e}; storing it the ordinary way");
-                            failed.store(true, Relaxed);
-                        }
-                    }
-                };
-                let sink_ref: envelope::FrameSink<'_> = &sink;
-                let (stored, summary) = read_and_encode(
-                    &file,
-                    len,
-                    compression,
-                    staged.as_ref().map(|_| sink_ref),
-                    |data| {
-                        index.then(|| {
-                            (
-                                seg,
-                                index::summarize(
-                                    data,
-                                    seg,
-                                    header.seg_size,
-                                    header.page_size,
-                                    header.major,
-                                ),
-                            )
-                        })
-                    },
-                )
-                .with_context(|| format!("read {display}"))?;
-                let staged = if failed.into_inner() {
-                    None
-                } else {
-                    staged.and_then(|st| finish_staging(st, &stored, streamed.into_inner()))
-                };
-                anyhow::Ok((stored, summary, staged))
-            })
-            .await??;
-            (len as u64, stored, summary, Some(identity), looked, staged)
-        }
+    let seg = match name {
+        WalFileName::Segment(seg) | WalFileName::Partial(seg) => seg,
         WalFileName::History(_) | WalFileName::BackupHistory { .. } => {
-            let data = tokio::fs::read(wal_path)
-                .await
-                .with_context(|| format!("read {}", wal_path.display()))?;
-            match name {
-                WalFileName::History(tli) => {
-                    let history =
-                        History::parse(tli, &data).with_context(|| format!("refuse {name}"))?;
-                    check_history(repo, &history)
-                        .await
-                        .with_context(|| format!("refuse {name}"))?;
-                }
-                WalFileName::BackupHistory { segment, offset } => {
-                    check_backup_history(segment, offset, &data).map_err(|why| {
-                        anyhow::anyhow!(
-                            "refuse {name}: not a backup history file of this name: {why}"
-                        )
-                    })?;
-                }
-                _ => {}
-            }
-            (
-                data.len() as u64,
-                envelope::encode(&data, compression)?.into(),
-                None,
-                None,
-                None,
-                None,
-            )
+            return prepare_small(repo, wal_path, name, compression).await;
         }
     };
-    // A staging file holds the bytes now; with `--parallel`, several prepared files wait for
-    // their uploads, and each would otherwise keep its compressed copy in memory too.
-    let stored_len = stored.len() as u64;
-    let stored = if staged.is_some() {
-        envelope::Encoded::empty()
-    } else {
-        stored
+    let file =
+        std::fs::File::open(wal_path).with_context(|| format!("open {}", wal_path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("stat {}", wal_path.display()))?
+        .len() as usize;
+    let mut first = vec![0u8; len.min(SIZE_OF_LONG_PHD)];
+    file.read_exact_at(&mut first, 0)
+        .with_context(|| format!("read {}", wal_path.display()))?;
+    let header =
+        validate_segment_start(seg, &first, len).with_context(|| format!("refuse {name}"))?;
+    let identity = {
+        let repo = repo.clone();
+        let want = RepoIdentity::from_header(&header);
+        tokio::spawn(async move { repo.ensure_identity(&want).await })
     };
-    Ok(Prepared {
-        name,
-        path: wal_path.to_path_buf(),
-        stored,
-        stored_len,
-        original_len,
-        summary,
-        identity,
-        looked,
-        staged,
+    // A local repository gets the frames as they are done (see `staged`), unless the segment is
+    // known to be stored already.
+    let staged = match repo.local_wal_path(name) {
+        Some(dest) if !matches!(known, Known::Is(true)) => Staged::begin(&dest).ok(),
+        _ => None,
+    };
+    let stored_already = look_up(repo, name, known);
+    let index = matches!(name, WalFileName::Segment(_)).then_some((seg, header));
+    let display = wal_path.display().to_string();
+    let (stored, summary, staged) = tokio::task::spawn_blocking(move || {
+        encode_segment(&file, len, compression, staged, index)
+            .with_context(|| format!("read {display}"))
     })
+    .await??;
+    Ok(Prepared::new(
+        name,
+        wal_path,
+        (stored, len as u64),
+        summary,
+        Some(identity),
+        Some(stored_already),
+        staged,
+    ))
+}
+
+/// Whether the repository holds `name` already, found out while the segment is compressed.
+fn look_up(
+    repo: &Repo,
+    name: WalFileName,
+    known: Known,
+) -> tokio::task::JoinHandle<Result<bool, RepoError>> {
+    let repo = repo.clone();
+    tokio::spawn(async move {
+        let answer = match known {
+            Known::Ask => None,
+            Known::Is(found) => Some(found),
+            Known::Pending(listing) => listing.await,
+        };
+        match answer {
+            Some(found) => Ok(found),
+            None => repo.exists(&ObjectKey::Wal(name)).await,
+        }
+    })
+}
+
+/// A segment's envelope, its summary, and the staging file holding the envelope.
+type EncodedSegment = (
+    envelope::Encoded,
+    Option<(SegmentName, SegmentSummary)>,
+    Option<Staged>,
+);
+
+/// The envelope of a segment (its frames also written to `staged` as they are done), and its
+/// summary when `index` names the segment and its header. The staging file is returned only when
+/// it holds the whole envelope.
+fn encode_segment(
+    file: &std::fs::File,
+    len: usize,
+    compression: Compression,
+    staged: Option<Staged>,
+    index: Option<(SegmentName, crate::pg::segment::SegmentHeader)>,
+) -> anyhow::Result<EncodedSegment> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let streamed = std::sync::atomic::AtomicU64::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let sink = |offset: u64, frame: &[u8]| {
+        let Some(st) = &staged else { return };
+        if failed.load(Relaxed) {
+            return;
+        }
+        match st.write_at(offset, frame) {
+            Ok(()) => {
+                streamed.fetch_add(frame.len() as u64, Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "staging {}: {e}; storing it the ordinary way",
+                    st.dest().display()
+                );
+                failed.store(true, Relaxed);
+            }
+        }
+    };
+    let sink_ref: envelope::FrameSink<'_> = &sink;
+    let (stored, summary) = read_and_encode(
+        file,
+        len,
+        compression,
+        staged.as_ref().map(|_| sink_ref),
+        |data| {
+            index.map(|(seg, header)| {
+                let summary =
+                    index::summarize(data, seg, header.seg_size, header.page_size, header.major);
+                (seg, summary)
+            })
+        },
+    )?;
+    let staged = if failed.into_inner() {
+        None
+    } else {
+        staged.and_then(|st| finish_staging(st, &stored, streamed.into_inner()))
+    };
+    Ok((stored, summary, staged))
+}
+
+/// A history or backup history file: read whole, checked, encoded.
+async fn prepare_small(
+    repo: &Repo,
+    wal_path: &Path,
+    name: WalFileName,
+    compression: Compression,
+) -> anyhow::Result<Prepared> {
+    let data = tokio::fs::read(wal_path)
+        .await
+        .with_context(|| format!("read {}", wal_path.display()))?;
+    match name {
+        WalFileName::History(tli) => {
+            let history = History::parse(tli, &data).with_context(|| format!("refuse {name}"))?;
+            check_history(repo, &history)
+                .await
+                .with_context(|| format!("refuse {name}"))?;
+        }
+        WalFileName::BackupHistory { segment, offset } => {
+            check_backup_history(segment, offset, &data).map_err(|why| {
+                anyhow::anyhow!("refuse {name}: not a backup history file of this name: {why}")
+            })?;
+        }
+        WalFileName::Segment(_) | WalFileName::Partial(_) => {}
+    }
+    let stored = envelope::encode(&data, compression)?.into();
+    Ok(Prepared::new(
+        name,
+        wal_path,
+        (stored, data.len() as u64),
+        None,
+        None,
+        None,
+        None,
+    ))
+}
+
+impl Prepared {
+    fn new(
+        name: WalFileName,
+        path: &Path,
+        (stored, original_len): (envelope::Encoded, u64),
+        summary: Option<(SegmentName, SegmentSummary)>,
+        identity: Option<tokio::task::JoinHandle<Result<(), RepoError>>>,
+        looked: Option<tokio::task::JoinHandle<Result<bool, RepoError>>>,
+        staged: Option<Staged>,
+    ) -> Prepared {
+        // A staging file holds the bytes now; with `--parallel`, several prepared files wait for
+        // their uploads, and each would otherwise keep its compressed copy in memory too.
+        let stored_len = stored.len() as u64;
+        let stored = if staged.is_some() {
+            envelope::Encoded::empty()
+        } else {
+            stored
+        };
+        Prepared {
+            name,
+            path: path.to_path_buf(),
+            stored,
+            stored_len,
+            original_len,
+            summary,
+            identity,
+            looked,
+            staged,
+        }
+    }
 }
 
 /// What can be checked of a timeline history file against the repository before it is stored (it

@@ -354,8 +354,113 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     let cfg = pgconn::config(opts.dbname.as_deref(), Some(&pgdata))?;
     let client = pgconn::connect(&cfg).await?;
     let major = pgconn::server_major(&client).await?;
+    let sysid = check_server(repo, &client, &cfg, &pgdata).await?;
 
-    // The server must be the one whose files we copy, and it must archive its WAL.
+    // Start.
+    let now_us: i64 = client
+        .query_one(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+            &[],
+        )
+        .await?
+        .get(0);
+    let id = fresh_backup_id(repo, now_us).await?;
+    let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
+    let start_time = start_backup(&client, major, &label).await?;
+    tracing::info!("backup {id} started ({})", pgdata.display());
+
+    // Copy.
+    let listing = {
+        let p = pgdata.clone();
+        tokio::task::spawn_blocking(move || walk::list(&p))
+            .await?
+            .context("list the data directory")?
+    };
+    let total: u64 = listing.files.iter().map(|f| f.size).sum::<u64>()
+        + listing.pg_control.as_ref().map_or(0, |f| f.size);
+    let bar = progress_bar(opts.progress, total);
+    let mut files = listing.files;
+    files.sort_by_key(|f| std::cmp::Reverse(f.size)); // big files first: the streams finish together
+    let mut entries = copy_files(repo, &id, files, opts, &bar).await?;
+    if let Some(ctl) = listing.pg_control {
+        entries.extend(copy_files(repo, &id, vec![ctl], opts, &bar).await?);
+    }
+    bar.finish_and_clear();
+
+    let stopped = stop_backup(repo, &client, major, &id).await?;
+    drop(client);
+
+    // The WAL from start to stop must be archived before this is a backup.
+    let identity = repo
+        .identity()
+        .await?
+        .context("the repository has no archived WAL from this cluster")?;
+    let info = &stopped.label;
+    let needed = needed_segments(
+        info.timeline,
+        info.start_lsn,
+        stopped.lsn,
+        identity.wal_segment_size,
+    );
+    tracing::info!(
+        "backup {id} stopped at {}; waiting for WAL {} to {} to be archived",
+        stopped.lsn,
+        needed.first().map(ToString::to_string).unwrap_or_default(),
+        needed.last().map(ToString::to_string).unwrap_or_default()
+    );
+    wait_for_wal(repo, &needed, opts.archive_timeout, &id).await?;
+
+    let manifest = BackupManifest {
+        format_version: MANIFEST_FORMAT,
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+        id: id.clone(),
+        label,
+        system_identifier: sysid,
+        pg_version: major.number(),
+        timeline: info.timeline,
+        start_lsn: info.start_lsn,
+        checkpoint_lsn: info.checkpoint_lsn,
+        stop_lsn: stopped.lsn,
+        start_time,
+        stop_time: stopped.time,
+        start_wal: info.start_wal,
+        stop_wal: needed.last().copied().unwrap_or(info.start_wal),
+        compression: opts.compression,
+        size_bytes: entries.iter().map(|f| f.size).sum(),
+        stored_bytes: entries
+            .iter()
+            .flat_map(|f| &f.parts)
+            .map(|p| p.stored)
+            .sum(),
+        files: entries,
+        directories: listing.directories,
+        tablespaces: listing.tablespaces,
+        has_tablespace_map: stopped.has_tablespace_map,
+    };
+    let json = serde_json::to_vec(&manifest)?;
+    let key = ObjectKey::BackupManifest(id.clone());
+    repo.put(
+        &key,
+        repo.seal(&key, &json, Compression::Zstd)?,
+        PutMode::CreateUnique,
+    )
+    .await
+    .context("store the backup manifest")?;
+    tracing::debug!(
+        "backup {id} complete in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(manifest)
+}
+
+/// The server must be the one whose files we copy, it must archive its WAL, and the repository
+/// must hold this cluster (or nothing yet). Returns its system identifier.
+async fn check_server(
+    repo: &Repo,
+    client: &tokio_postgres::Client,
+    cfg: &tokio_postgres::Config,
+    pgdata: &Path,
+) -> anyhow::Result<SystemId> {
     if let Ok(row) = client
         .query_one("SELECT current_setting('data_directory')", &[])
         .await
@@ -367,7 +472,7 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         if theirs != pgdata {
             bail!(
                 "the server at {} runs on {}, not on --pgdata {}",
-                pgconn::describe(&cfg),
+                pgconn::describe(cfg),
                 theirs.display(),
                 pgdata.display()
             );
@@ -393,17 +498,15 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
             found: format!("cluster {sysid} at {}", pgdata.display()),
         });
     }
+    Ok(sysid)
+}
 
-    // Start.
-    let now_us: i64 = client
-        .query_one(
-            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
-            &[],
-        )
-        .await?
-        .get(0);
-    let id = fresh_backup_id(repo, now_us).await?;
-    let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
+/// Start the backup (`pg_backup_start`, fast checkpoint); returns when it started (server clock).
+async fn start_backup(
+    client: &tokio_postgres::Client,
+    major: crate::pg::PgMajor,
+    label: &str,
+) -> anyhow::Result<PgTimestamp> {
     let start_sql = if major >= crate::pg::PgMajor::V15 {
         "SELECT pg_backup_start($1, true)::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8"
     } else {
@@ -414,28 +517,29 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         .await
         .context("start the backup (pg_backup_start)")?;
     let start_text: String = row.get(0);
-    let start_time = PgTimestamp::from_unix_micros(row.get(1));
-    tracing::info!("backup {id} started at {start_text} ({})", pgdata.display());
+    tracing::debug!("pg_backup_start returned {start_text}");
+    Ok(PgTimestamp::from_unix_micros(row.get(1)))
+}
 
-    // Copy.
-    let listing = {
-        let p = pgdata.clone();
-        tokio::task::spawn_blocking(move || walk::list(&p))
-            .await?
-            .context("list the data directory")?
-    };
-    let total: u64 = listing.files.iter().map(|f| f.size).sum::<u64>()
-        + listing.pg_control.as_ref().map_or(0, |f| f.size);
-    let bar = progress_bar(opts.progress, total);
-    let mut files = listing.files;
-    files.sort_by_key(|f| std::cmp::Reverse(f.size)); // big files first: the streams finish together
-    let mut entries = copy_files(repo, &id, files, opts, &bar).await?;
-    if let Some(ctl) = listing.pg_control {
-        entries.extend(copy_files(repo, &id, vec![ctl], opts, &bar).await?);
-    }
-    bar.finish_and_clear();
+/// What `pg_backup_stop` returned.
+struct Stopped {
+    /// The stop LSN.
+    lsn: Lsn,
+    /// When it returned (server clock).
+    time: PgTimestamp,
+    /// The fields of the `backup_label` it returned.
+    label: LabelInfo,
+    /// Whether it returned a tablespace map.
+    has_tablespace_map: bool,
+}
 
-    // Stop.
+/// Stop the backup and store the `backup_label` (and `tablespace_map`) byte for byte.
+async fn stop_backup(
+    repo: &Repo,
+    client: &tokio_postgres::Client,
+    major: crate::pg::PgMajor,
+    id: &str,
+) -> anyhow::Result<Stopped> {
     let stop_sql = if major >= crate::pg::PgMajor::V15 {
         "SELECT lsn::text, labelfile, spcmapfile, (extract(epoch FROM clock_timestamp()) * 1000000)::int8 FROM pg_backup_stop(false)"
     } else {
@@ -447,11 +551,13 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         .context("stop the backup (pg_backup_stop)")?;
     let stop_text: String = row.get(0);
     let labelfile: String = row.get(1);
-    let spcmap: Option<String> = row.get(2);
-    let stop_time = PgTimestamp::from_unix_micros(row.get(3));
-    let stop_lsn: Lsn = stop_text.parse()?;
-    let info = parse_label(&labelfile).context("read the backup_label pg_backup_stop returned")?;
-    let key = ObjectKey::BackupLabel(id.clone());
+    let spcmap: Option<String> = row.get::<_, Option<String>>(2).filter(|s| !s.is_empty());
+    let time = PgTimestamp::from_unix_micros(row.get(3));
+    let lsn: Lsn = stop_text
+        .parse()
+        .with_context(|| format!("pg_backup_stop returned the LSN {stop_text:?}"))?;
+    let label = parse_label(&labelfile).context("read the backup_label pg_backup_stop returned")?;
+    let key = ObjectKey::BackupLabel(id.to_string());
     repo.put(
         &key,
         repo.seal(&key, labelfile.as_bytes(), Compression::None)?,
@@ -459,9 +565,8 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     )
     .await
     .context("store backup_label")?;
-    let spcmap = spcmap.filter(|s| !s.is_empty());
     if let Some(map) = &spcmap {
-        let key = ObjectKey::TablespaceMap(id.clone());
+        let key = ObjectKey::TablespaceMap(id.to_string());
         repo.put(
             &key,
             repo.seal(&key, map.as_bytes(), Compression::None)?,
@@ -470,65 +575,12 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         .await
         .context("store tablespace_map")?;
     }
-    drop(client);
-
-    // The WAL from start to stop must be archived before this is a backup.
-    let identity = repo
-        .identity()
-        .await?
-        .context("the repository has no archived WAL from this cluster")?;
-    let seg_size = identity.wal_segment_size;
-    let needed = needed_segments(info.timeline, info.start_lsn, stop_lsn, seg_size);
-    tracing::info!(
-        "backup {id} stopped at {stop_lsn}; waiting for WAL {} to {} to be archived",
-        needed.first().map(ToString::to_string).unwrap_or_default(),
-        needed.last().map(ToString::to_string).unwrap_or_default()
-    );
-    wait_for_wal(repo, &needed, opts.archive_timeout, &id).await?;
-
-    let size_bytes = entries.iter().map(|f| f.size).sum();
-    let stored_bytes = entries
-        .iter()
-        .flat_map(|f| &f.parts)
-        .map(|p| p.stored)
-        .sum();
-    let manifest = BackupManifest {
-        format_version: MANIFEST_FORMAT,
-        program_version: env!("CARGO_PKG_VERSION").to_string(),
-        id: id.clone(),
+    Ok(Stopped {
+        lsn,
+        time,
         label,
-        system_identifier: sysid,
-        pg_version: major.number(),
-        timeline: info.timeline,
-        start_lsn: info.start_lsn,
-        checkpoint_lsn: info.checkpoint_lsn,
-        stop_lsn,
-        start_time,
-        stop_time,
-        start_wal: info.start_wal,
-        stop_wal: needed.last().copied().unwrap_or(info.start_wal),
-        compression: opts.compression,
-        files: entries,
-        directories: listing.directories,
-        tablespaces: listing.tablespaces,
         has_tablespace_map: spcmap.is_some(),
-        size_bytes,
-        stored_bytes,
-    };
-    let json = serde_json::to_vec(&manifest)?;
-    let key = ObjectKey::BackupManifest(id.clone());
-    repo.put(
-        &key,
-        repo.seal(&key, &json, Compression::Zstd)?,
-        PutMode::CreateUnique,
-    )
-    .await
-    .context("store the backup manifest")?;
-    tracing::debug!(
-        "backup {id} complete in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(manifest)
+    })
 }
 
 async fn wait_for_wal(

@@ -24,7 +24,13 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         archive_timeout,
     } = args;
 
-    for line in pitr::check::run(repo, settings, dbname.as_deref(), archive_timeout).await? {
+    let opts = pitr::check::CheckOptions {
+        repo_url: settings.repo.clone(),
+        config_path: settings.config_path.clone(),
+        dbname,
+        timeout: archive_timeout,
+    };
+    for line in pitr::check::run(repo, &opts).await? {
         crate::outln!("{line}");
     }
     crate::outln!("check: archiving into {} works", repo.location());

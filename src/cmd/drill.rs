@@ -64,8 +64,10 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         pg_bin,
         jobs: default_jobs(jobs),
         timeout,
+        repo_url: settings.repo.clone(),
+        config_path: settings.config_path.clone(),
     };
-    let report = pitr::drill::run(repo, settings, &opts).await?;
+    let report = pitr::drill::run(repo, &opts).await?;
     if json {
         crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -76,11 +76,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     } else {
         flags
     };
-    let now = pitr::pg::PgTimestamp::from_unix_micros(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as i64),
-    );
+    let now = pitr::pg::PgTimestamp::now();
     crate::sayln!("before: {}", plan::window_text(&Catalog::load(repo).await?));
     let (outcome, deletions) =
         pitr::expire::run(repo, &policy, now, dry_run, max_delete, force).await?;

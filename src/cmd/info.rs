@@ -1,8 +1,10 @@
 //! `pitr info`: what the repository holds and the recoverable window, as a table or JSON.
 
+use std::fmt::Write as _;
+
 use pitr::catalog::Catalog;
 use pitr::exit;
-use pitr::info::Info;
+use pitr::info::{Info, TimelineJson};
 use pitr::storage::Repo;
 
 #[derive(Debug, clap::Args)]
@@ -24,7 +26,195 @@ pub(crate) async fn run(args: Args, repo: &Repo) -> anyhow::Result<u8> {
     if json {
         crate::outln!("{}", serde_json::to_string_pretty(&info)?);
     } else {
-        crate::out!("{}", info.render());
+        crate::out!("{}", render(&info));
     }
     Ok(exit::SUCCESS)
+}
+
+/// The human-readable report.
+fn render(info: &Info) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "repository   {}", info.repository);
+    let (Some(id), Some(v), Some(sz)) = (
+        &info.system_identifier,
+        info.pg_version,
+        info.wal_segment_size,
+    ) else {
+        let _ = writeln!(
+            o,
+            "\nThe repository is empty: nothing has been archived into it yet."
+        );
+        return o;
+    };
+    let _ = writeln!(
+        o,
+        "cluster      {id} (PostgreSQL {v}, {} MiB WAL segments)",
+        sz.bytes() >> 20
+    );
+    wal(&mut o, &info.timelines);
+    backups(&mut o, info);
+    window(&mut o, info);
+    if !info.index_problems.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nindex problems (the WAL is archived as PostgreSQL wrote it; `pitr verify` will check it)"
+        );
+        for p in &info.index_problems {
+            let at = p.lsn.map_or(String::new(), |l| format!(" at {l}"));
+            let _ = writeln!(o, "  {}{at}: {}", p.segment, p.reason);
+        }
+    }
+    o
+}
+
+/// The WAL table: a line per run of segments, then gaps, partials and unindexed segments.
+fn wal(o: &mut String, timelines: &[TimelineJson]) {
+    let _ = writeln!(o, "\nWAL");
+    let _ = writeln!(
+        o,
+        "  timeline parent  switch LSN   {:<51} latest commit",
+        "archived segments"
+    );
+    for t in timelines {
+        let parent = t.parent.map_or("-".to_string(), |p| p.to_string());
+        let switch = t.switch_lsn.map_or("-".to_string(), |l| l.to_string());
+        let latest = t
+            .latest_commit
+            .as_ref()
+            .map_or("-".to_string(), |x| x.time.rfc3339());
+        // A run as its first name and the last name's final 8 digits.
+        let mut ranges = t.wal_ranges.iter().map(|r| {
+            let last = r.last.to_string();
+            format!("{}-{}", r.first, last.get(16..).unwrap_or(&last))
+        });
+        let first = ranges
+            .next()
+            .unwrap_or_else(|| "(history file only)".to_string());
+        let _ = writeln!(
+            o,
+            "  {:<8} {:<7} {:<12} {:<51} {}",
+            t.timeline, parent, switch, first, latest
+        );
+        for r in ranges {
+            let _ = writeln!(o, "  {:<8} {:<7} {:<12} {}", "", "", "", r);
+        }
+        for g in &t.gaps {
+            let _ = writeln!(
+                o,
+                "  {:<29}GAP: missing after {} and before {}",
+                "", g.after, g.before
+            );
+        }
+        for p in &t.partial_segments {
+            let _ = writeln!(o, "  {:<29}{p}", "");
+        }
+        if t.unindexed_segments > 0 {
+            let _ = writeln!(
+                o,
+                "  {:<29}{} segment(s) without an index summary",
+                "", t.unindexed_segments
+            );
+        }
+    }
+}
+
+/// The backups, incomplete ones and restore points.
+fn backups(o: &mut String, info: &Info) {
+    if info.backups.is_empty() {
+        let _ = writeln!(o, "\nbackups      none yet");
+    } else {
+        let _ = writeln!(o, "\nbackups");
+        let _ = writeln!(
+            o,
+            "  {:<18} {:<3} {:<28} {:<12} {:<12} {:>10} {:>10}",
+            "id", "tli", "stop time", "start LSN", "stop LSN", "size MiB", "stored MiB"
+        );
+        for b in &info.backups {
+            let flag = if b.restorable {
+                ""
+            } else {
+                "  NOT RESTORABLE: WAL missing"
+            };
+            let _ = writeln!(
+                o,
+                "  {:<18} {:<3} {:<28} {:<12} {:<12} {:>10.1} {:>10.1}{flag}",
+                b.id,
+                b.timeline,
+                b.stop_time.rfc3339(),
+                b.start_lsn.to_string(),
+                b.stop_lsn.to_string(),
+                super::mib(b.size_bytes),
+                super::mib(b.stored_bytes)
+            );
+        }
+    }
+    for id in &info.incomplete_backups {
+        let _ = writeln!(
+            o,
+            "  {id:<18} incomplete (no manifest: interrupted or still running), not restorable"
+        );
+    }
+    if !info.restore_points.is_empty() {
+        let _ = writeln!(o, "\nrestore points");
+        for r in &info.restore_points {
+            let _ = writeln!(
+                o,
+                "  {:<24} {}  LSN {:<12} timeline {}",
+                r.name,
+                r.time.rfc3339(),
+                r.lsn.to_string(),
+                r.timeline
+            );
+        }
+    }
+}
+
+/// The recoverable window, and each live branch's when histories diverge (a restore to a time
+/// after the fork must say which one it means).
+fn window(o: &mut String, info: &Info) {
+    let _ = writeln!(o, "\nrecoverable window");
+    match &info.window {
+        Some(w) => {
+            let earliest = w.earliest.map_or(
+                "- (no base backup yet: nothing is restorable until one completes)".to_string(),
+                |t| t.rfc3339(),
+            );
+            let latest = w.latest.map_or(
+                if w.earliest.is_some() {
+                    "- (no commit archived after the backup yet)".to_string()
+                } else {
+                    "- (no commit in the archived WAL)".to_string()
+                },
+                |t| t.rfc3339(),
+            );
+            let _ = writeln!(o, "  earliest   {earliest}");
+            let _ = writeln!(
+                o,
+                "  latest     {latest}  (timeline {}, WAL contiguous to {})",
+                w.latest_timeline, w.wal_end_segment
+            );
+        }
+        None => {
+            let _ = writeln!(o, "  - (no WAL archived)");
+        }
+    }
+    let live: Vec<&TimelineJson> = info.timelines.iter().filter(|t| t.live).collect();
+    if live.len() > 1 {
+        let _ = writeln!(
+            o,
+            "\n{} live branches: more than one server archives into this repository (a promoted copy, or a split brain); restores to times after the fork need --timeline",
+            live.len()
+        );
+        for t in live {
+            let Some(w) = &t.window else { continue };
+            let _ = writeln!(
+                o,
+                "  timeline {:<4} {} to {}  (WAL contiguous to {})",
+                t.timeline,
+                w.earliest.map_or("-".to_string(), |x| x.rfc3339()),
+                w.latest.map_or("-".to_string(), |x| x.rfc3339()),
+                w.wal_end_segment
+            );
+        }
+    }
 }

@@ -8,9 +8,7 @@ use pitr::storage::Repo;
 /// # Errors
 /// Its failure, for `main` to report.
 pub(crate) async fn run(repo: &Repo) -> anyhow::Result<u8> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let now = pitr::pg::PgTimestamp::now().unix_secs_f64();
     crate::out!("{}", pitr::metrics::render(repo, now).await?);
     Ok(exit::SUCCESS)
 }

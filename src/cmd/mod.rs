@@ -66,10 +66,7 @@ pub(crate) struct Placement {
     pub(crate) owner: Option<String>,
 }
 
-/// Mebibytes, for summaries.
-pub(crate) fn mib(b: u64) -> f64 {
-    b as f64 / 1048576.0
-}
+pub(crate) use pitr::units::mib;
 
 /// `--jobs`, or the number of CPUs.
 pub(crate) fn default_jobs(jobs: Option<usize>) -> usize {

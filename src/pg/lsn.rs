@@ -74,6 +74,7 @@ impl<'de> serde::Deserialize<'de> for Lsn {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
     use super::*;
 

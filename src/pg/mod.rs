@@ -2,6 +2,9 @@
 //!
 //! Nothing outside this module knows PostgreSQL's byte layouts.
 
+#![deny(clippy::indexing_slicing)]
+
+pub mod le;
 pub mod lsn;
 pub mod segment;
 pub mod sysid;
@@ -16,6 +19,7 @@ pub use time::PgTimestamp;
 pub use version::PgMajor;
 pub use walname::{SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // a test fixture builder
 pub(crate) mod walbuilder;
 pub mod waldecoder;
 pub mod xlogrecord;

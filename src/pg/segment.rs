@@ -98,17 +98,7 @@ pub enum SegmentError {
     },
 }
 
-fn u16_at(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
-}
+use super::le::{u16_at, u32_at, u64_at};
 
 /// Decode the long page header at the start of `bytes`, checking it is self-consistent.
 ///
@@ -193,6 +183,7 @@ pub fn validate_segment_start(
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 pub(crate) mod tests {
     use super::*;
     use crate::pg::walname::{SegNo, WalFileName};

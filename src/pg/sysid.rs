@@ -47,6 +47,7 @@ impl<'de> serde::Deserialize<'de> for SystemId {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
     use super::*;
 

@@ -214,6 +214,7 @@ fn offset(text: &str, hours: &str, minutes: &str) -> Option<i32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
     use super::*;
 

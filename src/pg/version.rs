@@ -77,6 +77,7 @@ impl fmt::Display for PgMajor {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
     use super::*;
 

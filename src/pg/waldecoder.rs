@@ -64,11 +64,11 @@ impl Record<'_> {
     }
     /// `xl_info`.
     pub fn info(&self) -> u8 {
-        self.bytes[16]
+        u8_at(&self.bytes, 16)
     }
     /// `xl_rmid`.
     pub fn rmid(&self) -> u8 {
-        self.bytes[17]
+        u8_at(&self.bytes, 17)
     }
 }
 
@@ -128,17 +128,8 @@ pub enum End {
     NoMoreData(Lsn),
 }
 
-pub(crate) fn le_u16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-pub(crate) fn le_u32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-pub(crate) fn le_u64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
-}
+use super::le::u8_at;
+pub(crate) use super::le::{u16_at as le_u16, u32_at as le_u32, u64_at as le_u64};
 
 fn maxalign(x: u64) -> u64 {
     (x + 7) & !7
@@ -340,12 +331,10 @@ impl<'a> SegmentDecoder<'a> {
         let seg: &'a [u8] = self.seg;
         if rec_off % ps + total <= ps {
             // On one page (most records): no copy.
-            return self.finish_record(
-                pos,
-                lsn,
-                rec_off + total,
-                std::borrow::Cow::Borrowed(&seg[rec_off..rec_off + total]),
-            );
+            let Some(one) = seg.get(rec_off..rec_off + total) else {
+                return Err(self.err(rec_off, "record runs past the end of the file"));
+            };
+            return self.finish_record(pos, lsn, rec_off + total, std::borrow::Cow::Borrowed(one));
         }
         let keep_all = total <= MAX_FRAGMENT;
         let mut bytes = Vec::with_capacity(total.min(MAX_FRAGMENT));
@@ -354,7 +343,10 @@ impl<'a> SegmentDecoder<'a> {
         loop {
             let page_start = off - off % ps;
             let here = (total - got).min(page_start + ps - off);
-            bytes.extend_from_slice(&self.seg[off..off + here]);
+            let Some(piece) = self.seg.get(off..off + here) else {
+                return Err(self.err(off, "record runs past the end of the file"));
+            };
+            bytes.extend_from_slice(piece);
             got += here;
             off += here;
             if got == total {
@@ -447,10 +439,10 @@ pub fn verify_record(r: &Record, expected_prev: Option<Lsn>) -> Result<(), Decod
             r.prev()
         )));
     }
-    let crc = crc32c::crc32c_append(
-        crc32c::crc32c(&r.bytes[SIZE_OF_XLOG_RECORD..]),
-        &r.bytes[..20],
-    );
+    let (Some(data), Some(head)) = (r.bytes.get(SIZE_OF_XLOG_RECORD..), r.bytes.get(..20)) else {
+        return Err(err("record shorter than its header".to_string()));
+    };
+    let crc = crc32c::crc32c_append(crc32c::crc32c(data), head);
     if crc != le_u32(&r.bytes, 20) {
         return Err(err("incorrect record checksum".to_string()));
     }
@@ -478,6 +470,7 @@ pub fn join_fragments(tail: &TailFragment, head: &HeadFragment) -> Option<Record
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
     use super::*;
     use crate::pg::walbuilder::WalBuilder;

@@ -232,7 +232,7 @@ impl FromStr for WalFileName {
         }
         if let Some(rest) = s.strip_suffix(".backup") {
             // <24 hex>.<8 hex>
-            if rest.len() != 33 || rest.as_bytes()[24] != b'.' {
+            if rest.len() != 33 || rest.as_bytes().get(24) != Some(&b'.') {
                 return Err(err());
             }
             let segment = SegmentName::parse(&rest[..24]).ok_or_else(err)?;
@@ -274,6 +274,7 @@ impl WalFileName {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
     use super::*;
 

@@ -178,7 +178,8 @@ pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], Deco
     if pos + datatotal + main_len != b.len() {
         return Err(err("block headers do not account for the record length"));
     }
-    Ok(&b[b.len() - main_len..])
+    b.get(b.len() - main_len..)
+        .ok_or_else(|| err("main data runs past the record"))
 }
 
 fn need(data: &[u8], len: usize, r: &Record, what: &str) -> Result<(), DecodeError> {
@@ -221,10 +222,10 @@ pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
             XLOG_RESTORE_POINT => {
                 let d = main_data(r, major)?;
                 need(d, 8 + 64, r, "restore point")?;
-                let raw = &d[8..8 + 64];
-                let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+                let raw = d.get(8..8 + 64).unwrap_or_default();
+                let name = raw.split(|&c| c == 0).next().unwrap_or_default();
                 Ok(Some(Event::RestorePoint {
-                    name: String::from_utf8_lossy(&raw[..end]).into_owned(),
+                    name: String::from_utf8_lossy(name).into_owned(),
                     time: PgTimestamp(le_u64(d, 0) as i64),
                 }))
             }

@@ -190,6 +190,45 @@ pub async fn restore_files(
                 repo.location()
             )
         })?;
+    make_directories(manifest, target, relocate)?;
+    let started = std::time::Instant::now();
+    let bytes = download_pieces(repo, manifest, target, jobs).await?;
+    let written = started.elapsed();
+
+    // backup_label (fetched and verified before any file was written) and tablespace_map.
+    durable::write_atomically(&target.join("backup_label"), &label)?;
+    if manifest.has_tablespace_map {
+        let map: String = manifest
+            .tablespaces
+            .iter()
+            .filter_map(|t| {
+                tablespace_target(manifest, t.oid, relocate)
+                    .map(|loc| format!("{} {}\n", t.oid, escape_map_path(&loc)))
+            })
+            .collect();
+        durable::write_atomically(&target.join("tablespace_map"), map.as_bytes())?;
+    }
+    sync_restored(target, manifest, jobs).await?;
+    tracing::debug!(
+        "restored {} files, {} bytes: written by {:.2} s, synced by {:.2} s ({jobs} jobs)",
+        manifest.files.len(),
+        bytes,
+        written.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(RestoredFiles {
+        files: manifest.files.len(),
+        bytes,
+    })
+}
+
+/// The target directory, the manifest's directories in it, and each tablespace's directory with
+/// its `pg_tblspc/<oid>` link.
+fn make_directories(
+    manifest: &BackupManifest,
+    target: &Path,
+    relocate: &HashMap<u32, PathBuf>,
+) -> anyhow::Result<()> {
     make_dir(target)?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))?;
     for dir in &manifest.directories {
@@ -206,17 +245,28 @@ pub async fn restore_files(
             make_dir(&target.join(dir))?;
         }
     }
-
-    // Every file is created at its final size (so writes never extend it) by a thread that runs
-    // ahead of the pieces, in the same order; a piece that gets there first creates its file
-    // itself. Creating ~1000 files costs up to a second on a busy journal, which the writes no
-    // longer wait for.
-    let started = std::time::Instant::now();
     for f in &manifest.files {
         if let Some(parent) = target.join(&f.path).parent() {
             make_dir(parent)?;
         }
     }
+    Ok(())
+}
+
+/// One piece to download: (file number, piece number, offset in the file, size, CRC-32C).
+type Piece = (usize, u32, u64, u64, u32);
+
+/// Download every piece on `jobs` streams, each verified as it is written at its offset. Every
+/// file is created at its final size (so writes never extend it) by a thread that runs ahead of
+/// the pieces, in the same order; a piece that gets there first creates its file itself.
+/// Creating ~1000 files costs up to a second on a busy journal, which the writes no longer wait
+/// for. Returns the bytes written.
+async fn download_pieces(
+    repo: &Repo,
+    manifest: &BackupManifest,
+    target: &Path,
+    jobs: usize,
+) -> anyhow::Result<u64> {
     let files = Arc::new(FilesToCreate {
         files: manifest
             .files
@@ -235,33 +285,29 @@ pub async fn restore_files(
             (0..files.files.len()).try_for_each(|i| files.ensure(i))
         })
     };
-    let pieces: Vec<(usize, String, u32, u64, u64, u32)> = manifest
+    let pieces: Vec<Piece> = manifest
         .files
         .iter()
         .enumerate()
         .flat_map(|(n, f)| {
-            f.parts.iter().enumerate().map(move |(i, p)| {
-                (
-                    n,
-                    f.path.clone(),
-                    i as u32,
-                    i as u64 * CHUNK_SIZE,
-                    p.size,
-                    p.crc32c,
-                )
-            })
+            f.parts
+                .iter()
+                .enumerate()
+                .map(move |(i, p)| (n, i as u32, i as u64 * CHUNK_SIZE, p.size, p.crc32c))
         })
         .collect();
-    let id = manifest.id.clone();
     let bar = crate::backup::progress_bar(true, manifest.size_bytes);
     let mut stream = futures::stream::iter(pieces)
-        .map(|(file, rel, part, offset, size, crc)| {
-            let id = id.clone();
+        .map(|(file, part, offset, size, crc)| {
             let files = files.clone();
             async move {
                 let key = ObjectKey::BackupPart {
-                    id,
-                    path: rel.clone(),
+                    id: manifest.id.clone(),
+                    path: manifest
+                        .files
+                        .get(file)
+                        .map(|f| f.path.clone())
+                        .unwrap_or_default(),
                     part,
                 };
                 let written = repo
@@ -270,7 +316,7 @@ pub async fn restore_files(
                         async move {
                             tokio::task::spawn_blocking(move || {
                                 files.ensure(file)?;
-                                let dest = &files.files[file].0;
+                                let dest = files.path(file)?;
                                 write_piece(&stored, dest, offset, size, crc, &piece)
                             })
                             .await?
@@ -295,28 +341,20 @@ pub async fn restore_files(
     }
     bar.finish_and_clear();
     creator.await??;
-    let written = started.elapsed();
+    Ok(bytes)
+}
 
-    // backup_label (fetched and verified before any file was written) and tablespace_map.
-    durable::write_atomically(&target.join("backup_label"), &label)?;
-    if manifest.has_tablespace_map {
-        let map: String = manifest
-            .tablespaces
-            .iter()
-            .filter_map(|t| {
-                tablespace_target(manifest, t.oid, relocate)
-                    .map(|loc| format!("{} {}\n", t.oid, escape_map_path(&loc)))
-            })
-            .collect();
-        durable::write_atomically(&target.join("tablespace_map"), map.as_bytes())?;
-    }
-
-    // Durability: every file, then every directory.
+/// Durability: every file (on `jobs` threads: the disk has been writing since each piece landed,
+/// so these waits overlap), then every directory, deepest first.
+async fn sync_restored(
+    target: &Path,
+    manifest: &BackupManifest,
+    jobs: usize,
+) -> anyhow::Result<()> {
     let target_owned = target.to_path_buf();
     let manifest_files: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
     let dirs: Vec<String> = manifest.directories.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        // The disk has been writing since each piece landed (start_writeback); these waits overlap.
         let per = manifest_files.len().div_ceil(jobs.max(1)).max(1);
         std::thread::scope(|s| {
             let handles: Vec<_> = manifest_files
@@ -343,18 +381,7 @@ pub async fn restore_files(
         Ok(())
     })
     .await?
-    .context("sync the restored files")?;
-    tracing::debug!(
-        "restored {} files, {} bytes: written by {:.2} s, synced by {:.2} s ({jobs} jobs)",
-        manifest.files.len(),
-        bytes,
-        written.as_secs_f64(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(RestoredFiles {
-        files: manifest.files.len(),
-        bytes,
-    })
+    .context("sync the restored files")
 }
 
 /// The files of a restore, each created once, by whichever thread needs it first.
@@ -366,6 +393,14 @@ struct FilesToCreate {
 }
 
 impl FilesToCreate {
+    /// The path of file `i`.
+    fn path(&self, i: usize) -> anyhow::Result<&Path> {
+        self.files
+            .get(i)
+            .map(|(p, _, _)| p.as_path())
+            .with_context(|| format!("no file number {i} in the manifest"))
+    }
+
     /// Create file `i` at its final size unless that was done already.
     fn ensure(&self, i: usize) -> anyhow::Result<()> {
         let (Some((path, size, mode)), Some(done)) = (self.files.get(i), self.done.get(i)) else {

@@ -733,7 +733,7 @@ fn refusal(c: &Catalog, req: &Request, missed: Missed) -> PlanError {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mib = |b: u64| b as f64 / 1048576.0;
+        let mib = crate::units::mib;
         writeln!(
             f,
             "backup       {} ({}), ended {} at {}",

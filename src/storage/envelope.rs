@@ -13,6 +13,8 @@
 //! 32..   payload
 //! ```
 
+#![deny(clippy::indexing_slicing)]
+
 use crate::compress::Compression;
 
 /// Header magic and format version.
@@ -211,7 +213,8 @@ pub fn encode_parallel_beside<T: Send>(
         }
         let crc = original_crc.unwrap_or_else(|| {
             done.iter().fold(0, |acc, d| {
-                crc32c::crc32c_combine(acc, d.piece_crc.unwrap_or_default(), lens[d.index])
+                let len = lens.get(d.index).copied().unwrap_or_default();
+                crc32c::crc32c_combine(acc, d.piece_crc.unwrap_or_default(), len)
             })
         });
         let payload_crc = done.iter().fold(0, |acc, d| {
@@ -286,7 +289,10 @@ impl PieceQueue<'_, '_, '_> {
             let (frame_len, frame_crc) = {
                 let mut region = region.lock().map_err(|_| poisoned())?;
                 let frame_len = z.compress_to_buffer(piece, &mut **region)?;
-                (frame_len, crc32c::crc32c(&region[..frame_len]))
+                let frame = region
+                    .get(..frame_len)
+                    .ok_or_else(|| std::io::Error::other("the compressor wrote past its buffer"))?;
+                (frame_len, crc32c::crc32c(frame))
             };
             let mut done = self.done.lock().map_err(|_| poisoned())?;
             if let Some(slot) = done.frames.get_mut(index) {
@@ -307,7 +313,10 @@ impl PieceQueue<'_, '_, '_> {
                         .ok_or_else(|| std::io::Error::other("no region for a piece"))?
                         .lock()
                         .map_err(|_| poisoned())?;
-                    sink(done.offset, &region[..len]);
+                    let frame = region.get(..len).ok_or_else(|| {
+                        std::io::Error::other("a frame is longer than its buffer")
+                    })?;
+                    sink(done.offset, frame);
                     done.offset += len as u64;
                     done.flushed += 1;
                 }
@@ -355,14 +364,12 @@ fn header(
     out.extend_from_slice(&(original_len as u64).to_le_bytes());
     out.extend_from_slice(&original_crc.to_le_bytes());
     out.extend_from_slice(&payload_crc.to_le_bytes());
-    let header_crc = crc32c::crc32c(&out[..28]);
+    let header_crc = crc32c::crc32c(out.get(..28).unwrap_or_default());
     out.extend_from_slice(&header_crc.to_le_bytes());
     out
 }
 
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
+use crate::pg::le::u32_at as le32;
 
 /// Check and decode the header of a stored object.
 ///
@@ -375,17 +382,16 @@ pub fn decode_header(stored: &[u8]) -> Result<Header, String> {
             stored.len()
         ));
     }
-    if &stored[..8] != MAGIC {
+    if stored.get(..8) != Some(MAGIC.as_slice()) {
         return Err("object does not start with pitr's header magic".into());
     }
-    if crc32c::crc32c(&stored[..28]) != le32(stored, 28) {
+    if crc32c::crc32c(stored.get(..28).unwrap_or_default()) != le32(stored, 28) {
         return Err("header checksum mismatch".into());
     }
-    let compression = Compression::from_code(stored[8])
-        .ok_or_else(|| format!("unknown compression code {}", stored[8]))?;
-    let mut len = [0u8; 8];
-    len.copy_from_slice(&stored[12..20]);
-    let original_len = u64::from_le_bytes(len);
+    let code = crate::pg::le::u8_at(stored, 8);
+    let compression =
+        Compression::from_code(code).ok_or_else(|| format!("unknown compression code {code}"))?;
+    let original_len = crate::pg::le::u64_at(stored, 12);
     if original_len > MAX_ORIGINAL_LEN {
         return Err(format!("header claims {original_len} original bytes"));
     }
@@ -402,7 +408,7 @@ pub fn decode_header(stored: &[u8]) -> Result<Header, String> {
 /// A description of the first check that failed.
 pub fn decode(stored: &[u8]) -> Result<Vec<u8>, String> {
     let header = decode_header(stored)?;
-    let payload = &stored[HEADER_LEN..];
+    let payload = stored.get(HEADER_LEN..).unwrap_or_default();
     if crc32c::crc32c(payload) != le32(stored, 24) {
         return Err("payload checksum mismatch".into());
     }
@@ -460,7 +466,7 @@ pub fn decode_to(
 ) -> Result<u64, DecodeToError> {
     use DecodeToError::{Corrupt, Sink};
     let header = decode_header(stored).map_err(Corrupt)?;
-    let payload = &stored[HEADER_LEN..];
+    let payload = stored.get(HEADER_LEN..).unwrap_or_default();
     if crc32c::crc32c(payload) != le32(stored, 24) {
         return Err(Corrupt("payload checksum mismatch".into()));
     }
@@ -533,7 +539,7 @@ pub fn decode_to_parallel(
 ) -> Result<u64, DecodeToError> {
     use DecodeToError::{Corrupt, Sink};
     let header = decode_header(stored).map_err(Corrupt)?;
-    let payload = &stored[HEADER_LEN..];
+    let payload = stored.get(HEADER_LEN..).unwrap_or_default();
     let frames = match header.compression {
         Compression::Zstd if threads > 1 => zstd_frames(payload).map_err(Corrupt)?,
         _ => Vec::new(),
@@ -577,7 +583,9 @@ pub fn decode_to_parallel(
                         let Some(frame) = frames.get(i) else {
                             break Ok(());
                         };
-                        let (size, base) = (sizes_ref[i], offsets[i]);
+                        let (Some(&size), Some(&base)) = (sizes_ref.get(i), offsets.get(i)) else {
+                            break Err(Corrupt("a frame has no size or offset".into()));
+                        };
                         let (mut crc, mut pos) = (0u32, 0usize);
                         let streamed = zstd_stream(frame.0, &mut state, &mut |bytes: &[u8]| {
                             if pos + bytes.len() > size {
@@ -618,9 +626,9 @@ pub fn decode_to_parallel(
     })?;
     let mut done: Vec<(usize, u32)> = done.into_iter().flatten().collect();
     done.sort_unstable_by_key(|d| d.0);
-    let crc = done
-        .iter()
-        .fold(0, |acc, &(i, c)| crc32c::crc32c_combine(acc, c, sizes[i]));
+    let crc = done.iter().fold(0, |acc, &(i, c)| {
+        crc32c::crc32c_combine(acc, c, sizes.get(i).copied().unwrap_or_default())
+    });
     if crc != header.original_crc {
         return Err(Corrupt(format!(
             "content checksum {crc:08x} differs from the stored {:08x}",
@@ -653,7 +661,7 @@ fn zstd_stream(
         let produced = out.pos();
         frame_done = hint == 0;
         if produced > 0 {
-            emit(&chunk[..produced])?;
+            emit(chunk.get(..produced).unwrap_or_default())?;
         } else if input.pos() == before {
             return Err(DecodeToError::Corrupt(
                 "zstd: the payload ends inside a frame".into(),
@@ -688,6 +696,7 @@ fn zstd_frames(payload: &[u8]) -> Result<Vec<Frame<'_>>, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
     use super::*;
 

@@ -396,12 +396,8 @@ impl Repo {
     /// `None` for object stores, which have no directories, or when it does not exist.
     pub fn local_dir_modified(&self, prefix: &layout::Prefix) -> Option<i64> {
         let m = std::fs::metadata(self.local_root.as_ref()?.join(prefix.key())).ok()?;
-        let t = m
-            .modified()
-            .ok()?
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()?;
-        i64::try_from(t.as_micros()).ok()
+        let t: chrono::DateTime<chrono::Utc> = m.modified().ok()?.into();
+        Some(t.timestamp_micros())
     }
 
     /// Remove the directory `prefix` of a local repository and every directory under it that holds

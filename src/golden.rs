@@ -1,0 +1,252 @@
+//! Format contracts under golden files (`testdata/formats/`): each stored format (`pitr.json`, the
+//! backup manifest, the segment summary) and `info --json` is written from a fixed value and
+//! compared with its file byte for byte, and the file is read back through the reader pitr uses.
+//! An accidental change to a field's name, type or order fails here. After a deliberate change
+//! (with its format version raised, and the old version still read), rewrite the files with
+//! `PITR_BLESS=1 cargo test golden` and keep the old ones as `*-vN.json` read-back fixtures.
+
+use std::path::PathBuf;
+
+use crate::catalog::{Catalog, Loaded};
+use crate::compress::Compression;
+use crate::index::{Checkpoint, ParseStatus, RestorePoint, SegmentSummary, XactRef};
+use crate::info::Info;
+use crate::manifest::{BackupManifest, FileEntry, Part, Tablespace};
+use crate::pg::xlogrecord::XactKind;
+use crate::pg::{Lsn, PgTimestamp, SegNo, SegmentName, SystemId, TimelineId, WalSegSize};
+use crate::storage::identity::RepoIdentity;
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/formats")
+        .join(name)
+}
+
+/// `written` must equal the golden file `name` (or replaces it under `PITR_BLESS=1`).
+fn check(name: &str, written: &str) -> String {
+    let path = golden(name);
+    if std::env::var_os("PITR_BLESS").is_some() {
+        std::fs::write(&path, format!("{written}\n")).unwrap();
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (PITR_BLESS=1 writes it)", path.display()));
+    assert_eq!(
+        written,
+        want.trim_end(),
+        "{name} changed: a stored format or a JSON contract is not what it was"
+    );
+    want
+}
+
+fn seg(tli: u32, n: u64) -> SegmentName {
+    SegmentName::new(tli_(tli), SegNo(n), WalSegSize::DEFAULT).unwrap()
+}
+
+fn tli_(n: u32) -> TimelineId {
+    TimelineId::new(n).unwrap()
+}
+
+fn at(s: &str) -> PgTimestamp {
+    PgTimestamp::parse_rfc3339(s).unwrap()
+}
+
+fn identity() -> RepoIdentity {
+    RepoIdentity {
+        format_version: 1,
+        system_identifier: SystemId(7_310_565_526_380_193_117),
+        pg_version: 15,
+        wal_segment_size: WalSegSize::DEFAULT,
+        wal_page_size: 8192,
+    }
+}
+
+fn manifest() -> BackupManifest {
+    BackupManifest {
+        format_version: 1,
+        program_version: "0.1.0".into(),
+        id: "20261121T101304Z".into(),
+        label: "pitr 20261121T101304Z".into(),
+        system_identifier: SystemId(7_310_565_526_380_193_117),
+        pg_version: 15,
+        timeline: tli_(1),
+        start_lsn: Lsn(0x0100_0028),
+        checkpoint_lsn: Lsn(0x0100_0060),
+        stop_lsn: Lsn(0x0100_0138),
+        start_time: at("2026-11-21T10:13:04.919520Z"),
+        stop_time: at("2026-11-21T10:13:06.000100Z"),
+        start_wal: seg(1, 1),
+        stop_wal: seg(1, 1),
+        compression: Compression::Zstd,
+        files: vec![FileEntry {
+            path: "base/5/16384".into(),
+            size: 16_785_408,
+            mtime: 1_795_256_000,
+            mode: 0o600,
+            parts: vec![
+                Part {
+                    size: 16_777_216,
+                    crc32c: 0x1234_5678,
+                    stored: 1_204_311,
+                },
+                Part {
+                    size: 8192,
+                    crc32c: 0x9abc_def0,
+                    stored: 312,
+                },
+            ],
+        }],
+        directories: vec!["base".into(), "base/5".into(), "pg_tblspc/16390".into()],
+        tablespaces: vec![Tablespace {
+            oid: 16390,
+            location: "/srv/ts1".into(),
+        }],
+        has_tablespace_map: true,
+        size_bytes: 16_785_408,
+        stored_bytes: 1_204_623,
+    }
+}
+
+fn summary() -> SegmentSummary {
+    let commit = XactRef {
+        lsn: Lsn(0x0200_0100),
+        xid: 741,
+        time: at("2026-11-21T10:14:00.500000Z"),
+        kind: XactKind::Commit,
+    };
+    let abort = XactRef {
+        lsn: Lsn(0x0200_2000),
+        xid: 742,
+        time: at("2026-11-21T10:14:01Z"),
+        kind: XactKind::Abort,
+    };
+    SegmentSummary {
+        format: 1,
+        status: ParseStatus::Ok,
+        records: 120,
+        first_lsn: Some(Lsn(0x0200_0028)),
+        last_lsn: Some(Lsn(0x0200_3000)),
+        xacts: 2,
+        first_xact: Some(commit),
+        last_xact: Some(abort),
+        max_xact_time: Some(abort.time),
+        min_xid: Some(741),
+        max_xid: Some(742),
+        restore_points: vec![RestorePoint {
+            name: "before_migration".into(),
+            time: at("2026-11-21T10:14:00.700000Z"),
+            lsn: Lsn(0x0200_1000),
+        }],
+        checkpoints: vec![Checkpoint {
+            lsn: Lsn(0x0200_2800),
+            redo: Lsn(0x0200_2400),
+            timeline: 1,
+            prev_timeline: 1,
+            shutdown: false,
+            unix_secs: 1_795_256_041,
+        }],
+        end_of_recovery: vec![],
+        backup_ends: vec![(Lsn(0x0200_0060), Lsn(0x0100_0028))],
+        switch_lsn: Some(Lsn(0x0200_3100)),
+        head: None,
+        tail: None,
+    }
+}
+
+#[test]
+fn repository_identity() {
+    let written = serde_json::to_string_pretty(&identity()).unwrap();
+    let file = check("pitr-v1.json", &written);
+    assert_eq!(
+        crate::format::decode::<RepoIdentity>(file.as_bytes()).unwrap(),
+        identity()
+    );
+}
+
+#[test]
+fn backup_manifest() {
+    let written = serde_json::to_string_pretty(&manifest()).unwrap();
+    let file = check("manifest-v1.json", &written);
+    assert_eq!(
+        BackupManifest::from_json(file.as_bytes()).unwrap(),
+        manifest()
+    );
+}
+
+#[test]
+fn segment_summary() {
+    let written = serde_json::to_string_pretty(&summary()).unwrap();
+    let file = check("summary-v1.json", &written);
+    assert_eq!(
+        crate::format::decode::<SegmentSummary>(file.as_bytes()).unwrap(),
+        summary()
+    );
+}
+
+#[test]
+fn info_json() {
+    // Timeline 1: segments 1, 2 and 4 (3 is missing); the backup ends in segment 1, the commit
+    // and the restore point are in segment 2.
+    let loaded = Loaded {
+        identity: Some(identity()),
+        wal: [1, 2, 4]
+            .iter()
+            .map(|&n| crate::pg::WalFileName::Segment(seg(1, n)))
+            .collect(),
+        histories: vec![],
+        summaries: vec![(seg(1, 2), serde_json::to_vec(&summary()).unwrap())],
+        backups: vec![
+            (
+                manifest().id,
+                Some(serde_json::to_vec(&manifest()).unwrap()),
+            ),
+            ("20261122T000000Z".into(), None),
+        ],
+    };
+    let info = Info::new("file:///srv/pitr", &Catalog::build(loaded));
+    check("info.json", &serde_json::to_string_pretty(&info).unwrap());
+}
+
+/// A format newer than this pitr reads is refused by name, never read as an older one.
+#[tokio::test]
+async fn newer_formats_are_refused_by_name() {
+    // A backup manifest: the backup is not restorable and the catalog says why.
+    let mut newer = serde_json::to_value(manifest()).unwrap();
+    newer["format_version"] = 2.into();
+    let loaded = Loaded {
+        identity: Some(identity()),
+        wal: vec![crate::pg::WalFileName::Segment(seg(1, 1))],
+        backups: vec![(manifest().id, Some(serde_json::to_vec(&newer).unwrap()))],
+        ..Default::default()
+    };
+    let c = Catalog::build(loaded);
+    assert!(c.backups.is_empty());
+    assert!(
+        c.problems
+            .iter()
+            .any(|p| p.segment == "backup 20261121T101304Z"
+                && p.reason
+                    .contains("backup manifest is format 2, newer than this pitr")),
+        "{:?}",
+        c.problems
+    );
+    // pitr.json: every command refuses the repository, naming the object.
+    let repo = crate::storage::Repo::from_store(
+        std::sync::Arc::new(object_store::memory::InMemory::new()),
+        "memory://newer",
+    );
+    let mut id = serde_json::to_value(identity()).unwrap();
+    id["format_version"] = 2.into();
+    let json = serde_json::to_vec(&id).unwrap();
+    let key = crate::storage::layout::ObjectKey::Identity;
+    let sealed = repo.seal(&key, &json, Compression::None).unwrap();
+    repo.put(&key, sealed, crate::storage::PutMode::compare_with(&json))
+        .await
+        .unwrap();
+    let err = repo.require_identity().await.unwrap_err();
+    assert!(
+        matches!(err, crate::storage::RepoError::Format { ref key, .. } if key == "pitr.json"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer than this pitr"), "{err}");
+    assert!(err.hint().unwrap().contains("newer pitr"));
+}
