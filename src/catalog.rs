@@ -163,6 +163,20 @@ pub struct Loaded {
     pub backups: Vec<(String, Option<Vec<u8>>)>,
 }
 
+/// The segments `[start, end)` of WAL a backup needs, on its timeline.
+pub fn needed_segments(
+    tli: TimelineId,
+    start: Lsn,
+    stop: Lsn,
+    seg_size: WalSegSize,
+) -> Vec<SegmentName> {
+    let first = start.segno(seg_size).0;
+    let last = Lsn(stop.0.saturating_sub(1)).segno(seg_size).0.max(first);
+    (first..=last)
+        .filter_map(|n| SegmentName::new(tli, SegNo(n), seg_size))
+        .collect()
+}
+
 impl Catalog {
     /// Read the repository's catalog.
     ///
@@ -388,7 +402,7 @@ impl Catalog {
         let Some(t) = self.timelines.get(&tli) else {
             return false;
         };
-        crate::backup::needed_segments(tli, b.start_lsn, b.stop_lsn, self.seg_size())
+        needed_segments(tli, b.start_lsn, b.stop_lsn, self.seg_size())
             .iter()
             .all(|s| {
                 s.segno(self.seg_size())

@@ -524,14 +524,13 @@ async fn target_check(
     catalog: &Catalog,
     plan: &plan::Plan,
 ) -> (Option<String>, Vec<Check>) {
-    let reached = server
-        .psql("SELECT coalesce(to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '')")
+    let reached_at = server
+        .psql("SELECT coalesce((extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8::text, '')")
         .await
         .ok()
-        .filter(|r| !r.is_empty());
-    let reached_at = reached
-        .as_deref()
-        .and_then(|r| PgTimestamp::parse_rfc3339(r).ok());
+        .and_then(|us| us.parse::<i64>().ok())
+        .map(PgTimestamp::from_unix_micros);
+    let reached = reached_at.map(PgTimestamp::rfc3339);
     let target_ok = match &plan.target {
         Target::Time(t) => reached_at.is_none_or(|r| r <= *t),
         Target::Latest => match catalog.window().and_then(|w| w.latest) {

@@ -206,6 +206,27 @@ fn info_json() {
     check("info.json", &serde_json::to_string_pretty(&info).unwrap());
 }
 
+#[test]
+fn verify_status() {
+    let status = crate::verify::VerifyStatus {
+        format_version: 1,
+        finished_at: at("2026-11-21T11:00:00.250000Z"),
+        findings: 2,
+        objects_checked: 4711,
+    };
+    let written = serde_json::to_string_pretty(&status).unwrap();
+    let file = check("verify-status-v1.json", &written);
+    let read = crate::format::decode::<crate::verify::VerifyStatus>(file.as_bytes()).unwrap();
+    assert_eq!(read, status);
+    // As the first version wrote it, without a format version.
+    let first =
+        br#"{"findings":2,"finished_at":"2026-11-21T11:00:00.250000Z","objects_checked":4711}"#;
+    assert_eq!(
+        crate::format::decode::<crate::verify::VerifyStatus>(first).unwrap(),
+        status
+    );
+}
+
 /// A format newer than this pitr reads is refused by name, never read as an older one.
 #[tokio::test]
 async fn newer_formats_are_refused_by_name() {

@@ -193,29 +193,27 @@ fn backup_gauges(c: &Catalog, now: f64) -> Vec<Gauge> {
 
 /// The last `pitr verify`: when, and how many findings.
 async fn verify_gauges(repo: &Repo) -> Vec<Gauge> {
-    let Ok(Some(json)) = repo.get(&ObjectKey::VerifyStatus).await else {
-        return Vec::new();
+    let status = match repo.get(&ObjectKey::VerifyStatus).await {
+        Ok(Some(json)) => crate::format::decode::<crate::verify::VerifyStatus>(&json),
+        _ => return Vec::new(),
     };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json) else {
-        return Vec::new();
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("{}: {e}", ObjectKey::VerifyStatus.key());
+            return Vec::new();
+        }
     };
-    let mut out = Vec::new();
-    if let Some(t) = v["finished_at"]
-        .as_str()
-        .and_then(|s| PgTimestamp::parse_rfc3339(s).ok())
-    {
-        out.push(one(
+    vec![
+        one(
             "pitr_verify_last_run_timestamp_seconds",
             "When pitr verify last finished.",
-            secs(t),
-        ));
-    }
-    if let Some(n) = v["findings"].as_u64() {
-        out.push(one(
+            secs(status.finished_at),
+        ),
+        one(
             "pitr_verify_last_findings",
             "Findings of the last pitr verify (0 = sound).",
-            n as f64,
-        ));
-    }
-    out
+            status.findings as f64,
+        ),
+    ]
 }

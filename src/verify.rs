@@ -27,6 +27,35 @@ use crate::pg::{SegNo, TimelineId, WalFileName};
 use crate::storage::layout::{ObjectKey, Prefix};
 use crate::storage::{Entry, PutMode, Repo, RepoError};
 
+/// `status/verify.json`: the last verify's outcome, read by `pitr metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct VerifyStatus {
+    /// Format version (objects written before it was recorded are format 1).
+    #[serde(default = "first_format")]
+    pub format_version: u32,
+    /// When verify finished.
+    pub finished_at: PgTimestamp,
+    /// How many findings it reported.
+    pub findings: usize,
+    /// How many objects it read.
+    pub objects_checked: u64,
+}
+
+/// The verify status format this pitr writes.
+pub const VERIFY_STATUS_FORMAT: u32 = 1;
+
+fn first_format() -> u32 {
+    1
+}
+
+impl crate::format::Versioned for VerifyStatus {
+    const WHAT: &'static str = "verify status";
+    const SUPPORTED: u32 = VERIFY_STATUS_FORMAT;
+    fn version(&self) -> u32 {
+        self.format_version
+    }
+}
+
 /// One problem.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
@@ -86,9 +115,12 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
         findings,
     };
     // Record the result for `pitr metrics` (a status object may be replaced).
-    let json = serde_json::to_vec(&serde_json::json!({
-        "finished_at": report.finished_at, "findings": report.findings.len(), "objects_checked": report.objects_checked
-    }))?;
+    let json = serde_json::to_vec(&VerifyStatus {
+        format_version: VERIFY_STATUS_FORMAT,
+        finished_at: report.finished_at,
+        findings: report.findings.len(),
+        objects_checked: report.objects_checked,
+    })?;
     let key = ObjectKey::VerifyStatus;
     let stored = repo.seal(&key, &json, Compression::None)?;
     if let Err(e) = repo.put(&key, stored, PutMode::OverwriteDerived).await {

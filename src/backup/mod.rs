@@ -29,7 +29,7 @@ use futures::StreamExt;
 use crate::compress::Compression;
 use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry, MANIFEST_FORMAT, Part};
 use crate::pg::PgTimestamp;
-use crate::pg::{Lsn, SegNo, SegmentName, SystemId, TimelineId, WalFileName, WalSegSize};
+use crate::pg::{Lsn, SegmentName, SystemId, TimelineId, WalFileName};
 use crate::pgconn;
 use crate::storage::layout::ObjectKey;
 use crate::storage::{PutMode, Repo, envelope};
@@ -321,19 +321,7 @@ async fn copy_files(
     Ok(out)
 }
 
-/// The segments `[start, end)` of WAL a backup needs, on its timeline.
-pub fn needed_segments(
-    tli: TimelineId,
-    start: Lsn,
-    stop: Lsn,
-    seg_size: WalSegSize,
-) -> Vec<SegmentName> {
-    let first = start.segno(seg_size).0;
-    let last = Lsn(stop.0.saturating_sub(1)).segno(seg_size).0.max(first);
-    (first..=last)
-        .filter_map(|n| SegmentName::new(tli, SegNo(n), seg_size))
-        .collect()
-}
+pub use crate::catalog::needed_segments;
 
 /// Take a base backup into `repo`.
 ///
@@ -699,7 +687,7 @@ mod tests {
     #[test]
     fn ids_and_needed_wal() {
         assert_eq!(backup_id(1_795_255_984_919_520), "20261121T101304Z");
-        let sz = WalSegSize::DEFAULT;
+        let sz = crate::pg::WalSegSize::DEFAULT;
         let names: Vec<String> =
             needed_segments(TimelineId::ONE, Lsn(0x600_0028), Lsn(0x800_0000), sz)
                 .iter()

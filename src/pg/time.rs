@@ -36,6 +36,11 @@ impl PgTimestamp {
         PgTimestamp::from_unix_micros(Utc::now().timestamp_micros())
     }
 
+    /// A file time (or any `SystemTime`).
+    pub fn from_system_time(t: std::time::SystemTime) -> PgTimestamp {
+        PgTimestamp::from_unix_micros(DateTime::<Utc>::from(t).timestamp_micros())
+    }
+
     /// Seconds since the Unix epoch, with the fraction (for metrics).
     pub fn unix_secs_f64(self) -> f64 {
         self.unix_micros() as f64 / 1e6

@@ -118,7 +118,7 @@ impl Repo {
         let ours: Vec<&str> = top
             .iter()
             .map(String::as_str)
-            .filter(|d| matches!(*d, "wal" | "backups"))
+            .filter(|d| [super::layout::WAL_PREFIX, super::layout::BACKUP_PREFIX].contains(d))
             .collect();
         if ours.is_empty() {
             "it holds no pitr.json (a missing or emptied bucket, or a wrong URL or prefix)".into()

@@ -396,8 +396,7 @@ impl Repo {
     /// `None` for object stores, which have no directories, or when it does not exist.
     pub fn local_dir_modified(&self, prefix: &layout::Prefix) -> Option<i64> {
         let m = std::fs::metadata(self.local_root.as_ref()?.join(prefix.key())).ok()?;
-        let t: chrono::DateTime<chrono::Utc> = m.modified().ok()?.into();
-        Some(t.timestamp_micros())
+        Some(crate::pg::PgTimestamp::from_system_time(m.modified().ok()?).unix_micros())
     }
 
     /// Remove the directory `prefix` of a local repository and every directory under it that holds
@@ -486,6 +485,7 @@ impl Repo {
 
     /// The object store underneath, for tests that damage objects on purpose. pitr itself goes
     /// through the typed methods.
+    #[doc(hidden)]
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }

@@ -106,9 +106,15 @@ impl From<Vec<u8>> for Payload {
     }
 }
 
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::ObjectKey {}
+    impl Sealed for super::Entry {}
+}
+
 /// Something whose key can be read or deleted: an [`ObjectKey`], or an [`Entry`] a listing found
-/// (which may be an object pitr did not write).
-pub trait Located {
+/// (which may be an object pitr did not write). Sealed: nothing else can name a key.
+pub trait Located: sealed::Sealed {
     /// The key relative to the repository root.
     fn key_text(&self) -> String;
 }
