@@ -6,6 +6,7 @@
 
 mod archive;
 mod backup;
+mod blocks;
 mod harness;
 mod reliability;
 mod restore;

@@ -12,12 +12,51 @@ use pitr::pg::{Lsn, WalFileName};
 
 use crate::harness::{self, Cluster, run_ok};
 
+/// (spc, db, rel, fork, block).
+type BlockRef = (u32, u32, u32, u8, u32);
+
 #[derive(Debug, Default)]
 struct Expected {
     records: Vec<Lsn>,
     /// (lsn, xid, "YYYY-MM-DD HH:MM:SS.ffffff")
     xacts: Vec<(Lsn, u32, String)>,
     restore_points: Vec<(Lsn, String)>,
+    /// Block references per record: (spc, db, rel, fork, block).
+    blocks: BTreeMap<Lsn, Vec<BlockRef>>,
+}
+
+/// The block references `pg_waldump` prints on a record's line:
+/// `blkref #0: rel 1663/5/16384 fork vm blk 7` (no `fork` for the main fork).
+fn blkrefs(line: &str) -> Vec<BlockRef> {
+    line.split("blkref #")
+        .skip(1)
+        .map(|part| {
+            let rest = part.split_once(": rel ").expect("blkref has a rel").1;
+            let mut words = rest.split_whitespace();
+            let rel: Vec<u32> = words
+                .next()
+                .unwrap()
+                .trim_end_matches(',')
+                .split('/')
+                .map(|n| n.parse().unwrap())
+                .collect();
+            let mut fork = 0;
+            let mut word = words.next().unwrap();
+            if word == "fork" {
+                fork = match words.next().unwrap() {
+                    "main" => 0,
+                    "fsm" => 1,
+                    "vm" => 2,
+                    "init" => 3,
+                    other => panic!("fork {other}"),
+                };
+                word = words.next().unwrap();
+            }
+            assert_eq!(word, "blk", "{line}");
+            let blk = words.next().unwrap().trim_end_matches(',').parse().unwrap();
+            (rel[0], rel[1], rel[2], fork, blk)
+        })
+        .collect()
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -39,6 +78,10 @@ fn waldump(c: &Cluster, from: Lsn, to: Lsn) -> Expected {
     for line in text.lines().filter(|l| l.starts_with("rmgr:")) {
         let lsn: Lsn = field(line, "lsn: ").unwrap().parse().unwrap();
         e.records.push(lsn);
+        let refs = blkrefs(line);
+        if !refs.is_empty() {
+            e.blocks.insert(lsn, refs);
+        }
         let desc = &line[line.find("desc: ").unwrap() + 6..];
         let mut words = desc.split_whitespace();
         let kind = words.next().unwrap_or("");
@@ -131,6 +174,7 @@ fn decoder_matches_waldump(major: u32) {
     let mut got_records = Vec::new();
     let mut got_xacts = BTreeMap::new();
     let mut got_rps = Vec::new();
+    let mut got_blocks = BTreeMap::new();
     let mut spanning = 0;
     let mut prev_tail = None;
     for seg in &segments {
@@ -150,6 +194,16 @@ fn decoder_matches_waldump(major: u32) {
         prev_tail = d.tail.clone();
         for r in records {
             got_records.push(r.lsn);
+            let mut refs = Vec::new();
+            pitr::pg::xlogrecord::headers(&r, h.major, Some(&mut refs)).unwrap();
+            if !refs.is_empty() {
+                got_blocks.insert(
+                    r.lsn,
+                    refs.iter()
+                        .map(|(f, b)| (f.spc, f.db, f.rel, f.fork, *b))
+                        .collect::<Vec<_>>(),
+                );
+            }
             match event(&r, h.major).unwrap() {
                 Some(Event::Xact { xid, time, .. }) => {
                     got_xacts.insert(
@@ -176,6 +230,18 @@ fn decoder_matches_waldump(major: u32) {
         "transaction ends differ from pg_waldump"
     );
     assert_eq!(got_rps, want.restore_points);
+    let mismatched: Vec<_> = want
+        .blocks
+        .iter()
+        .filter(|(lsn, refs)| got_blocks.get(*lsn) != Some(*refs))
+        .take(5)
+        .collect();
+    assert!(
+        mismatched.is_empty() && got_blocks.len() == want.blocks.len(),
+        "block references differ from pg_waldump ({} vs {} records), first: {mismatched:?}",
+        got_blocks.len(),
+        want.blocks.len()
+    );
     assert!(
         want.xacts.len() > 100 && want.restore_points.len() == 5,
         "{} xacts, {:?}",
@@ -187,9 +253,11 @@ fn decoder_matches_waldump(major: u32) {
         "no record spanned a segment boundary; the test needs more WAL"
     );
     eprintln!(
-        "PG {major}: {} segments, {} records, {} transaction ends, {} restore points, {spanning} records spanning segments: all equal to pg_waldump",
+        "PG {major}: {} segments, {} records, {} with block references ({} references), {} transaction ends, {} restore points, {spanning} records spanning segments: all equal to pg_waldump",
         segments.len(),
         got_records.len(),
+        got_blocks.len(),
+        got_blocks.values().map(Vec::len).sum::<usize>(),
         got_xacts.len(),
         got_rps.len()
     );

@@ -17,7 +17,6 @@ use crate::manifest::BackupManifest;
 use crate::pg::PgTimestamp;
 use crate::pg::timeline::History;
 use crate::pg::waldecoder::join_fragments;
-use crate::pg::xlogrecord::event;
 use crate::pg::{Lsn, PgMajor, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
 use crate::storage::Repo;
 use crate::storage::identity::RepoIdentity;
@@ -428,10 +427,8 @@ impl Catalog {
             let Some(record) = join_fragments(&tail, &head) else {
                 continue;
             };
-            if let (Ok(Some(ev)), Some(s)) =
-                (event(&record, major), self.summaries.get_mut(&(tli, n)))
-            {
-                s.add_event(record.lsn, ev);
+            if let Some(s) = self.summaries.get_mut(&(tli, n)) {
+                s.add_joined(&record, major);
             }
         }
     }

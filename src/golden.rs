@@ -121,6 +121,7 @@ fn summary() -> SegmentSummary {
     };
     SegmentSummary {
         format: 1,
+        changes: None,
         status: ParseStatus::Ok,
         records: 120,
         first_lsn: Some(Lsn(0x0200_0028)),
@@ -172,12 +173,48 @@ fn backup_manifest() {
     );
 }
 
+/// Format 2: format 1 plus the changed blocks.
+fn summary_v2() -> SegmentSummary {
+    use crate::pg::blockref::{Change, RelFork};
+    let rel = |rel, fork| RelFork {
+        spc: 1663,
+        db: 5,
+        rel,
+        fork,
+    };
+    let mut changes = crate::blocks::BlockChanges::default();
+    for c in [
+        Change::Modified(rel(16384, 0), 7),
+        Change::Modified(rel(16384, 0), 8),
+        Change::Modified(rel(16384, 0), 9),
+        Change::Modified(rel(16384, 0), 120),
+        Change::Modified(rel(16384, 2), 0),
+        Change::Limit(rel(16390, 0), 0),
+        Change::Modified(rel(16390, 0), 0),
+        Change::Limit(rel(0, 0), 0),
+    ] {
+        changes.apply(c);
+    }
+    changes.finish();
+    SegmentSummary {
+        format: 2,
+        changes: Some(changes),
+        ..summary()
+    }
+}
+
 #[test]
 fn segment_summary() {
-    let written = serde_json::to_string_pretty(&summary()).unwrap();
-    let file = check("summary-v1.json", &written);
+    let written = serde_json::to_string_pretty(&summary_v2()).unwrap();
+    let file = check("summary-v2.json", &written);
     assert_eq!(
         crate::format::decode::<SegmentSummary>(file.as_bytes()).unwrap(),
+        summary_v2()
+    );
+    // Format 1, as the first version wrote it: read, with no changed blocks (not covered).
+    let v1 = std::fs::read_to_string(golden("summary-v1.json")).unwrap();
+    assert_eq!(
+        crate::format::decode::<SegmentSummary>(v1.as_bytes()).unwrap(),
         summary()
     );
 }

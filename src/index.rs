@@ -11,13 +11,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::blocks::BlockChanges;
 use crate::pg::PgTimestamp;
+use crate::pg::blockref::Change;
 use crate::pg::waldecoder::{DecodeError, End, HeadFragment, SegmentDecoder, TailFragment};
 use crate::pg::xlogrecord::{Event, XactKind, event};
 use crate::pg::{Lsn, PgMajor, SegmentName, WalSegSize};
 
-/// Summary format version.
-pub const SUMMARY_FORMAT: u32 = 1;
+/// Summary format version: 2 adds the blocks each segment's records change (`changes`); a
+/// format 1 summary has none, and its segment counts as not covered for incremental backups.
+pub const SUMMARY_FORMAT: u32 = 2;
 
 /// A transaction end seen in WAL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,9 +122,36 @@ pub struct SegmentSummary {
     pub head: Option<HeadFragment>,
     /// The start of a record that continues in the next segment.
     pub tail: Option<TailFragment>,
+    /// The blocks the records starting in this segment change (format 2; `None` in format 1
+    /// summaries, and when decoding failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<BlockChanges>,
 }
 
 impl SegmentSummary {
+    /// Fold a record that began in this segment and ended in the next (joined from the two
+    /// fragments) into the summary: its event and its changed blocks. A summary without changes
+    /// stays without.
+    pub fn add_joined(&mut self, record: &crate::pg::waldecoder::Record, major: PgMajor) {
+        if let Ok(Some(ev)) = event(record, major) {
+            self.add_event(record.lsn, ev);
+        }
+        let mut found = Vec::new();
+        match crate::pg::blockref::changes(record, major, &mut found) {
+            Ok(()) => {
+                if let Some(c) = &mut self.changes {
+                    let mut more = BlockChanges::default();
+                    for ch in found {
+                        more.apply(ch);
+                    }
+                    more.finish();
+                    c.then(&more);
+                }
+            }
+            Err(_) => self.changes = None,
+        }
+    }
+
     /// Fold one event at `lsn` into the summary.
     pub fn add_event(&mut self, lsn: Lsn, ev: Event) {
         match ev {
@@ -205,13 +235,19 @@ pub fn summarize(
             return s;
         }
     };
+    let mut changes = BlockChanges::default();
+    let mut scratch: Vec<Change> = Vec::new();
     loop {
         match dec.next_record() {
             Ok(Some(rec)) => {
                 s.records += 1;
                 s.first_lsn.get_or_insert(rec.lsn);
                 s.last_lsn = Some(rec.lsn);
-                match event(&rec, major) {
+                let changed = crate::pg::blockref::changes(&rec, major, &mut scratch);
+                for c in scratch.drain(..) {
+                    changes.apply(c);
+                }
+                match changed.and_then(|()| event(&rec, major)) {
                     Ok(Some(ev)) => s.add_event(rec.lsn, ev),
                     Ok(None) => {}
                     Err(e) => {
@@ -226,6 +262,11 @@ pub fn summarize(
                 break;
             }
         }
+    }
+    // Changes are only as good as the decode: a failure leaves the segment uncovered.
+    if s.status == ParseStatus::Ok {
+        changes.finish();
+        s.changes = Some(changes);
     }
     s.head = dec.head.take();
     s.tail = dec.tail.take();

@@ -10,6 +10,7 @@
 pub mod archive;
 pub mod backup;
 pub mod bigbuf;
+pub mod blocks;
 pub mod catalog;
 pub mod check;
 pub mod cleanup;

@@ -4,6 +4,7 @@
 
 #![deny(clippy::indexing_slicing)]
 
+pub mod blockref;
 pub mod le;
 pub mod lsn;
 pub mod segment;

@@ -6,6 +6,7 @@
 //! `ParseCommitRecord()` / `ParseAbortRecord()` in `xactdesc.c`) and `src/include/catalog/pg_control.h`.
 //! Only called on records whose CRC already matched; reads are still bounds-checked.
 
+use super::blockref::RelFork;
 use super::lsn::Lsn;
 use super::time::PgTimestamp;
 use super::version::PgMajor;
@@ -82,6 +83,7 @@ const XLR_BLOCK_ID_TOPLEVEL_XID: u8 = 252;
 const XLR_MAX_BLOCK_ID: u8 = 32;
 const BKPBLOCK_HAS_IMAGE: u8 = 0x10;
 const BKPBLOCK_SAME_REL: u8 = 0x80;
+const BKPBLOCK_FORK_MASK: u8 = 0x0F;
 /// `BKPIMAGE_HAS_HOLE`: a hole offset follows the image header.
 const BKPIMAGE_HAS_HOLE: u8 = 0x01;
 /// `BKPIMAGE_IS_COMPRESSED` before PostgreSQL 15.
@@ -115,7 +117,23 @@ const XACT_XINFO_HAS_DROPPED_STATS: u32 = 1 << 8;
 /// # Errors
 /// A header walk that does not account for the record's length exactly.
 pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], DecodeError> {
+    headers(r, major, None)
+}
+
+/// Walk the record's headers as `DecodeXLogRecord()` does: the main data, and, into `blocks` when
+/// given, each block reference (relation fork and block number; `BKPBLOCK_SAME_REL` repeats the
+/// previous block's relation).
+///
+/// # Errors
+/// A header walk that does not account for the record's length exactly, or a `SAME_REL` block
+/// with no relation before it.
+pub fn headers<'r>(
+    r: &'r Record<'_>,
+    major: PgMajor,
+    mut blocks: Option<&mut Vec<(RelFork, u32)>>,
+) -> Result<&'r [u8], DecodeError> {
     let b = &r.bytes;
+    let mut rel: Option<RelFork> = None;
     let err = |m: &str| DecodeError {
         msg: m.to_string(),
         lsn: r.lsn,
@@ -131,7 +149,9 @@ pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], Deco
     let mut pos = super::waldecoder::SIZE_OF_XLOG_RECORD;
     let mut datatotal = 0usize;
     let mut main_len = 0usize;
-    while pos < b.len() {
+    // As `DecodeXLogRecord()`: headers go on while more is left than the block data they announced
+    // (a record without main data, such as a full-page image, ends right after its block headers).
+    while pos + datatotal < b.len() {
         let id = byte(pos)?;
         pos += 1;
         match id {
@@ -167,8 +187,22 @@ pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], Deco
                         pos += 2;
                     }
                 }
+                let fork = fork_flags & BKPBLOCK_FORK_MASK;
                 if fork_flags & BKPBLOCK_SAME_REL == 0 {
+                    if pos + 12 > b.len() {
+                        return Err(err("record headers run past the record"));
+                    }
+                    rel = Some(RelFork::at(b, pos, fork));
                     pos += 12;
+                }
+                if let Some(out) = blocks.as_deref_mut() {
+                    let Some(locator) = rel else {
+                        return Err(err("BKPBLOCK_SAME_REL set, but no previous relation"));
+                    };
+                    if pos + 4 > b.len() {
+                        return Err(err("record headers run past the record"));
+                    }
+                    out.push((RelFork { fork, ..locator }, le_u32(b, pos)));
                 }
                 pos += 4;
             }
@@ -261,6 +295,46 @@ pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
         }
         _ => Ok(None),
     }
+}
+
+/// The relations a commit or abort (plain or prepared) drops (`xl_xact_relfilelocators`, after
+/// `xl_xact_xinfo`, `xl_xact_dbinfo` and `xl_xact_subxacts` when present), with fork 0; none for
+/// other transaction records.
+///
+/// # Errors
+/// Counts that run past the main data.
+pub fn xact_dropped_relations(r: &Record, main: &[u8]) -> Result<Vec<RelFork>, DecodeError> {
+    let ends = [
+        XLOG_XACT_COMMIT,
+        XLOG_XACT_ABORT,
+        XLOG_XACT_COMMIT_PREPARED,
+        XLOG_XACT_ABORT_PREPARED,
+    ];
+    if !ends.contains(&(r.info() & XLOG_XACT_OPMASK)) || r.info() & XLOG_XACT_HAS_INFO == 0 {
+        return Ok(Vec::new());
+    }
+    let err = || DecodeError {
+        msg: "transaction end record: dropped relations run past the main data".into(),
+        lsn: r.lsn,
+    };
+    let at = |p: usize| main.get(p..p + 4).map(|_| le_u32(main, p)).ok_or_else(err);
+    let xinfo = at(8)?;
+    let mut p = 12usize;
+    if xinfo & XACT_XINFO_HAS_DBINFO != 0 {
+        p += 8;
+    }
+    if xinfo & XACT_XINFO_HAS_SUBXACTS != 0 {
+        p += 4 + 4 * at(p)? as usize;
+    }
+    if xinfo & XACT_XINFO_HAS_RELFILELOCATORS == 0 {
+        return Ok(Vec::new());
+    }
+    let n = at(p)? as usize;
+    p += 4;
+    if main.len() < p + 12 * n {
+        return Err(err());
+    }
+    Ok((0..n).map(|i| RelFork::at(main, p + 12 * i, 0)).collect())
 }
 
 /// The prepared transaction's xid from `xl_xact_twophase` (walking the optional pieces in order).
