@@ -9,7 +9,7 @@
 //! limit is recorded again.
 //!
 //! Stored compactly: one entry per fork, `[spc, db, rel, fork]`, the limit (or none), and the
-//! modified blocks as ranges in one string, `"0-3,17,40-41"`.
+//! modified blocks as runs in one string of hex gaps (see [`ranges`]).
 
 use std::collections::BTreeMap;
 
@@ -106,27 +106,28 @@ struct Stored {
 /// The most blocks one stored entry may name (a 1 GiB segment of 8-byte records names fewer).
 const MAX_BLOCKS: usize = 1 << 27;
 
-/// `"0-3,17,40-41"` for sorted unique blocks.
+/// Sorted unique blocks as runs, each `GAP` or `GAP+MORE` in hex: the run starts `GAP` blocks
+/// after the block following the previous run (after block -1 for the first) and holds `MORE`
+/// blocks after its first. Blocks 0-3, 17, 40-41 are `"0+3,d,16+1"`. Small numbers compress well:
+/// a TPC-B segment's few thousand scattered blocks take about 5 KB stored.
 fn ranges(blocks: &[u32]) -> String {
     let mut out = String::new();
+    let mut next = 0u64; // the block after the previous run
     let mut i = 0;
     while let Some(&start) = blocks.get(i) {
         let mut end = start;
-        while blocks
-            .get(i + 1)
-            .is_some_and(|&n| end.checked_add(1) == Some(n))
-        {
+        while blocks.get(i + 1).is_some_and(|&n| end.checked_add(1) == Some(n)) {
             i += 1;
             end = blocks.get(i).copied().unwrap_or(end);
         }
         if !out.is_empty() {
             out.push(',');
         }
-        if end == start {
-            out.push_str(&start.to_string());
-        } else {
-            out.push_str(&format!("{start}-{end}"));
+        out.push_str(&format!("{:x}", u64::from(start) - next));
+        if end > start {
+            out.push_str(&format!("+{:x}", end - start));
         }
+        next = u64::from(end) + 1;
         i += 1;
     }
     out
@@ -134,18 +135,28 @@ fn ranges(blocks: &[u32]) -> String {
 
 fn parse_ranges(s: &str) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
+    let mut next = 0u64;
     for part in s.split(',').filter(|p| !p.is_empty()) {
-        let bad = || format!("block range {part:?} is not N or N-M");
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (u32, u32) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-        if b < a || out.last().is_some_and(|&l| a <= l) {
-            return Err(format!("block ranges out of order at {part:?}"));
+        let bad = || format!("block run {part:?} is not GAP or GAP+MORE in hex");
+        let (gap, more) = part.split_once('+').unwrap_or((part, "0"));
+        let hex = |t: &str| {
+            (!t.is_empty() && t.len() <= 8 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| u64::from_str_radix(t, 16).ok())
+                .flatten()
+                .ok_or_else(bad)
+        };
+        let (gap, more) = (hex(gap)?, hex(more)?);
+        let first = next + gap;
+        let last = first + more;
+        if last > u64::from(u32::MAX) {
+            return Err(format!("block run {part:?} goes past the last block number"));
         }
         // More blocks than any segment's records can name: damage, not data.
-        if out.len() + (b - a) as usize >= MAX_BLOCKS {
-            return Err(format!("block ranges name more than {MAX_BLOCKS} blocks"));
+        if out.len() as u64 + more >= MAX_BLOCKS as u64 {
+            return Err(format!("block runs name more than {MAX_BLOCKS} blocks"));
         }
-        out.extend(a..=b);
+        out.extend((first as u32)..=(last as u32));
+        next = last + 1;
     }
     Ok(out)
 }
@@ -238,18 +249,20 @@ mod tests {
         assert_eq!(
             json,
             format!(
-                r#"[{{"rel":[1663,5,1,0],"blocks":"0-3,17,40-41,{}"}},{{"rel":[1663,5,2,0],"limit":0}}]"#,
-                u32::MAX
+                r#"[{{"rel":[1663,5,1,0],"blocks":"0+3,d,16+1,{:x}"}},{{"rel":[1663,5,2,0],"limit":0}}]"#,
+                u32::MAX - 42
             )
         );
         assert_eq!(serde_json::from_str::<BlockChanges>(&json).unwrap(), c);
         for bad in [
             r#"[{"rel":[1,2,3,0],"blocks":"5-3"}]"#,
-            r#"[{"rel":[1,2,3,0],"blocks":"3,3"}]"#,
+            r#"[{"rel":[1,2,3,0],"blocks":"3+"}]"#,
             r#"[{"rel":[1,2,3,0],"blocks":"x"}]"#,
+            r#"[{"rel":[1,2,3,0],"blocks":"ffffffff,1"}]"#,
+            r#"[{"rel":[1,2,3,0],"blocks":"-1"}]"#,
             r#"[{"rel":[1,2,3,300]}]"#,
             r#"[{"rel":[1,2,3,0]},{"rel":[1,2,3,0]}]"#,
-            r#"[{"rel":[1,2,3,0],"blocks":"0-4294967295"}]"#,
+            r#"[{"rel":[1,2,3,0],"blocks":"0+ffffffff"}]"#,
         ] {
             assert!(serde_json::from_str::<BlockChanges>(bad).is_err(), "{bad}");
         }
