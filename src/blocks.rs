@@ -116,7 +116,10 @@ fn ranges(blocks: &[u32]) -> String {
     let mut i = 0;
     while let Some(&start) = blocks.get(i) {
         let mut end = start;
-        while blocks.get(i + 1).is_some_and(|&n| end.checked_add(1) == Some(n)) {
+        while blocks
+            .get(i + 1)
+            .is_some_and(|&n| end.checked_add(1) == Some(n))
+        {
             i += 1;
             end = blocks.get(i).copied().unwrap_or(end);
         }
@@ -149,7 +152,9 @@ fn parse_ranges(s: &str) -> Result<Vec<u32>, String> {
         let first = next + gap;
         let last = first + more;
         if last > u64::from(u32::MAX) {
-            return Err(format!("block run {part:?} goes past the last block number"));
+            return Err(format!(
+                "block run {part:?} goes past the last block number"
+            ));
         }
         // More blocks than any segment's records can name: damage, not data.
         if out.len() as u64 + more >= MAX_BLOCKS as u64 {

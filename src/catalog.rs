@@ -145,6 +145,35 @@ pub struct Catalog {
     pub backups: Vec<BackupManifest>,
     /// Backup directories without a manifest (interrupted or still running).
     pub incomplete_backups: Vec<String>,
+    /// Segments whose last record continues in the next segment and was joined from the two
+    /// fragments (its changes are in the summary).
+    pub joined_tails: BTreeSet<(TimelineId, SegNo)>,
+}
+
+/// Why the WAL index cannot say which blocks changed over a range of WAL (an incremental backup
+/// then copies what it cannot vouch for whole).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Hole {
+    /// A segment on the timeline path is not archived.
+    #[error("WAL segment {0} is not archived")]
+    Missing(SegmentName),
+    /// A segment's summary records no changed blocks.
+    #[error("the summary of {segment} records no changed blocks ({why})")]
+    Uncovered {
+        /// The segment.
+        segment: SegmentName,
+        /// Why: an older summary format, a record that could not be decoded, no summary at all.
+        why: String,
+    },
+    /// A record that continues into the next segment could not be joined, so its changes are
+    /// unknown.
+    #[error("the record at {lsn} continues past {segment} and could not be read whole")]
+    Spanning {
+        /// The segment it starts in.
+        segment: SegmentName,
+        /// Its start.
+        lsn: Lsn,
+    },
 }
 
 /// What `load` read, before any interpretation (the input of `build`).
@@ -429,6 +458,7 @@ impl Catalog {
             };
             if let Some(s) = self.summaries.get_mut(&(tli, n)) {
                 s.add_joined(&record, major);
+                self.joined_tails.insert((tli, n));
             }
         }
     }
@@ -466,6 +496,66 @@ impl Catalog {
             }
         }
         out
+    }
+
+    /// The blocks changed by the WAL from `from` to `to`, read along the timeline path to `tli`,
+    /// whole segments at a time (so a little more than the range: never less).
+    ///
+    /// # Errors
+    /// The first [`Hole`] on the way.
+    pub fn changes_between(
+        &self,
+        tli: TimelineId,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<crate::blocks::BlockChanges, Hole> {
+        let seg_size = self.seg_size();
+        let path = self.path_to(tli);
+        let (first, last) = (from.segno(seg_size), to.segno(seg_size));
+        let mut out = crate::blocks::BlockChanges::default();
+        for n in first.0..=last.0.max(first.0) {
+            let n = SegNo(n);
+            let on = path
+                .iter()
+                .rev()
+                .find(|(_, begin)| *begin <= n)
+                .map_or(tli, |(t, _)| *t);
+            let name = self.name(on, n);
+            if !self
+                .timelines
+                .get(&on)
+                .is_some_and(|t| t.segments.contains(&n))
+            {
+                return Err(Hole::Missing(name));
+            }
+            let uncovered = |why: &str| Hole::Uncovered {
+                segment: name,
+                why: why.to_string(),
+            };
+            let summary = self
+                .summaries
+                .get(&(on, n))
+                .ok_or_else(|| uncovered("no readable summary"))?;
+            let changes = summary.changes.as_ref().ok_or_else(|| {
+                uncovered(match &summary.status {
+                    crate::index::ParseStatus::Failed { .. } => {
+                        "its records could not all be decoded"
+                    }
+                    crate::index::ParseStatus::Ok => "written by an older pitr",
+                })
+            })?;
+            out.then(changes);
+            if let Some(tail) = &summary.tail
+                && n < last
+                && !self.joined_tails.contains(&(on, n))
+            {
+                return Err(Hole::Spanning {
+                    segment: name,
+                    lsn: tail.lsn,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// The holes in the archived WAL of `tli`, oldest first.
@@ -832,6 +922,77 @@ mod tests {
                 .collect(),
             backups: Vec::new(),
         }
+    }
+
+    /// A summary of segment `n` on `tli` whose records modified block `n` of relation 16384 (and,
+    /// on segment 3, truncated it to 2 blocks first).
+    fn summary_with_changes(tli: u32, n: u64, tail: bool) -> Vec<u8> {
+        use crate::pg::blockref::{Change, RelFork};
+        let rel = RelFork {
+            spc: 1663,
+            db: 5,
+            rel: 16384,
+            fork: 0,
+        };
+        let mut ch = crate::blocks::BlockChanges::default();
+        if n == 3 {
+            ch.apply(Change::Limit(rel, 2));
+        }
+        ch.apply(Change::Modified(rel, n as u32 * 10));
+        ch.finish();
+        let mut s: SegmentSummary =
+            serde_json::from_slice(&summary(tli as i64 * 1000 + n as i64)).unwrap();
+        s.format = crate::index::SUMMARY_FORMAT;
+        s.changes = Some(ch);
+        if tail {
+            s.tail = Some(crate::pg::waldecoder::TailFragment {
+                lsn: Lsn(n * (16 << 20) + 100),
+                tot_len: 200_000,
+                bytes: Vec::new(),
+            });
+        }
+        serde_json::to_vec(&s).unwrap()
+    }
+
+    #[test]
+    fn changes_between_two_lsns_fold_or_name_the_hole() {
+        let mut l = loaded(&[(1, 1), (1, 2), (1, 3), (1, 4), (1, 6)], &[]);
+        l.summaries = vec![
+            (seg(1, 1), summary_with_changes(1, 1, false)),
+            (seg(1, 2), summary_with_changes(1, 2, false)),
+            (seg(1, 3), summary_with_changes(1, 3, true)),
+            (seg(1, 4), summary(1004)), // format 1: no changes
+            (seg(1, 6), summary_with_changes(1, 6, false)),
+        ];
+        let c = Catalog::build(l);
+        let one = TimelineId::ONE;
+        let at = |n: u64| Lsn(n * (16 << 20) + 40);
+        let rel = crate::pg::blockref::RelFork {
+            spc: 1663,
+            db: 5,
+            rel: 16384,
+            fork: 0,
+        };
+        let ch = c.changes_between(one, at(1), at(2)).unwrap();
+        assert_eq!(ch.fork(&rel).unwrap().blocks, [10, 20]);
+        // Segment 3 truncated the relation to 2 blocks: 10 and 20 are forgotten, 30 counts.
+        let ch = c.changes_between(one, at(1), at(3)).unwrap();
+        let f = ch.fork(&rel).unwrap();
+        assert_eq!((f.limit, f.blocks.as_slice()), (Some(2), &[30][..]));
+        // Segment 3's last record continues into 4 and was never joined.
+        assert!(matches!(
+            c.changes_between(one, at(3), at(4)),
+            Err(Hole::Spanning { segment, .. }) if segment == seg(1, 3)
+        ));
+        assert!(matches!(
+            c.changes_between(one, at(4), at(4)),
+            Err(Hole::Uncovered { segment, .. }) if segment == seg(1, 4)
+        ));
+        assert_eq!(
+            c.changes_between(one, at(6), at(7)),
+            Err(Hole::Missing(seg(1, 7)))
+        );
+        assert!(c.changes_between(one, at(6), at(6)).is_ok());
     }
 
     #[test]
