@@ -21,6 +21,21 @@ use crate::storage::RepoError;
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// A failure that carries its own operator hint.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Hinted {
+    /// What went wrong.
+    pub message: String,
+    /// What to do about it.
+    pub hint: &'static str,
+}
+
+/// A [`Hinted`] error.
+pub fn with_hint(message: String, hint: &'static str) -> Hinted {
+    Hinted { message, hint }
+}
+
 /// Whether `err` is bad usage.
 pub fn is_usage(err: &anyhow::Error) -> bool {
     err.chain().any(|e| e.is::<UsageError>())
@@ -31,6 +46,9 @@ pub fn hint(err: &anyhow::Error) -> Option<String> {
     err.chain().find_map(|e| {
         if let Some(e) = e.downcast_ref::<RepoError>() {
             return e.hint().map(str::to_string);
+        }
+        if let Some(e) = e.downcast_ref::<Hinted>() {
+            return Some(e.hint.to_string());
         }
         if let Some(e) = e.downcast_ref::<ConfigError>() {
             return Some(e.hint().to_string());

@@ -94,6 +94,7 @@ fn manifest() -> BackupManifest {
                     stored: 312,
                 },
             ],
+            checksum_failures: vec![],
         }],
         directories: vec!["base".into(), "base/5".into(), "pg_tblspc/16390".into()],
         tablespaces: vec![Tablespace {
@@ -103,6 +104,7 @@ fn manifest() -> BackupManifest {
         has_tablespace_map: true,
         size_bytes: 16_785_408,
         stored_bytes: 1_204_623,
+        data_checksums: false,
     }
 }
 
@@ -201,6 +203,20 @@ fn summary_v2() -> SegmentSummary {
         changes: Some(changes),
         ..summary()
     }
+}
+
+#[test]
+fn backup_manifest_with_checksum_failures() {
+    let mut m = manifest();
+    m.data_checksums = true;
+    m.files[0].checksum_failures = vec![3, 2048];
+    let written = serde_json::to_string_pretty(&m).unwrap();
+    let file = check("manifest-v1-checksums.json", &written);
+    assert_eq!(BackupManifest::from_json(file.as_bytes()).unwrap(), m);
+    assert_eq!(
+        m.describe_checksum_failures(5),
+        "base/5/16384 block 3, 2048"
+    );
 }
 
 #[test]

@@ -61,6 +61,10 @@ pub struct BackupJson {
     pub stored_bytes: u64,
     /// Whether every WAL segment from start to stop is in the repository.
     pub restorable: bool,
+    /// Whether the cluster had data checksums, so every relation page copied was checked.
+    pub data_checksums: bool,
+    /// Pages copied with a checksum that did not match (damage on the source).
+    pub checksum_failures: usize,
 }
 
 /// One timeline.
@@ -206,6 +210,8 @@ impl Info {
                     size_bytes: b.size_bytes,
                     stored_bytes: b.stored_bytes,
                     restorable: c.is_restorable(b),
+                    data_checksums: b.data_checksums,
+                    checksum_failures: b.checksum_failures().map(|(_, p)| p.len()).sum(),
                 })
                 .collect(),
             incomplete_backups: c.incomplete_backups.clone(),

@@ -41,6 +41,10 @@ pub struct FileEntry {
     pub mode: u32,
     /// The pieces, in order (`CHUNK_SIZE` each but the last).
     pub parts: Vec<Part>,
+    /// Relation blocks (counted from the relation's start) copied with a page checksum that does
+    /// not match, though unchanged since the backup started: damage on the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checksum_failures: Vec<u32>,
 }
 
 /// A tablespace found under `pg_tblspc/`.
@@ -98,6 +102,9 @@ pub struct BackupManifest {
     pub size_bytes: u64,
     /// Bytes stored.
     pub stored_bytes: u64,
+    /// Whether the cluster has data checksums, so every relation page copied was checked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_checksums: bool,
 }
 
 impl Versioned for BackupManifest {
@@ -115,5 +122,31 @@ impl BackupManifest {
     /// A newer format, or JSON that is not a valid manifest.
     pub fn from_json(bytes: &[u8]) -> Result<BackupManifest, FormatError> {
         crate::format::decode(bytes)
+    }
+
+    /// The files with pages that failed their checksum, and those pages.
+    pub fn checksum_failures(&self) -> impl Iterator<Item = (&str, &[u32])> {
+        self.files
+            .iter()
+            .filter(|f| !f.checksum_failures.is_empty())
+            .map(|f| (f.path.as_str(), f.checksum_failures.as_slice()))
+    }
+
+    /// "base/5/16384 block 3, 7; global/1262 block 0", the first `n` files.
+    pub fn describe_checksum_failures(&self, n: usize) -> String {
+        let all: Vec<(&str, &[u32])> = self.checksum_failures().collect();
+        let mut text: Vec<String> = all
+            .iter()
+            .take(n)
+            .map(|(path, blocks)| {
+                let list: Vec<String> = blocks.iter().take(8).map(u32::to_string).collect();
+                let more = if blocks.len() > 8 { ", …" } else { "" };
+                format!("{path} block {}{more}", list.join(", "))
+            })
+            .collect();
+        if all.len() > n {
+            text.push(format!("and {} more file(s)", all.len() - n));
+        }
+        text.join("; ")
     }
 }

@@ -59,7 +59,7 @@ impl crate::format::Versioned for VerifyStatus {
 /// One problem.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    /// `corrupt`, `missing`, `gap`, `index`, `history`.
+    /// `corrupt`, `missing`, `gap`, `index`, `history`, `branch`, `backup`, `checksum`.
     pub kind: &'static str,
     /// The object key or segment name.
     pub object: String,
@@ -206,6 +206,17 @@ async fn check_backup(
     jobs: usize,
 ) -> Vec<Finding> {
     let mut findings = Vec::new();
+    for (path, blocks) in b.checksum_failures() {
+        findings.push(Finding {
+            kind: "checksum",
+            object: format!("backup {}: {path}", b.id),
+            detail: format!(
+                "{} page(s) were copied with a checksum that does not match (damage on the source): block {}",
+                blocks.len(),
+                blocks.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
     let label = ObjectKey::BackupLabel(b.id.clone()).key();
     if !present.contains(&label) {
         findings.push(Finding {

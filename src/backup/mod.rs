@@ -174,15 +174,73 @@ struct CopyJob {
 }
 
 enum PartOutcome {
-    Stored(Part),
+    /// Stored; with the relation blocks that failed their page checksum.
+    Stored(Part, Vec<u32>),
     Vanished,
+}
+
+/// How pages are checked while they are copied (clusters with data checksums).
+#[derive(Clone, Copy, Debug)]
+pub struct PageCheck {
+    /// The backup's start LSN: pages changed since are rewritten by recovery and not judged.
+    pub start: Lsn,
+    /// `block_size`.
+    pub block_size: usize,
+    /// `segment_size` in blocks (`RELSEG_SIZE`).
+    pub segment_blocks: u32,
+}
+
+impl PageCheck {
+    /// The relation blocks of `buf`, read at `offset` of the relation file `rel`, that fail their
+    /// checksum twice (a page is read again, in case it was being written at the first read).
+    fn failures(&self, file: &std::fs::File, rel: &str, offset: u64, buf: &[u8]) -> Vec<u32> {
+        let Some(segno) = crate::pg::page::relation_file_segno(rel) else {
+            return Vec::new();
+        };
+        let bs = self.block_size as u64;
+        let first = (u64::from(segno) * u64::from(self.segment_blocks) + offset / bs) as u32;
+        let mut bad = Vec::new();
+        for (i, page) in buf.chunks_exact(self.block_size).enumerate() {
+            let blkno = first.wrapping_add(i as u32);
+            if crate::pg::page::verifies(page, blkno, self.start) {
+                continue;
+            }
+            let mut again = vec![0u8; self.block_size];
+            let reread = file
+                .read_exact_at(&mut again, offset + i as u64 * bs)
+                .is_ok()
+                && crate::pg::page::verifies(&again, blkno, self.start);
+            if !reread {
+                tracing::warn!(
+                    "{rel}: block {blkno} fails its page checksum (stored {:04x}, computed {:04x})",
+                    crate::pg::page::stored_checksum(page),
+                    crate::pg::page::checksum(page, blkno)
+                );
+                bad.push(blkno);
+            }
+        }
+        bad
+    }
+}
+
+/// A piece read and wrapped.
+struct ReadPiece {
+    /// The envelope.
+    stored: Vec<u8>,
+    /// CRC-32C of the original bytes.
+    crc: u32,
+    /// Their length.
+    size: u64,
+    /// Relation blocks that failed their page checksum.
+    bad: Vec<u32>,
 }
 
 /// Read one piece of a file and wrap it (blocking: runs on the blocking pool).
 fn read_piece(
     job: &CopyJob,
     compression: Compression,
-) -> std::io::Result<Option<(Vec<u8>, u32, u64)>> {
+    check: Option<PageCheck>,
+) -> std::io::Result<Option<ReadPiece>> {
     let f = match std::fs::File::open(&job.file.abs) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -203,13 +261,17 @@ fn read_piece(
         }
     }
     buf.truncate(filled);
+    let bad = check.map_or_else(Vec::new, |c| {
+        c.failures(&f, &job.file.rel, job.offset, &buf)
+    });
     let crc = crc32c::crc32c(&buf);
     let size = buf.len() as u64;
-    Ok(Some((
-        envelope::encode_parallel(&buf, compression, 1, Some(crc))?,
+    Ok(Some(ReadPiece {
+        stored: envelope::encode_parallel(&buf, compression, 1, Some(crc))?,
         crc,
         size,
-    )))
+        bad,
+    }))
 }
 
 async fn copy_piece(
@@ -217,15 +279,22 @@ async fn copy_piece(
     id: &str,
     job: CopyJob,
     compression: Compression,
+    check: Option<PageCheck>,
 ) -> anyhow::Result<(CopyJob, PartOutcome)> {
     let file = job.file.clone();
     let (job, read) = tokio::task::spawn_blocking(move || {
-        let r = read_piece(&job, compression);
+        let r = read_piece(&job, compression, check);
         (job, r)
     })
     .await?;
     let read = read.with_context(|| format!("read {}", file.abs.display()))?;
-    let Some((stored, crc, size)) = read else {
+    let Some(ReadPiece {
+        stored,
+        crc,
+        size,
+        bad,
+    }) = read
+    else {
         return Ok((job, PartOutcome::Vanished));
     };
     let key = ObjectKey::BackupPart {
@@ -240,11 +309,14 @@ async fn copy_piece(
         .stored_bytes();
     Ok((
         job,
-        PartOutcome::Stored(Part {
-            size,
-            crc32c: crc,
-            stored: stored_len,
-        }),
+        PartOutcome::Stored(
+            Part {
+                size,
+                crc32c: crc,
+                stored: stored_len,
+            },
+            bad,
+        ),
     ))
 }
 
@@ -270,6 +342,7 @@ async fn copy_files(
     id: &str,
     files: Vec<SourceFile>,
     opts: &BackupOptions,
+    check: Option<PageCheck>,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<FileEntry>> {
     let files: Vec<Arc<SourceFile>> = files.into_iter().map(Arc::new).collect();
@@ -279,21 +352,23 @@ async fn copy_files(
         .map(|f| vec![None; f.size.div_ceil(CHUNK_SIZE).max(1) as usize])
         .collect();
     let mut vanished = vec![false; files.len()];
+    let mut bad: Vec<Vec<u32>> = vec![Vec::new(); files.len()];
     let index: std::collections::HashMap<String, usize> = files
         .iter()
         .enumerate()
         .map(|(i, f)| (f.rel.clone(), i))
         .collect();
     let mut stream = futures::stream::iter(jobs)
-        .map(|job| copy_piece(repo, id, job, opts.compression))
+        .map(|job| copy_piece(repo, id, job, opts.compression, check))
         .buffer_unordered(opts.jobs.max(1));
     while let Some(done) = stream.next().await {
         let (job, outcome) = done?;
         let i = index[&job.file.rel];
         match outcome {
-            PartOutcome::Stored(p) => {
+            PartOutcome::Stored(p, failed) => {
                 bar.inc(p.size);
                 parts[i][job.part as usize] = Some(p);
+                bad[i].extend(failed);
             }
             PartOutcome::Vanished => {
                 tracing::debug!("{} vanished during the backup; skipped", job.file.rel);
@@ -310,12 +385,15 @@ async fn copy_files(
             .iter()
             .map(|p| p.clone().expect("every piece reported"))
             .collect();
+        let mut failures = std::mem::take(&mut bad[i]);
+        failures.sort_unstable();
         out.push(FileEntry {
             path: f.rel.clone(),
             size: parts.iter().map(|p| p.size).sum(),
             mtime: f.mtime,
             mode: f.mode,
             parts,
+            checksum_failures: failures,
         });
     }
     Ok(out)
@@ -354,8 +432,14 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         .get(0);
     let id = fresh_backup_id(repo, now_us).await?;
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
-    let start_time = start_backup(&client, major, &label).await?;
-    tracing::info!("backup {id} started ({})", pgdata.display());
+    let check = page_check(&client).await?;
+    let (start_lsn, start_time) = start_backup(&client, major, &label).await?;
+    let check = check.map(|(block_size, segment_blocks)| PageCheck {
+        start: start_lsn,
+        block_size,
+        segment_blocks,
+    });
+    tracing::info!("backup {id} started at {start_lsn} ({})", pgdata.display());
 
     // Copy.
     let listing = {
@@ -369,9 +453,9 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     let bar = progress_bar(opts.progress, total);
     let mut files = listing.files;
     files.sort_by_key(|f| std::cmp::Reverse(f.size)); // big files first: the streams finish together
-    let mut entries = copy_files(repo, &id, files, opts, &bar).await?;
+    let mut entries = copy_files(repo, &id, files, opts, check, &bar).await?;
     if let Some(ctl) = listing.pg_control {
-        entries.extend(copy_files(repo, &id, vec![ctl], opts, &bar).await?);
+        entries.extend(copy_files(repo, &id, vec![ctl], opts, check, &bar).await?);
     }
     bar.finish_and_clear();
 
@@ -424,6 +508,7 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         directories: listing.directories,
         tablespaces: listing.tablespaces,
         has_tablespace_map: stopped.has_tablespace_map,
+        data_checksums: check.is_some(),
     };
     let json = serde_json::to_vec(&manifest)?;
     let key = ObjectKey::BackupManifest(id.clone());
@@ -489,12 +574,35 @@ async fn check_server(
     Ok(sysid)
 }
 
-/// Start the backup (`pg_backup_start`, fast checkpoint); returns when it started (server clock).
+/// Whether the cluster has data checksums, and then its block size and segment size in blocks.
+async fn page_check(client: &tokio_postgres::Client) -> anyhow::Result<Option<(usize, u32)>> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('data_checksums'), current_setting('block_size')::int4, (SELECT setting::int4 FROM pg_settings WHERE name = 'segment_size')",
+            &[],
+        )
+        .await
+        .context("read data_checksums, block_size and segment_size")?;
+    if row.get::<_, String>(0) != "on" {
+        return Ok(None);
+    }
+    let (bs, seg): (i32, i32) = (row.get(1), row.get(2));
+    let block_size = usize::try_from(bs)
+        .ok()
+        .filter(|b| *b >= 1024 && b.is_power_of_two())
+        .with_context(|| format!("the server reports block_size {bs}"))?;
+    let segment_blocks =
+        u32::try_from(seg).with_context(|| format!("the server reports segment_size {seg}"))?;
+    Ok(Some((block_size, segment_blocks)))
+}
+
+/// Start the backup (`pg_backup_start`, fast checkpoint); returns its start LSN and when it
+/// started (server clock).
 async fn start_backup(
     client: &tokio_postgres::Client,
     major: crate::pg::PgMajor,
     label: &str,
-) -> anyhow::Result<PgTimestamp> {
+) -> anyhow::Result<(Lsn, PgTimestamp)> {
     let start_sql = if major >= crate::pg::PgMajor::V15 {
         "SELECT pg_backup_start($1, true)::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8"
     } else {
@@ -505,8 +613,10 @@ async fn start_backup(
         .await
         .context("start the backup (pg_backup_start)")?;
     let start_text: String = row.get(0);
-    tracing::debug!("pg_backup_start returned {start_text}");
-    Ok(PgTimestamp::from_unix_micros(row.get(1)))
+    let lsn: Lsn = start_text
+        .parse()
+        .with_context(|| format!("pg_backup_start returned the LSN {start_text:?}"))?;
+    Ok((lsn, PgTimestamp::from_unix_micros(row.get(1))))
 }
 
 /// What `pg_backup_stop` returned.

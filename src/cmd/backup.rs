@@ -65,6 +65,8 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
             "start_wal": m.start_wal, "stop_wal": m.stop_wal,
             "files": m.files.len(), "size_bytes": m.size_bytes, "stored_bytes": m.stored_bytes,
             "compression": m.compression, "jobs": opts.jobs, "duration_seconds": secs,
+            "data_checksums": m.data_checksums,
+            "checksum_failures": m.checksum_failures().map(|(_, b)| b.len()).sum::<usize>(),
             "throughput_mib_per_second": mib(m.size_bytes) / secs.max(1e-9),
         });
         crate::outln!("{}", serde_json::to_string_pretty(&summary)?);
@@ -81,6 +83,17 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
             m.start_wal,
             m.stop_wal
         );
+    }
+    let bad: usize = m.checksum_failures().map(|(_, b)| b.len()).sum();
+    if bad > 0 {
+        anyhow::bail!(pitr::error::with_hint(
+            format!(
+                "backup {} copied {bad} page(s) that fail their checksum: {}",
+                m.id,
+                m.describe_checksum_failures(5)
+            ),
+            "the data directory holds damaged pages (disk, controller or memory); the backup is stored as read, `pitr info` and `pitr verify` list it: check the hardware, then restore those relations from an older backup or repair them"
+        ));
     }
     Ok(exit::SUCCESS)
 }

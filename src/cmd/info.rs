@@ -130,11 +130,17 @@ fn backups(o: &mut String, info: &Info) {
             "id", "tli", "stop time", "start LSN", "stop LSN", "size MiB", "stored MiB"
         );
         for b in &info.backups {
-            let flag = if b.restorable {
-                ""
+            let mut flag = if b.restorable {
+                String::new()
             } else {
-                "  NOT RESTORABLE: WAL missing"
+                "  NOT RESTORABLE: WAL missing".to_string()
             };
+            if b.checksum_failures > 0 {
+                flag.push_str(&format!(
+                    "  CHECKSUM FAILURES: {} damaged page(s) copied (pitr verify lists them)",
+                    b.checksum_failures
+                ));
+            }
             let _ = writeln!(
                 o,
                 "  {:<18} {:<3} {:<28} {:<12} {:<12} {:>10.1} {:>10.1}{flag}",

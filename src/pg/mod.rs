@@ -7,6 +7,7 @@
 pub mod blockref;
 pub mod le;
 pub mod lsn;
+pub mod page;
 pub mod segment;
 pub mod sysid;
 pub mod time;

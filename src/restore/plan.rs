@@ -846,6 +846,7 @@ mod tests {
             has_tablespace_map: false,
             size_bytes: 0,
             stored_bytes: 0,
+            data_checksums: false,
         })
         .unwrap()
     }
