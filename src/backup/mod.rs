@@ -13,6 +13,7 @@
 //!    manifest, the server session ends (which aborts the backup on the server), and the backup is
 //!    not listed anywhere.
 
+pub mod incremental;
 pub mod walk;
 
 use std::io::IsTerminal;

@@ -79,32 +79,68 @@ pub fn verifies(page: &[u8], blkno: u32, start: Lsn) -> bool {
     page_lsn(page) >= start || checksum(page, blkno) == stored_checksum(page)
 }
 
-/// The segment number of a relation data file, from its path in the data directory
+/// `DEFAULTTABLESPACE_OID`: `base/`.
+pub const DEFAULTTABLESPACE_OID: u32 = 1663;
+/// `GLOBALTABLESPACE_OID`: `global/`.
+pub const GLOBALTABLESPACE_OID: u32 = 1664;
+
+/// A relation data file named by its path in the data directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelationFile {
+    /// Its relation fork.
+    pub rel: super::blockref::RelFork,
+    /// Its 1 GB segment number (`.N`; 0 for the first).
+    pub segno: u32,
+}
+
+/// The relation fork and segment a data-directory path names
 /// (`base/<db>/<relfilenode>[_fork][.<segno>]`, `global/…`, `pg_tblspc/<oid>/<version>/<db>/…`);
 /// `None` for anything else (maps, `PG_VERSION`, temporary relations, other directories' files).
-pub fn relation_file_segno(path: &str) -> Option<u32> {
+pub fn relation_file(path: &str) -> Option<RelationFile> {
     let parts: Vec<&str> = path.split('/').collect();
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let file = match parts.as_slice() {
-        ["base", db, file] if digits(db) => file,
-        ["global", file] => file,
+    let number = |s: &str| s.parse::<u32>().ok();
+    let (spc, db, file) = match parts.as_slice() {
+        ["base", db, file] if digits(db) => (DEFAULTTABLESPACE_OID, number(db)?, *file),
+        ["global", file] => (GLOBALTABLESPACE_OID, 0, *file),
         ["pg_tblspc", spc, version, db, file]
             if digits(spc) && version.starts_with("PG_") && digits(db) =>
         {
-            file
+            (number(spc)?, number(db)?, *file)
         }
         _ => return None,
     };
     let (stem, segno) = match file.split_once('.') {
-        Some((stem, n)) if digits(n) => (stem, n.parse().ok()?),
+        Some((stem, n)) if digits(n) => (stem, number(n)?),
         Some(_) => return None,
-        None => (*file, 0),
+        None => (file, 0),
     };
-    let node = ["_fsm", "_vm", "_init"]
-        .iter()
-        .find_map(|f| stem.strip_suffix(f))
-        .unwrap_or(stem);
-    digits(node).then_some(segno)
+    use super::blockref::{FSM_FORKNUM, INIT_FORKNUM, MAIN_FORKNUM, VISIBILITYMAP_FORKNUM};
+    let (node, fork) = [
+        ("_fsm", FSM_FORKNUM),
+        ("_vm", VISIBILITYMAP_FORKNUM),
+        ("_init", INIT_FORKNUM),
+    ]
+    .iter()
+    .find_map(|(suffix, fork)| Some((stem.strip_suffix(suffix)?, *fork)))
+    .unwrap_or((stem, MAIN_FORKNUM));
+    if !digits(node) {
+        return None;
+    }
+    Some(RelationFile {
+        rel: super::blockref::RelFork {
+            spc,
+            db,
+            rel: number(node)?,
+            fork,
+        },
+        segno,
+    })
+}
+
+/// The segment number of a relation data file (see [`relation_file`]).
+pub fn relation_file_segno(path: &str) -> Option<u32> {
+    relation_file(path).map(|f| f.segno)
 }
 
 #[cfg(test)]
@@ -171,5 +207,15 @@ mod tests {
         ] {
             assert_eq!(relation_file_segno(path), want, "{path}");
         }
+        let f = relation_file("pg_tblspc/16390/PG_18_202406281/5/16391_vm.2").unwrap();
+        assert_eq!(
+            (f.rel.spc, f.rel.db, f.rel.rel, f.rel.fork, f.segno),
+            (16390, 5, 16391, 2, 2)
+        );
+        let g = relation_file("global/1262").unwrap();
+        assert_eq!(
+            (g.rel.spc, g.rel.db, g.rel.rel),
+            (GLOBALTABLESPACE_OID, 0, 1262)
+        );
     }
 }
