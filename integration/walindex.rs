@@ -195,7 +195,12 @@ fn decoder_matches_waldump(major: u32) {
         for r in records {
             got_records.push(r.lsn);
             let mut refs = Vec::new();
-            pitr::pg::xlogrecord::headers(&r, h.major, Some(&mut refs)).unwrap();
+            pitr::pg::xlogrecord::headers(
+                &r,
+                h.major,
+                Some(&mut |f: pitr::pg::blockref::RelFork, b| refs.push((f, b))),
+            )
+            .unwrap();
             if !refs.is_empty() {
                 got_blocks.insert(
                     r.lsn,

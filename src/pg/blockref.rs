@@ -86,13 +86,39 @@ pub enum Change {
     Modified(RelFork, u32),
 }
 
-/// Append the changes record `r` makes to `out`.
+/// Append the changes record `r` makes to `out`: first what a special record does to whole forks,
+/// then its block references (the summarizer's order). Called for every archived record, so the
+/// block references go straight into `out`, with no buffer of their own.
 ///
 /// # Errors
 /// Malformed headers or main data of a record kind that changes files as a whole.
 pub fn changes(r: &Record, major: PgMajor, out: &mut Vec<Change>) -> Result<(), DecodeError> {
-    let mut blocks = Vec::new();
-    let main = headers(r, major, Some(&mut blocks))?;
+    let at = out.len();
+    let main = headers(
+        r,
+        major,
+        Some(&mut |rel: RelFork, block| {
+            if rel.fork != FSM_FORKNUM {
+                out.push(Change::Modified(rel, block));
+            }
+        }),
+    )?;
+    if !matches!(r.rmid(), RM_SMGR_ID | RM_DBASE_ID | RM_XACT_ID) {
+        return Ok(());
+    }
+    let mut special = Vec::new();
+    whole_fork_changes(r, major, main, &mut special)?;
+    out.splice(at..at, special);
+    Ok(())
+}
+
+/// What a storage, database or transaction record does to whole forks.
+fn whole_fork_changes(
+    r: &Record,
+    major: PgMajor,
+    main: &[u8],
+    out: &mut Vec<Change>,
+) -> Result<(), DecodeError> {
     let info = r.info() & !XLR_INFO_MASK;
     let err = |what: &str| DecodeError {
         msg: format!("{what} main data is {} bytes, too short", main.len()),
@@ -133,12 +159,6 @@ pub fn changes(r: &Record, major: PgMajor, out: &mut Vec<Change>) -> Result<(), 
         }
         _ => {}
     }
-    out.extend(
-        blocks
-            .into_iter()
-            .filter(|(rel, _)| rel.fork != FSM_FORKNUM)
-            .map(|(rel, block)| Change::Modified(rel, block)),
-    );
     Ok(())
 }
 

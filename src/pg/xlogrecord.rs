@@ -120,7 +120,7 @@ pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], Deco
     headers(r, major, None)
 }
 
-/// Walk the record's headers as `DecodeXLogRecord()` does: the main data, and, into `blocks` when
+/// Walk the record's headers as `DecodeXLogRecord()` does: the main data, and, to `blocks` when
 /// given, each block reference (relation fork and block number; `BKPBLOCK_SAME_REL` repeats the
 /// previous block's relation).
 ///
@@ -130,7 +130,7 @@ pub fn main_data<'r>(r: &'r Record<'_>, major: PgMajor) -> Result<&'r [u8], Deco
 pub fn headers<'r>(
     r: &'r Record<'_>,
     major: PgMajor,
-    mut blocks: Option<&mut Vec<(RelFork, u32)>>,
+    mut blocks: Option<&mut dyn FnMut(RelFork, u32)>,
 ) -> Result<&'r [u8], DecodeError> {
     let b = &r.bytes;
     let mut rel: Option<RelFork> = None;
@@ -202,7 +202,7 @@ pub fn headers<'r>(
                     if pos + 4 > b.len() {
                         return Err(err("record headers run past the record"));
                     }
-                    out.push((RelFork { fork, ..locator }, le_u32(b, pos)));
+                    out(RelFork { fork, ..locator }, le_u32(b, pos));
                 }
                 pos += 4;
             }
