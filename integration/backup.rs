@@ -22,7 +22,7 @@ fn sock_conninfo(c: &Cluster) -> String {
 
 /// pg_dump of the database, without the unlogged table's rows (recovery resets unlogged tables)
 /// and without the random `\restrict` key pg_dump writes into every dump.
-fn dump(c: &Cluster) -> String {
+pub(crate) fn dump(c: &Cluster) -> String {
     let out = c.client(
         "pg_dump",
         &[
@@ -38,6 +38,24 @@ fn dump(c: &Cluster) -> String {
         .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The pg_dump of `c` must be `want`; the first differing lines are shown when it is not.
+pub(crate) fn assert_same_dump(what: &str, want: &str, c: &Cluster) {
+    let got = dump(c);
+    if got != want {
+        let diff: Vec<String> = want
+            .lines()
+            .zip(got.lines())
+            .filter(|(a, b)| a != b)
+            .take(6)
+            .map(|(a, b)| format!("-{a}\n+{b}"))
+            .collect();
+        panic!(
+            "pg_dump of {what} differs from the source:\n{}",
+            diff.join("\n")
+        );
+    }
 }
 
 fn backup_and_restore(major: u32) {
@@ -113,13 +131,23 @@ fn backup_and_restore(major: u32) {
     let relocate = HashMap::from([(manifest.tablespaces[0].oid, new_ts.clone())]);
     let done = rt
         .block_on(pitr::restore::files::restore_files(
-            &repo, &manifest, &target, &relocate, 2,
+            &repo,
+            &manifest,
+            &[],
+            &target,
+            &relocate,
+            2,
         ))
         .unwrap();
     assert_eq!(done.files, manifest.files.len());
     // A second restore into the now non-empty directory is refused, nothing touched.
     let again = rt.block_on(pitr::restore::files::restore_files(
-        &repo, &manifest, &target, &relocate, 2,
+        &repo,
+        &manifest,
+        &[],
+        &target,
+        &relocate,
+        2,
     ));
     assert!(again.unwrap_err().to_string().contains("not empty"));
     harness::chown_tree(&new_ts);
@@ -141,20 +169,7 @@ fn backup_and_restore(major: u32) {
     );
     // The unlogged table exists and is empty, as PostgreSQL's own recovery leaves it.
     assert_eq!(restored.sql("SELECT count(*) FROM scratchpad"), "0");
-    let got = dump(&restored);
-    if got != want {
-        let diff: Vec<String> = want
-            .lines()
-            .zip(got.lines())
-            .filter(|(a, b)| a != b)
-            .take(6)
-            .map(|(a, b)| format!("-{a}\n+{b}"))
-            .collect();
-        panic!(
-            "pg_dump of the restored cluster differs from the source:\n{}",
-            diff.join("\n")
-        );
-    }
+    assert_same_dump("the restored cluster", &want, &restored);
     assert_eq!(
         std::fs::read_link(
             target

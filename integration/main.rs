@@ -8,6 +8,7 @@ mod archive;
 mod backup;
 mod blocks;
 mod harness;
+mod incremental;
 mod reliability;
 mod restore;
 mod trust;

@@ -110,7 +110,7 @@ const MAX_BLOCKS: usize = 1 << 27;
 /// after the block following the previous run (after block -1 for the first) and holds `MORE`
 /// blocks after its first. Blocks 0-3, 17, 40-41 are `"0+3,d,16+1"`. Small numbers compress well:
 /// a TPC-B segment's few thousand scattered blocks take about 5 KB stored.
-fn ranges(blocks: &[u32]) -> String {
+pub(crate) fn ranges(blocks: &[u32]) -> String {
     let mut out = String::new();
     let mut next = 0u64; // the block after the previous run
     let mut i = 0;
@@ -136,7 +136,7 @@ fn ranges(blocks: &[u32]) -> String {
     out
 }
 
-fn parse_ranges(s: &str) -> Result<Vec<u32>, String> {
+pub(crate) fn parse_ranges(s: &str) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
     let mut next = 0u64;
     for part in s.split(',').filter(|p| !p.is_empty()) {

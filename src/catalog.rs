@@ -424,8 +424,51 @@ impl Catalog {
         c
     }
 
-    /// Whether every WAL segment from `b`'s start to its stop is archived.
+    /// Whether every WAL segment from `b`'s start to its stop is archived and, for an incremental
+    /// or differential backup, every backup it builds on is in the repository.
     pub fn is_restorable(&self, b: &BackupManifest) -> bool {
+        self.wal_complete(b) && self.chain(b).is_ok()
+    }
+
+    /// The backups a restore of `b` reads, `b` first, then its parent, and so on back to a full
+    /// backup. `Err` names the link that is missing.
+    ///
+    /// # Errors
+    /// A parent without a readable manifest, one that does not match what the child recorded
+    /// (another start LSN), or a chain that never reaches a full backup.
+    pub fn chain<'a>(&'a self, b: &'a BackupManifest) -> Result<Vec<&'a BackupManifest>, String> {
+        let mut out = vec![b];
+        let mut at = b;
+        while let Some(p) = &at.parent {
+            let parent = self.backups.iter().find(|c| c.id == p.id).ok_or_else(|| {
+                format!(
+                    "backup {} builds on backup {}, which has no readable manifest",
+                    at.id, p.id
+                )
+            })?;
+            if parent.start_lsn != p.start_lsn || parent.start_lsn >= at.start_lsn {
+                return Err(format!(
+                    "backup {} builds on a backup {} that started at {}, but the one stored started at {}",
+                    at.id, p.id, p.start_lsn, parent.start_lsn
+                ));
+            }
+            if out.len() > self.backups.len() {
+                return Err(format!("the parents of backup {} form a loop", b.id));
+            }
+            out.push(parent);
+            at = parent;
+        }
+        if at.backup_type != crate::manifest::BackupType::Full {
+            return Err(format!(
+                "backup {} is {} but names no parent",
+                at.id, at.backup_type
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Whether every WAL segment from `b`'s start to its stop is archived.
+    pub fn wal_complete(&self, b: &BackupManifest) -> bool {
         let tli = b.timeline;
         let Some(t) = self.timelines.get(&tli) else {
             return false;

@@ -1,10 +1,12 @@
 //! `pitr expire`: retention that never breaks the recoverable window.
 //!
 //! The policy is a pure function (`keep`) over the complete backups and the current time:
-//! `--keep-full N` keeps the N newest; `--keep-within D` keeps every backup that ended within D plus
+//! `--keep-full N` keeps the N newest full backups and the incrementals and differentials built on
+//! them; `--keep-within D` keeps every backup that ended within D plus
 //! the newest one before that (so any moment of the last D stays restorable); `--keep-daily/weekly/
 //! monthly/yearly N` keep the newest backup of each of the last N days/ISO weeks/months/years that
-//! have one. The newest restorable backup is always kept. WAL is deleted only before the start of the
+//! have one. The newest restorable backup is always kept, and every backup a kept incremental or
+//! differential builds on. WAL is deleted only before the start of the
 //! oldest kept backup; history files never. More than `--max-delete` objects are refused without
 //! `--force` (a lifecycle rule deleting a year of backups is the incident this guards against).
 //! A backup's manifest is deleted before its pieces, so a half-expired backup is never listed.
@@ -15,7 +17,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::catalog::Catalog;
-use crate::manifest::BackupManifest;
+use crate::manifest::{BackupManifest, BackupType};
 use crate::pg::PgTimestamp;
 use crate::pg::time::Calendar;
 use crate::pg::{SegNo, WalFileName};
@@ -26,7 +28,7 @@ use crate::storage::{Entry, Repo};
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Keep the N newest backups.
+    /// Keep the N newest full backups (and the incremental and differential backups built on them).
     pub keep_full: Option<usize>,
     /// Keep everything needed to restore to any moment this long ago (e.g. 30d).
     #[serde(default, with = "opt_duration")]
@@ -67,7 +69,19 @@ pub fn keep(backups: &[BackupManifest], policy: &Policy, now: PgTimestamp) -> BT
         keep.insert(newest.id.clone());
     }
     if let Some(n) = policy.keep_full {
-        keep.extend(sorted.iter().take(n).map(|b| b.id.clone()));
+        // The N newest full backups, and every incremental or differential built on one of them.
+        let fulls: BTreeSet<&str> = sorted
+            .iter()
+            .filter(|b| b.backup_type == BackupType::Full)
+            .take(n)
+            .map(|b| b.id.as_str())
+            .collect();
+        keep.extend(
+            sorted
+                .iter()
+                .filter(|b| fulls.contains(chain_root(backups, b)))
+                .map(|b| b.id.clone()),
+        );
     }
     if let Some(d) = policy.keep_within {
         let since = PgTimestamp(now.0 - d.as_micros() as i64);
@@ -100,7 +114,35 @@ pub fn keep(backups: &[BackupManifest], policy: &Policy, now: PgTimestamp) -> BT
     gfs(policy.keep_weekly, &|c| c.iso_week);
     gfs(policy.keep_monthly, &|c| c.month);
     gfs(policy.keep_yearly, &|c| (c.year, 0));
+    // A kept incremental needs every backup it builds on.
+    let wanted: Vec<String> = keep.iter().cloned().collect();
+    for id in wanted {
+        let mut at = backups.iter().find(|b| b.id == id);
+        while let Some(parent) = at.and_then(|b| b.parent.as_ref()) {
+            if !keep.insert(parent.id.clone()) {
+                break;
+            }
+            at = backups.iter().find(|b| b.id == parent.id);
+        }
+    }
     keep
+}
+
+/// The id of the full backup `b`'s chain starts from (`b`'s own for a full backup, or for a
+/// chain whose start is not among `backups`, the oldest backup found).
+fn chain_root<'a>(backups: &'a [BackupManifest], b: &'a BackupManifest) -> &'a str {
+    let mut at = b;
+    for _ in 0..=backups.len() {
+        let Some(next) = at
+            .parent
+            .as_ref()
+            .and_then(|p| backups.iter().find(|c| c.id == p.id))
+        else {
+            break;
+        };
+        at = next;
+    }
+    at.id.as_str()
 }
 
 /// What expire will (or did) delete.
@@ -331,6 +373,9 @@ mod tests {
             size_bytes: 0,
             stored_bytes: 0,
             data_checksums: false,
+            backup_type: Default::default(),
+            parent: None,
+            fallback: None,
         }
     }
 

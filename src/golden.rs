@@ -95,6 +95,7 @@ fn manifest() -> BackupManifest {
                 },
             ],
             checksum_failures: vec![],
+            changed: None,
         }],
         directories: vec!["base".into(), "base/5".into(), "pg_tblspc/16390".into()],
         tablespaces: vec![Tablespace {
@@ -105,6 +106,9 @@ fn manifest() -> BackupManifest {
         size_bytes: 16_785_408,
         stored_bytes: 1_204_623,
         data_checksums: false,
+        backup_type: Default::default(),
+        parent: None,
+        fallback: None,
     }
 }
 
@@ -219,6 +223,54 @@ fn backup_manifest_with_checksum_failures() {
     );
 }
 
+/// Format 2: an incremental backup, one file as changed blocks, one whole.
+fn incremental_manifest() -> BackupManifest {
+    let mut m = manifest();
+    m.format_version = 2;
+    m.id = "20261122T101304Z".into();
+    m.backup_type = crate::manifest::BackupType::Incr;
+    m.parent = Some(crate::manifest::Parent {
+        id: "20261121T101304Z".into(),
+        start_lsn: Lsn(0x100_0028),
+        timeline: TimelineId::ONE,
+        block_size: 8192,
+        segment_blocks: 131_072,
+    });
+    let mut whole = m.files[0].clone();
+    whole.path = "base/5/2619_fsm".into();
+    m.files[0].changed = Some(crate::manifest::ChangedBlocks {
+        length: 2050,
+        blocks: vec![0, 1, 2, 3, 17, 40, 41],
+    });
+    m.files[0].parts = vec![Part {
+        size: 7 * 8192,
+        crc32c: 0x0bad_cafe,
+        stored: 4100,
+    }];
+    m.files[0].size = 7 * 8192;
+    m.files.push(whole);
+    m
+}
+
+#[test]
+fn incremental_backup_manifest() {
+    let m = incremental_manifest();
+    let written = serde_json::to_string_pretty(&m).unwrap();
+    let file = check("manifest-v2-incr.json", &written);
+    let read = BackupManifest::from_json(file.as_bytes()).unwrap();
+    assert_eq!(read, m);
+    assert_eq!(read.file_methods(), (1, 1));
+    assert_eq!(read.files[0].restored_size(read.block_size()), 2050 * 8192);
+    // A full backup is still written as format 1, without a type: an older pitr reads it.
+    let full = std::fs::read_to_string(golden("manifest-v1.json")).unwrap();
+    assert_eq!(
+        BackupManifest::from_json(full.as_bytes())
+            .unwrap()
+            .backup_type,
+        crate::manifest::BackupType::Full
+    );
+}
+
 #[test]
 fn segment_summary() {
     let written = serde_json::to_string_pretty(&summary_v2()).unwrap();
@@ -285,7 +337,7 @@ fn verify_status() {
 async fn newer_formats_are_refused_by_name() {
     // A backup manifest: the backup is not restorable and the catalog says why.
     let mut newer = serde_json::to_value(manifest()).unwrap();
-    newer["format_version"] = 2.into();
+    newer["format_version"] = 3.into();
     let loaded = Loaded {
         identity: Some(identity()),
         wal: vec![crate::pg::WalFileName::Segment(seg(1, 1))],
@@ -299,7 +351,7 @@ async fn newer_formats_are_refused_by_name() {
             .iter()
             .any(|p| p.segment == "backup 20261121T101304Z"
                 && p.reason
-                    .contains("backup manifest is format 2, newer than this pitr")),
+                    .contains("backup manifest is format 3, newer than this pitr")),
         "{:?}",
         c.problems
     );

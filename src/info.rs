@@ -65,6 +65,17 @@ pub struct BackupJson {
     pub data_checksums: bool,
     /// Pages copied with a checksum that did not match (damage on the source).
     pub checksum_failures: usize,
+    /// `full`, `incr` or `diff`.
+    #[serde(rename = "type")]
+    pub backup_type: crate::manifest::BackupType,
+    /// The id of the backup an incremental or differential one builds on (`null` for a full one).
+    pub parent: Option<String>,
+    /// Why a full backup was taken where an incremental or differential one was asked for.
+    pub fallback: Option<String>,
+    /// Files stored as changed blocks only (0 for a full backup).
+    pub files_as_changed_blocks: usize,
+    /// What keeps it from being restored, if anything: WAL missing, or a broken chain.
+    pub not_restorable_because: Option<String>,
 }
 
 /// One timeline.
@@ -212,6 +223,18 @@ impl Info {
                     restorable: c.is_restorable(b),
                     data_checksums: b.data_checksums,
                     checksum_failures: b.checksum_failures().map(|(_, p)| p.len()).sum(),
+                    backup_type: b.backup_type,
+                    parent: b.parent.as_ref().map(|p| p.id.clone()),
+                    fallback: b.fallback.clone(),
+                    files_as_changed_blocks: b.file_methods().0,
+                    not_restorable_because: if !c.wal_complete(b) {
+                        Some(format!(
+                            "WAL {} to {} is not all archived",
+                            b.start_wal, b.stop_wal
+                        ))
+                    } else {
+                        c.chain(b).err()
+                    },
                 })
                 .collect(),
             incomplete_backups: c.incomplete_backups.clone(),

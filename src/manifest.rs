@@ -11,8 +11,96 @@ use crate::format::{FormatError, Versioned};
 use crate::pg::PgTimestamp;
 use crate::pg::{Lsn, SegmentName, SystemId, TimelineId};
 
-/// Manifest format written by this pitr (and the newest it reads).
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The newest manifest format this pitr reads: 2 adds incremental and differential backups (a
+/// backup type, its parent, and files stored as changed blocks).
+pub const MANIFEST_FORMAT: u32 = 2;
+
+/// The format a full backup is written in: unchanged, so an older pitr still restores it. Only an
+/// incremental or differential backup, which an older pitr would restore wrong, is written as 2.
+pub const MANIFEST_FORMAT_FULL: u32 = 1;
+
+/// What a backup holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    /// Every file.
+    #[default]
+    Full,
+    /// The blocks changed since the newest backup of any type (its parent).
+    Incr,
+    /// The blocks changed since the newest full backup.
+    Diff,
+}
+
+impl std::fmt::Display for BackupType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupType::Full => "full",
+            BackupType::Incr => "incr",
+            BackupType::Diff => "diff",
+        })
+    }
+}
+
+impl BackupType {
+    /// A full backup (written without a `type`, as format 1 was).
+    pub fn is_full(&self) -> bool {
+        *self == BackupType::Full
+    }
+}
+
+impl std::str::FromStr for BackupType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(BackupType::Full),
+            "incr" | "incremental" => Ok(BackupType::Incr),
+            "diff" | "differential" => Ok(BackupType::Diff),
+            _ => Err(format!("backup type {s:?}: use full, incr or diff")),
+        }
+    }
+}
+
+/// What an incremental or differential backup builds on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    /// The parent backup's id.
+    pub id: String,
+    /// Its start LSN: every block changed from here to this backup's start is stored in this
+    /// backup (the parent copied each block at some moment between its start and its stop).
+    pub start_lsn: Lsn,
+    /// Its timeline.
+    pub timeline: TimelineId,
+    /// The cluster's block size (bytes).
+    pub block_size: u32,
+    /// The cluster's relation segment size (`RELSEG_SIZE`, in blocks).
+    pub segment_blocks: u32,
+}
+
+/// A file an incremental backup stores as its changed blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedBlocks {
+    /// The file's length in blocks once restored (`truncation_block_length`): blocks past it do
+    /// not exist; blocks below it that no backup of the chain holds read as zeros.
+    pub length: u32,
+    /// The blocks stored, in order (numbered from the file's start), as hex gap runs
+    /// (`"0+3,d,16+1"`: 0-3, 17, 40-41). The parts hold these blocks one after another.
+    #[serde(with = "block_runs")]
+    pub blocks: Vec<u32>,
+}
+
+mod block_runs {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(blocks: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::blocks::ranges(blocks))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::blocks::parse_ranges(&text).map_err(serde::de::Error::custom)
+    }
+}
 
 /// Size of the pieces large files are stored in (bounds memory: jobs × one chunk).
 pub const CHUNK_SIZE: u64 = 16 << 20;
@@ -45,6 +133,18 @@ pub struct FileEntry {
     /// not match, though unchanged since the backup started: damage on the source.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checksum_failures: Vec<u32>,
+    /// In an incremental backup, a file stored as its changed blocks (absent: stored whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<ChangedBlocks>,
+}
+
+impl FileEntry {
+    /// The file's size once restored: its length in blocks for a file stored as changed blocks.
+    pub fn restored_size(&self, block_size: u64) -> u64 {
+        self.changed
+            .as_ref()
+            .map_or(self.size, |c| u64::from(c.length) * block_size)
+    }
 }
 
 /// A tablespace found under `pg_tblspc/`.
@@ -105,6 +205,15 @@ pub struct BackupManifest {
     /// Whether the cluster has data checksums, so every relation page copied was checked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub data_checksums: bool,
+    /// Full, incremental or differential (format 2; a format 1 manifest is a full backup).
+    #[serde(rename = "type", default, skip_serializing_if = "BackupType::is_full")]
+    pub backup_type: BackupType,
+    /// The backup an incremental or differential one builds on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+    /// Why a full backup was taken where an incremental or differential one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 impl Versioned for BackupManifest {
@@ -116,6 +225,20 @@ impl Versioned for BackupManifest {
 }
 
 impl BackupManifest {
+    /// The cluster's block size as an incremental backup records it (8192 for a full one, which
+    /// never needs it).
+    pub fn block_size(&self) -> u64 {
+        self.parent
+            .as_ref()
+            .map_or(8192, |p| u64::from(p.block_size))
+    }
+
+    /// Files stored as changed blocks, and files stored whole.
+    pub fn file_methods(&self) -> (usize, usize) {
+        let blocks = self.files.iter().filter(|f| f.changed.is_some()).count();
+        (blocks, self.files.len() - blocks)
+    }
+
     /// Parse a stored manifest, checking its format version.
     ///
     /// # Errors

@@ -293,7 +293,7 @@ fn wal_findings(catalog: &Catalog, present: &BTreeSet<String>) -> Vec<Finding> {
             });
         }
     }
-    for b in catalog.backups.iter().filter(|b| !catalog.is_restorable(b)) {
+    for b in catalog.backups.iter().filter(|b| !catalog.wal_complete(b)) {
         findings.push(Finding {
             kind: "missing",
             object: format!("backup {}", b.id),
@@ -302,6 +302,15 @@ fn wal_findings(catalog: &Catalog, present: &BTreeSet<String>) -> Vec<Finding> {
                 b.start_wal, b.stop_wal
             ),
         });
+    }
+    for b in &catalog.backups {
+        if let Err(broken) = catalog.chain(b) {
+            findings.push(Finding {
+                kind: "chain",
+                object: format!("backup {}", b.id),
+                detail: format!("{broken}: it cannot be restored"),
+            });
+        }
     }
     for key in present {
         if let Some(ObjectKey::Summary(seg)) = ObjectKey::parse(key) {

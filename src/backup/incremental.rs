@@ -13,11 +13,143 @@
 //!   size now, or more where a limit inside the file says blocks past today's end were cut and must
 //!   read as before, capped at a segment.
 //!
-//! Not wired into `pitr backup` yet: see `docs/incremental.md`.
+//! The parent is the newest restorable backup on the current timeline's history (`incr`), or the
+//! newest full one (`diff`). The changes come from the WAL index: every segment from the parent's
+//! start to the new backup's start must be archived with its changed blocks summarized. Where the
+//! index cannot vouch for them (see [`Hole`](crate::catalog::Hole)), the backup is taken full and
+//! says why.
+
+use std::time::{Duration, Instant};
 
 use crate::blocks::BlockChanges;
+use crate::catalog::Catalog;
+use crate::manifest::{BackupManifest, BackupType};
 use crate::pg::blockref::{FSM_FORKNUM, MAIN_FORKNUM, RelFork};
 use crate::pg::page::relation_file;
+use crate::pg::{Lsn, SegmentName, SystemId, TimelineId};
+use crate::storage::Repo;
+use crate::storage::layout::ObjectKey;
+
+/// What an incremental or differential backup builds on.
+#[derive(Debug)]
+pub struct Basis {
+    /// The parent backup.
+    pub parent: BackupManifest,
+    /// The blocks changed from the parent's start to this backup's start.
+    pub changes: BlockChanges,
+}
+
+/// Where the new backup starts, and on which cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct Start {
+    /// Its start (redo) LSN.
+    pub lsn: Lsn,
+    /// Its timeline.
+    pub timeline: TimelineId,
+    /// The segment holding the start LSN.
+    pub segment: SegmentName,
+    /// The cluster.
+    pub system_identifier: SystemId,
+    /// Its major version.
+    pub pg_version: u32,
+    /// Its block size.
+    pub block_size: u32,
+}
+
+/// The backup an incremental (`Incr`: the newest of any type) or differential (`Diff`: the
+/// newest full) backup starting at `start` builds on: restorable (its whole chain), of the same
+/// cluster, major version and block size, on the history of the new backup's timeline, and
+/// started before it. `Err` says why there is none.
+pub fn choose_parent<'a>(
+    catalog: &'a Catalog,
+    wanted: BackupType,
+    start: &Start,
+) -> Result<&'a BackupManifest, String> {
+    let all = catalog.restorable_backups();
+    if !all.iter().any(|b| b.backup_type == BackupType::Full) {
+        return Err("the repository has no restorable full backup".into());
+    }
+    all.into_iter()
+        .filter(|b| wanted != BackupType::Diff || b.backup_type == BackupType::Full)
+        .filter(|b| {
+            b.system_identifier == start.system_identifier
+                && b.pg_version == start.pg_version
+                && b.start_lsn < start.lsn
+                && b.parent
+                    .as_ref()
+                    .is_none_or(|p| p.block_size == start.block_size)
+                && catalog.backup_on_path(b, start.timeline)
+        })
+        .max_by_key(|b| (b.start_lsn, b.stop_time))
+        .ok_or_else(|| {
+            format!(
+                "no restorable {}backup of this cluster lies on the history of timeline {}",
+                if wanted == BackupType::Diff {
+                    "full "
+                } else {
+                    ""
+                },
+                start.timeline
+            )
+        })
+}
+
+/// Find the parent and the blocks changed since it started, for a backup that started at
+/// `start`: the WAL up to there must reach the repository first, so the current segment is
+/// switched (`pg_switch_wal`, on a primary) and its summary awaited until `deadline`.
+/// `Ok(Err(reason))`: take a full backup instead, for that reason.
+///
+/// # Errors
+/// Store or server failures.
+pub async fn prepare(
+    repo: &Repo,
+    client: &tokio_postgres::Client,
+    wanted: BackupType,
+    start: &Start,
+    wait: Duration,
+) -> anyhow::Result<Result<Basis, String>> {
+    let catalog = Catalog::load(repo).await?;
+    if let Err(why) = choose_parent(&catalog, wanted, start) {
+        return Ok(Err(why));
+    }
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    if in_recovery {
+        return Ok(Err(
+            "the server is a standby, which cannot switch to a new WAL segment to archive the WAL up to the backup's start".into(),
+        ));
+    }
+    client
+        .query_one("SELECT pg_switch_wal()::text", &[])
+        .await
+        .map_err(|e| anyhow::anyhow!("switch WAL segments (pg_switch_wal): {e}"))?;
+    let summary = ObjectKey::Summary(start.segment);
+    let deadline = Instant::now() + wait;
+    while !repo.exists(&summary).await? {
+        if Instant::now() >= deadline {
+            return Ok(Err(format!(
+                "WAL segment {} (the backup's start) was not archived and indexed within {}",
+                start.segment,
+                humantime::format_duration(wait)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let catalog = Catalog::load(repo).await?;
+    let parent = match choose_parent(&catalog, wanted, start) {
+        Ok(p) => p.clone(),
+        Err(why) => return Ok(Err(why)),
+    };
+    match catalog.changes_between(start.timeline, parent.start_lsn, start.lsn) {
+        Ok(changes) => Ok(Ok(Basis { parent, changes })),
+        Err(hole) => Ok(Err(format!(
+            "the WAL index cannot say which blocks changed since backup {} started: {hole}",
+            parent.id
+        ))),
+    }
+}
 
 /// How one file goes into an incremental backup.
 #[derive(Clone, Debug, PartialEq, Eq)]

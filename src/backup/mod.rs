@@ -28,7 +28,10 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 
 use crate::compress::Compression;
-use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry, MANIFEST_FORMAT, Part};
+use crate::manifest::{
+    BackupManifest, BackupType, CHUNK_SIZE, ChangedBlocks, FileEntry, MANIFEST_FORMAT,
+    MANIFEST_FORMAT_FULL, Parent, Part,
+};
 use crate::pg::PgTimestamp;
 use crate::pg::{Lsn, SegmentName, SystemId, TimelineId, WalFileName};
 use crate::pgconn;
@@ -53,6 +56,8 @@ pub struct BackupOptions {
     pub archive_timeout: Duration,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Full, or the changed blocks since a parent (incremental, differential).
+    pub backup_type: BackupType,
 }
 
 /// The label file fields pitr needs (`read_backup_label()` in xlogrecovery.c reads the same).
@@ -167,17 +172,58 @@ pub async fn fresh_backup_id(repo: &Repo, unix_micros: i64) -> anyhow::Result<St
     )
 }
 
+/// A file to copy: whole, or (in an incremental backup) only its changed blocks.
+#[derive(Clone, Debug)]
+pub struct ToCopy {
+    /// The file.
+    pub src: SourceFile,
+    /// The blocks to store and the restored length; `None`: the file whole.
+    pub changed: Option<ChangedBlocks>,
+}
+
+impl ToCopy {
+    /// The bytes this file's pieces hold.
+    fn bytes(&self, block_size: u64) -> u64 {
+        self.changed
+            .as_ref()
+            .map_or(self.src.size, |c| c.blocks.len() as u64 * block_size)
+    }
+}
+
 struct CopyJob {
-    file: Arc<SourceFile>,
+    file: Arc<ToCopy>,
     part: u32,
-    offset: u64,
-    len: u64,
+    span: Span,
+}
+
+/// What one piece holds.
+#[derive(Clone, Copy, Debug)]
+enum Span {
+    /// Up to `len` bytes of the file from `offset`.
+    Bytes { offset: u64, len: u64 },
+    /// Entries `from..to` of the file's changed-block list, one block each.
+    Blocks {
+        from: usize,
+        to: usize,
+        block_size: u64,
+    },
 }
 
 enum PartOutcome {
     /// Stored; with the relation blocks that failed their page checksum.
     Stored(Part, Vec<u32>),
     Vanished,
+}
+
+/// The cluster's page geometry, and whether its pages carry checksums.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    /// `data_checksums`.
+    pub checksums: bool,
+    /// `block_size`.
+    pub block_size: usize,
+    /// `segment_size` in blocks (`RELSEG_SIZE`).
+    pub segment_blocks: u32,
 }
 
 /// How pages are checked while they are copied (clusters with data checksums).
@@ -192,24 +238,30 @@ pub struct PageCheck {
 }
 
 impl PageCheck {
-    /// The relation blocks of `buf`, read at `offset` of the relation file `rel`, that fail their
-    /// checksum twice (a page is read again, in case it was being written at the first read).
-    fn failures(&self, file: &std::fs::File, rel: &str, offset: u64, buf: &[u8]) -> Vec<u32> {
+    /// The relation blocks of `buf`, read from the relation file `rel` (page `i` of `buf` from
+    /// the file offset `offset_of(i)`), that fail their checksum twice (a page is read again, in
+    /// case it was being written at the first read).
+    fn failures(
+        &self,
+        file: &std::fs::File,
+        rel: &str,
+        buf: &[u8],
+        offset_of: impl Fn(usize) -> u64,
+    ) -> Vec<u32> {
         let Some(segno) = crate::pg::page::relation_file_segno(rel) else {
             return Vec::new();
         };
         let bs = self.block_size as u64;
-        let first = (u64::from(segno) * u64::from(self.segment_blocks) + offset / bs) as u32;
+        let seg_first = u64::from(segno) * u64::from(self.segment_blocks);
         let mut bad = Vec::new();
         for (i, page) in buf.chunks_exact(self.block_size).enumerate() {
-            let blkno = first.wrapping_add(i as u32);
+            let at = offset_of(i);
+            let blkno = (seg_first + at / bs) as u32;
             if crate::pg::page::verifies(page, blkno, self.start) {
                 continue;
             }
             let mut again = vec![0u8; self.block_size];
-            let reread = file
-                .read_exact_at(&mut again, offset + i as u64 * bs)
-                .is_ok()
+            let reread = file.read_exact_at(&mut again, at).is_ok()
                 && crate::pg::page::verifies(&again, blkno, self.start);
             if !reread {
                 tracing::warn!(
@@ -236,35 +288,78 @@ struct ReadPiece {
     bad: Vec<u32>,
 }
 
+/// Fill `dest` from `offset` of `f`, as far as the file goes; returns the bytes read.
+fn read_into(f: &std::fs::File, dest: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while let Some(rest) = dest.get_mut(filled..).filter(|r| !r.is_empty()) {
+        match f.read_at(rest, offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Read one piece of a file and wrap it (blocking: runs on the blocking pool).
 fn read_piece(
     job: &CopyJob,
     compression: Compression,
     check: Option<PageCheck>,
 ) -> std::io::Result<Option<ReadPiece>> {
-    let f = match std::fs::File::open(&job.file.abs) {
+    let f = match std::fs::File::open(&job.file.src.abs) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    // Up to `len` bytes: a relation may shrink while it is copied (WAL replay repairs that).
-    let mut buf = BigBuf::zeroed(job.len as usize);
-    let mut filled = 0;
-    {
-        let dest = buf.as_mut_slice();
-        while filled < dest.len() {
-            match f.read_at(&mut dest[filled..], job.offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+    let rel = &job.file.src.rel;
+    let (buf, bad) = match job.span {
+        Span::Bytes { offset, len } => {
+            // Up to `len` bytes: a relation may shrink while it is copied (WAL replay repairs that).
+            let mut buf = BigBuf::zeroed(len as usize);
+            let filled = read_into(&f, buf.as_mut_slice(), offset)?;
+            buf.truncate(filled);
+            let bad = check.map_or_else(Vec::new, |c| {
+                c.failures(&f, rel, &buf, |i| offset + (i * c.block_size) as u64)
+            });
+            (buf, bad)
         }
-    }
-    buf.truncate(filled);
-    let bad = check.map_or_else(Vec::new, |c| {
-        c.failures(&f, &job.file.rel, job.offset, &buf)
-    });
+        Span::Blocks {
+            from,
+            to,
+            block_size,
+        } => {
+            let blocks = job
+                .file
+                .changed
+                .as_ref()
+                .and_then(|c| c.blocks.get(from..to))
+                .unwrap_or_default();
+            // Every block in full: one cut off since the listing stays zeros (WAL replay
+            // truncates the file again).
+            let bs = block_size as usize;
+            let mut buf = BigBuf::zeroed(blocks.len() * bs);
+            let dest = buf.as_mut_slice();
+            let mut i = 0;
+            while let Some(&first) = blocks.get(i) {
+                let mut n = 1;
+                while blocks.get(i + n) == Some(&(first + n as u32)) {
+                    n += 1;
+                }
+                if let Some(run) = dest.get_mut(i * bs..(i + n) * bs) {
+                    read_into(&f, run, u64::from(first) * block_size)?;
+                }
+                i += n;
+            }
+            let bad = check.map_or_else(Vec::new, |c| {
+                c.failures(&f, rel, &buf, |i| {
+                    blocks.get(i).map_or(0, |&b| u64::from(b) * block_size)
+                })
+            });
+            (buf, bad)
+        }
+    };
     let crc = crc32c::crc32c(&buf);
     let size = buf.len() as u64;
     Ok(Some(ReadPiece {
@@ -288,7 +383,7 @@ async fn copy_piece(
         (job, r)
     })
     .await?;
-    let read = read.with_context(|| format!("read {}", file.abs.display()))?;
+    let read = read.with_context(|| format!("read {}", file.src.abs.display()))?;
     let Some(ReadPiece {
         stored,
         crc,
@@ -300,13 +395,13 @@ async fn copy_piece(
     };
     let key = ObjectKey::BackupPart {
         id: id.to_string(),
-        path: file.rel.clone(),
+        path: file.src.rel.clone(),
         part: job.part,
     };
     let stored_len = repo
         .put(&key, stored, PutMode::CreateUnique)
         .await
-        .with_context(|| format!("store {}", file.rel))?
+        .with_context(|| format!("store {}", file.src.rel))?
         .stored_bytes();
     Ok((
         job,
@@ -321,80 +416,112 @@ async fn copy_piece(
     ))
 }
 
-fn jobs_for(file: &Arc<SourceFile>) -> Vec<CopyJob> {
-    let n = file.size.div_ceil(CHUNK_SIZE).max(1);
-    (0..n)
-        .map(|i| CopyJob {
-            file: file.clone(),
-            part: i as u32,
-            offset: i * CHUNK_SIZE,
-            len: if i + 1 == n {
-                file.size - i * CHUNK_SIZE
-            } else {
-                CHUNK_SIZE
-            },
-        })
-        .collect()
+/// The pieces of one file: `CHUNK_SIZE` bytes each, or as many changed blocks. A file stored
+/// whole has at least one piece (an empty one for an empty file); a file of changed blocks has
+/// none when no block changed.
+fn jobs_for(file: &Arc<ToCopy>, block_size: u64) -> Vec<CopyJob> {
+    match &file.changed {
+        None => {
+            let size = file.src.size;
+            let n = size.div_ceil(CHUNK_SIZE).max(1);
+            (0..n)
+                .map(|i| CopyJob {
+                    file: file.clone(),
+                    part: i as u32,
+                    span: Span::Bytes {
+                        offset: i * CHUNK_SIZE,
+                        len: CHUNK_SIZE.min(size - i * CHUNK_SIZE),
+                    },
+                })
+                .collect()
+        }
+        Some(changed) => {
+            let per = (CHUNK_SIZE / block_size.max(1)).max(1) as usize;
+            let total = changed.blocks.len();
+            (0..total.div_ceil(per))
+                .map(|i| CopyJob {
+                    file: file.clone(),
+                    part: i as u32,
+                    span: Span::Blocks {
+                        from: i * per,
+                        to: ((i + 1) * per).min(total),
+                        block_size,
+                    },
+                })
+                .collect()
+        }
+    }
 }
 
 /// Copy `files` in parallel; returns their manifest entries (vanished files left out).
 async fn copy_files(
     repo: &Repo,
     id: &str,
-    files: Vec<SourceFile>,
+    files: Vec<ToCopy>,
     opts: &BackupOptions,
+    geometry: Geometry,
     check: Option<PageCheck>,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<FileEntry>> {
-    let files: Vec<Arc<SourceFile>> = files.into_iter().map(Arc::new).collect();
-    let jobs: Vec<CopyJob> = files.iter().flat_map(jobs_for).collect();
-    let mut parts: Vec<Vec<Option<Part>>> = files
-        .iter()
-        .map(|f| vec![None; f.size.div_ceil(CHUNK_SIZE).max(1) as usize])
-        .collect();
+    let block_size = geometry.block_size as u64;
+    let files: Vec<Arc<ToCopy>> = files.into_iter().map(Arc::new).collect();
+    let per_file: Vec<Vec<CopyJob>> = files.iter().map(|f| jobs_for(f, block_size)).collect();
+    let mut parts: Vec<Vec<Option<Part>>> = per_file.iter().map(|j| vec![None; j.len()]).collect();
     let mut vanished = vec![false; files.len()];
     let mut bad: Vec<Vec<u32>> = vec![Vec::new(); files.len()];
     let index: std::collections::HashMap<String, usize> = files
         .iter()
         .enumerate()
-        .map(|(i, f)| (f.rel.clone(), i))
+        .map(|(i, f)| (f.src.rel.clone(), i))
         .collect();
-    let mut stream = futures::stream::iter(jobs)
+    let mut stream = futures::stream::iter(per_file.into_iter().flatten())
         .map(|job| copy_piece(repo, id, job, opts.compression, check))
         .buffer_unordered(opts.jobs.max(1));
     while let Some(done) = stream.next().await {
         let (job, outcome) = done?;
-        let i = index[&job.file.rel];
+        let i = index
+            .get(&job.file.src.rel)
+            .copied()
+            .context("a piece of a file that was not listed")?;
         match outcome {
             PartOutcome::Stored(p, failed) => {
                 bar.inc(p.size);
-                parts[i][job.part as usize] = Some(p);
-                bad[i].extend(failed);
+                if let Some(slot) = parts.get_mut(i).and_then(|f| f.get_mut(job.part as usize)) {
+                    *slot = Some(p);
+                }
+                if let Some(b) = bad.get_mut(i) {
+                    b.extend(failed);
+                }
             }
             PartOutcome::Vanished => {
-                tracing::debug!("{} vanished during the backup; skipped", job.file.rel);
-                vanished[i] = true;
+                tracing::debug!("{} vanished during the backup; skipped", job.file.src.rel);
+                if let Some(v) = vanished.get_mut(i) {
+                    *v = true;
+                }
             }
         }
     }
     let mut out = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        if vanished[i] {
+        if vanished.get(i).copied().unwrap_or(true) {
             continue;
         }
-        let parts: Vec<Part> = parts[i]
-            .iter()
-            .map(|p| p.clone().expect("every piece reported"))
-            .collect();
-        let mut failures = std::mem::take(&mut bad[i]);
+        let parts: Vec<Part> = parts
+            .get(i)
+            .into_iter()
+            .flatten()
+            .map(|p| p.clone().context("a piece was never reported"))
+            .collect::<anyhow::Result<_>>()?;
+        let mut failures = bad.get_mut(i).map(std::mem::take).unwrap_or_default();
         failures.sort_unstable();
         out.push(FileEntry {
-            path: f.rel.clone(),
+            path: f.src.rel.clone(),
             size: parts.iter().map(|p| p.size).sum(),
-            mtime: f.mtime,
-            mode: f.mode,
+            mtime: f.src.mtime,
+            mode: f.src.mode,
             parts,
             checksum_failures: failures,
+            changed: f.changed.clone(),
         });
     }
     Ok(out)
@@ -433,14 +560,29 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         .get(0);
     let id = fresh_backup_id(repo, now_us).await?;
     let label = opts.label.clone().unwrap_or_else(|| format!("pitr {id}"));
-    let check = page_check(&client).await?;
+    let geometry = geometry(&client).await?;
     let (start_lsn, start_time) = start_backup(&client, major, &label).await?;
-    let check = check.map(|(block_size, segment_blocks)| PageCheck {
+    let check = geometry.checksums.then_some(PageCheck {
         start: start_lsn,
-        block_size,
-        segment_blocks,
+        block_size: geometry.block_size,
+        segment_blocks: geometry.segment_blocks,
     });
     tracing::info!("backup {id} started at {start_lsn} ({})", pgdata.display());
+
+    // An incremental's parent and the blocks changed since it started, or why there are none.
+    let (basis, fallback) = match opts.backup_type {
+        BackupType::Full => (None, None),
+        wanted => {
+            let start = incremental_start(repo, &client, start_lsn, sysid, major, geometry).await?;
+            match incremental::prepare(repo, &client, wanted, &start, opts.archive_timeout).await? {
+                Ok(basis) => (Some(basis), None),
+                Err(why) => {
+                    tracing::info!("taking a full backup instead of {wanted}: {why}");
+                    (None, Some(why))
+                }
+            }
+        }
+    };
 
     // Copy.
     let listing = {
@@ -449,14 +591,20 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
             .await?
             .context("list the data directory")?
     };
-    let total: u64 = listing.files.iter().map(|f| f.size).sum::<u64>()
+    let block_size = geometry.block_size as u64;
+    let mut files = to_copy(listing.files, basis.as_ref(), geometry);
+    let total: u64 = files.iter().map(|f| f.bytes(block_size)).sum::<u64>()
         + listing.pg_control.as_ref().map_or(0, |f| f.size);
     let bar = progress_bar(opts.progress, total);
-    let mut files = listing.files;
-    files.sort_by_key(|f| std::cmp::Reverse(f.size)); // big files first: the streams finish together
-    let mut entries = copy_files(repo, &id, files, opts, check, &bar).await?;
+    // Big files first: the streams finish together.
+    files.sort_by_key(|f| std::cmp::Reverse(f.bytes(block_size)));
+    let mut entries = copy_files(repo, &id, files, opts, geometry, check, &bar).await?;
     if let Some(ctl) = listing.pg_control {
-        entries.extend(copy_files(repo, &id, vec![ctl], opts, check, &bar).await?);
+        let ctl = ToCopy {
+            src: ctl,
+            changed: None,
+        };
+        entries.extend(copy_files(repo, &id, vec![ctl], opts, geometry, check, &bar).await?);
     }
     bar.finish_and_clear();
 
@@ -483,8 +631,17 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     );
     wait_for_wal(repo, &needed, opts.archive_timeout, &id).await?;
 
+    let backup_type = if basis.is_some() {
+        opts.backup_type
+    } else {
+        BackupType::Full
+    };
     let manifest = BackupManifest {
-        format_version: MANIFEST_FORMAT,
+        format_version: if basis.is_some() {
+            MANIFEST_FORMAT
+        } else {
+            MANIFEST_FORMAT_FULL
+        },
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         id: id.clone(),
         label,
@@ -510,6 +667,15 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         tablespaces: listing.tablespaces,
         has_tablespace_map: stopped.has_tablespace_map,
         data_checksums: check.is_some(),
+        backup_type,
+        parent: basis.map(|b| Parent {
+            id: b.parent.id,
+            start_lsn: b.parent.start_lsn,
+            timeline: b.parent.timeline,
+            block_size: geometry.block_size as u32,
+            segment_blocks: geometry.segment_blocks,
+        }),
+        fallback,
     };
     let json = serde_json::to_vec(&manifest)?;
     let key = ObjectKey::BackupManifest(id.clone());
@@ -575,8 +741,8 @@ async fn check_server(
     Ok(sysid)
 }
 
-/// Whether the cluster has data checksums, and then its block size and segment size in blocks.
-async fn page_check(client: &tokio_postgres::Client) -> anyhow::Result<Option<(usize, u32)>> {
+/// The cluster's block size, relation segment size and whether it has data checksums.
+async fn geometry(client: &tokio_postgres::Client) -> anyhow::Result<Geometry> {
     let row = client
         .query_one(
             "SELECT current_setting('data_checksums'), current_setting('block_size')::int4, (SELECT setting::int4 FROM pg_settings WHERE name = 'segment_size')",
@@ -584,17 +750,103 @@ async fn page_check(client: &tokio_postgres::Client) -> anyhow::Result<Option<(u
         )
         .await
         .context("read data_checksums, block_size and segment_size")?;
-    if row.get::<_, String>(0) != "on" {
-        return Ok(None);
-    }
     let (bs, seg): (i32, i32) = (row.get(1), row.get(2));
     let block_size = usize::try_from(bs)
         .ok()
         .filter(|b| *b >= 1024 && b.is_power_of_two())
         .with_context(|| format!("the server reports block_size {bs}"))?;
-    let segment_blocks =
-        u32::try_from(seg).with_context(|| format!("the server reports segment_size {seg}"))?;
-    Ok(Some((block_size, segment_blocks)))
+    let segment_blocks = u32::try_from(seg)
+        .ok()
+        .filter(|s| *s > 0)
+        .with_context(|| format!("the server reports segment_size {seg}"))?;
+    Ok(Geometry {
+        checksums: row.get::<_, String>(0) == "on",
+        block_size,
+        segment_blocks,
+    })
+}
+
+/// Where an incremental backup that started at `lsn` starts: its timeline (from the checkpoint
+/// `pg_backup_start` just wrote) and segment.
+async fn incremental_start(
+    repo: &Repo,
+    client: &tokio_postgres::Client,
+    lsn: Lsn,
+    sysid: SystemId,
+    major: crate::pg::PgMajor,
+    geometry: Geometry,
+) -> anyhow::Result<incremental::Start> {
+    let tli: i32 = client
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .context("read the timeline (pg_control_checkpoint)")?
+        .get(0);
+    let timeline = u32::try_from(tli)
+        .ok()
+        .and_then(TimelineId::new)
+        .with_context(|| format!("pg_control_checkpoint reports timeline {tli}"))?;
+    let seg_size = repo
+        .identity()
+        .await?
+        .map_or(crate::pg::WalSegSize::DEFAULT, |i| i.wal_segment_size);
+    let segment = SegmentName::new(timeline, lsn.segno(seg_size), seg_size)
+        .with_context(|| format!("no WAL segment name for {lsn}"))?;
+    Ok(incremental::Start {
+        lsn,
+        timeline,
+        segment,
+        system_identifier: sysid,
+        pg_version: major.number(),
+        block_size: geometry.block_size as u32,
+    })
+}
+
+/// What to copy of each listed file: everything for a full backup; for an incremental, the
+/// method [`incremental::method`] chooses against the parent.
+fn to_copy(
+    files: Vec<SourceFile>,
+    basis: Option<&incremental::Basis>,
+    geometry: Geometry,
+) -> Vec<ToCopy> {
+    let Some(basis) = basis else {
+        return files
+            .into_iter()
+            .map(|src| ToCopy { src, changed: None })
+            .collect();
+    };
+    let in_parent: std::collections::HashSet<&str> =
+        basis.parent.files.iter().map(|f| f.path.as_str()).collect();
+    let (mut whole, mut as_blocks) = (0usize, 0usize);
+    let out: Vec<ToCopy> = files
+        .into_iter()
+        .map(|src| {
+            let how = incremental::method(
+                &src.rel,
+                src.size,
+                in_parent.contains(src.rel.as_str()),
+                &basis.changes,
+                geometry.block_size as u64,
+                geometry.segment_blocks,
+            );
+            let changed = match how {
+                incremental::Method::Whole(why) => {
+                    tracing::trace!("{}: whole ({why})", src.rel);
+                    whole += 1;
+                    None
+                }
+                incremental::Method::Blocks { blocks, length } => {
+                    as_blocks += 1;
+                    Some(ChangedBlocks { length, blocks })
+                }
+            };
+            ToCopy { src, changed }
+        })
+        .collect();
+    tracing::info!(
+        "incremental on backup {}: {as_blocks} files as changed blocks, {whole} whole",
+        basis.parent.id
+    );
+    out
 }
 
 /// Start the backup (`pg_backup_start`, fast checkpoint); returns its start LSN and when it

@@ -4,6 +4,7 @@ use super::{default_jobs, mib};
 use pitr::backup::{self, BackupOptions};
 use pitr::config::Settings;
 use pitr::exit;
+use pitr::manifest::BackupType;
 use pitr::storage::Repo;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,6 +18,11 @@ pub(crate) struct Args {
     /// of the server running on --pgdata].
     #[arg(long, value_name = "CONNINFO")]
     dbname: Option<String>,
+    /// full: every file. incr: the blocks changed since the newest backup (of any type). diff:
+    /// the blocks changed since the newest full backup. Without a full backup to build on (or
+    /// WAL that vouches for every change since), a full backup is taken and says why.
+    #[arg(long = "type", value_name = "TYPE", default_value = "full")]
+    backup_type: BackupType,
     /// Label passed to pg_backup_start [default: "pitr <id>"].
     #[arg(long)]
     label: Option<String>,
@@ -43,6 +49,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         jobs,
         archive_timeout,
         json,
+        backup_type,
     } = args;
 
     let opts = BackupOptions {
@@ -53,6 +60,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         compression: settings.compress,
         archive_timeout,
         progress: !super::output::quiet(),
+        backup_type,
     };
     let started = Instant::now();
     let m = backup::run(repo, &opts).await?;
@@ -60,6 +68,9 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     if json {
         let summary = serde_json::json!({
             "id": m.id, "label": m.label, "timeline": m.timeline,
+            "type": m.backup_type, "parent": m.parent.as_ref().map(|p| &p.id),
+            "fallback": m.fallback,
+            "files_as_changed_blocks": m.file_methods().0,
             "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn,
             "start_time": m.start_time, "stop_time": m.stop_time,
             "start_wal": m.start_wal, "stop_wal": m.stop_wal,
@@ -71,8 +82,20 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         });
         crate::outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
+        if let Some(why) = &m.fallback {
+            crate::sayln!("took a full backup instead of {backup_type}: {why}");
+        }
+        let kind = match &m.parent {
+            Some(p) => format!(
+                " ({} on {}, {} files as changed blocks)",
+                m.backup_type,
+                p.id,
+                m.file_methods().0
+            ),
+            None => String::new(),
+        };
         crate::sayln!(
-            "backup {} complete: {} files, {:.1} MiB copied, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
+            "backup {}{kind} complete: {} files, {:.1} MiB copied, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
             m.id,
             m.files.len(),
             mib(m.size_bytes),

@@ -25,7 +25,7 @@ pub(crate) struct Args {
 /// The retention flags, which become a [`pitr::expire::Policy`].
 #[derive(Debug, clap::Args)]
 pub(crate) struct PolicyArgs {
-    /// Keep the N newest backups.
+    /// Keep the N newest full backups (and the incremental and differential backups built on them).
     #[arg(long, value_name = "N")]
     keep_full: Option<usize>,
     /// Keep everything needed to restore to any moment this long ago (e.g. 30d).

@@ -126,14 +126,22 @@ fn backups(o: &mut String, info: &Info) {
         let _ = writeln!(o, "\nbackups");
         let _ = writeln!(
             o,
-            "  {:<18} {:<3} {:<28} {:<12} {:<12} {:>10} {:>10}",
-            "id", "tli", "stop time", "start LSN", "stop LSN", "size MiB", "stored MiB"
+            "  {:<18} {:<4} {:<18} {:<3} {:<28} {:<12} {:<12} {:>10} {:>10}",
+            "id",
+            "type",
+            "parent",
+            "tli",
+            "stop time",
+            "start LSN",
+            "stop LSN",
+            "size MiB",
+            "stored MiB"
         );
         for b in &info.backups {
-            let mut flag = if b.restorable {
-                String::new()
-            } else {
-                "  NOT RESTORABLE: WAL missing".to_string()
+            let mut flag = match (&b.not_restorable_because, b.restorable) {
+                (_, true) => String::new(),
+                (Some(why), false) => format!("  NOT RESTORABLE: {why}"),
+                (None, false) => "  NOT RESTORABLE".to_string(),
             };
             if b.checksum_failures > 0 {
                 flag.push_str(&format!(
@@ -143,8 +151,10 @@ fn backups(o: &mut String, info: &Info) {
             }
             let _ = writeln!(
                 o,
-                "  {:<18} {:<3} {:<28} {:<12} {:<12} {:>10.1} {:>10.1}{flag}",
+                "  {:<18} {:<4} {:<18} {:<3} {:<28} {:<12} {:<12} {:>10.1} {:>10.1}{flag}",
                 b.id,
+                b.backup_type.to_string(),
+                b.parent.as_deref().unwrap_or("-"),
                 b.timeline,
                 b.stop_time.rfc3339(),
                 b.start_lsn.to_string(),

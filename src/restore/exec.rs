@@ -312,7 +312,15 @@ async fn write_all(
     settings: &[(&'static str, String)],
     signal: Signal,
 ) -> anyhow::Result<RestoredFiles> {
-    let restored = restore_files(repo, &plan.backup, target_dir, relocate, jobs).await?;
+    let restored = restore_files(
+        repo,
+        &plan.backup,
+        &plan.parents,
+        target_dir,
+        relocate,
+        jobs,
+    )
+    .await?;
     let auto = target_dir.join("postgresql.auto.conf");
     let mut conf = std::fs::read(&auto).unwrap_or_default();
     if !conf.is_empty() && !conf.ends_with(b"\n") {
@@ -374,6 +382,7 @@ mod tests {
     fn the_target_comes_after_the_cleared_ones() {
         let plan_target = |t: Target| {
             super::super::plan::Plan {
+            parents: vec![],
             backup: serde_json::from_value(serde_json::json!({
                 "format_version": 1, "program_version": "t", "id": "b", "label": "b", "system_identifier": "1",
                 "pg_version": 15, "timeline": 1, "start_lsn": "0/1", "checkpoint_lsn": "0/1", "stop_lsn": "0/2",

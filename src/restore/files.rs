@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 
 use crate::durable;
-use crate::manifest::{BackupManifest, CHUNK_SIZE};
+use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry};
 use crate::storage::Repo;
 use crate::storage::envelope::{self, DecodeToError};
 use crate::storage::layout::ObjectKey;
@@ -165,7 +165,8 @@ fn tablespace_target(
     })
 }
 
-/// Download `manifest`'s files from `repo` into `target` (which must be empty or absent).
+/// Download `manifest`'s files from `repo` into `target` (which must be empty or absent),
+/// combined with the `parents` it builds on (newest first) when it is incremental.
 /// `relocate` maps tablespace OIDs to new locations (which must be empty or absent too).
 ///
 /// # Errors
@@ -173,6 +174,7 @@ fn tablespace_target(
 pub async fn restore_files(
     repo: &Repo,
     manifest: &BackupManifest,
+    parents: &[BackupManifest],
     target: &Path,
     relocate: &HashMap<u32, PathBuf>,
     jobs: usize,
@@ -192,7 +194,8 @@ pub async fn restore_files(
         })?;
     make_directories(manifest, target, relocate)?;
     let started = std::time::Instant::now();
-    let bytes = download_pieces(repo, manifest, target, jobs).await?;
+    let chain: Vec<&BackupManifest> = std::iter::once(manifest).chain(parents).collect();
+    let bytes = download_pieces(repo, &chain, target, jobs).await?;
     let written = started.elapsed();
 
     // backup_label (fetched and verified before any file was written) and tablespace_map.
@@ -253,25 +256,221 @@ fn make_directories(
     Ok(())
 }
 
-/// One piece to download: (file number, piece number, offset in the file, size, CRC-32C).
-type Piece = (usize, u32, u64, u64, u32);
+/// One stored piece to download, and where its bytes go.
+#[derive(Debug)]
+struct Piece {
+    /// The file (its number in the restored backup's manifest).
+    file: usize,
+    /// The object, in whichever backup of the chain holds it.
+    key: ObjectKey,
+    /// The piece's original length and CRC-32C, as its manifest records them.
+    size: u64,
+    crc: u32,
+    /// (offset in the piece, offset in the file, length), sorted by offset in the piece: the
+    /// bytes of the piece that end up in the restored file. A block a newer backup holds is not
+    /// among them, so every block is written once.
+    extents: Vec<(u64, u64, u64)>,
+}
 
-/// Download every piece on `jobs` streams, each verified as it is written at its offset. Every
-/// file is created at its final size (so writes never extend it) by a thread that runs ahead of
-/// the pieces, in the same order; a piece that gets there first creates its file itself.
-/// Creating ~1000 files costs up to a second on a busy journal, which the writes no longer wait
-/// for. Returns the bytes written.
+impl Piece {
+    fn bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.2).sum()
+    }
+}
+
+/// Add `(src, dst, len)` to `extents`, merged with the last one when both ends continue it.
+fn push_extent(extents: &mut Vec<(u64, u64, u64)>, src: u64, dst: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = extents.last_mut()
+        && last.0 + last.2 == src
+        && last.1 + last.2 == dst
+    {
+        last.2 += len;
+        return;
+    }
+    extents.push((src, dst, len));
+}
+
+/// Every piece a restore of `chain` (the backup first, then its parents back to a full one)
+/// downloads. A file stored whole in the backup comes from its own pieces. A file stored as
+/// changed blocks takes each block below its recorded length from the newest backup of the
+/// chain holding it, walking back through parents that also stored changed blocks until one
+/// stored the file whole; blocks no backup holds stay zeros.
+///
+/// # Errors
+/// A chain that does not fit together (a parent without the file, block lists that do not match
+/// their pieces): the backups are damaged.
+fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
+    let Some(newest) = chain.first() else {
+        return Ok(Vec::new());
+    };
+    let by_path: Vec<HashMap<&str, &FileEntry>> = chain
+        .iter()
+        .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())
+        .collect();
+    let mut out = Vec::new();
+    for (n, f) in newest.files.iter().enumerate() {
+        let Some(changed) = &f.changed else {
+            let mut offset = 0;
+            for (i, p) in f.parts.iter().enumerate() {
+                out.push(Piece {
+                    file: n,
+                    key: part_key(newest, &f.path, i),
+                    size: p.size,
+                    crc: p.crc32c,
+                    extents: vec![(0, offset, p.size)]
+                        .into_iter()
+                        .filter(|e| e.2 > 0)
+                        .collect(),
+                });
+                offset += CHUNK_SIZE;
+            }
+            continue;
+        };
+        let parent = newest.parent.as_ref().with_context(|| {
+            format!(
+                "backup {} stores changed blocks of {} but names no parent",
+                newest.id, f.path
+            )
+        })?;
+        let bs = u64::from(parent.block_size);
+        if changed.length > parent.segment_blocks || bs == 0 {
+            bail!(
+                "backup {} records {} as {} blocks, more than a segment of {} holds",
+                newest.id,
+                f.path,
+                changed.length,
+                parent.segment_blocks
+            );
+        }
+        let length = changed.length as usize;
+        let mut claimed = vec![false; length];
+        let mut reached_whole = false;
+        for (k, m) in chain.iter().enumerate() {
+            let Some(entry) = by_path.get(k).and_then(|p| p.get(f.path.as_str())) else {
+                bail!(
+                    "backup {} stores only the changed blocks of {}, but backup {} it builds on does not have the file",
+                    newest.id,
+                    f.path,
+                    m.id
+                );
+            };
+            match &entry.changed {
+                Some(c) => {
+                    let per = (CHUNK_SIZE / bs).max(1) as usize;
+                    let sizes: u64 = entry.parts.iter().map(|p| p.size).sum();
+                    if sizes != c.blocks.len() as u64 * bs
+                        || entry.parts.len() != c.blocks.len().div_ceil(per)
+                    {
+                        bail!(
+                            "backup {} lists {} changed blocks of {} but its pieces hold {sizes} bytes",
+                            m.id,
+                            c.blocks.len(),
+                            f.path
+                        );
+                    }
+                    for (i, p) in entry.parts.iter().enumerate() {
+                        let blocks = c.blocks.iter().skip(i * per).take(per);
+                        let held = blocks
+                            .enumerate()
+                            .map(|(j, &b)| (u64::from(b), j as u64 * bs, u64::from(b) * bs, bs));
+                        let piece = (n, part_key(m, &f.path, i), p);
+                        claim(&mut out, &mut claimed, held, piece);
+                    }
+                }
+                None => {
+                    let mut offset = 0u64;
+                    for (i, p) in entry.parts.iter().enumerate() {
+                        let end = offset + p.size;
+                        let last = end.div_ceil(bs).min(length as u64);
+                        let held = (offset / bs..last).map(|b| {
+                            let from = (b * bs).max(offset);
+                            let to = ((b + 1) * bs).min(end);
+                            (b, from - offset, from, to - from)
+                        });
+                        let piece = (n, part_key(m, &f.path, i), p);
+                        claim(&mut out, &mut claimed, held, piece);
+                        offset += CHUNK_SIZE;
+                    }
+                    reached_whole = true;
+                    break;
+                }
+            }
+        }
+        if !reached_whole {
+            bail!(
+                "no backup of the chain of {} holds {} whole",
+                newest.id,
+                f.path
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Queue the piece `(file, key, part)` for the blocks it holds, `(block, offset in the piece,
+/// offset in the file, length)`, that no newer backup claimed (and claim them).
+fn claim(
+    out: &mut Vec<Piece>,
+    claimed: &mut [bool],
+    held: impl Iterator<Item = (u64, u64, u64, u64)>,
+    (file, key, part): (usize, ObjectKey, &crate::manifest::Part),
+) {
+    let mut extents = Vec::new();
+    for (block, src, dst, len) in held {
+        if let Some(slot) = claimed.get_mut(block as usize).filter(|s| !**s) {
+            *slot = true;
+            push_extent(&mut extents, src, dst, len);
+        }
+    }
+    if !extents.is_empty() {
+        out.push(Piece {
+            file,
+            key,
+            size: part.size,
+            crc: part.crc32c,
+            extents,
+        });
+    }
+}
+
+fn part_key(m: &BackupManifest, path: &str, part: usize) -> ObjectKey {
+    ObjectKey::BackupPart {
+        id: m.id.clone(),
+        path: path.to_string(),
+        part: part as u32,
+    }
+}
+
+/// Download every piece on `jobs` streams, each verified as it is written. Every file is created
+/// at its final size (so writes never extend it) by a thread that runs ahead of the pieces, in
+/// the same order; a piece that gets there first creates its file itself. Creating ~1000 files
+/// costs up to a second on a busy journal, which the writes no longer wait for. Returns the
+/// bytes written.
 async fn download_pieces(
     repo: &Repo,
-    manifest: &BackupManifest,
+    chain: &[&BackupManifest],
     target: &Path,
     jobs: usize,
 ) -> anyhow::Result<u64> {
+    let Some(manifest) = chain.first() else {
+        return Ok(0);
+    };
+    let pieces = plan_pieces(chain)?;
+    let bs = manifest.block_size();
     let files = Arc::new(FilesToCreate {
         files: manifest
             .files
             .iter()
-            .map(|f| (target.join(&f.path), f.size, f.mode & 0o700 | 0o600))
+            .map(|f| {
+                (
+                    target.join(&f.path),
+                    f.restored_size(bs),
+                    f.mode & 0o700 | 0o600,
+                )
+            })
             .collect(),
         done: manifest
             .files
@@ -285,39 +484,21 @@ async fn download_pieces(
             (0..files.files.len()).try_for_each(|i| files.ensure(i))
         })
     };
-    let pieces: Vec<Piece> = manifest
-        .files
-        .iter()
-        .enumerate()
-        .flat_map(|(n, f)| {
-            f.parts
-                .iter()
-                .enumerate()
-                .map(move |(i, p)| (n, i as u32, i as u64 * CHUNK_SIZE, p.size, p.crc32c))
-        })
-        .collect();
-    let bar = crate::backup::progress_bar(true, manifest.size_bytes);
+    let total: u64 = pieces.iter().map(Piece::bytes).sum();
+    let bar = crate::backup::progress_bar(true, total);
     let mut stream = futures::stream::iter(pieces)
-        .map(|(file, part, offset, size, crc)| {
+        .map(|piece| {
             let files = files.clone();
             async move {
-                let key = ObjectKey::BackupPart {
-                    id: manifest.id.clone(),
-                    path: manifest
-                        .files
-                        .get(file)
-                        .map(|f| f.path.clone())
-                        .unwrap_or_default(),
-                    part,
-                };
+                let piece = Arc::new(piece);
                 let written = repo
-                    .read_verified(&key, |stored| {
-                        let (files, piece) = (files.clone(), key.key());
+                    .read_verified(&piece.key, |stored| {
+                        let (files, piece) = (files.clone(), piece.clone());
                         async move {
                             tokio::task::spawn_blocking(move || {
-                                files.ensure(file)?;
-                                let dest = files.path(file)?;
-                                write_piece(&stored, dest, offset, size, crc, &piece)
+                                files.ensure(piece.file)?;
+                                let dest = files.path(piece.file)?;
+                                write_piece(&stored, dest, &piece)
                             })
                             .await?
                         }
@@ -326,7 +507,7 @@ async fn download_pieces(
                 written.with_context(|| {
                     format!(
                         "backup piece {} is missing from {}",
-                        key.key(),
+                        piece.key.key(),
                         repo.location()
                     )
                 })
@@ -423,17 +604,12 @@ impl FilesToCreate {
     }
 }
 
-/// Decompress one stored piece straight into `dest` at `offset`, a chunk at a time, checking it
-/// against the manifest (`size`, `crc`). `Ok(Err(detail))` means the stored bytes failed a check (the
-/// range written is then rewritten by a retry or the restore fails); `Err` is a local write failure.
-fn write_piece(
-    stored: &[u8],
-    dest: &Path,
-    offset: u64,
-    size: u64,
-    crc: u32,
-    piece: &str,
-) -> anyhow::Result<Result<u64, String>> {
+/// Decompress one stored piece, a chunk at a time, writing its extents into `dest`, checking it
+/// against the manifest (`size`, `crc`). `Ok(Err(detail))` means the stored bytes failed a check
+/// (the ranges written are then rewritten by a retry or the restore fails); `Err` is a local
+/// write failure. Returns the bytes written.
+fn write_piece(stored: &[u8], dest: &Path, piece: &Piece) -> anyhow::Result<Result<u64, String>> {
+    let (size, crc) = (piece.size, piece.crc);
     let header = match envelope::decode_header(stored) {
         Ok(h) => h,
         Err(detail) => return Ok(Err(detail)),
@@ -448,15 +624,35 @@ fn write_piece(
         .write(true)
         .open(dest)
         .with_context(|| format!("open {}", dest.display()))?;
-    match envelope::decode_to(stored, |at, bytes| f.write_all_at(bytes, offset + at)) {
-        Ok(n) => {
-            durable::start_writeback(&f, offset, n as usize);
-            Ok(Ok(n))
+    let extents = &piece.extents;
+    let sink = |at: u64, bytes: &[u8]| -> std::io::Result<()> {
+        let end = at + bytes.len() as u64;
+        let first = extents.partition_point(|e| e.0 + e.2 <= at);
+        for &(src, dst, len) in extents.iter().skip(first) {
+            if src >= end {
+                break;
+            }
+            let from = src.max(at);
+            let to = (src + len).min(end);
+            if let Some(part) = bytes.get((from - at) as usize..(to - at) as usize) {
+                f.write_all_at(part, dst + (from - src))?;
+            }
+        }
+        Ok(())
+    };
+    match envelope::decode_to(stored, sink) {
+        Ok(_) => {
+            for &(_, dst, len) in extents {
+                durable::start_writeback(&f, dst, len as usize);
+            }
+            Ok(Ok(piece.bytes()))
         }
         Err(DecodeToError::Corrupt(detail)) => Ok(Err(detail)),
-        Err(DecodeToError::Sink(e)) => {
-            Err(anyhow::Error::new(e).context(format!("write {} (from {piece})", dest.display())))
-        }
+        Err(DecodeToError::Sink(e)) => Err(anyhow::Error::new(e).context(format!(
+            "write {} (from {})",
+            dest.display(),
+            piece.key.key()
+        ))),
     }
 }
 

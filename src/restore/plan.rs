@@ -54,6 +54,9 @@ pub struct Request {
 pub struct Plan {
     /// The backup to restore.
     pub backup: BackupManifest,
+    /// The backups it builds on (an incremental's parent, its parent, … back to a full backup),
+    /// newest first; empty for a full backup.
+    pub parents: Vec<BackupManifest>,
     /// The target.
     pub target: Target,
     /// `recovery_target_inclusive = off`.
@@ -458,6 +461,13 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
                     let (setting, reason) = timeline_setting(c, req, tli, last.0);
                     hits.push(Plan {
                         backup: (*b).clone(),
+                        parents: c
+                            .chain(b)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .skip(1)
+                            .cloned()
+                            .collect(),
                         target: req.target.clone(),
                         exclusive: req.exclusive,
                         timeline: last.0,
@@ -744,11 +754,22 @@ impl fmt::Display for Plan {
         )?;
         writeln!(
             f,
-            "             {} files, {:.1} MiB ({:.1} MiB stored)",
+            "             {}, {} files, {:.1} MiB ({:.1} MiB stored)",
+            self.backup.backup_type,
             self.backup.files.len(),
             mib(self.backup.size_bytes),
             mib(self.backup.stored_bytes)
         )?;
+        for p in &self.parents {
+            writeln!(
+                f,
+                "  on        {} ({}), {:.1} MiB ({:.1} MiB stored)",
+                p.id,
+                p.backup_type,
+                mib(p.size_bytes),
+                mib(p.stored_bytes)
+            )?;
+        }
         writeln!(
             f,
             "target       {}{}",
@@ -847,6 +868,9 @@ mod tests {
             size_bytes: 0,
             stored_bytes: 0,
             data_checksums: false,
+            backup_type: Default::default(),
+            parent: None,
+            fallback: None,
         })
         .unwrap()
     }
