@@ -587,6 +587,11 @@ impl Catalog {
                     crate::index::ParseStatus::Ok => "written by an older pitr",
                 })
             })?;
+            if let Some(lsn) = summary.wal_level_minimal {
+                return Err(uncovered(&format!(
+                    "wal_level was set to minimal at {lsn}: writes after that need not be in the WAL"
+                )));
+            }
             out.then(changes);
             if let Some(tail) = &summary.tail
                 && n < last
@@ -995,6 +1000,30 @@ mod tests {
             });
         }
         serde_json::to_vec(&s).unwrap()
+    }
+
+    #[test]
+    fn a_wal_level_of_minimal_is_a_hole() {
+        let mut l = loaded(&[(1, 1), (1, 2), (1, 3)], &[]);
+        let mut minimal: SegmentSummary =
+            serde_json::from_slice(&summary_with_changes(1, 2, false)).unwrap();
+        minimal.wal_level_minimal = Some(Lsn(2 * (16 << 20) + 500));
+        l.summaries = vec![
+            (seg(1, 1), summary_with_changes(1, 1, false)),
+            (seg(1, 2), serde_json::to_vec(&minimal).unwrap()),
+            (seg(1, 3), summary_with_changes(1, 3, false)),
+        ];
+        let c = Catalog::build(l);
+        let at = |n: u64| Lsn(n * (16 << 20) + 40);
+        assert!(c.changes_between(TimelineId::ONE, at(1), at(1)).is_ok());
+        assert!(c.changes_between(TimelineId::ONE, at(3), at(3)).is_ok());
+        let hole = c
+            .changes_between(TimelineId::ONE, at(1), at(3))
+            .unwrap_err();
+        assert!(
+            matches!(&hole, Hole::Uncovered { segment, why } if *segment == seg(1, 2) && why.contains("minimal")),
+            "{hole}"
+        );
     }
 
     #[test]

@@ -430,4 +430,66 @@ mod tests {
         assert_eq!(keep(&backups, &both, now).len(), 2);
         assert!(Policy::default().is_empty());
     }
+
+    fn incr(id: &str, day: i64, parent: &str) -> BackupManifest {
+        BackupManifest {
+            backup_type: crate::manifest::BackupType::Incr,
+            parent: Some(crate::manifest::Parent {
+                id: parent.into(),
+                start_lsn: Lsn(0),
+                timeline: crate::pg::TimelineId::ONE,
+                block_size: 8192,
+                segment_blocks: 131_072,
+            }),
+            ..backup(id, day, 0)
+        }
+    }
+
+    #[test]
+    fn chains_are_kept_or_expired_whole() {
+        // Full A (day 0) with incrementals B, C; full E (day 10) with incremental F.
+        let backups = vec![
+            backup("A", 0, 0),
+            incr("B", 1, "A"),
+            incr("C", 2, "B"),
+            backup("E", 10, 0),
+            incr("F", 11, "E"),
+        ];
+        let now = PgTimestamp(12 * DAY);
+        let keep_full = |n| Policy {
+            keep_full: Some(n),
+            ..Policy::default()
+        };
+        // --keep-full counts full backups and keeps what builds on them.
+        assert_eq!(ids(&keep(&backups, &keep_full(1), now)), ["E", "F"]);
+        assert_eq!(
+            ids(&keep(&backups, &keep_full(2), now)),
+            ["A", "B", "C", "E", "F"]
+        );
+        // A rule that keeps an incremental keeps every backup it builds on.
+        let daily = Policy {
+            keep_daily: Some(1),
+            ..Policy::default()
+        };
+        assert_eq!(ids(&keep(&backups, &daily, now)), ["E", "F"]);
+        let within = Policy {
+            keep_within: Some(std::time::Duration::from_secs(11 * 86_400)),
+            ..Policy::default()
+        };
+        // Day 1 onwards, and the newest before (A); C needs B needs A.
+        assert_eq!(
+            ids(&keep(&backups, &within, now)),
+            ["A", "B", "C", "E", "F"]
+        );
+        let just_c = Policy {
+            keep_within: Some(std::time::Duration::from_secs(3 * 86_400)),
+            ..Policy::default()
+        };
+        // Days 9 to 12 (E, F) and the newest before: C, which needs B and A.
+        assert_eq!(
+            ids(&keep(&backups, &just_c, now)),
+            ["A", "B", "C", "E", "F"]
+        );
+        assert_eq!(chain_root(&backups, &backups[2]), "A");
+    }
 }

@@ -156,6 +156,7 @@ fn summary() -> SegmentSummary {
         switch_lsn: Some(Lsn(0x0200_3100)),
         head: None,
         tail: None,
+        wal_level_minimal: None,
     }
 }
 

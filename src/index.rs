@@ -126,7 +126,15 @@ pub struct SegmentSummary {
     /// summaries, and when decoding failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<BlockChanges>,
+    /// The first record in this segment that set `wal_level` to minimal: writes after it need not
+    /// be WAL-logged (a table created and filled in one transaction), so no incremental backup
+    /// can trust the changed blocks across it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_level_minimal: Option<Lsn>,
 }
+
+/// `WAL_LEVEL_REPLICA`: below it (minimal), not every write is WAL-logged.
+const WAL_LEVEL_REPLICA: i32 = 1;
 
 impl SegmentSummary {
     /// Fold a record that began in this segment and ended in the next (joined from the two
@@ -196,6 +204,11 @@ impl SegmentSummary {
             } => self.end_of_recovery.push((lsn, tli, prev_tli, time)),
             Event::BackupEnd { start } => self.backup_ends.push((lsn, start)),
             Event::Switch => self.switch_lsn = Some(lsn),
+            Event::WalLevel { level } => {
+                if level < WAL_LEVEL_REPLICA {
+                    self.wal_level_minimal.get_or_insert(lsn);
+                }
+            }
         }
     }
 }
@@ -274,4 +287,39 @@ pub fn summarize(
         s.switch_lsn = Some(lsn);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::walbuilder::WalBuilder;
+
+    #[test]
+    fn a_switch_to_wal_level_minimal_is_recorded() {
+        const MIB: usize = 1 << 20;
+        let mut b = WalBuilder::new(0, MIB, PgMajor::V15);
+        b.commit(700, 1_000_000);
+        // xl_parameter_change: MaxConnections, max_worker_processes, max_wal_senders,
+        // max_prepared_xacts, max_locks_per_xact, wal_level, wal_log_hints, track_commit_timestamp.
+        let change = |level: i32| {
+            let mut d = Vec::new();
+            for v in [100i32, 8, 10, 0, 64, level] {
+                d.extend_from_slice(&v.to_le_bytes());
+            }
+            d.extend_from_slice(&[0, 0, 0, 0]);
+            WalBuilder::main_data(&d)
+        };
+        b.record(0, 0x60, 0, &change(1));
+        let minimal = b.record(0, 0x60, 0, &change(0));
+        b.record(0, 0x60, 0, &change(1));
+        b.commit(701, 2_000_000);
+        let wal = b.finish();
+        let seg_size = WalSegSize::new(MIB as u32).unwrap();
+        let name =
+            SegmentName::new(crate::pg::TimelineId::ONE, crate::pg::SegNo(0), seg_size).unwrap();
+        let s = summarize(&wal, name, seg_size, 8192, PgMajor::V15);
+        assert_eq!(s.status, ParseStatus::Ok);
+        assert_eq!(s.xacts, 2);
+        assert_eq!(s.wal_level_minimal, Some(Lsn(minimal)));
+    }
 }

@@ -74,6 +74,12 @@ pub enum Event {
     },
     /// `XLOG_SWITCH`.
     Switch,
+    /// `XLOG_PARAMETER_CHANGE`, written at startup when a setting recorded in `pg_control`
+    /// changed: the `wal_level` from then on (0 minimal, 1 replica, 2 logical).
+    WalLevel {
+        /// The new `wal_level`.
+        level: i32,
+    },
 }
 
 const XLR_BLOCK_ID_DATA_SHORT: u8 = 255;
@@ -95,6 +101,7 @@ const BKPIMAGE_COMPRESSED_V15: u8 = 0x04 | 0x08 | 0x10;
 const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
 const XLOG_CHECKPOINT_ONLINE: u8 = 0x10;
 const XLOG_BACKUP_END: u8 = 0x50;
+const XLOG_PARAMETER_CHANGE: u8 = 0x60;
 const XLOG_RESTORE_POINT: u8 = 0x70;
 const XLOG_END_OF_RECOVERY: u8 = 0x90;
 
@@ -246,6 +253,14 @@ pub fn event(r: &Record, major: PgMajor) -> Result<Option<Event>, DecodeError> {
                 }))
             }
             XLOG_SWITCH => Ok(Some(Event::Switch)),
+            XLOG_PARAMETER_CHANGE => {
+                // xl_parameter_change: five ints, then wal_level (the same in 13 to 18).
+                let d = main_data(r, major)?;
+                need(d, 24, r, "parameter change")?;
+                Ok(Some(Event::WalLevel {
+                    level: le_u32(d, 20) as i32,
+                }))
+            }
             XLOG_BACKUP_END => {
                 let d = main_data(r, major)?;
                 need(d, 8, r, "backup end")?;

@@ -1329,4 +1329,103 @@ mod tests {
             PlanError::NoBackup
         );
     }
+
+    /// A catalog of segments 1..=8 and backups: full A (2), incremental B on A (4), incremental
+    /// C on a backup that is gone (5), and D on A but recording another start LSN for it (6).
+    fn chained() -> Catalog {
+        let none: &[(&str, u64)] = &[];
+        let segs: Vec<SegSpec<'_>> = (1..=8).map(|n| (1, n, none)).collect();
+        let mut c = catalog(&segs, &[], &[]);
+        let on = |id: &str, start: u64, parent: &str, parent_start: u64| {
+            let mut m: BackupManifest =
+                serde_json::from_slice(&backup(id, 1, start, start)).unwrap();
+            m.format_version = 2;
+            m.backup_type = crate::manifest::BackupType::Incr;
+            m.parent = Some(crate::manifest::Parent {
+                id: parent.into(),
+                start_lsn: Lsn(parent_start * SEG + 40),
+                timeline: tli(1),
+                block_size: 8192,
+                segment_blocks: 131_072,
+            });
+            m
+        };
+        c.backups = vec![
+            serde_json::from_slice(&backup("A", 1, 2, 2)).unwrap(),
+            on("B", 4, "A", 2),
+            on("C", 5, "gone", 3),
+            on("D", 6, "A", 1),
+        ];
+        c
+    }
+
+    #[test]
+    fn incremental_chains_restore_only_when_whole() {
+        let c = chained();
+        let by = |id: &str| c.backups.iter().find(|b| b.id == id).unwrap();
+        let chain: Vec<&str> = c
+            .chain(by("B"))
+            .unwrap()
+            .iter()
+            .map(|b| b.id.as_str())
+            .collect();
+        assert_eq!(chain, ["B", "A"]);
+        assert!(
+            c.chain(by("C"))
+                .unwrap_err()
+                .contains("no readable manifest")
+        );
+        assert!(c.chain(by("D")).unwrap_err().contains("started at"));
+        let restorable: Vec<&str> = c
+            .restorable_backups()
+            .iter()
+            .map(|b| b.id.as_str())
+            .collect();
+        assert_eq!(restorable, ["A", "B"]);
+        // The newest whole chain is planned, with its parents.
+        let p = plan(&c, &req(Target::Latest)).unwrap();
+        assert_eq!(p.backup.id, "B");
+        let parents: Vec<&str> = p.parents.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(parents, ["A"]);
+        assert!(p.to_string().contains("on        A (full)"), "{p}");
+        let mut r = req(Target::Latest);
+        r.backup = Some("A".into());
+        assert!(plan(&c, &r).unwrap().parents.is_empty());
+        // The parent of an incremental or differential backup.
+        use crate::backup::incremental::{Start, choose_parent};
+        use crate::manifest::BackupType;
+        let start = |n: u64| Start {
+            lsn: Lsn(n * SEG + 40),
+            timeline: tli(1),
+            segment: seg(1, n),
+            system_identifier: crate::pg::SystemId(1),
+            pg_version: 15,
+            block_size: 8192,
+        };
+        assert_eq!(
+            choose_parent(&c, BackupType::Incr, &start(7)).unwrap().id,
+            "B"
+        );
+        assert_eq!(
+            choose_parent(&c, BackupType::Diff, &start(7)).unwrap().id,
+            "A"
+        );
+        assert_eq!(
+            choose_parent(&c, BackupType::Incr, &start(3)).unwrap().id,
+            "A"
+        );
+        assert!(choose_parent(&c, BackupType::Incr, &start(2)).is_err());
+        let other_major = Start {
+            pg_version: 16,
+            ..start(7)
+        };
+        assert!(choose_parent(&c, BackupType::Incr, &other_major).is_err());
+        let mut no_full = chained();
+        no_full.backups.remove(0);
+        assert!(
+            choose_parent(&no_full, BackupType::Incr, &start(7))
+                .unwrap_err()
+                .contains("no restorable full backup")
+        );
+    }
 }
