@@ -86,7 +86,7 @@ fn chain(major: u32) {
     let Some(bin) = harness::pg_bin(major) else {
         return;
     };
-    let (scratch, _, url, c) = harness::archiving_cluster(major, &bin, "autovacuum = off");
+    let (scratch, repo_dir, url, c) = harness::archiving_cluster(major, &bin, "autovacuum = off");
     let ts_dir = scratch.subdir("ts1");
     c.sql(&format!(
         "CREATE TABLESPACE ts1 LOCATION '{}'",
@@ -256,6 +256,81 @@ fn chain(major: u32) {
         String::from_utf8_lossy(&out.stdout),
         stderr(&out)
     );
+
+    // A segment since the newest backup without its summary: nothing vouches for its changes,
+    // so an incremental asked for is taken full and says why.
+    let seg = incr2["stop_wal"].as_str().unwrap();
+    let dir = repo_dir.join("wal").join(&seg[..8]);
+    let mut removed = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(&format!("{seg}.idx"))
+        {
+            std::fs::remove_file(p).unwrap();
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 1, "the summary of {seg} in {}", dir.display());
+    let hole = backup(&scratch, &url, &c, "incr");
+    assert_eq!(hole["type"], "full", "{hole}");
+    let why = hole["fallback"].as_str().unwrap();
+    assert!(
+        why.contains(seg) && why.contains("no readable summary"),
+        "{why}"
+    );
+
+    // A parent deleted by hand breaks the chain: info and verify name the link, restore refuses.
+    std::fs::remove_file(
+        repo_dir
+            .join("backups")
+            .join(id(&diff))
+            .join("manifest.pitr"),
+    )
+    .unwrap();
+    let out = pitr(scratch.path(), &["--repo", &url, "info", "--json"], &[]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = info["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == incr2["id"])
+        .unwrap()
+        .clone();
+    assert_eq!(listed["restorable"], false, "{listed}");
+    assert!(
+        listed["not_restorable_because"]
+            .as_str()
+            .unwrap()
+            .contains(&id(&diff)),
+        "{listed}"
+    );
+    let out = pitr(scratch.path(), &["--repo", &url, "verify"], &[]);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out);
+    assert_eq!(code(&out), 1, "{report}");
+    assert!(
+        report.contains("CHAIN") || report.contains("chain"),
+        "{report}"
+    );
+    let out = pitr(
+        scratch.path(),
+        &[
+            "--repo",
+            &url,
+            "restore",
+            "--target-dir",
+            "/tmp/never",
+            "--backup",
+            &id(&incr2),
+            "--latest",
+            "--dry-run",
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+
     eprintln!(
         "PG {major}: full {} MiB, incr {} MiB, diff {} MiB, incr {} MiB copied; each restored with pg_dump identical and pg_amcheck clean",
         full["size_bytes"].as_u64().unwrap() >> 20,

@@ -202,7 +202,17 @@ pub async fn run(
     if restorable.is_empty() {
         bail!("the repository has no restorable backup; expire deletes nothing until one exists");
     }
-    let kept = keep(&restorable, policy, now);
+    let mut kept = keep(&restorable, policy, now);
+    // Every backup a kept one builds on, restorable by itself or not (its own WAL may be gone).
+    let chains: Vec<String> = catalog
+        .backups
+        .iter()
+        .filter(|b| kept.contains(&b.id))
+        .filter_map(|b| catalog.chain(b).ok())
+        .flatten()
+        .map(|b| b.id.clone())
+        .collect();
+    kept.extend(chains);
     let expired: Vec<&BackupManifest> = catalog
         .backups
         .iter()

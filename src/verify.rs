@@ -304,7 +304,13 @@ fn wal_findings(catalog: &Catalog, present: &BTreeSet<String>) -> Vec<Finding> {
         });
     }
     for b in &catalog.backups {
-        if let Err(broken) = catalog.chain(b) {
+        let broken = match catalog.chain(b) {
+            Err(broken) => Some(broken),
+            Ok(chain) => crate::restore::files::check_chain(&chain)
+                .err()
+                .map(|e| format!("{e:#}")),
+        };
+        if let Some(broken) = broken {
             findings.push(Finding {
                 kind: "chain",
                 object: format!("backup {}", b.id),

@@ -254,8 +254,15 @@ async fn restore(
         (_, exec::Action::Promote) => "recovery then stops at the target and promotes".into(),
         (_, exec::Action::Shutdown) => "recovery then stops at the target and shuts down".into(),
     };
+    let combined = match plan.parents.len() {
+        0 => String::new(),
+        n => format!(
+            " ({}, combined with the {n} backup(s) it builds on)",
+            plan.backup.backup_type
+        ),
+    };
     crate::sayln!(
-        "restored backup {} into {}: {} files, {:.1} MiB in {:.1} s ({:.1} MiB/s); recovery.signal and recovery settings written.\nStart it with: pg_ctl -D {} start   ({then})",
+        "restored backup {}{combined} into {}: {} files, {:.1} MiB in {:.1} s ({:.1} MiB/s); recovery.signal and recovery settings written.\nStart it with: pg_ctl -D {} start   ({then})",
         plan.backup.id,
         target_dir.display(),
         done.files,

@@ -296,6 +296,15 @@ fn push_extent(extents: &mut Vec<Extent>, src: u64, dst: u64, len: u64) {
     extents.push((src, dst, len));
 }
 
+/// Whether `chain` (a backup, then its parents back to a full one) fits together: every file
+/// stored as changed blocks has a parent with the file and block lists that match their pieces.
+///
+/// # Errors
+/// The first misfit, naming the backup and file.
+pub fn check_chain(chain: &[&BackupManifest]) -> anyhow::Result<()> {
+    plan_pieces(chain).map(|_| ())
+}
+
 /// Every piece a restore of `chain` (the backup first, then its parents back to a full one)
 /// downloads. A file stored whole in the backup comes from its own pieces. A file stored as
 /// changed blocks takes each block below its recorded length from the newest backup of the

@@ -763,7 +763,7 @@ impl fmt::Display for Plan {
         for p in &self.parents {
             writeln!(
                 f,
-                "  on        {} ({}), {:.1} MiB ({:.1} MiB stored)",
+                "             on {} ({}), {:.1} MiB ({:.1} MiB stored)",
                 p.id,
                 p.backup_type,
                 mib(p.size_bytes),
@@ -1387,7 +1387,7 @@ mod tests {
         assert_eq!(p.backup.id, "B");
         let parents: Vec<&str> = p.parents.iter().map(|b| b.id.as_str()).collect();
         assert_eq!(parents, ["A"]);
-        assert!(p.to_string().contains("on        A (full)"), "{p}");
+        assert!(p.to_string().contains("  on A (full)"), "{p}");
         let mut r = req(Target::Latest);
         r.backup = Some("A".into());
         assert!(plan(&c, &r).unwrap().parents.is_empty());
