@@ -273,6 +273,10 @@ struct Piece {
     /// bytes of the piece that end up in the restored file. A block a newer backup holds is not
     /// among them, so every block is written once.
     extents: Vec<Extent>,
+    /// Whether the piece holds a file's bytes in order (not scattered changed blocks), so
+    /// writing its span back to disk right away makes large writes. A file's changed blocks come
+    /// before the older piece whose span holds them, and go to disk with it.
+    contiguous: bool,
 }
 
 impl Piece {
@@ -336,6 +340,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                         .into_iter()
                         .filter(|e| e.2 > 0)
                         .collect(),
+                    contiguous: true,
                 });
                 offset += CHUNK_SIZE;
             }
@@ -388,7 +393,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                         let held = blocks
                             .enumerate()
                             .map(|(j, &b)| (u64::from(b), j as u64 * bs, u64::from(b) * bs, bs));
-                        let piece = (n, part_key(m, &f.path, i), p);
+                        let piece = (n, part_key(m, &f.path, i), p, false);
                         claim(&mut out, &mut claimed, held, piece);
                     }
                 }
@@ -402,7 +407,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                             let to = ((b + 1) * bs).min(end);
                             (b, from - offset, from, to - from)
                         });
-                        let piece = (n, part_key(m, &f.path, i), p);
+                        let piece = (n, part_key(m, &f.path, i), p, true);
                         claim(&mut out, &mut claimed, held, piece);
                         offset += CHUNK_SIZE;
                     }
@@ -428,7 +433,7 @@ fn claim(
     out: &mut Vec<Piece>,
     claimed: &mut [bool],
     held: impl Iterator<Item = (u64, u64, u64, u64)>,
-    (file, key, part): (usize, ObjectKey, &crate::manifest::Part),
+    (file, key, part, contiguous): (usize, ObjectKey, &crate::manifest::Part, bool),
 ) {
     let mut extents = Vec::new();
     for (block, src, dst, len) in held {
@@ -444,6 +449,7 @@ fn claim(
             size: part.size,
             crc: part.crc32c,
             extents,
+            contiguous,
         });
     }
 }
@@ -654,8 +660,11 @@ fn write_piece(stored: &[u8], dest: &Path, piece: &Piece) -> anyhow::Result<Resu
     };
     match envelope::decode_to(stored, sink) {
         Ok(_) => {
-            for &(_, dst, len) in extents {
-                durable::start_writeback(&f, dst, len as usize);
+            if piece.contiguous {
+                // The whole span: changed blocks written into it before go out with it.
+                let lo = extents.iter().map(|e| e.1).min().unwrap_or(0);
+                let hi = extents.iter().map(|e| e.1 + e.2).max().unwrap_or(0);
+                durable::start_writeback(&f, lo, hi.saturating_sub(lo) as usize);
             }
             Ok(Ok(piece.bytes()))
         }
@@ -796,6 +805,7 @@ mod tests {
             size: 16,
             crc: crc32c::crc32c(&data),
             extents: vec![(0, 8, 4), (10, 28, 4)],
+            contiguous: false,
         };
         assert_eq!(write_piece(&stored, &dest, &piece).unwrap(), Ok(8));
         let got = std::fs::read(&dest).unwrap();
