@@ -57,8 +57,8 @@ fn pg18_changed_blocks_cover_the_wal_summarizer() {
     let summaries = c.sql(&format!(
         "SELECT start_lsn, end_lsn FROM pg_available_wal_summaries() WHERE tli = 1 AND start_lsn >= '{first}' AND end_lsn <= '{archived_end}' ORDER BY start_lsn"
     ));
-    let (mut pg_blocks, mut pg_limits, mut pitr_blocks, mut missing) =
-        (0usize, 0usize, 0usize, Vec::new());
+    let mut oracle = Oracle::default();
+    let mut pitr_blocks = 0;
     for row in summaries.lines() {
         let (start, stop) = row.split_once('|').unwrap();
         let (start, stop): (Lsn, Lsn) = (start.parse().unwrap(), stop.parse().unwrap());
@@ -81,35 +81,13 @@ fn pg18_changed_blocks_cover_the_wal_summarizer() {
             "segments of summary {start}-{stop} have no changed blocks recorded"
         );
         pitr_blocks += ours.modified_blocks();
-        let rows = c.sql(&format!(
-            "SELECT reltablespace, reldatabase, relfilenode, relforknumber, relblocknumber, is_limit_block FROM pg_wal_summary_contents(1, '{start}', '{stop}')"
-        ));
-        for line in rows.lines() {
-            let f: Vec<&str> = line.split('|').collect();
-            let rel = RelFork {
-                spc: f[0].parse().unwrap(),
-                db: f[1].parse().unwrap(),
-                rel: f[2].parse().unwrap(),
-                fork: f[3].parse().unwrap(),
-            };
-            let block: u32 = f[4].parse().unwrap();
-            let mine = ours.fork(&rel);
-            if f[5] == "t" {
-                pg_limits += 1;
-                if mine.and_then(|m| m.limit).is_none_or(|l| l > block) {
-                    missing.push(format!("limit {block} of {rel:?} in {start}-{stop}"));
-                }
-            } else {
-                pg_blocks += 1;
-                let has = mine.is_some_and(|m| {
-                    m.blocks.binary_search(&block).is_ok() || m.limit.is_some_and(|l| l <= block)
-                });
-                if !has {
-                    missing.push(format!("block {block} of {rel:?} in {start}-{stop}"));
-                }
-            }
-        }
+        oracle.check(&c, start, stop, &ours);
     }
+    let Oracle {
+        pg_blocks,
+        pg_limits,
+        missing,
+    } = oracle;
     eprintln!(
         "PG 18: {} WAL summaries; PostgreSQL lists {pg_blocks} modified blocks and {pg_limits} limit blocks, pitr {pitr_blocks} modified blocks over the same segments; missing from pitr: {}",
         summaries.lines().count(),
@@ -129,6 +107,56 @@ fn pg18_changed_blocks_cover_the_wal_summarizer() {
         missing.len(),
         &missing[..missing.len().min(10)]
     );
+}
+
+/// PostgreSQL's summaries compared with pitr's changed blocks: what PostgreSQL lists, and what of
+/// it pitr does not.
+#[derive(Default)]
+pub(crate) struct Oracle {
+    /// Modified blocks PostgreSQL lists.
+    pub pg_blocks: usize,
+    /// Limit blocks PostgreSQL lists.
+    pub pg_limits: usize,
+    /// What pitr does not cover.
+    pub missing: Vec<String>,
+}
+
+impl Oracle {
+    /// Check PostgreSQL's summary `start`-`stop` (`pg_wal_summary_contents`, timeline 1) against
+    /// `ours`: every modified block is in `ours` (or at or past a limit of its fork there), every
+    /// limit block is one `ours` records as low or lower.
+    pub(crate) fn check(&mut self, c: &Cluster, start: Lsn, stop: Lsn, ours: &BlockChanges) {
+        let rows = c.sql(&format!(
+            "SELECT reltablespace, reldatabase, relfilenode, relforknumber, relblocknumber, is_limit_block FROM pg_wal_summary_contents(1, '{start}', '{stop}')"
+        ));
+        for line in rows.lines() {
+            let f: Vec<&str> = line.split('|').collect();
+            let rel = RelFork {
+                spc: f[0].parse().unwrap(),
+                db: f[1].parse().unwrap(),
+                rel: f[2].parse().unwrap(),
+                fork: f[3].parse().unwrap(),
+            };
+            let block: u32 = f[4].parse().unwrap();
+            let mine = ours.fork(&rel);
+            if f[5] == "t" {
+                self.pg_limits += 1;
+                if mine.and_then(|m| m.limit).is_none_or(|l| l > block) {
+                    self.missing
+                        .push(format!("limit {block} of {rel:?} in {start}-{stop}"));
+                }
+            } else {
+                self.pg_blocks += 1;
+                let has = mine.is_some_and(|m| {
+                    m.blocks.binary_search(&block).is_ok() || m.limit.is_some_and(|l| l <= block)
+                });
+                if !has {
+                    self.missing
+                        .push(format!("block {block} of {rel:?} in {start}-{stop}"));
+                }
+            }
+        }
+    }
 }
 
 /// Inserts, updates, and every kind of DDL that changes files as a whole.

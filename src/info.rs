@@ -76,6 +76,18 @@ pub struct BackupJson {
     pub files_as_changed_blocks: usize,
     /// What keeps it from being restored, if anything: WAL missing, or a broken chain.
     pub not_restorable_because: Option<String>,
+    /// For an incremental or differential backup, the WAL whose changed blocks it holds: from its
+    /// parent's start to its own start.
+    pub lsn_range: Option<LsnRange>,
+}
+
+/// A range of WAL.
+#[derive(Debug, Serialize)]
+pub struct LsnRange {
+    /// Start (the parent's start LSN).
+    pub from: Lsn,
+    /// End (this backup's start LSN).
+    pub to: Lsn,
 }
 
 /// One timeline.
@@ -227,6 +239,10 @@ impl Info {
                     parent: b.parent.as_ref().map(|p| p.id.clone()),
                     fallback: b.fallback.clone(),
                     files_as_changed_blocks: b.file_methods().0,
+                    lsn_range: b.parent.as_ref().map(|p| LsnRange {
+                        from: p.start_lsn,
+                        to: b.start_lsn,
+                    }),
                     not_restorable_because: if !c.wal_complete(b) {
                         Some(format!(
                             "WAL {} to {} is not all archived",

@@ -192,10 +192,13 @@ pub async fn restore_files(
                 repo.location()
             )
         })?;
+    // Every piece the chain needs is there before a byte is written.
+    let chain: Vec<&BackupManifest> = std::iter::once(manifest).chain(parents).collect();
+    let pieces = plan_pieces(&chain)?;
+    require_pieces(repo, &chain, &pieces).await?;
     make_directories(manifest, target, relocate)?;
     let started = std::time::Instant::now();
-    let chain: Vec<&BackupManifest> = std::iter::once(manifest).chain(parents).collect();
-    let bytes = download_pieces(repo, &chain, target, jobs).await?;
+    let bytes = download_pieces(repo, manifest, pieces, target, jobs).await?;
     let written = started.elapsed();
 
     // backup_label (fetched and verified before any file was written) and tablespace_map.
@@ -462,6 +465,33 @@ fn part_key(m: &BackupManifest, path: &str, part: usize) -> ObjectKey {
     }
 }
 
+/// Every piece of `pieces` must be stored (one listing per backup of the chain).
+///
+/// # Errors
+/// The first piece that is not, named; store failures.
+async fn require_pieces(
+    repo: &Repo,
+    chain: &[&BackupManifest],
+    pieces: &[Piece],
+) -> anyhow::Result<()> {
+    let mut stored = std::collections::HashSet::new();
+    for m in chain {
+        let listed = repo
+            .list(&crate::storage::layout::Prefix::Backup(m.id.clone()))
+            .await
+            .with_context(|| format!("list the pieces of backup {}", m.id))?;
+        stored.extend(listed.iter().map(|e| e.key().to_string()));
+    }
+    if let Some(p) = pieces.iter().find(|p| !stored.contains(&p.key.key())) {
+        bail!(
+            "backup piece {} is missing from {} (nothing was written; pitr verify lists every missing object)",
+            p.key.key(),
+            repo.location()
+        );
+    }
+    Ok(())
+}
+
 /// Download every piece on `jobs` streams, each verified as it is written. Every file is created
 /// at its final size (so writes never extend it) by a thread that runs ahead of the pieces, in
 /// the same order; a piece that gets there first creates its file itself. Creating ~1000 files
@@ -469,14 +499,11 @@ fn part_key(m: &BackupManifest, path: &str, part: usize) -> ObjectKey {
 /// bytes written.
 async fn download_pieces(
     repo: &Repo,
-    chain: &[&BackupManifest],
+    manifest: &BackupManifest,
+    pieces: Vec<Piece>,
     target: &Path,
     jobs: usize,
 ) -> anyhow::Result<u64> {
-    let Some(manifest) = chain.first() else {
-        return Ok(0);
-    };
-    let pieces = plan_pieces(chain)?;
     let bs = manifest.block_size();
     let files = Arc::new(FilesToCreate {
         files: manifest

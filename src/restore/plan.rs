@@ -1391,6 +1391,12 @@ mod tests {
         let mut r = req(Target::Latest);
         r.backup = Some("A".into());
         assert!(plan(&c, &r).unwrap().parents.is_empty());
+        r.backup = Some("C".into());
+        assert!(
+            matches!(plan(&c, &r), Err(PlanError::BackupNotFound { .. })),
+            "{:?}",
+            plan(&c, &r)
+        );
         // The parent of an incremental or differential backup.
         use crate::backup::incremental::{Start, choose_parent};
         use crate::manifest::BackupType;
