@@ -305,6 +305,31 @@ fn chain(major: u32) {
     );
     drop(r);
 
+    // drill restores the newest chain by default, and checks it.
+    let sql = scratch.path().join("drill.sql");
+    std::fs::write(&sql, "SELECT count(*) = 1 FROM created WHERE g = -1;\n").unwrap();
+    let bin_s = s.bin.to_string_lossy().into_owned();
+    let out = pitr(
+        scratch.path(),
+        &[
+            "--repo",
+            url,
+            "drill",
+            "--sql",
+            sql.to_str().unwrap(),
+            "--pg-bin",
+            &bin_s,
+            "--json",
+            "--timeout",
+            "5m",
+        ],
+        &[],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| serde_json::json!({"error": stderr(&out)}));
+    assert_eq!(code(&out), 0, "{report:#}");
+    assert_eq!(report["backup"], incr2["id"], "{report:#}");
+
     // verify reads every piece of the chain.
     let out = pitr(scratch.path(), &["--repo", url, "verify"], &[]);
     assert_eq!(
