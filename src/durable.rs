@@ -135,6 +135,24 @@ fn write_via_temp(dest: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     result
 }
 
+/// Allocate `len` bytes of disk for a new file before it is written (best effort: a file system
+/// without `fallocate` leaves the file as it is). Pieces and changed blocks then land in place in
+/// any order, without the file system allocating and merging small extents as they come.
+pub fn preallocate(f: &std::fs::File, len: u64) {
+    use std::os::fd::AsRawFd;
+    let Ok(n) = i64::try_from(len) else {
+        return;
+    };
+    if n == 0 {
+        return;
+    }
+    // SAFETY: a valid open descriptor and a range; a failure (EOPNOTSUPP, ENOSPC) is left to the
+    // writes that follow, which report it with the file's name.
+    unsafe {
+        libc::fallocate(f.as_raw_fd(), 0, 0, n);
+    }
+}
+
 /// Ask the kernel to start writing a just-written range to disk without waiting, so the fsync that
 /// follows finds little left to do (the disk works while the next bytes are produced).
 pub fn start_writeback(f: &std::fs::File, offset: u64, len: usize) {

@@ -195,6 +195,13 @@ pub async fn restore_files(
     // Every piece the chain needs is there before a byte is written.
     let chain: Vec<&BackupManifest> = std::iter::once(manifest).chain(parents).collect();
     let pieces = plan_pieces(&chain)?;
+    tracing::debug!(
+        "{} piece(s) from {} backup(s): {} bytes to decompress, {} to write",
+        pieces.len(),
+        chain.len(),
+        pieces.iter().map(|p| p.size).sum::<u64>(),
+        pieces.iter().map(Piece::bytes).sum::<u64>()
+    );
     require_pieces(repo, &chain, &pieces).await?;
     make_directories(manifest, target, relocate)?;
     let started = std::time::Instant::now();
@@ -638,7 +645,10 @@ impl FilesToCreate {
                 .create_new(true)
                 .mode(*mode)
                 .open(path)
-                .and_then(|f| f.set_len(*size))
+                .and_then(|f| {
+                    durable::preallocate(&f, *size);
+                    f.set_len(*size)
+                })
                 .err()
                 .map(|e| format!("create {}: {e}", path.display()))
         });
