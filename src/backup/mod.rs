@@ -302,7 +302,10 @@ fn read_into(f: &std::fs::File, dest: &mut [u8], offset: u64) -> std::io::Result
     Ok(filled)
 }
 
-/// Read one piece of a file and wrap it (blocking: runs on the blocking pool).
+/// Read one piece of a file and wrap it (blocking: runs on the blocking pool). The piece is read
+/// and compressed [`envelope::PARALLEL_PIECE`] bytes at a time, each a zstd frame of its own, so
+/// memory holds one such window and the compressed piece, not the whole piece (lz4 compresses a
+/// piece as one block: it is read whole).
 fn read_piece(
     job: &CopyJob,
     compression: Compression,
@@ -314,56 +317,81 @@ fn read_piece(
         Err(e) => return Err(e),
     };
     let rel = &job.file.src.rel;
-    let (buf, bad) = match job.span {
-        Span::Bytes { offset, len } => {
-            // Up to `len` bytes: a relation may shrink while it is copied (WAL replay repairs that).
-            let mut buf = BigBuf::zeroed(len as usize);
-            let filled = read_into(&f, buf.as_mut_slice(), offset)?;
-            buf.truncate(filled);
-            let bad = check.map_or_else(Vec::new, |c| {
-                c.failures(&f, rel, &buf, |i| offset + (i * c.block_size) as u64)
-            });
-            (buf, bad)
-        }
-        Span::Blocks {
-            from,
-            to,
-            block_size,
-        } => {
-            let blocks = job
-                .file
-                .changed
-                .as_ref()
-                .and_then(|c| c.blocks.get(from..to))
-                .unwrap_or_default();
+    let blocks: &[u32] = match job.span {
+        Span::Blocks { from, to, .. } => job
+            .file
+            .changed
+            .as_ref()
+            .and_then(|c| c.blocks.get(from..to))
+            .unwrap_or_default(),
+        Span::Bytes { .. } => &[],
+    };
+    let (total, block_size) = match job.span {
+        Span::Bytes { len, .. } => (len, 1),
+        Span::Blocks { block_size, .. } => (blocks.len() as u64 * block_size, block_size),
+    };
+    // The file offset of byte `at` of the piece.
+    let file_offset = |at: u64| match job.span {
+        Span::Bytes { offset, .. } => offset + at,
+        Span::Blocks { block_size, .. } => blocks
+            .get((at / block_size) as usize)
+            .map_or(0, |&b| u64::from(b) * block_size),
+    };
+    let window = match compression {
+        Compression::Lz4 => total.max(1),
+        _ => envelope::PARALLEL_PIECE as u64,
+    };
+    let mut buf = BigBuf::zeroed(window.min(total) as usize);
+    let (mut frames, mut crc, mut size, mut bad) = (Vec::new(), 0u32, 0u64, Vec::new());
+    let mut at = 0u64;
+    while at < total {
+        let want = window.min(total - at) as usize;
+        let Some(chunk) = buf.as_mut_slice().get_mut(..want) else {
+            break;
+        };
+        let got = match job.span {
+            // Up to `want` bytes: a relation may shrink while it is copied (WAL replay repairs that).
+            Span::Bytes { .. } => read_into(&f, chunk, file_offset(at))?,
             // Every block in full: one cut off since the listing stays zeros (WAL replay
             // truncates the file again).
-            let bs = block_size as usize;
-            let mut buf = BigBuf::zeroed(blocks.len() * bs);
-            let dest = buf.as_mut_slice();
-            let mut i = 0;
-            while let Some(&first) = blocks.get(i) {
-                let mut n = 1;
-                while blocks.get(i + n) == Some(&(first + n as u32)) {
-                    n += 1;
+            Span::Blocks { .. } => {
+                chunk.fill(0);
+                let first = (at / block_size) as usize;
+                let bs = block_size as usize;
+                let mine = blocks.get(first..first + want / bs).unwrap_or_default();
+                let mut i = 0;
+                while let Some(&start) = mine.get(i) {
+                    let mut n = 1;
+                    while mine.get(i + n) == Some(&(start + n as u32)) {
+                        n += 1;
+                    }
+                    if let Some(run) = chunk.get_mut(i * bs..(i + n) * bs) {
+                        read_into(&f, run, u64::from(start) * block_size)?;
+                    }
+                    i += n;
                 }
-                if let Some(run) = dest.get_mut(i * bs..(i + n) * bs) {
-                    read_into(&f, run, u64::from(first) * block_size)?;
-                }
-                i += n;
+                want
             }
-            let bad = check.map_or_else(Vec::new, |c| {
-                c.failures(&f, rel, &buf, |i| {
-                    blocks.get(i).map_or(0, |&b| u64::from(b) * block_size)
-                })
-            });
-            (buf, bad)
+        };
+        let data = chunk.get(..got).unwrap_or_default();
+        if let Some(c) = check {
+            bad.extend(c.failures(&f, rel, data, |i| {
+                file_offset(at + (i * c.block_size) as u64)
+            }));
         }
-    };
-    let crc = crc32c::crc32c(&buf);
-    let size = buf.len() as u64;
+        crc = crc32c::crc32c_append(crc, data);
+        frames.push(compression.compress(data)?);
+        size += got as u64;
+        if got < want {
+            break;
+        }
+        at += want as u64;
+    }
+    if frames.is_empty() {
+        frames.push(compression.compress(&[])?);
+    }
     Ok(Some(ReadPiece {
-        stored: envelope::encode_parallel(&buf, compression, 1, Some(crc))?,
+        stored: envelope::encode_frames(compression, size, crc, &frames),
         crc,
         size,
         bad,
@@ -1022,6 +1050,73 @@ mod tests {
         let mut both = [a, b];
         both.sort();
         assert_eq!(both, ["20261121T101304Z", "20261121T101304Z-2"]);
+    }
+
+    #[test]
+    fn pieces_are_read_a_window_at_a_time_and_decode_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("16384");
+        let data: Vec<u8> = (0..5 * envelope::PARALLEL_PIECE + 12345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let src = SourceFile {
+            abs: path.clone(),
+            rel: "base/5/16384".into(),
+            size: data.len() as u64,
+            mtime: 0,
+            mode: 0o600,
+        };
+        let job = |changed: Option<ChangedBlocks>, span: Span| CopyJob {
+            file: Arc::new(ToCopy {
+                src: src.clone(),
+                changed,
+            }),
+            part: 0,
+            span,
+        };
+        for compression in [Compression::Zstd, Compression::Lz4, Compression::None] {
+            // A whole piece, and one that asks for more than the file holds (it shrank).
+            for (offset, len) in [(0, data.len() as u64), (8192, data.len() as u64)] {
+                let piece = read_piece(&job(None, Span::Bytes { offset, len }), compression, None)
+                    .unwrap()
+                    .unwrap();
+                let want = &data[offset as usize..];
+                assert_eq!(piece.size, want.len() as u64);
+                assert_eq!(piece.crc, crc32c::crc32c(want));
+                assert_eq!(
+                    envelope::decode(&piece.stored).unwrap(),
+                    want,
+                    "{compression}"
+                );
+            }
+        }
+        // Changed blocks: one past the end of the file reads as zeros.
+        let past = (data.len() / 8192 + 3) as u32;
+        let changed = ChangedBlocks {
+            length: past + 1,
+            blocks: vec![1, 2, 5, past],
+        };
+        let piece = read_piece(
+            &job(
+                Some(changed),
+                Span::Blocks {
+                    from: 0,
+                    to: 4,
+                    block_size: 8192,
+                },
+            ),
+            Compression::Zstd,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let mut want = Vec::new();
+        for b in [1usize, 2, 5] {
+            want.extend_from_slice(&data[b * 8192..(b + 1) * 8192]);
+        }
+        want.extend_from_slice(&[0u8; 8192]);
+        assert_eq!(envelope::decode(&piece.stored).unwrap(), want);
     }
 
     #[test]

@@ -49,6 +49,23 @@ pub fn encode(data: &[u8], compression: Compression) -> std::io::Result<Vec<u8>>
     ))
 }
 
+/// Wrap frames already compressed with `compression` (one after another they are the payload)
+/// of original bytes `original_len` long with CRC-32C `original_crc`. Concatenated zstd frames
+/// are one zstd stream and raw pieces one raw payload; lz4 takes a single frame.
+pub fn encode_frames(
+    compression: Compression,
+    original_len: u64,
+    original_crc: u32,
+    frames: &[Vec<u8>],
+) -> Vec<u8> {
+    assemble(
+        compression,
+        usize::try_from(original_len).unwrap_or(usize::MAX),
+        original_crc,
+        frames,
+    )
+}
+
 /// The size of the pieces a buffer is cut into for compressing on several threads: small enough
 /// that the threads finish together (a thread slowed by other work takes fewer pieces), large
 /// enough that the history each piece starts without costs little ratio (zstd level 3 looks back
