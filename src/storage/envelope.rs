@@ -543,6 +543,38 @@ pub fn decode_to(
     Ok(offset)
 }
 
+/// Whether the object `stored` holds exactly `data`, decompressed a chunk at a time and compared as
+/// it goes (nothing of its size is allocated). `Err` when the object fails verification.
+///
+/// # Errors
+/// The check that failed, as [`decode_to`] reports it.
+pub fn same_content(stored: &[u8], data: &[u8]) -> Result<bool, String> {
+    let header = decode_header(stored)?;
+    if header.original_len != data.len() as u64 {
+        // Still verified whole: a damaged object is reported, not taken for a different one.
+        return decode_to(stored, |_, _| Ok(()))
+            .map(|_| false)
+            .map_err(describe);
+    }
+    let mut same = true;
+    decode_to(stored, |at, bytes| {
+        let at = usize::try_from(at).unwrap_or(usize::MAX);
+        if data.get(at..at.saturating_add(bytes.len())) != Some(bytes) {
+            same = false;
+        }
+        Ok(())
+    })
+    .map_err(describe)?;
+    Ok(same)
+}
+
+fn describe(e: DecodeToError) -> String {
+    match e {
+        DecodeToError::Corrupt(detail) => detail,
+        DecodeToError::Sink(e) => e.to_string(),
+    }
+}
+
 /// [`decode_to`] with the zstd frames of a payload written by [`encode_parallel`] decoded on up to
 /// `threads` threads at once, each streaming its frame to `sink` at the frame's offset (so calls
 /// arrive out of order, from several threads). The content checksum is combined from the frames'.
@@ -738,6 +770,26 @@ mod tests {
             decode(&encode(b"", Compression::Zstd).unwrap()).unwrap(),
             b""
         );
+    }
+
+    #[test]
+    fn content_is_compared_without_decoding_it_whole() {
+        let data = sample();
+        for c in [Compression::None, Compression::Zstd, Compression::Lz4] {
+            let stored = encode_parallel(&data, c, 2, None).unwrap();
+            assert_eq!(same_content(&stored, &data), Ok(true), "{c}");
+            let mut other = data.clone();
+            if let Some(b) = other.last_mut() {
+                *b ^= 1;
+            }
+            assert_eq!(same_content(&stored, &other), Ok(false), "{c}");
+            assert_eq!(same_content(&stored, &data[1..]), Ok(false), "{c}");
+            let mut damaged = stored.clone();
+            if let Some(b) = damaged.last_mut() {
+                *b ^= 1;
+            }
+            assert!(same_content(&damaged, &data).is_err(), "{c}");
+        }
     }
 
     #[test]

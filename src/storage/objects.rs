@@ -306,7 +306,6 @@ impl Repo {
         key: &ObjectKey,
         original: Original<'_>,
     ) -> Result<PutOutcome, RepoError> {
-        let existing = self.get(key).await?;
         let reread;
         let data = match original {
             Original::Bytes(b) => b,
@@ -324,9 +323,15 @@ impl Repo {
                 &reread[..]
             }
         };
-        match existing {
-            Some(existing) if existing == data => Ok(PutOutcome::AlreadyStored),
-            Some(_) => Err(self.conflict(key)),
+        // Compared as it decompresses: the stored copy is never held decoded beside `data`.
+        let same = self
+            .verified(key, |stored| {
+                std::future::ready(Ok::<_, RepoError>(envelope::same_content(&stored, data)))
+            })
+            .await?;
+        match same {
+            Some(true) => Ok(PutOutcome::AlreadyStored),
+            Some(false) => Err(self.conflict(key)),
             None => Err(self.store_err(
                 "read back",
                 &key.key(),
