@@ -16,6 +16,7 @@ pub mod check;
 pub mod cleanup;
 pub mod compress;
 pub mod config;
+pub mod cpu;
 pub mod drill;
 pub mod durable;
 pub mod error;

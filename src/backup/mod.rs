@@ -406,11 +406,13 @@ async fn copy_piece(
     check: Option<PageCheck>,
 ) -> anyhow::Result<(CopyJob, PartOutcome)> {
     let file = job.file.clone();
+    let slot = crate::cpu::slots().acquire().await?;
     let (job, read) = tokio::task::spawn_blocking(move || {
         let r = read_piece(&job, compression, check);
         (job, r)
     })
     .await?;
+    drop(slot);
     let read = read.with_context(|| format!("read {}", file.src.abs.display()))?;
     let Some(ReadPiece {
         stored,

@@ -547,6 +547,7 @@ async fn download_pieces(
                     .read_verified(&piece.key, |stored| {
                         let (files, piece) = (files.clone(), piece.clone());
                         async move {
+                            let _slot = crate::cpu::slots().acquire().await?;
                             tokio::task::spawn_blocking(move || {
                                 files.ensure(piece.file)?;
                                 let dest = files.path(piece.file)?;
