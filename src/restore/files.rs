@@ -279,6 +279,8 @@ struct Piece {
     /// The piece's original length and CRC-32C, as its manifest records them.
     size: u64,
     crc: u32,
+    /// Its stored length, as its manifest records it (what fetching it holds in memory).
+    stored: u64,
     /// (offset in the piece, offset in the file, length), sorted by offset in the piece: the
     /// bytes of the piece that end up in the restored file. A block a newer backup holds is not
     /// among them, so every block is written once.
@@ -346,6 +348,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                     key: part_key(newest, &f.path, i),
                     size: p.size,
                     crc: p.crc32c,
+                    stored: p.stored,
                     extents: vec![(0, offset, p.size)]
                         .into_iter()
                         .filter(|e| e.2 > 0)
@@ -458,6 +461,7 @@ fn claim(
             key,
             size: part.size,
             crc: part.crc32c,
+            stored: part.stored,
             extents,
             contiguous,
         });
@@ -499,6 +503,10 @@ async fn require_pieces(
     Ok(())
 }
 
+/// How much of the stored pieces fetched and not yet written a restore holds at once (KiB), whatever
+/// `--jobs` (a piece larger than this is fetched alone).
+const FETCHED_BUDGET_KIB: u32 = 16 << 10;
+
 /// Download every piece on `jobs` streams, each verified as it is written. Every file is created
 /// at its final size (so writes never extend it) by a thread that runs ahead of the pieces, in
 /// the same order; a piece that gets there first creates its file itself. Creating ~1000 files
@@ -538,10 +546,17 @@ async fn download_pieces(
     };
     let total: u64 = pieces.iter().map(Piece::bytes).sum();
     let bar = crate::backup::progress_bar(true, total);
+    let budget = tokio::sync::Semaphore::new(FETCHED_BUDGET_KIB as usize);
     let mut stream = futures::stream::iter(pieces)
         .map(|piece| {
             let files = files.clone();
+            let budget = &budget;
             async move {
+                // Fetched pieces wait for a CPU to decode them: what they hold is bounded.
+                let want = u32::try_from(piece.stored.div_ceil(1024))
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, FETCHED_BUDGET_KIB);
+                let _held = budget.acquire_many(want).await?;
                 let piece = Arc::new(piece);
                 let written = repo
                     .read_verified(&piece.key, |stored| {
@@ -844,6 +859,7 @@ mod tests {
             crc: crc32c::crc32c(&data),
             extents: vec![(0, 8, 4), (10, 28, 4)],
             contiguous: false,
+            stored: 0,
         };
         assert_eq!(write_piece(&stored, &dest, &piece).unwrap(), Ok(8));
         let got = std::fs::read(&dest).unwrap();
