@@ -521,3 +521,56 @@ fn pg15_incremental_chain() {
 fn pg18_incremental_chain() {
     chain(18);
 }
+
+/// The same through the S3 server: an incremental on a full backup in a bucket, restored with
+/// its chain to the end of the WAL.
+#[test]
+fn s3_incremental_round_trip() {
+    let Some(bucket) = harness::s3_bucket() else {
+        return;
+    };
+    let Some(bin) = harness::pg_bin(15) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let url = format!("s3://{bucket}/incremental-{}", std::process::id());
+    let c = Cluster::start(
+        15,
+        &bin,
+        &format!("{{pitr}} --repo {url} archive-push %p"),
+        "autovacuum = off",
+        &[],
+    );
+    let out = c.client("pgbench", &["-i", "-s", "2", "-q", "postgres"]);
+    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+    c.sql("CREATE TABLE untouched AS SELECT g FROM generate_series(1, 30000) g");
+    let full = backup(&scratch, &url, &c, "full");
+    pgbench(&c, "200");
+    c.sql("CREATE TABLE later AS SELECT g FROM generate_series(1, 1000) g");
+    let incr = backup(&scratch, &url, &c, "incr");
+    assert_eq!(incr["type"], "incr", "{incr}");
+    assert_eq!(incr["parent"], full["id"], "{incr}");
+    c.sql("INSERT INTO later VALUES (-1)");
+    let want = dump(&c);
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+    let dir = scratch.path().join("restored");
+    let out = run(as_postgres(&mut Command::new(scratch.pitr_copy()))
+        .args([
+            "--repo",
+            url.as_str(),
+            "restore",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--latest",
+            "--archive-mode",
+            "off",
+        ])
+        .current_dir("/tmp"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out);
+    assert_eq!(code(&out), 0, "{text}");
+    assert!(text.contains("combined with the 1 backup(s)"), "{text}");
+    let r = Cluster::existing(15, &bin, dir, Scratch::new(), "archive_mode = off");
+    r.wait_promoted();
+    same_dump("s3 chain", &want, &r);
+}
