@@ -211,6 +211,21 @@ impl Catalog {
     /// # Errors
     /// Store failures; corrupt history files and summaries are reported as problems instead.
     pub async fn load(repo: &Repo) -> anyhow::Result<Catalog> {
+        Catalog::load_with(repo, true).await
+    }
+
+    /// [`Catalog::load`] without reading the segment summaries: the timelines, their WAL and the
+    /// backups (which are restorable, which build on which), but no window, restore points or
+    /// changed blocks. For a question that needs only those, it costs a listing and the
+    /// manifests instead of a GET per segment.
+    ///
+    /// # Errors
+    /// As [`Catalog::load`].
+    pub async fn load_backups(repo: &Repo) -> anyhow::Result<Catalog> {
+        Catalog::load_with(repo, false).await
+    }
+
+    async fn load_with(repo: &Repo, summaries_too: bool) -> anyhow::Result<Catalog> {
         let identity = Some(repo.require_identity().await?);
         let listed: Vec<Listed> = repo
             .list(&Prefix::Wal)
@@ -235,7 +250,8 @@ impl Catalog {
                     fetch.push(ObjectKey::Wal(name));
                 }
                 Listed::Wal(name) => loaded.wal.push(name),
-                Listed::Summary(seg) => summaries.push(seg),
+                Listed::Summary(seg) if summaries_too => summaries.push(seg),
+                Listed::Summary(_) => {}
             }
         }
         // A summary without its segment (left by a crash while both were written, or between the

@@ -162,6 +162,8 @@ pub struct Outcome {
     pub wal_kept_from: Option<String>,
     /// Interrupted backups (no manifest, nothing written for [`ABANDONED_BACKUP_AGE`]) removed.
     pub abandoned: Vec<String>,
+    /// The recoverable window before the expiry.
+    pub window_before: String,
     /// The recoverable window once the expiry is done.
     pub window_after: String,
     /// Staging files left in a local repository by killed processes (older than
@@ -243,6 +245,7 @@ pub async fn run(
     let outcome = Outcome {
         wal_kept_from: oldest_kept.map(|b| catalog.name(b.timeline, oldest_kept_start).to_string()),
         abandoned,
+        window_before: crate::restore::plan::window_text(&catalog),
         window_after: crate::restore::plan::window_text(&after),
         staging_files: staging.iter().map(|p| p.display().to_string()).collect(),
         backups: expired.iter().map(|b| b.id.clone()).collect(),

@@ -108,7 +108,8 @@ pub async fn prepare(
     start: &Start,
     wait: Duration,
 ) -> anyhow::Result<Result<Basis, String>> {
-    let catalog = Catalog::load(repo).await?;
+    // Is there a parent at all, before switching segments and waiting? (No summaries needed.)
+    let catalog = Catalog::load_backups(repo).await?;
     if let Err(why) = choose_parent(&catalog, wanted, start) {
         return Ok(Err(why));
     }

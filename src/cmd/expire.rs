@@ -77,9 +77,9 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         flags
     };
     let now = pitr::pg::PgTimestamp::now();
-    crate::sayln!("before: {}", plan::window_text(&Catalog::load(repo).await?));
     let (outcome, deletions) =
         pitr::expire::run(repo, &policy, now, dry_run, max_delete, force).await?;
+    crate::sayln!("before: {}", outcome.window_before);
     let verb = if dry_run { "would delete" } else { "deleted" };
     let mut expired = outcome.backups.clone();
     expired.sort();
