@@ -127,16 +127,12 @@ pub async fn prepare(
         .await
         .map_err(|e| anyhow::anyhow!("switch WAL segments (pg_switch_wal): {e}"))?;
     let summary = ObjectKey::Summary(start.segment);
-    let deadline = Instant::now() + wait;
-    while !repo.exists(&summary).await? {
-        if Instant::now() >= deadline {
-            return Ok(Err(format!(
-                "WAL segment {} (the backup's start) was not archived and indexed within {}",
-                start.segment,
-                humantime::format_duration(wait)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if !super::wait_stored(repo, &summary, Instant::now() + wait).await? {
+        return Ok(Err(format!(
+            "WAL segment {} (the backup's start) was not archived and indexed within {}",
+            start.segment,
+            humantime::format_duration(wait)
+        )));
     }
     let catalog = Catalog::load(repo).await?;
     let parent = match choose_parent(&catalog, wanted, start) {

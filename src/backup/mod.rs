@@ -973,20 +973,34 @@ async fn wait_for_wal(
     let deadline = Instant::now() + timeout;
     for seg in needed {
         let key = ObjectKey::Wal(WalFileName::Segment(*seg));
-        loop {
-            if repo.exists(&key).await? {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "WAL segment {seg} needed by backup {id} did not reach the repository within {}; the backup is incomplete and not listed (check archive_command and pg_stat_archiver)",
-                    humantime::format_duration(timeout)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if !wait_stored(repo, &key, deadline).await? {
+            bail!(
+                "WAL segment {seg} needed by backup {id} did not reach the repository within {}; the backup is incomplete and not listed (check archive_command and pg_stat_archiver)",
+                humantime::format_duration(timeout)
+            );
         }
     }
     Ok(())
+}
+
+/// Poll until `key` is stored (`true`) or `deadline` passes (`false`).
+///
+/// # Errors
+/// The store cannot be asked.
+pub(crate) async fn wait_stored(
+    repo: &Repo,
+    key: &ObjectKey,
+    deadline: Instant,
+) -> anyhow::Result<bool> {
+    loop {
+        if repo.exists(key).await? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A byte progress bar on stderr when it is a terminal (never in PostgreSQL's log), else hidden.
