@@ -26,7 +26,7 @@ use crate::storage::layout::{Listed, ObjectKey, Prefix};
 pub const LOAD_CONCURRENCY: usize = 32;
 
 /// Everything known about one timeline.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TimelineInfo {
     /// Parent timeline (from this timeline's history file).
     pub parent: Option<TimelineId>,
@@ -148,6 +148,9 @@ pub struct Catalog {
     /// Segments whose last record continues in the next segment and was joined from the two
     /// fragments (its changes are in the summary).
     pub joined_tails: BTreeSet<(TimelineId, SegNo)>,
+    /// Segments whose summary came from a roll-up, without its changed blocks
+    /// ([`Catalog::load_changes`] reads them).
+    pub rolled: BTreeSet<(TimelineId, SegNo)>,
 }
 
 /// Why the WAL index cannot say which blocks changed over a range of WAL (an incremental backup
@@ -189,6 +192,8 @@ pub struct Loaded {
     pub summaries: Vec<(SegmentName, Vec<u8>)>,
     /// Backup manifests read (raw JSON), and ids without one.
     pub backups: Vec<(String, Option<Vec<u8>>)>,
+    /// Roll-ups read (each covering its chunk's files and summaries).
+    pub rollups: Vec<crate::rollup::Rollup>,
 }
 
 /// The segments `[start, end)` of WAL a backup needs, on its timeline.
@@ -203,6 +208,61 @@ pub fn needed_segments(
     (first..=last)
         .filter_map(|n| SegmentName::new(tli, SegNo(n), seg_size))
         .collect()
+}
+
+/// Every WAL object in `repo` outside the chunks `rollups` cover (whose files they name
+/// instead): history files, then each timeline listed around its rolled chunks.
+async fn list_wal(
+    repo: &Repo,
+    rollups: &BTreeMap<(TimelineId, SegNo), crate::rollup::Rollup>,
+    seg_size: WalSegSize,
+) -> anyhow::Result<Vec<Listed>> {
+    let parse = |entries: Vec<crate::storage::Entry>| -> Vec<Listed> {
+        entries
+            .iter()
+            .filter_map(|e| crate::storage::layout::parse_wal_key(e.key()))
+            .collect()
+    };
+    if rollups.is_empty() {
+        return Ok(parse(repo.list(&Prefix::Wal).await?));
+    }
+    let mut out = parse(repo.list(&Prefix::WalHistory).await?);
+    let timelines: Vec<TimelineId> = repo.wal_timelines().await?;
+    for tli in timelines {
+        // Runs of consecutive rolled chunks, as (first segment, last segment).
+        let mut runs: Vec<(SegNo, SegNo)> = Vec::new();
+        for (_, first) in rollups.keys().filter(|(t, _)| *t == tli) {
+            let last = SegNo(first.0 + crate::rollup::CHUNK - 1);
+            match runs.last_mut() {
+                Some((_, end)) if end.0 + 1 == first.0 => *end = last,
+                _ => runs.push((*first, last)),
+            }
+        }
+        let covered = |n: SegNo| runs.iter().any(|(a, b)| *a <= n && n <= *b);
+        let mut after: Option<String> = None;
+        let mut ranges: Vec<(Option<String>, Option<String>)> = Vec::new();
+        for (a, b) in &runs {
+            ranges.push((after.take(), crate::rollup::first_key_of(tli, *a, seg_size)));
+            after = crate::rollup::last_key_of(tli, *b, seg_size);
+        }
+        ranges.push((after, None));
+        for (after, before) in ranges {
+            let listed =
+                crate::rollup::listed_between(repo, tli, after.as_deref(), before.as_deref())
+                    .await?;
+            out.extend(listed.into_iter().filter(|l| {
+                let seg = match l {
+                    Listed::Wal(w) => w.segment(),
+                    Listed::Summary(s) => Some(*s),
+                };
+                // A store that lists out of order returns the rolled ranges too: leave them out.
+                !seg.filter(|s| s.tli == tli)
+                    .and_then(|s| s.segno(seg_size))
+                    .is_some_and(covered)
+            }));
+        }
+    }
+    Ok(out)
 }
 
 impl Catalog {
@@ -225,20 +285,34 @@ impl Catalog {
         Catalog::load_with(repo, false).await
     }
 
+    /// [`Catalog::load`] from the objects themselves, every summary read and no roll-up trusted:
+    /// what `verify` checks, and what the roll-ups must always agree with.
+    ///
+    /// # Errors
+    /// As [`Catalog::load`].
+    pub async fn load_exhaustive(repo: &Repo) -> anyhow::Result<Catalog> {
+        Catalog::load_from(repo, true, false).await
+    }
+
     async fn load_with(repo: &Repo, summaries_too: bool) -> anyhow::Result<Catalog> {
-        let identity = Some(repo.require_identity().await?);
-        let listed: Vec<Listed> = repo
-            .list(&Prefix::Wal)
-            .await?
-            .into_iter()
-            .filter_map(|e| match e.object? {
-                ObjectKey::Wal(name) => Some(Listed::Wal(name)),
-                ObjectKey::Summary(seg) => Some(Listed::Summary(seg)),
-                _ => None,
-            })
-            .collect();
+        Catalog::load_from(repo, summaries_too, true).await
+    }
+
+    async fn load_from(
+        repo: &Repo,
+        summaries_too: bool,
+        use_rollups: bool,
+    ) -> anyhow::Result<Catalog> {
+        let identity = repo.require_identity().await?;
+        let seg_size = identity.wal_segment_size;
+        let rollups = if use_rollups {
+            crate::rollup::load_all(repo, seg_size).await?
+        } else {
+            BTreeMap::new()
+        };
+        let listed = list_wal(repo, &rollups, seg_size).await?;
         let mut loaded = Loaded {
-            identity,
+            identity: Some(identity),
             ..Default::default()
         };
         let mut fetch = Vec::new();
@@ -270,6 +344,12 @@ impl Catalog {
                 .filter(|s| segments.contains(s))
                 .map(ObjectKey::Summary),
         );
+        loaded.rollups = rollups.into_values().collect();
+        if !summaries_too {
+            for r in &mut loaded.rollups {
+                r.summaries.clear();
+            }
+        }
         let fetched: Vec<(ObjectKey, anyhow::Result<Option<Vec<u8>>>)> =
             futures::stream::iter(fetch)
                 .map(|key| async move {
@@ -347,7 +427,17 @@ impl Catalog {
         };
         let seg_size = identity.wal_segment_size;
         let major = PgMajor::from_number(identity.pg_version);
-        for name in loaded.wal {
+        let mut wal = loaded.wal;
+        let mut rolled_summaries = Vec::new();
+        for r in loaded.rollups {
+            wal.extend(r.files.iter().filter_map(|f| f.parse::<WalFileName>().ok()));
+            for (i, s) in r.summaries.into_iter().enumerate() {
+                rolled_summaries.push(((r.timeline, SegNo(r.first + i as u64)), s));
+            }
+            c.joined_tails
+                .extend(r.joined.iter().map(|&n| (r.timeline, SegNo(n))));
+        }
+        for name in wal {
             match name {
                 WalFileName::Segment(s) => {
                     if let Some(n) = s.segno(seg_size) {
@@ -381,6 +471,24 @@ impl Catalog {
                     reason: e.to_string(),
                 }),
             }
+        }
+        for ((tli, n), s) in rolled_summaries {
+            if !c
+                .timelines
+                .get(&tli)
+                .is_some_and(|t| t.segments.contains(&n))
+            {
+                continue;
+            }
+            if let crate::index::ParseStatus::Failed { lsn, reason } = &s.status {
+                c.problems.push(IndexProblem {
+                    segment: c.name(tli, n).to_string(),
+                    lsn: Some(*lsn),
+                    reason: reason.clone(),
+                });
+            }
+            c.rolled.insert((tli, n));
+            c.summaries.insert((tli, n), s);
         }
         for (seg, bytes) in loaded.summaries {
             let Some(n) = seg.segno(seg_size) else {
@@ -591,6 +699,11 @@ impl Catalog {
                 segment: name,
                 why: why.to_string(),
             };
+            if self.rolled.contains(&(on, n)) {
+                return Err(uncovered(
+                    "its changed blocks were not read (they are in its own summary, not the roll-up)",
+                ));
+            }
             let summary = self
                 .summaries
                 .get(&(on, n))
@@ -620,6 +733,106 @@ impl Catalog {
             }
         }
         Ok(out)
+    }
+
+    /// Read the changed blocks [`Catalog::changes_between`] needs for `from..to` along the path to
+    /// `tli` where the catalog holds them only as roll-ups: the segments' own summaries replace the
+    /// rolled ones, and records spanning two segments are joined again. A summary that cannot be
+    /// read leaves its segment rolled, which `changes_between` then reports as a hole.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn load_changes(
+        &mut self,
+        repo: &Repo,
+        tli: TimelineId,
+        from: Lsn,
+        to: Lsn,
+    ) -> anyhow::Result<()> {
+        let seg_size = self.seg_size();
+        let path = self.path_to(tli);
+        let on = |n: SegNo| {
+            path.iter()
+                .rev()
+                .find(|(_, begin)| *begin <= n)
+                .map_or(tli, |(t, _)| *t)
+        };
+        let (first, last) = (from.segno(seg_size), to.segno(seg_size));
+        let last = SegNo(last.0.max(first.0));
+        // The segments of the range, and the one after it for the head fragment its last joins.
+        let want: Vec<((TimelineId, SegNo), bool)> = (first.0..=last.0 + 1)
+            .map(|n| ((on(SegNo(n)), SegNo(n)), n <= last.0))
+            .filter(|(k, _)| self.rolled.contains(k))
+            .collect();
+        if want.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<((TimelineId, SegNo), bool, ObjectKey)> = want
+            .into_iter()
+            .map(|(k, in_range)| (k, in_range, ObjectKey::Summary(self.name(k.0, k.1))))
+            .collect();
+        let got: Vec<_> = futures::stream::iter(keys)
+            .map(|(k, in_range, key)| async move {
+                let got = repo.get(&key).await;
+                (k, in_range, key, got)
+            })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .collect()
+            .await;
+        let mut heads = BTreeMap::new();
+        let mut replaced = Vec::new();
+        for (k, in_range, key, got) in got {
+            let bytes = match got {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) if e.is_store_failure() => {
+                    return Err(anyhow::Error::new(e).context(format!("read {}", key.key())));
+                }
+                Err(_) => continue,
+            };
+            let Ok(summary) = crate::format::decode::<SegmentSummary>(&bytes) else {
+                continue;
+            };
+            if in_range {
+                self.summaries.insert(k, summary);
+                self.rolled.remove(&k);
+                self.joined_tails.remove(&k);
+                replaced.push(k);
+            } else if let Some(h) = summary.head {
+                heads.insert(k, h);
+            }
+        }
+        let Some(major) = self
+            .identity
+            .as_ref()
+            .and_then(|i| PgMajor::from_number(i.pg_version))
+        else {
+            return Ok(());
+        };
+        for (t, n) in replaced {
+            let Some(tail) = self.summaries.get(&(t, n)).and_then(|s| s.tail.clone()) else {
+                continue;
+            };
+            let next = SegNo(n.0 + 1);
+            let head = heads
+                .range((t, next)..)
+                .find(|((_, m), _)| *m == next)
+                .map(|(_, h)| h.clone())
+                .or_else(|| {
+                    self.summaries
+                        .range((t, next)..)
+                        .find(|((_, m), s)| *m == next && s.head.is_some())
+                        .and_then(|(_, s)| s.head.clone())
+                });
+            let Some(record) = head.and_then(|h| join_fragments(&tail, &h)) else {
+                continue;
+            };
+            if let Some(s) = self.summaries.get_mut(&(t, n)) {
+                s.add_joined(&record, major);
+                self.joined_tails.insert((t, n));
+            }
+        }
+        Ok(())
     }
 
     /// The holes in the archived WAL of `tli`, oldest first.
@@ -966,6 +1179,7 @@ mod tests {
 
     fn loaded(segs: &[(u32, u64)], histories: &[(u32, &str)]) -> Loaded {
         Loaded {
+            rollups: Vec::new(),
             identity: Some(ident()),
             wal: segs
                 .iter()

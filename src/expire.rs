@@ -20,7 +20,7 @@ use crate::catalog::Catalog;
 use crate::manifest::{BackupManifest, BackupType};
 use crate::pg::PgTimestamp;
 use crate::pg::time::Calendar;
-use crate::pg::{SegNo, WalFileName};
+use crate::pg::{SegNo, TimelineId, WalFileName};
 use crate::storage::layout::{ObjectKey, Prefix};
 use crate::storage::{Entry, Repo};
 
@@ -230,7 +230,17 @@ pub async fn run(
         deletions.extend(backup_objects(repo, &b.id).await?);
     }
     let abandoned = abandoned_backups(repo, &catalog, now, &mut deletions).await?;
-    let wal_files = expired_wal(repo, seg_size, oldest_kept_start, &mut deletions).await?;
+    // A roll-up goes before any segment of its chunk, so it never names a deleted segment.
+    deletions.extend(expired_rollups(repo, seg_size, oldest_kept_start).await?);
+    let timelines: Vec<TimelineId> = repo.wal_timelines().await?;
+    let wal_files = expired_wal(
+        repo,
+        &timelines,
+        seg_size,
+        oldest_kept_start,
+        &mut deletions,
+    )
+    .await?;
     // A walk of a local repository's directories: on the blocking pool.
     let staging = {
         let repo = repo.clone();
@@ -331,12 +341,21 @@ async fn abandoned_backups(
 /// many WAL files (segments, partials, backup history files; summaries not counted) go.
 async fn expired_wal(
     repo: &Repo,
+    timelines: &[TimelineId],
     seg_size: crate::pg::WalSegSize,
     before: SegNo,
     deletions: &mut Vec<Entry>,
 ) -> anyhow::Result<usize> {
     let mut wal_files = 0;
-    for entry in repo.list(&Prefix::Wal).await? {
+    let mut listed = Vec::new();
+    for &tli in timelines {
+        let end = crate::rollup::first_key_of(tli, before, seg_size);
+        listed.extend(
+            repo.list_range(&Prefix::WalTimeline(tli), None, end.as_deref())
+                .await?,
+        );
+    }
+    for entry in listed {
         let (segment, is_wal) = match &entry.object {
             Some(ObjectKey::Wal(
                 WalFileName::Segment(s)
@@ -352,6 +371,27 @@ async fn expired_wal(
         }
     }
     Ok(wal_files)
+}
+
+/// The roll-ups of every chunk holding a segment before `before`.
+async fn expired_rollups(
+    repo: &Repo,
+    seg_size: crate::pg::WalSegSize,
+    before: SegNo,
+) -> anyhow::Result<Vec<Entry>> {
+    let mut out: Vec<Entry> = repo
+        .list(&Prefix::Index)
+        .await?
+        .into_iter()
+        .filter(|e| match &e.object {
+            Some(ObjectKey::Rollup { first, .. }) => {
+                first.segno(seg_size).is_some_and(|n| n < before)
+            }
+            _ => false,
+        })
+        .collect();
+    out.sort_by(|a, b| a.key().cmp(b.key()));
+    Ok(out)
 }
 
 #[cfg(test)]

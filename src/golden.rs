@@ -293,6 +293,7 @@ fn info_json() {
     // Timeline 1: segments 1, 2 and 4 (3 is missing); the backup ends in segment 1, the commit
     // and the restore point are in segment 2.
     let loaded = Loaded {
+        rollups: Vec::new(),
         identity: Some(identity()),
         wal: [1, 2, 4]
             .iter()

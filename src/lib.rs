@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod pg;
 pub mod pgconn;
 pub mod restore;
+pub mod rollup;
 pub mod storage;
 #[cfg(test)]
 pub(crate) mod testing;

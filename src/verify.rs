@@ -84,6 +84,10 @@ pub struct Report {
     pub backups_checked: usize,
     /// Problems; empty means the repository is sound.
     pub findings: Vec<Finding>,
+    /// Roll-ups of the WAL index written for complete chunks that had none.
+    pub rollups_written: usize,
+    /// Stale or unreadable roll-ups deleted.
+    pub rollups_removed: usize,
 }
 
 /// Verify the repository with `jobs` parallel reads.
@@ -91,7 +95,8 @@ pub struct Report {
 /// # Errors
 /// Only failures to list or read the store at all; everything about the content is a finding.
 pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
-    let catalog = Catalog::load(repo).await?;
+    // The objects themselves, not the roll-ups: those are checked against them below.
+    let catalog = Catalog::load_exhaustive(repo).await?;
     let mut findings = index_findings(&catalog);
     let listing = repo.list(&Prefix::Everything).await?;
     let present: BTreeSet<String> = listing.iter().map(|e| e.key().to_string()).collect();
@@ -105,6 +110,12 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
     findings.extend(backup_findings(&catalog, &present));
     findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
     findings.dedup();
+    // Derived, so repaired rather than reported: a stale roll-up is deleted (what made it stale,
+    // a segment gone, is a finding above), and every complete chunk gets one.
+    let rollups = crate::rollup::repair(repo, &catalog, &present).await?;
+    for (key, why) in &rollups.removed {
+        tracing::warn!("removed the WAL index roll-up {key}: {why}");
+    }
     let report = Report {
         repository: repo.location().to_string(),
         finished_at: PgTimestamp::now(),
@@ -113,6 +124,8 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
         stored_bytes_checked: objects.stored_bytes,
         backups_checked: catalog.backups.len(),
         findings,
+        rollups_written: rollups.written,
+        rollups_removed: rollups.removed.len(),
     };
     // Record the result for `pitr metrics` (a status object may be replaced).
     let json = serde_json::to_vec(&VerifyStatus {

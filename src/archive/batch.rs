@@ -107,7 +107,11 @@ pub async fn push_with_ahead(
         })
         .buffer_unordered(parallel);
     let mut own = None;
+    let mut pushed = Vec::new();
     while let Some((i, path, result)) = results.next().await {
+        if let Ok(report) = &result {
+            pushed.push(report.name);
+        }
         if i == 0 {
             own = Some(result);
             continue;
@@ -127,6 +131,8 @@ pub async fn push_with_ahead(
             ),
         }
     }
+    drop(results);
+    crate::rollup::after_push(repo, &pushed).await;
     own.unwrap_or_else(|| Err(anyhow::anyhow!("{name}: the push did not run")))
 }
 

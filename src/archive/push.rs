@@ -88,7 +88,9 @@ pub async fn push(
 ) -> anyhow::Result<PushReport> {
     let start = Instant::now();
     let prepared = prepare(repo, wal_path, compression).await?;
-    store(repo, prepared, compression, start).await
+    let report = store(repo, prepared, compression, start).await?;
+    crate::rollup::after_push(repo, &[report.name]).await;
+    Ok(report)
 }
 
 /// Validate, index and encode the file at `wal_path`.

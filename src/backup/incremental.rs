@@ -134,11 +134,14 @@ pub async fn prepare(
             humantime::format_duration(wait)
         )));
     }
-    let catalog = Catalog::load(repo).await?;
+    let mut catalog = Catalog::load(repo).await?;
     let parent = match choose_parent(&catalog, wanted, start) {
         Ok(p) => p.clone(),
         Err(why) => return Ok(Err(why)),
     };
+    catalog
+        .load_changes(repo, start.timeline, parent.start_lsn, start.lsn)
+        .await?;
     match catalog.changes_between(start.timeline, parent.start_lsn, start.lsn) {
         Ok(changes) => Ok(Ok(Basis { parent, changes })),
         Err(hole) => Ok(Err(format!(

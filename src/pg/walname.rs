@@ -271,6 +271,15 @@ impl WalFileName {
             WalFileName::History(t) => *t,
         }
     }
+
+    /// The segment this file is named after (`None` for a history file).
+    pub fn segment(&self) -> Option<SegmentName> {
+        match self {
+            WalFileName::Segment(s) | WalFileName::Partial(s) => Some(*s),
+            WalFileName::BackupHistory { segment, .. } => Some(*segment),
+            WalFileName::History(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]

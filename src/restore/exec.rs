@@ -8,13 +8,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 use super::files::{RestoredFiles, restore_files};
 use super::plan::Plan;
 use super::target::{Target, postgres_time};
 use crate::durable;
+use crate::pg::{SegNo, SegmentName, WalFileName};
 use crate::storage::Repo;
+use crate::storage::layout::Listed;
 
 /// `recovery_target_action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +235,41 @@ pub enum Signal {
     Standby,
 }
 
+/// Every segment of the plan's replay that the catalog knew of only from a roll-up is stored (one
+/// range listing per run): a segment removed by hand from a rolled range is found here, before a
+/// byte is written, not by recovery.
+///
+/// # Errors
+/// The first missing segment, named; store failures.
+async fn require_rolled_wal(repo: &Repo, plan: &Plan) -> anyhow::Result<()> {
+    if plan.rolled_wal.is_empty() {
+        return Ok(());
+    }
+    let seg_size = repo.require_identity().await?.wal_segment_size;
+    for &(tli, first, last) in &plan.rolled_wal {
+        let listed = crate::rollup::list_segments(repo, tli, first, last, seg_size).await?;
+        let stored: std::collections::BTreeSet<SegmentName> = listed
+            .into_iter()
+            .filter_map(|l| match l {
+                Listed::Wal(WalFileName::Segment(s)) => Some(s),
+                _ => None,
+            })
+            .collect();
+        for n in first.0..=last.0 {
+            let Some(name) = SegmentName::new(tli, SegNo(n), seg_size) else {
+                continue;
+            };
+            if !stored.contains(&name) {
+                bail!(
+                    "WAL segment {name}, which this restore replays, is missing from {} although the WAL index's roll-up lists it (nothing was written; pitr verify removes the stale roll-up and reports the gap)",
+                    repo.location()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Restore `plan`'s backup into `target_dir` and configure recovery with `settings`.
 ///
 /// # Errors
@@ -249,6 +286,7 @@ pub async fn execute(
     // Nothing is written into a directory that is not empty; once something is, a failure removes
     // it again, so the same command can simply be run again.
     super::files::preflight(&plan.backup, target_dir, relocate)?;
+    require_rolled_wal(repo, plan).await?;
     let existed = super::files::existing_dirs(&plan.backup, target_dir, relocate);
     // A new data directory is claimed with a plain create: a second restore racing this one into
     // the same path fails here, before either could remove the other's work.
@@ -401,6 +439,7 @@ mod tests {
             last_wal: crate::pg::SegmentName::new(crate::pg::TimelineId::ONE, crate::pg::SegNo(1), crate::pg::WalSegSize::DEFAULT).unwrap(),
             wal_segments: 1,
             stop: String::new(),
+            rolled_wal: vec![],
         }
         };
         let commands = RecoveryCommand::new(Path::new("/usr/local/bin/pitr"), "s3://b/p x", None);

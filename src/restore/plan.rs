@@ -77,6 +77,9 @@ pub struct Plan {
     pub wal_segments: u64,
     /// What recovery will do at the target, as far as the index knows.
     pub stop: String,
+    /// Runs of replayed segments, (timeline, first, last), that the catalog knows of only from
+    /// roll-ups of the WAL index: a restore lists them before it writes anything.
+    pub rolled_wal: Vec<(TimelineId, SegNo, SegNo)>,
 }
 
 /// A timeline a target could mean, when it means different points on diverging timelines.
@@ -441,6 +444,30 @@ fn try_backup(c: &Catalog, tli: TimelineId, b: &BackupManifest, req: &Request) -
     }
 }
 
+/// The runs of segments a replay from segment `start` to `last` along the path to `tli` reads
+/// whose presence only a roll-up vouches for.
+fn rolled_runs(
+    c: &Catalog,
+    tli: TimelineId,
+    start: SegNo,
+    last: (TimelineId, SegNo),
+) -> Vec<(TimelineId, SegNo, SegNo)> {
+    let mut runs: Vec<(TimelineId, SegNo, SegNo)> = Vec::new();
+    if c.rolled.is_empty() {
+        return runs;
+    }
+    c.walk(tli, start, |t, n| {
+        if n > last.1 || !c.rolled.contains(&(t, n)) {
+            return;
+        }
+        match runs.last_mut() {
+            Some((rt, _, end)) if *rt == t && end.0 + 1 == n.0 => *end = n,
+            _ => runs.push((t, n, n)),
+        }
+    });
+    runs
+}
+
 /// Plan a restore.
 ///
 /// # Errors
@@ -482,6 +509,7 @@ pub fn plan(c: &Catalog, req: &Request) -> Result<Plan, PlanError> {
                         last_wal: c.name(last.0, last.1),
                         wal_segments: walked,
                         stop,
+                        rolled_wal: rolled_runs(c, tli, b.start_lsn.segno(c.seg_size()), last),
                     });
                     continue 'timelines;
                 }
@@ -881,6 +909,7 @@ mod tests {
         backups: &[(&str, u32, u64, u64)],
     ) -> Catalog {
         Catalog::build(Loaded {
+            rollups: Vec::new(),
             identity: Some(RepoIdentity {
                 format_version: 1,
                 system_identifier: crate::pg::SystemId(1),

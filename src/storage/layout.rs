@@ -5,6 +5,8 @@
 //! wal/<TTTTTTTT>/<segment>.pitr              WAL segments, `.partial` and `.backup` files
 //! wal/<TTTTTTTT>/<segment>.idx               the segment's WAL index summary (see `index`)
 //! wal/history/<TTTTTTTT>.history.pitr        timeline history files
+//! index/<TTTTTTTT>/<first>-<last>.roll.pitr  a roll-up of 256 segments' summaries (see `rollup`;
+//!                                            derived, written once, ignored when stale)
 //! backups/<id>/started.pitr                 claims the id, with a conditional create, before anything else
 //! backups/<id>/data/<path>.<part>.pitr        base backup files, in pieces of at most 16 MiB
 //! backups/<id>/backup_label.pitr             byte-exact from pg_backup_stop
@@ -49,6 +51,13 @@ pub enum ObjectKey {
     },
     /// The last `pitr verify` result, for `pitr metrics` (derived: replaced by each run).
     VerifyStatus,
+    /// The roll-up of the summaries of segments `first..=last` of one timeline (derived).
+    Rollup {
+        /// Its first segment.
+        first: SegmentName,
+        /// Its last segment (same timeline).
+        last: SegmentName,
+    },
 }
 
 /// A part of the repository to list: every listing names one of these, never a raw prefix.
@@ -60,6 +69,10 @@ pub enum Prefix {
     Wal,
     /// The WAL objects of one timeline.
     WalTimeline(TimelineId),
+    /// Timeline history files.
+    WalHistory,
+    /// Every roll-up of the WAL index.
+    Index,
     /// Every backup.
     Backups,
     /// Everything of one backup.
@@ -73,6 +86,8 @@ impl Prefix {
             Prefix::Everything => String::new(),
             Prefix::Wal => WAL_PREFIX.to_string(),
             Prefix::WalTimeline(tli) => format!("{WAL_PREFIX}/{}", tli_dir(*tli)),
+            Prefix::WalHistory => format!("{WAL_PREFIX}/history"),
+            Prefix::Index => INDEX_PREFIX.to_string(),
             Prefix::Backups => BACKUP_PREFIX.to_string(),
             Prefix::Backup(id) => format!("{BACKUP_PREFIX}/{id}"),
         }
@@ -102,6 +117,28 @@ pub enum Listed {
 /// Prefix of every WAL-related key.
 pub const WAL_PREFIX: &str = "wal";
 
+/// Prefix of the WAL index's roll-ups.
+pub const INDEX_PREFIX: &str = "index";
+
+/// Suffix of a roll-up (before the envelope's).
+const ROLLUP_SUFFIX: &str = ".roll";
+
+/// Parse a roll-up key: `index/<TLI>/<first>-<last>.roll.pitr`, both segments of the directory's
+/// timeline, `first <= last`.
+fn parse_rollup_key(key: &str) -> Option<ObjectKey> {
+    let rest = key.strip_prefix(INDEX_PREFIX)?.strip_prefix('/')?;
+    let (dir, file) = rest.split_once('/')?;
+    let range = file.strip_suffix(SUFFIX)?.strip_suffix(ROLLUP_SUFFIX)?;
+    let (a, b) = range.split_once('-')?;
+    let (WalFileName::Segment(first), WalFileName::Segment(last)) =
+        (a.parse().ok()?, b.parse().ok()?)
+    else {
+        return None;
+    };
+    (first.tli == last.tli && dir == tli_dir(first.tli) && a <= b)
+        .then_some(ObjectKey::Rollup { first, last })
+}
+
 /// Parse a key found under `wal/`; `None` for anything pitr did not write.
 pub fn parse_wal_key(key: &str) -> Option<Listed> {
     let rest = key.strip_prefix("wal/")?;
@@ -121,6 +158,14 @@ pub fn parse_wal_key(key: &str) -> Option<Listed> {
         };
     }
     None
+}
+
+/// The timeline a directory under `wal/` holds (`None` for `history` and anything else).
+pub fn timeline_dir(name: &str) -> Option<TimelineId> {
+    if name.len() != 8 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(name, 16).ok().and_then(TimelineId::new)
 }
 
 fn tli_dir(tli: TimelineId) -> String {
@@ -149,6 +194,10 @@ impl ObjectKey {
                 format!("{BACKUP_PREFIX}/{id}/data/{path}.{part}{SUFFIX}")
             }
             ObjectKey::VerifyStatus => VERIFY_STATUS.to_string(),
+            ObjectKey::Rollup { first, last } => format!(
+                "{INDEX_PREFIX}/{}/{first}-{last}{ROLLUP_SUFFIX}{SUFFIX}",
+                tli_dir(first.tli)
+            ),
         }
     }
 
@@ -159,6 +208,9 @@ impl ObjectKey {
             "pitr.json" => return Some(ObjectKey::Identity),
             VERIFY_STATUS => return Some(ObjectKey::VerifyStatus),
             _ => {}
+        }
+        if key.starts_with(INDEX_PREFIX) {
+            return parse_rollup_key(key);
         }
         if let Some(listed) = parse_wal_key(key) {
             return Some(match listed {
@@ -281,6 +333,10 @@ mod tests {
             ObjectKey::Wal("00000002.history".parse().unwrap()),
             ObjectKey::Wal("000000010000000000000003.00000028.backup".parse().unwrap()),
             ObjectKey::Summary(seg),
+            ObjectKey::Rollup {
+                first: "000000020000000000000000".parse::<SegmentName>().unwrap(),
+                last: "0000000200000000000000FF".parse::<SegmentName>().unwrap(),
+            },
             ObjectKey::BackupManifest(id.clone()),
             ObjectKey::BackupClaim(id.clone()),
             ObjectKey::BackupLabel(id.clone()),
@@ -310,6 +366,10 @@ mod tests {
             "backups/x/data/.0.pitr",
             "backups/x/data/base/1.-1.pitr",
             "status/other.json",
+            "index/00000002/000000010000000000000000-0000000100000000000000FF.roll.pitr",
+            "index/00000001/0000000100000000000000FF-000000010000000000000000.roll.pitr",
+            "index/00000001/000000010000000000000000-0000000200000000000000FF.roll.pitr",
+            "index/00000001/000000010000000000000000.roll.pitr",
         ] {
             assert_eq!(ObjectKey::parse(junk), None, "{junk}");
         }

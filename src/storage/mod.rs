@@ -219,6 +219,9 @@ pub struct Repo {
     checked_identity: Arc<std::sync::Mutex<Option<identity::RepoIdentity>>>,
     /// The directory of a local repository (`None` for object stores).
     local_root: Option<std::path::PathBuf>,
+    /// Whether listings come back in key order (the cloud stores' APIs promise it; a local
+    /// directory does not), so a range listing may stop at its end instead of reading on.
+    ordered_listing: bool,
 }
 
 /// The cloud clients' own per-request retries; `retry` adds a budget above them.
@@ -319,6 +322,7 @@ impl Repo {
             retry: RetryPolicy::from_env().map_err(bad_budget)?,
             checked_identity: Arc::default(),
             local_root: None,
+            ordered_listing: true,
         })
     }
 
@@ -367,6 +371,7 @@ impl Repo {
             retry,
             checked_identity: Arc::default(),
             local_root: Some(path.to_path_buf()),
+            ordered_listing: false,
         })
     }
 
@@ -448,7 +453,16 @@ impl Repo {
             retry: RetryPolicy::none(),
             checked_identity: Arc::default(),
             local_root: None,
+            ordered_listing: false,
         }
+    }
+
+    /// The same repository, trusting the store to list in key order (as the cloud stores and
+    /// `object_store::memory::InMemory` do).
+    #[must_use]
+    pub fn with_ordered_listing(mut self) -> Repo {
+        self.ordered_listing = true;
+        self
     }
 
     /// The same repository with another retry policy.
@@ -468,7 +482,13 @@ impl Repo {
             retry: RetryPolicy::none(),
             checked_identity: Arc::default(),
             local_root: None,
+            ordered_listing: false,
         }
+    }
+
+    /// The identity this process has already checked against `pitr.json`, if it has.
+    pub fn known_identity(&self) -> Option<identity::RepoIdentity> {
+        self.checked_identity.lock().ok().and_then(|c| c.clone())
     }
 
     fn identity_checked(&self, want: &identity::RepoIdentity) -> bool {

@@ -150,6 +150,17 @@ impl Located for Entry {
     }
 }
 
+/// What a listing found, as an [`Entry`].
+fn entry(m: object_store::ObjectMeta) -> Entry {
+    let key = m.location.to_string();
+    Entry {
+        object: ObjectKey::parse(&key),
+        key,
+        size: m.size,
+        modified_micros: m.last_modified.timestamp_micros(),
+    }
+}
+
 impl Repo {
     /// Wrap `data` in the envelope for `key` (see [`envelope::encode`]).
     ///
@@ -523,17 +534,66 @@ impl Repo {
         })
         .await
         .map_err(|e| self.store_err("list", &prefix.key(), e))?;
-        Ok(listed
-            .into_iter()
-            .map(|m| {
-                let key = m.location.to_string();
-                Entry {
-                    object: ObjectKey::parse(&key),
-                    key,
-                    size: m.size,
-                    modified_micros: m.last_modified.timestamp_micros(),
+        Ok(listed.into_iter().map(entry).collect())
+    }
+
+    /// The objects under `prefix` whose keys (relative to the repository root) lie strictly
+    /// between `after` and `before` (either end open when `None`), with retries. Starts at `after`
+    /// in the store's listing; stops at `before` when the store lists in key order, else reads the
+    /// listing on and leaves out what lies beyond.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be listed.
+    pub async fn list_range(
+        &self,
+        prefix: &Prefix,
+        after: Option<&str>,
+        before: Option<&str>,
+    ) -> Result<Vec<Entry>, RepoError> {
+        let path = prefix.path();
+        let listed = retry(
+            &self.retry,
+            &|| format!("list {}", prefix.key()),
+            || async {
+                let mut stream = match after {
+                    Some(a) => self
+                        .store
+                        .list_with_offset(path.as_ref(), &object_store::path::Path::from(a)),
+                    None => self.store.list(path.as_ref()),
+                };
+                let mut out = Vec::new();
+                while let Some(m) = stream.next().await {
+                    let m = m?;
+                    let key = m.location.as_ref();
+                    if after.is_some_and(|a| key <= a) {
+                        continue;
+                    }
+                    if before.is_some_and(|b| key >= b) {
+                        if self.ordered_listing {
+                            break;
+                        }
+                        continue;
+                    }
+                    out.push(m);
                 }
-            })
+                Ok::<_, object_store::Error>(out)
+            },
+        )
+        .await
+        .map_err(|e| self.store_err("list", &prefix.key(), e))?;
+        Ok(listed.into_iter().map(entry).collect())
+    }
+
+    /// The timelines with a directory under `wal/`.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be listed.
+    pub async fn wal_timelines(&self) -> Result<Vec<crate::pg::TimelineId>, RepoError> {
+        Ok(self
+            .list_dirs(&Prefix::Wal)
+            .await?
+            .iter()
+            .filter_map(|d| super::layout::timeline_dir(d))
             .collect())
     }
 
