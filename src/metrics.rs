@@ -96,8 +96,16 @@ async fn exposure_gauges(repo: &Repo, c: &Catalog, now: f64) -> anyhow::Result<V
     let Some(newest) = c.newest_timeline() else {
         return Ok(Vec::new());
     };
+    // Only the newest segment's objects and what follows them (a later `.partial`): one short
+    // listing, however many segments the timeline holds.
+    let info = c.timelines.get(&newest);
+    let newest_segment = info
+        .and_then(|t| t.segments.iter().chain(&t.partials).max().copied())
+        .and_then(|n| n.0.checked_sub(1));
+    let after = newest_segment
+        .and_then(|p| crate::rollup::last_key_of(newest, crate::pg::SegNo(p), c.seg_size()));
     let uploaded = repo
-        .list(&Prefix::WalTimeline(newest))
+        .list_range(&Prefix::WalTimeline(newest), after.as_deref(), None)
         .await?
         .into_iter()
         .filter(|e| {

@@ -2,6 +2,8 @@
 //! plain bytes through the one [`Repo::put`].
 
 pub(crate) mod faults;
+#[cfg(test)]
+mod synth;
 
 use crate::compress::Compression;
 use crate::storage::layout::ObjectKey;
