@@ -11,5 +11,6 @@ mod harness;
 mod incremental;
 mod reliability;
 mod restore;
+mod scale;
 mod trust;
 mod walindex;

@@ -289,6 +289,31 @@ fn segment_summary() {
 }
 
 #[test]
+fn wal_index_rollup() {
+    // Two summaries instead of a chunk's 256: the file pins the format, not a chunk.
+    let mut first = summary_v2();
+    first.changes = None;
+    let rollup = crate::rollup::Rollup {
+        format: crate::rollup::ROLLUP_FORMAT,
+        timeline: tli_(1),
+        first: 256,
+        files: vec![
+            seg(1, 256).to_string(),
+            format!("{}.00000028.backup", seg(1, 256)),
+            seg(1, 257).to_string(),
+        ],
+        summaries: vec![first, summary()],
+        joined: vec![256],
+    };
+    let written = serde_json::to_string_pretty(&rollup).unwrap();
+    let file = check("rollup-v1.json", &written);
+    assert_eq!(
+        crate::format::decode::<crate::rollup::Rollup>(file.as_bytes()).unwrap(),
+        rollup
+    );
+}
+
+#[test]
 fn info_json() {
     // Timeline 1: segments 1, 2 and 4 (3 is missing); the backup ends in segment 1, the commit
     // and the restore point are in segment 2.
