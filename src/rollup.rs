@@ -178,32 +178,32 @@ pub async fn load_all(
         .filter_map(|e| e.object)
         .filter(|k| matches!(k, ObjectKey::Rollup { .. }))
         .collect();
-    let got: Vec<(ObjectKey, Got)> = futures::stream::iter(keys)
+    // Each decoded as it arrives, so the raw bytes of only a few are held at once.
+    let mut stream = futures::stream::iter(keys)
         .map(|key| async move {
             let got = repo.get(&key).await;
-            (key, got)
+            let read = match got {
+                Ok(Some(bytes)) => Ok(Some(crate::format::decode::<Rollup>(&bytes))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            (key, read)
         })
-        .buffer_unordered(CONCURRENCY)
-        .collect()
-        .await;
+        .buffer_unordered(CONCURRENCY);
     let mut out = BTreeMap::new();
-    for (key, got) in got {
-        let bytes = match got {
-            Ok(Some(b)) => b,
-            Ok(None) => continue,
+    while let Some((key, read)) = stream.next().await {
+        match read {
+            Ok(None) => {}
+            Ok(Some(Ok(r))) if r.fits(&key, seg_size) => {
+                out.insert((r.timeline, SegNo(r.first)), r);
+            }
+            Ok(Some(Ok(_))) => {
+                tracing::debug!("ignoring roll-up {}: it does not fit its key", key.key())
+            }
+            Ok(Some(Err(e))) => tracing::debug!("ignoring roll-up {}: {e}", key.key()),
             Err(e) if e.is_store_failure() => {
                 return Err(anyhow::Error::new(e).context(format!("read {}", key.key())));
             }
-            Err(e) => {
-                tracing::debug!("ignoring roll-up {}: {e}", key.key());
-                continue;
-            }
-        };
-        match crate::format::decode::<Rollup>(&bytes) {
-            Ok(r) if r.fits(&key, seg_size) => {
-                out.insert((r.timeline, SegNo(r.first)), r);
-            }
-            Ok(_) => tracing::debug!("ignoring roll-up {}: it does not fit its key", key.key()),
             Err(e) => tracing::debug!("ignoring roll-up {}: {e}", key.key()),
         }
     }

@@ -150,6 +150,50 @@ impl Located for Entry {
     }
 }
 
+/// The files of the flat directory `dir` (holding the keys under `prefix`) whose keys lie strictly
+/// between `after` and `before`; a missing directory holds none.
+fn local_range(
+    dir: &std::path::Path,
+    prefix: &str,
+    after: Option<&str>,
+    before: Option<&str>,
+) -> Result<Vec<Entry>, (std::path::PathBuf, std::io::Error)> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err((dir.to_path_buf(), e)),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(|err| (dir.to_path_buf(), err))?;
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let key = format!("{prefix}/{name}");
+        if after.is_some_and(|a| key.as_str() <= a) || before.is_some_and(|b| key.as_str() >= b) {
+            continue;
+        }
+        let meta = match e.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err((e.path(), err)),
+        };
+        let modified_micros = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_micros() as i64);
+        out.push(Entry {
+            object: ObjectKey::parse(&key),
+            key,
+            size: meta.len(),
+            modified_micros,
+        });
+    }
+    Ok(out)
+}
+
 /// What a listing found, as an [`Entry`].
 fn entry(m: object_store::ObjectMeta) -> Entry {
     let key = m.location.to_string();
@@ -550,6 +594,27 @@ impl Repo {
         after: Option<&str>,
         before: Option<&str>,
     ) -> Result<Vec<Entry>, RepoError> {
+        if let (Some(root), Prefix::WalTimeline(_)) = (&self.local_root, prefix) {
+            // A local timeline directory is flat: read its names and look only at those in the
+            // range (the generic walk looks at every file).
+            let dir = root.join(prefix.key());
+            let key = prefix.key();
+            let (after, before) = (after.map(str::to_string), before.map(str::to_string));
+            let listed = tokio::task::spawn_blocking(move || {
+                local_range(&dir, &key, after.as_deref(), before.as_deref())
+            })
+            .await
+            .map_err(|e| RepoError::Local {
+                op: "list",
+                path: root.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            return listed.map_err(|(path, source)| RepoError::Local {
+                op: "list",
+                path,
+                source,
+            });
+        }
         let path = prefix.path();
         let listed = retry(
             &self.retry,
