@@ -214,7 +214,7 @@ pub fn needed_segments(
 /// instead): history files, then each timeline listed around its rolled chunks.
 async fn list_wal(
     repo: &Repo,
-    rollups: &BTreeMap<(TimelineId, SegNo), crate::rollup::Rollup>,
+    rollups: &BTreeSet<(TimelineId, SegNo)>,
     seg_size: WalSegSize,
 ) -> anyhow::Result<Vec<Listed>> {
     let parse = |entries: Vec<crate::storage::Entry>| -> Vec<Listed> {
@@ -231,7 +231,7 @@ async fn list_wal(
     for tli in timelines {
         // Runs of consecutive rolled chunks, as (first segment, last segment).
         let mut runs: Vec<(SegNo, SegNo)> = Vec::new();
-        for (_, first) in rollups.keys().filter(|(t, _)| *t == tli) {
+        for (_, first) in rollups.iter().filter(|(t, _)| *t == tli) {
             let last = SegNo(first.0 + crate::rollup::CHUNK - 1);
             match runs.last_mut() {
                 Some((_, end)) if end.0 + 1 == first.0 => *end = last,
@@ -263,6 +263,132 @@ async fn list_wal(
         }
     }
     Ok(out)
+}
+
+/// What reading the WAL side found: WAL file names, history files, summaries (raw), problems.
+type WalRead = (
+    Vec<WalFileName>,
+    Vec<(TimelineId, Vec<u8>)>,
+    Vec<(SegmentName, Vec<u8>)>,
+    Vec<IndexProblem>,
+);
+
+/// The WAL objects outside the `claimed` chunks: listed, then the history files and (when
+/// `summaries_too`) the summaries of stored segments read.
+async fn load_wal(
+    repo: &Repo,
+    claimed: &BTreeSet<(TimelineId, SegNo)>,
+    seg_size: WalSegSize,
+    summaries_too: bool,
+) -> anyhow::Result<WalRead> {
+    let listed = list_wal(repo, claimed, seg_size).await?;
+    read_listed(repo, listed, summaries_too).await
+}
+
+/// Read what `listed` names: history files, and (when `summaries_too`) the summaries of the
+/// segments it lists. A corrupt object is a problem; store failures are errors.
+async fn read_listed(
+    repo: &Repo,
+    listed: Vec<Listed>,
+    summaries_too: bool,
+) -> anyhow::Result<WalRead> {
+    let mut wal = Vec::new();
+    let mut fetch = Vec::new();
+    let mut summaries = Vec::new();
+    for item in listed {
+        match item {
+            Listed::Wal(name @ WalFileName::History(_)) => {
+                wal.push(name);
+                fetch.push(ObjectKey::Wal(name));
+            }
+            Listed::Wal(name) => wal.push(name),
+            Listed::Summary(seg) if summaries_too => summaries.push(seg),
+            Listed::Summary(_) => {}
+        }
+    }
+    // A summary without its segment (left by a crash while both were written, or between the
+    // two deletions of `expire`) describes nothing stored: not worth reading.
+    let segments: std::collections::HashSet<SegmentName> = wal
+        .iter()
+        .filter_map(|w| match w {
+            WalFileName::Segment(s) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    fetch.extend(
+        summaries
+            .into_iter()
+            .filter(|s| segments.contains(s))
+            .map(ObjectKey::Summary),
+    );
+    let fetched: Vec<(ObjectKey, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(fetch)
+        .map(|key| async move {
+            let got = repo.get(&key).await.map_err(anyhow::Error::from);
+            (key, got)
+        })
+        .buffer_unordered(LOAD_CONCURRENCY)
+        .collect()
+        .await;
+    let (mut histories, mut summaries, mut problems) = (Vec::new(), Vec::new(), Vec::new());
+    for (key, got) in fetched {
+        match (key, got) {
+            (ObjectKey::Wal(WalFileName::History(tli)), Ok(Some(b))) => histories.push((tli, b)),
+            (ObjectKey::Summary(seg), Ok(Some(b))) => summaries.push((seg, b)),
+            (_, Ok(None)) | (_, Ok(Some(_))) => {} // deleted between listing and reading / not fetched
+            (key, Err(e)) => {
+                // A corrupt object is a finding, not a reason to show nothing; store failures abort.
+                if e.downcast_ref::<crate::storage::RepoError>()
+                    .is_some_and(|r| r.is_store_failure())
+                {
+                    return Err(e.context(format!("read {}", key.key())));
+                }
+                problems.push(IndexProblem {
+                    segment: key.key(),
+                    lsn: None,
+                    reason: format!("{e:#}"),
+                });
+            }
+        }
+    }
+    Ok((wal, histories, summaries, problems))
+}
+
+/// Backup manifests read (raw), by id (`None`: no manifest), and what could not be read.
+type ManifestsRead = (Vec<(String, Option<Vec<u8>>)>, Vec<IndexProblem>);
+
+/// Every backup's manifest.
+async fn load_manifests(repo: &Repo) -> anyhow::Result<ManifestsRead> {
+    let ids: Vec<String> = repo.list_dirs(&Prefix::Backups).await?;
+    let manifests: Vec<(String, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(ids)
+        .map(|id| async move {
+            let got = repo
+                .get(&ObjectKey::BackupManifest(id.clone()))
+                .await
+                .map_err(anyhow::Error::from);
+            (id, got)
+        })
+        .buffer_unordered(LOAD_CONCURRENCY)
+        .collect()
+        .await;
+    let (mut backups, mut problems) = (Vec::new(), Vec::new());
+    for (id, got) in manifests {
+        match got {
+            Ok(m) => backups.push((id, m)),
+            Err(e) => {
+                if e.downcast_ref::<crate::storage::RepoError>()
+                    .is_some_and(|r| r.is_store_failure())
+                {
+                    return Err(e.context(format!("read the manifest of backup {id}")));
+                }
+                problems.push(IndexProblem {
+                    segment: format!("backup {id}"),
+                    lsn: None,
+                    reason: format!("{e:#}"),
+                });
+            }
+        }
+    }
+    Ok((backups, problems))
 }
 
 impl Catalog {
@@ -305,112 +431,56 @@ impl Catalog {
     ) -> anyhow::Result<Catalog> {
         let identity = repo.require_identity().await?;
         let seg_size = identity.wal_segment_size;
-        let rollups = if use_rollups {
-            crate::rollup::load_all(repo, seg_size).await?
+        let keys = if use_rollups {
+            crate::rollup::list_keys(repo).await?
         } else {
-            BTreeMap::new()
+            Vec::new()
         };
-        let listed = list_wal(repo, &rollups, seg_size).await?;
-        let mut loaded = Loaded {
-            identity: Some(identity),
-            ..Default::default()
-        };
-        let mut fetch = Vec::new();
-        let mut summaries = Vec::new();
-        for item in listed {
-            match item {
-                Listed::Wal(name @ WalFileName::History(_)) => {
-                    loaded.wal.push(name);
-                    fetch.push(ObjectKey::Wal(name));
-                }
-                Listed::Wal(name) => loaded.wal.push(name),
-                Listed::Summary(seg) if summaries_too => summaries.push(seg),
-                Listed::Summary(_) => {}
-            }
-        }
-        // A summary without its segment (left by a crash while both were written, or between the
-        // two deletions of `expire`) describes nothing stored: not worth reading.
-        let segments: std::collections::HashSet<SegmentName> = loaded
-            .wal
+        // The chunks the roll-up keys claim: the WAL listing goes around them while the roll-ups
+        // themselves are read; a claimed chunk whose roll-up turns out unusable is listed after.
+        let claimed: BTreeSet<(TimelineId, SegNo)> = keys
             .iter()
-            .filter_map(|w| match w {
-                WalFileName::Segment(s) => Some(*s),
+            .filter_map(|k| match k {
+                ObjectKey::Rollup { first, .. } => first.segno(seg_size).map(|n| (first.tli, n)),
                 _ => None,
             })
             .collect();
-        fetch.extend(
-            summaries
-                .into_iter()
-                .filter(|s| segments.contains(s))
-                .map(ObjectKey::Summary),
+        let (rollups, wal, manifests) = futures::join!(
+            crate::rollup::load(repo, &keys, seg_size),
+            load_wal(repo, &claimed, seg_size, summaries_too),
+            load_manifests(repo),
         );
-        loaded.rollups = rollups.into_values().collect();
+        let mut rollups = rollups?;
+        let (mut wal, histories, mut summaries, mut problems) = wal?;
+        let unusable: Vec<(TimelineId, SegNo)> = claimed
+            .iter()
+            .filter(|c| !rollups.contains_key(c))
+            .copied()
+            .collect();
+        for (tli, first) in unusable {
+            let last = SegNo(first.0 + crate::rollup::CHUNK - 1);
+            let listed = crate::rollup::list_segments(repo, tli, first, last, seg_size).await?;
+            let (more_wal, _, more, more_problems) =
+                read_listed(repo, listed, summaries_too).await?;
+            wal.extend(more_wal);
+            summaries.extend(more);
+            problems.extend(more_problems);
+        }
         if !summaries_too {
-            for r in &mut loaded.rollups {
+            for r in rollups.values_mut() {
                 r.summaries.clear();
             }
         }
-        let fetched: Vec<(ObjectKey, anyhow::Result<Option<Vec<u8>>>)> =
-            futures::stream::iter(fetch)
-                .map(|key| async move {
-                    let got = repo.get(&key).await.map_err(anyhow::Error::from);
-                    (key, got)
-                })
-                .buffer_unordered(LOAD_CONCURRENCY)
-                .collect()
-                .await;
-        let mut problems = Vec::new();
-        for (key, got) in fetched {
-            match (key, got) {
-                (ObjectKey::Wal(WalFileName::History(tli)), Ok(Some(b))) => {
-                    loaded.histories.push((tli, b))
-                }
-                (ObjectKey::Summary(seg), Ok(Some(b))) => loaded.summaries.push((seg, b)),
-                (_, Ok(None)) | (_, Ok(Some(_))) => {} // deleted between listing and reading / not fetched
-                (key, Err(e)) => {
-                    // A corrupt object is a finding, not a reason to show nothing; store failures abort.
-                    if e.downcast_ref::<crate::storage::RepoError>()
-                        .is_some_and(|r| r.is_store_failure())
-                    {
-                        return Err(e.context(format!("read {}", key.key())));
-                    }
-                    problems.push(IndexProblem {
-                        segment: key.key(),
-                        lsn: None,
-                        reason: format!("{e:#}"),
-                    });
-                }
-            }
-        }
-        let ids: Vec<String> = repo.list_dirs(&Prefix::Backups).await?;
-        let manifests: Vec<(String, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(ids)
-            .map(|id| async move {
-                let got = repo
-                    .get(&ObjectKey::BackupManifest(id.clone()))
-                    .await
-                    .map_err(anyhow::Error::from);
-                (id, got)
-            })
-            .buffer_unordered(LOAD_CONCURRENCY)
-            .collect()
-            .await;
-        for (id, got) in manifests {
-            match got {
-                Ok(m) => loaded.backups.push((id, m)),
-                Err(e) => {
-                    if e.downcast_ref::<crate::storage::RepoError>()
-                        .is_some_and(|r| r.is_store_failure())
-                    {
-                        return Err(e.context(format!("read the manifest of backup {id}")));
-                    }
-                    problems.push(IndexProblem {
-                        segment: format!("backup {id}"),
-                        lsn: None,
-                        reason: format!("{e:#}"),
-                    });
-                }
-            }
-        }
+        let (backups, manifest_problems) = manifests?;
+        problems.extend(manifest_problems);
+        let loaded = Loaded {
+            identity: Some(identity),
+            wal,
+            histories,
+            summaries,
+            backups,
+            rollups: rollups.into_values().collect(),
+        };
         let mut catalog = Catalog::build(loaded);
         catalog.problems.extend(problems);
         Ok(catalog)

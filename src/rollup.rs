@@ -161,29 +161,53 @@ impl Rollup {
     }
 }
 
-/// Every roll-up in `repo` that reads back and fits its key, by (timeline, first segment).
-/// One that does not is left out (its range is then read segment by segment), with a note in the
-/// debug log; store failures are errors.
+/// The keys of every roll-up in `repo`.
 ///
 /// # Errors
-/// The store cannot be listed or read.
-pub async fn load_all(
-    repo: &Repo,
-    seg_size: WalSegSize,
-) -> anyhow::Result<BTreeMap<(TimelineId, SegNo), Rollup>> {
-    let keys: Vec<ObjectKey> = repo
+/// The store cannot be listed.
+pub async fn list_keys(repo: &Repo) -> Result<Vec<ObjectKey>, RepoError> {
+    Ok(repo
         .list(&Prefix::Index)
         .await?
         .into_iter()
         .filter_map(|e| e.object)
         .filter(|k| matches!(k, ObjectKey::Rollup { .. }))
-        .collect();
+        .collect())
+}
+
+/// The roll-ups under `keys` that read back and fit their key, by (timeline, first segment).
+/// One that does not is left out (its range is then read segment by segment), with a note in the
+/// debug log; store failures are errors.
+///
+/// # Errors
+/// The store cannot be listed or read.
+pub async fn load(
+    repo: &Repo,
+    keys: &[ObjectKey],
+    seg_size: WalSegSize,
+) -> anyhow::Result<BTreeMap<(TimelineId, SegNo), Rollup>> {
+    let keys = keys.to_vec();
     // Each decoded as it arrives, so the raw bytes of only a few are held at once.
     let mut stream = futures::stream::iter(keys)
         .map(|key| async move {
             let got = repo.get(&key).await;
             let read = match got {
-                Ok(Some(bytes)) => Ok(Some(crate::format::decode::<Rollup>(&bytes))),
+                // Decoding 256 summaries is CPU work: on the blocking pool, beside the transfers.
+                Ok(Some(bytes)) => {
+                    // One decode per CPU at once: memory stays that of a few roll-ups.
+                    let _slot = crate::cpu::slots().acquire().await;
+                    match tokio::task::spawn_blocking(move || {
+                        crate::format::decode::<Rollup>(&bytes)
+                    })
+                    .await
+                    {
+                        Ok(decoded) => Ok(Some(decoded)),
+                        Err(e) => Ok(Some(Err(crate::format::FormatError::Invalid {
+                            what: "WAL index roll-up",
+                            detail: e.to_string(),
+                        }))),
+                    }
+                }
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             };

@@ -1,6 +1,8 @@
 //! Test utilities any unit test can use: the fault-injecting store, and shorthand for storing
 //! plain bytes through the one [`Repo::put`].
 
+#[cfg(test)]
+pub(crate) mod distant;
 pub(crate) mod faults;
 #[cfg(test)]
 mod synth;

@@ -9,8 +9,11 @@
 //!     cargo test --release --lib -- --ignored --exact testing::synth::synthetic_repository
 //! ```
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 
+use crate::catalog::Catalog;
 use crate::compress::Compression;
 use crate::index::{self, SegmentSummary};
 use crate::pg::walbuilder::WalBuilder;
@@ -19,6 +22,7 @@ use crate::rollup::{CHUNK, Rollup};
 use crate::storage::identity::RepoIdentity;
 use crate::storage::layout::ObjectKey;
 use crate::storage::{PutMode, Repo};
+use crate::testing::distant::Distant;
 
 const SEG: usize = 1 << 20;
 /// 2026-01-01 00:00:00 UTC in PostgreSQL's microseconds since 2000-01-01.
@@ -70,7 +74,57 @@ async fn synthetic_repository() -> anyhow::Result<()> {
     let url = std::env::var("PITR_SYNTH_REPO")?;
     let count: u64 = std::env::var("PITR_SYNTH_SEGMENTS")?.parse()?;
     let rollups = std::env::var("PITR_SYNTH_ROLLUPS").map_or(true, |v| v != "0");
-    let repo = Repo::create(&url)?;
+    write(&Repo::create(&url)?, count, rollups).await
+}
+
+/// The catalog of `PITR_SYNTH_SEGMENTS` segments (default 100 000) through a store 50 ms away
+/// whose server answers at once ([`Distant`]): with roll-ups, and (with `PITR_SYNTH_BASELINE=1`)
+/// without. Prints the time and the requests; checks that both catalogs say the same.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "builds a large repository in memory: run by scripts/bench --scenarios catalog"]
+async fn catalog_through_a_distant_store() -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let count: u64 = std::env::var("PITR_SYNTH_SEGMENTS").map_or(Ok(100_000), |v| v.parse())?;
+    let memory = Arc::new(object_store::memory::InMemory::new());
+    write(
+        &Repo::from_store(memory.clone(), "memory://synth"),
+        count,
+        true,
+    )
+    .await?;
+    let distant = Distant::new(memory.clone(), std::time::Duration::from_millis(50));
+    let repo = Repo::from_store(distant.clone(), "distant://synth").with_ordered_listing();
+    let started = std::time::Instant::now();
+    let rolled = Catalog::load(&repo).await?;
+    let window = crate::restore::plan::window_text(&rolled);
+    eprintln!(
+        "catalog of {count} segments through 50 ms, with roll-ups: {:.2} s, {} requests, {} rolled; window {window}",
+        started.elapsed().as_secs_f64(),
+        distant.requests.load(Ordering::SeqCst),
+        rolled.rolled.len(),
+    );
+    assert!(rolled.window().is_some());
+    if std::env::var("PITR_SYNTH_BASELINE").is_ok_and(|v| v == "1") {
+        let plain = Repo::from_store(memory.clone(), "memory://synth");
+        for e in plain.list(&crate::storage::layout::Prefix::Index).await? {
+            plain.delete(&e).await?;
+        }
+        distant.requests.store(0, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let exhaustive = Catalog::load(&repo).await?;
+        eprintln!(
+            "catalog of {count} segments through 50 ms, without roll-ups: {:.2} s, {} requests",
+            started.elapsed().as_secs_f64(),
+            distant.requests.load(Ordering::SeqCst),
+        );
+        assert_eq!(exhaustive.window(), rolled.window());
+        assert_eq!(exhaustive.timelines, rolled.timelines);
+    }
+    Ok(())
+}
+
+/// Write the synthetic repository of `count` segments into `repo`, rolled up when `rollups`.
+async fn write(repo: &Repo, count: u64, rollups: bool) -> anyhow::Result<()> {
     let seg_size = WalSegSize::new(SEG as u32).ok_or_else(|| anyhow::anyhow!("segment size"))?;
     repo.ensure_identity(&RepoIdentity {
         format_version: 1,
@@ -84,23 +138,20 @@ async fn synthetic_repository() -> anyhow::Result<()> {
     while first < count {
         let last = (first + CHUNK).min(count);
         let done: Vec<anyhow::Result<SegmentSummary>> = futures::stream::iter(first..last)
-            .map(|n| {
-                let repo = &repo;
-                async move {
-                    let (name, stored, summary) =
-                        tokio::task::spawn_blocking(move || segment(n, seg_size)).await??;
-                    let wal = ObjectKey::Wal(WalFileName::Segment(name));
-                    repo.put(&wal, stored, PutMode::CreateUnique).await?;
-                    let key = ObjectKey::Summary(name);
-                    let json = serde_json::to_vec(&summary)?;
-                    repo.put(
-                        &key,
-                        repo.seal(&key, &json, Compression::Zstd)?,
-                        PutMode::OverwriteDerived,
-                    )
-                    .await?;
-                    Ok(summary)
-                }
+            .map(|n| async move {
+                let (name, stored, summary) =
+                    tokio::task::spawn_blocking(move || segment(n, seg_size)).await??;
+                let wal = ObjectKey::Wal(WalFileName::Segment(name));
+                repo.put(&wal, stored, PutMode::CreateUnique).await?;
+                let key = ObjectKey::Summary(name);
+                let json = serde_json::to_vec(&summary)?;
+                repo.put(
+                    &key,
+                    repo.seal(&key, &json, Compression::Zstd)?,
+                    PutMode::OverwriteDerived,
+                )
+                .await?;
+                Ok(summary)
             })
             .buffered(32)
             .collect()
