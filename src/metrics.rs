@@ -99,10 +99,10 @@ async fn exposure_gauges(repo: &Repo, c: &Catalog, now: f64) -> anyhow::Result<V
     // Only the newest segment's objects and what follows them (a later `.partial`): one short
     // listing, however many segments the timeline holds.
     let info = c.timelines.get(&newest);
-    let newest_segment = info
+    let before_newest = info
         .and_then(|t| t.segments.iter().chain(&t.partials).max().copied())
         .and_then(|n| n.0.checked_sub(1));
-    let after = newest_segment
+    let after = before_newest
         .and_then(|p| crate::rollup::last_key_of(newest, crate::pg::SegNo(p), c.seg_size()));
     let uploaded = repo
         .list_range(&Prefix::WalTimeline(newest), after.as_deref(), None)
