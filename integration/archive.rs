@@ -54,7 +54,14 @@ fn corrupt_object(url: &str, key: &str, at_from_end: usize) {
             .await
             .unwrap()
             .to_vec();
-        let i = raw.len() - at_from_end;
+        // From the end of the payload: a segment carries its summary after it (the trailer,
+        // whose length is in header bytes 9..12).
+        let trailer = if raw.starts_with(b"PITROBJ2") {
+            u32::from_le_bytes([raw[9], raw[10], raw[11], 0]) as usize
+        } else {
+            0
+        };
+        let i = raw.len() - trailer - at_from_end;
         raw[i] ^= 0x40;
         repo.store().put(&path, raw.into()).await.unwrap();
     });
@@ -445,15 +452,19 @@ fn flags_env_and_config_file() {
         &[("PITR_REPO", &url_b), ("PITR_COMPRESS", "none")],
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    // Uncompressed: the object is the segment plus the 32-byte header.
-    let stored = std::fs::metadata(
+    // Uncompressed: the object is the 32-byte header, the segment, and the trailer that
+    // carries its summary (as long as header bytes 9..12 say).
+    let stored = std::fs::read(
         scratch
             .path()
             .join("b")
             .join(seg_key("000000010000000000000001")),
     )
     .unwrap();
-    assert_eq!(stored.len(), original.len() as u64 + 32);
+    let trailer = u32::from_le_bytes([stored[9], stored[10], stored[11], 0]) as usize;
+    assert!(trailer > 16, "{trailer}");
+    assert_eq!(stored.len(), original.len() + 32 + trailer);
+    assert_eq!(&stored[32..32 + original.len()], &original[..]);
 
     let url_c = format!("file://{}", scratch.subdir("c").display());
     let conf = scratch.path().join("pitr.toml");

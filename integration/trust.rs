@@ -135,8 +135,20 @@ fn verify_check_and_metrics() {
         named(&report, "corrupt", &rel(&flipped_wal)),
         "flipped WAL object not named: {report:#}"
     );
+    // The newest segments are not rolled up yet, and a segment carries its own summary: one
+    // deleted there is a gap that names it (in a rolled chunk it is "missing" too, see
+    // `scale::pg15_rollups_in_a_real_repository`).
+    let deleted_name = deleted_wal
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert!(
-        named(&report, "missing", &rel(&deleted_wal)),
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "gap" && f["detail"].as_str().unwrap().contains(&deleted_name)),
         "deleted segment not named: {report:#}"
     );
     assert!(

@@ -20,7 +20,7 @@ use crate::pg::waldecoder::join_fragments;
 use crate::pg::{Lsn, PgMajor, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
 use crate::storage::Repo;
 use crate::storage::identity::RepoIdentity;
-use crate::storage::layout::{Listed, ObjectKey, Prefix};
+use crate::storage::layout::{Found, Listed, ObjectKey, Prefix};
 
 /// How many objects are fetched at once while loading.
 pub const LOAD_CONCURRENCY: usize = 32;
@@ -216,11 +216,14 @@ async fn list_wal(
     repo: &Repo,
     rollups: &BTreeSet<(TimelineId, SegNo)>,
     seg_size: WalSegSize,
-) -> anyhow::Result<Vec<Listed>> {
-    let parse = |entries: Vec<crate::storage::Entry>| -> Vec<Listed> {
+) -> anyhow::Result<Vec<Found>> {
+    let parse = |entries: Vec<crate::storage::Entry>| -> Vec<Found> {
         entries
             .iter()
-            .filter_map(|e| crate::storage::layout::parse_wal_key(e.key()))
+            .filter_map(|e| {
+                crate::storage::layout::parse_wal_key(e.key())
+                    .map(|what| Found { what, size: e.size })
+            })
             .collect()
     };
     if rollups.is_empty() {
@@ -251,18 +254,76 @@ async fn list_wal(
                 crate::rollup::listed_between(repo, tli, after.as_deref(), before.as_deref())
                     .await?;
             out.extend(listed.into_iter().filter(|l| {
-                let seg = match l {
-                    Listed::Wal(w) => w.segment(),
-                    Listed::Summary(s) => Some(*s),
-                };
                 // A store that lists out of order returns the rolled ranges too: leave them out.
-                !seg.filter(|s| s.tli == tli)
+                !l.what
+                    .segment()
+                    .filter(|s| s.tli == tli)
                     .and_then(|s| s.segno(seg_size))
                     .is_some_and(covered)
             }));
         }
     }
     Ok(out)
+}
+
+/// Where the summary of each segment in `listed` is read from: a summary object stored beside it
+/// (by an earlier version, or one too long to carry; read whole, and preferred), else the end of
+/// the segment's own object, of the size listed. A summary without its segment (a crash between
+/// the two writes of an earlier version, or between the two deletions of `expire`) describes
+/// nothing stored and is left out.
+pub(crate) fn summary_sources(listed: &[Found]) -> Vec<(SegmentName, ObjectKey, Option<u64>)> {
+    let beside: std::collections::HashSet<SegmentName> = listed
+        .iter()
+        .filter_map(|f| match f.what {
+            Listed::Summary(s) => Some(s),
+            Listed::Wal(_) => None,
+        })
+        .collect();
+    listed
+        .iter()
+        .filter_map(|f| match f.what {
+            Listed::Wal(WalFileName::Segment(s)) if beside.contains(&s) => {
+                Some((s, ObjectKey::Summary(s), None))
+            }
+            Listed::Wal(name @ WalFileName::Segment(s)) => {
+                Some((s, ObjectKey::Wal(name), Some(f.size)))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Read a summary from where [`summary_sources`] said: a whole object (`size` `None`), or the
+/// attachment at the end of a segment's object of `size` bytes. `None`: gone, or (a segment of
+/// an earlier version that lost its summary) not carried.
+///
+/// # Errors
+/// `Store`, or `Corrupt` naming the key.
+pub(crate) async fn read_summary(
+    repo: &Repo,
+    key: &ObjectKey,
+    size: Option<u64>,
+) -> Result<Option<Vec<u8>>, crate::storage::RepoError> {
+    match size {
+        None => repo.get(key).await,
+        Some(size) => repo.get_attached(key, size).await,
+    }
+}
+
+/// Whether segment `seg` is stored with a readable summary: carried in its object, or stored
+/// beside it.
+///
+/// # Errors
+/// Store failures.
+pub(crate) async fn summary_stored(repo: &Repo, seg: SegmentName) -> anyhow::Result<bool> {
+    let key = ObjectKey::Wal(WalFileName::Segment(seg));
+    let Some(size) = repo.size_of(&key).await? else {
+        return Ok(false);
+    };
+    if repo.get_attached(&key, size).await.ok().flatten().is_some() {
+        return Ok(true);
+    }
+    Ok(repo.exists(&ObjectKey::Summary(seg)).await?)
 }
 
 /// What reading the WAL side found: WAL file names, history files, summaries (raw), problems.
@@ -289,41 +350,33 @@ async fn load_wal(
 /// segments it lists. A corrupt object is a problem; store failures are errors.
 async fn read_listed(
     repo: &Repo,
-    listed: Vec<Listed>,
+    listed: Vec<Found>,
     summaries_too: bool,
 ) -> anyhow::Result<WalRead> {
     let mut wal = Vec::new();
     let mut fetch = Vec::new();
-    let mut summaries = Vec::new();
-    for item in listed {
-        match item {
+    for item in &listed {
+        match item.what {
             Listed::Wal(name @ WalFileName::History(_)) => {
                 wal.push(name);
-                fetch.push(ObjectKey::Wal(name));
+                fetch.push((ObjectKey::Wal(name), None));
             }
             Listed::Wal(name) => wal.push(name),
-            Listed::Summary(seg) if summaries_too => summaries.push(seg),
             Listed::Summary(_) => {}
         }
     }
-    // A summary without its segment (left by a crash while both were written, or between the
-    // two deletions of `expire`) describes nothing stored: not worth reading.
-    let segments: std::collections::HashSet<SegmentName> = wal
-        .iter()
-        .filter_map(|w| match w {
-            WalFileName::Segment(s) => Some(*s),
-            _ => None,
-        })
-        .collect();
-    fetch.extend(
-        summaries
-            .into_iter()
-            .filter(|s| segments.contains(s))
-            .map(ObjectKey::Summary),
-    );
+    if summaries_too {
+        fetch.extend(
+            summary_sources(&listed)
+                .into_iter()
+                .map(|(_, key, size)| (key, size)),
+        );
+    }
     let fetched: Vec<(ObjectKey, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(fetch)
-        .map(|key| async move {
-            let got = repo.get(&key).await.map_err(anyhow::Error::from);
+        .map(|(key, size)| async move {
+            let got = read_summary(repo, &key, size)
+                .await
+                .map_err(anyhow::Error::from);
             (key, got)
         })
         .buffer_unordered(LOAD_CONCURRENCY)
@@ -333,7 +386,8 @@ async fn read_listed(
     for (key, got) in fetched {
         match (key, got) {
             (ObjectKey::Wal(WalFileName::History(tli)), Ok(Some(b))) => histories.push((tli, b)),
-            (ObjectKey::Summary(seg), Ok(Some(b))) => summaries.push((seg, b)),
+            (ObjectKey::Summary(seg), Ok(Some(b)))
+            | (ObjectKey::Wal(WalFileName::Segment(seg)), Ok(Some(b))) => summaries.push((seg, b)),
             (_, Ok(None)) | (_, Ok(Some(_))) => {} // deleted between listing and reading / not fetched
             (key, Err(e)) => {
                 // A corrupt object is a finding, not a reason to show nothing; store failures abort.
@@ -837,13 +891,33 @@ impl Catalog {
         if want.is_empty() {
             return Ok(());
         }
-        let keys: Vec<((TimelineId, SegNo), bool, ObjectKey)> = want
+        // Where each summary is: one range listing per timeline of the range.
+        let mut sources: BTreeMap<(TimelineId, SegNo), (ObjectKey, Option<u64>)> = BTreeMap::new();
+        let mut spans: BTreeMap<TimelineId, (SegNo, SegNo)> = BTreeMap::new();
+        for ((t, n), _) in &want {
+            let span = spans.entry(*t).or_insert((*n, *n));
+            span.0 = span.0.min(*n);
+            span.1 = span.1.max(*n);
+        }
+        for (t, (a, b)) in spans {
+            let listed = crate::rollup::list_segments(repo, t, a, b, seg_size).await?;
+            for (seg, key, size) in summary_sources(&listed) {
+                if let Some(n) = seg.segno(seg_size) {
+                    sources.insert((seg.tli, n), (key, size));
+                }
+            }
+        }
+        type ToRead = ((TimelineId, SegNo), bool, ObjectKey, Option<u64>);
+        let keys: Vec<ToRead> = want
             .into_iter()
-            .map(|(k, in_range)| (k, in_range, ObjectKey::Summary(self.name(k.0, k.1))))
+            .filter_map(|(k, in_range)| {
+                let (key, size) = sources.remove(&k)?;
+                Some((k, in_range, key, size))
+            })
             .collect();
         let got: Vec<_> = futures::stream::iter(keys)
-            .map(|(k, in_range, key)| async move {
-                let got = repo.get(&key).await;
+            .map(|(k, in_range, key, size)| async move {
+                let got = read_summary(repo, &key, size).await;
                 (k, in_range, key, got)
             })
             .buffer_unordered(LOAD_CONCURRENCY)

@@ -288,6 +288,44 @@ fn segment_summary() {
     );
 }
 
+/// `written` must equal the binary golden file `name` (or replaces it under `PITR_BLESS=1`).
+fn check_bytes(name: &str, written: &[u8]) -> Vec<u8> {
+    let path = golden(name);
+    if std::env::var_os("PITR_BLESS").is_some() {
+        std::fs::write(&path, written).unwrap();
+    }
+    let want = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (PITR_BLESS=1 writes it)", path.display()));
+    assert_eq!(
+        written, want,
+        "{name} changed: the envelope is not what it was"
+    );
+    want
+}
+
+#[test]
+fn object_envelope() {
+    use crate::storage::envelope;
+    // Uncompressed, so the bytes depend on the envelope alone, not on a codec's version.
+    let data = b"a segment's bytes".repeat(4);
+    let summary = serde_json::to_vec(&summary_v2()).unwrap();
+    // Format 1: every object an earlier version wrote, and every object but a segment now.
+    let v1 = envelope::encode(&data, Compression::None).unwrap();
+    let file = check_bytes("envelope-v1.bin", &v1);
+    assert_eq!(envelope::decode(&file).unwrap(), data);
+    assert_eq!(envelope::attachment(&file), Ok(None));
+    // Format 2: a segment with its summary attached.
+    let sealed = envelope::encode(&summary, Compression::None).unwrap();
+    let v2 = envelope::attach(v1.into(), &sealed).unwrap().into_vec();
+    let file = check_bytes("envelope-v2-attached.bin", &v2);
+    assert_eq!(envelope::decode(&file).unwrap(), data);
+    let attached = envelope::attachment(&file).unwrap().unwrap();
+    assert_eq!(
+        crate::format::decode::<SegmentSummary>(&envelope::decode(attached).unwrap()).unwrap(),
+        summary_v2()
+    );
+}
+
 #[test]
 fn wal_index_rollup() {
     // Two summaries instead of a chunk's 256: the file pins the format, not a chunk.

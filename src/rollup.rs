@@ -24,7 +24,7 @@ use crate::compress::Compression;
 use crate::index::SegmentSummary;
 use crate::pg::waldecoder::join_fragments;
 use crate::pg::{PgMajor, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
-use crate::storage::layout::{Listed, ObjectKey, Prefix};
+use crate::storage::layout::{Found, Listed, ObjectKey, Prefix};
 use crate::storage::{PutMode, Repo, RepoError};
 
 /// Roll-up format version.
@@ -256,12 +256,14 @@ pub async fn listed_between(
     tli: TimelineId,
     after: Option<&str>,
     before: Option<&str>,
-) -> Result<Vec<Listed>, RepoError> {
+) -> Result<Vec<Found>, RepoError> {
     Ok(repo
         .list_range(&Prefix::WalTimeline(tli), after, before)
         .await?
         .iter()
-        .filter_map(|e| crate::storage::layout::parse_wal_key(e.key()))
+        .filter_map(|e| {
+            crate::storage::layout::parse_wal_key(e.key()).map(|what| Found { what, size: e.size })
+        })
         .collect())
 }
 
@@ -276,7 +278,7 @@ pub async fn list_segments(
     from: SegNo,
     to: SegNo,
     seg_size: WalSegSize,
-) -> anyhow::Result<Vec<Listed>> {
+) -> anyhow::Result<Vec<Found>> {
     let after = match from.0.checked_sub(1) {
         Some(p) => last_key_of(tli, SegNo(p), seg_size),
         None => None,
@@ -287,11 +289,9 @@ pub async fn list_segments(
             .await?
             .into_iter()
             .filter(|l| {
-                let seg = match l {
-                    Listed::Wal(w) => w.segment(),
-                    Listed::Summary(s) => Some(*s),
-                };
-                seg.filter(|s| s.tli == tli)
+                l.what
+                    .segment()
+                    .filter(|s| s.tli == tli)
                     .and_then(|s| s.segno(seg_size))
                     .is_some_and(|n| n >= from && n <= to)
             })
@@ -321,36 +321,31 @@ pub async fn write_chunk(
     }
     let last = SegNo(first.0 + CHUNK - 1);
     let listed = list_segments(repo, tli, first, last, seg_size).await?;
-    let mut files = Vec::new();
-    let mut segments = BTreeSet::new();
-    let mut summarized = BTreeSet::new();
-    for l in listed {
-        match l {
-            Listed::Wal(w) => {
-                if let WalFileName::Segment(s) = w {
-                    segments.insert(s.segno(seg_size));
-                }
-                files.push(w.to_string());
-            }
-            Listed::Summary(s) => {
-                summarized.insert(s.segno(seg_size));
-            }
-        }
-    }
-    let complete = (first.0..=last.0)
-        .all(|n| segments.contains(&Some(SegNo(n))) && summarized.contains(&Some(SegNo(n))));
-    if !complete {
+    let mut files: Vec<String> = listed
+        .iter()
+        .filter_map(|f| match f.what {
+            Listed::Wal(w) => Some(w.to_string()),
+            Listed::Summary(_) => None,
+        })
+        .collect();
+    // Each segment's summary, in segment order (carried in the segment's object, or beside it).
+    let sources: BTreeMap<SegNo, (ObjectKey, Option<u64>)> =
+        crate::catalog::summary_sources(&listed)
+            .into_iter()
+            .filter_map(|(s, key, size)| s.segno(seg_size).map(|n| (n, (key, size))))
+            .collect();
+    if !(first.0..=last.0).all(|n| sources.contains_key(&SegNo(n))) {
         return Ok(false);
     }
     files.sort();
-    let names: Vec<SegmentName> = (first.0..=last.0)
-        .filter_map(|n| SegmentName::new(tli, SegNo(n), seg_size))
-        .collect();
-    let got: Vec<(usize, Got)> = futures::stream::iter(names.into_iter().enumerate())
-        .map(|(i, s)| async move { (i, repo.get(&ObjectKey::Summary(s)).await) })
-        .buffer_unordered(CONCURRENCY)
-        .collect()
-        .await;
+    let got: Vec<(usize, Got)> =
+        futures::stream::iter(sources.into_values().enumerate())
+            .map(|(i, (key, size))| async move {
+                (i, crate::catalog::read_summary(repo, &key, size).await)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
     let mut summaries: Vec<Option<SegmentSummary>> = vec![None; CHUNK as usize];
     for (i, got) in got {
         let bytes = match got {
@@ -429,6 +424,9 @@ pub struct Repaired {
     pub removed: Vec<(String, String)>,
     /// Roll-ups written for complete chunks that had none.
     pub written: usize,
+    /// Segments a roll-up listed that are no longer stored (archived, then deleted by something
+    /// other than `expire`, which deletes the roll-up first).
+    pub missing: Vec<SegmentName>,
 }
 
 /// `verify`'s care of the roll-ups, given the catalog read from the objects themselves and every
@@ -461,17 +459,26 @@ pub async fn repair(
             Ok(Some(bytes)) => match crate::format::decode::<Rollup>(&bytes) {
                 Err(e) => Some(e.to_string()),
                 Ok(r) if !r.fits(&key, seg_size) => Some("it does not fit its key".into()),
-                Ok(r) => match r
-                    .range()
-                    .filter_map(|n| SegmentName::new(r.timeline, SegNo(n), seg_size))
-                    .find(|s| !present.contains(&ObjectKey::Wal(WalFileName::Segment(*s)).key()))
-                {
-                    Some(s) => Some(format!("it lists {s}, which is no longer stored")),
-                    None => {
-                        rolled.insert((r.timeline, SegNo(r.first)));
-                        None
+                Ok(r) => {
+                    let gone: Vec<SegmentName> = r
+                        .range()
+                        .filter_map(|n| SegmentName::new(r.timeline, SegNo(n), seg_size))
+                        .filter(|s| {
+                            !present.contains(&ObjectKey::Wal(WalFileName::Segment(*s)).key())
+                        })
+                        .collect();
+                    match gone.first() {
+                        Some(s) => {
+                            let why = format!("it lists {s}, which is no longer stored");
+                            out.missing.extend(gone);
+                            Some(why)
+                        }
+                        None => {
+                            rolled.insert((r.timeline, SegNo(r.first)));
+                            None
+                        }
                     }
-                },
+                }
             },
         };
         if let Some(why) = why {
@@ -601,9 +608,21 @@ mod tests {
         }
     }
 
+    /// Where a test repository keeps each segment's summary.
+    #[derive(Clone, Copy, Debug)]
+    enum Layout {
+        /// At the end of the segment's object, as archive-push stores it.
+        Attached,
+        /// In an object of its own beside the segment, as earlier versions did.
+        Beside,
+        /// Every third segment's beside it, the rest attached (a repository an earlier version
+        /// began and this one continued).
+        Mixed,
+    }
+
     /// A repository of `SEGMENTS` segments of timeline 1 with their summaries (chunks 0 and 1
     /// complete, chunk 2 not).
-    async fn repository() -> Repo {
+    async fn repository(layout: Layout) -> Repo {
         let repo =
             Repo::from_store(Arc::new(InMemory::new()), "memory://rollup").with_ordered_listing();
         repo.ensure_identity(&RepoIdentity {
@@ -617,17 +636,24 @@ mod tests {
         .unwrap();
         for n in 0..SEGMENTS {
             let seg = name(n);
-            repo.put_new(
-                &ObjectKey::Wal(WalFileName::Segment(seg)),
-                b"wal",
-                Compression::None,
-            )
-            .await
-            .unwrap();
+            let wal = ObjectKey::Wal(WalFileName::Segment(seg));
             let json = serde_json::to_vec(&summary(n)).unwrap();
-            repo.put_new(&ObjectKey::Summary(seg), &json, Compression::None)
-                .await
-                .unwrap();
+            let beside = match layout {
+                Layout::Attached => false,
+                Layout::Beside => true,
+                Layout::Mixed => n % 3 == 0,
+            };
+            if beside {
+                repo.put_new(&wal, b"wal", Compression::None).await.unwrap();
+                repo.put_new(&ObjectKey::Summary(seg), &json, Compression::None)
+                    .await
+                    .unwrap();
+            } else {
+                let sealed = crate::storage::envelope::encode(&json, Compression::Zstd).unwrap();
+                let stored = crate::storage::envelope::encode(b"wal", Compression::None).unwrap();
+                let stored = crate::storage::envelope::attach(stored.into(), &sealed).unwrap();
+                repo.put(&wal, stored, PutMode::CreateUnique).await.unwrap();
+            }
         }
         repo
     }
@@ -680,8 +706,21 @@ mod tests {
 
     #[tokio::test]
     async fn the_rolled_up_catalog_agrees_with_the_summaries() {
-        let repo = repository().await;
-        let exhaustive = Catalog::load_exhaustive(&repo).await.unwrap();
+        // A repository of an earlier version (summaries beside their segments) reads as one of
+        // this version does.
+        let mut views = Vec::new();
+        for layout in [Layout::Attached, Layout::Beside, Layout::Mixed] {
+            let repo = repository(layout).await;
+            let exhaustive = Catalog::load_exhaustive(&repo).await.unwrap();
+            views.push(view(&exhaustive));
+            rolled_up_agrees(&repo, exhaustive).await;
+        }
+        assert_eq!(views[0], views[1]);
+        assert_eq!(views[0], views[2]);
+    }
+
+    async fn rolled_up_agrees(repo: &Repo, exhaustive: Catalog) {
+        let repo = repo.clone();
         assert_eq!(exhaustive.rolled.len(), 0);
         assert!(exhaustive.joined_tails.contains(&(tli(), SegNo(255))));
         assert!(!exhaustive.joined_tails.contains(&(tli(), SegNo(BROKEN))));
@@ -725,7 +764,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_corrupt_newer_or_stale_rollup_is_ignored_and_verify_replaces_it() {
-        let repo = repository().await;
+        let repo = repository(Layout::Beside).await;
         roll_all(&repo).await;
         let exhaustive = Catalog::load_exhaustive(&repo).await.unwrap();
         let chunk1 = key(tli(), SegNo(CHUNK), WalSegSize::DEFAULT).unwrap();
@@ -771,6 +810,7 @@ mod tests {
         let listed = list_segments(&repo, tli(), SegNo(0), SegNo(10), WalSegSize::DEFAULT)
             .await
             .unwrap();
+        let listed: Vec<Listed> = listed.iter().map(|f| f.what).collect();
         assert!(!listed.contains(&Listed::Wal(WalFileName::Segment(name(5)))));
         assert!(listed.contains(&Listed::Wal(WalFileName::Segment(name(6)))));
         assert!(listed.contains(&Listed::Summary(name(5))));

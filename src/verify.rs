@@ -108,14 +108,19 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
     findings.extend(wal_findings(&catalog, &present));
     findings.extend(history_findings(&catalog));
     findings.extend(backup_findings(&catalog, &present));
-    findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
-    findings.dedup();
-    // Derived, so repaired rather than reported: a stale roll-up is deleted (what made it stale,
-    // a segment gone, is a finding above), and every complete chunk gets one.
+    // Derived, so repaired rather than reported: a stale roll-up is deleted, and every complete
+    // chunk gets one. What made one stale, a segment gone, is a finding (and a gap).
     let rollups = crate::rollup::repair(repo, &catalog, &present).await?;
     for (key, why) in &rollups.removed {
         tracing::warn!("removed the WAL index roll-up {key}: {why}");
     }
+    findings.extend(rollups.missing.iter().map(|seg| Finding {
+        kind: "missing",
+        object: ObjectKey::Wal(WalFileName::Segment(*seg)).key(),
+        detail: "archived (the WAL index's roll-up listed it) but deleted since".into(),
+    }));
+    findings.sort_by(|a, b| (a.kind, &a.object).cmp(&(b.kind, &b.object)));
+    findings.dedup();
     let report = Report {
         repository: repo.location().to_string(),
         finished_at: PgTimestamp::now(),
@@ -182,7 +187,13 @@ async fn check_objects(repo: &Repo, listing: Vec<Entry>, jobs: usize) -> Objects
             Err(e) => Err(e.to_string()),
         };
         let result = got.and_then(|b| {
-            crate::storage::envelope::decode(&b).map(|d| (d.len() as u64, b.len() as u64))
+            use crate::storage::envelope;
+            let decoded = envelope::decode(&b)?;
+            // A segment's summary, carried after its payload, is checked too.
+            if let Some(a) = envelope::attachment(&b)? {
+                envelope::decode(a).map_err(|e| format!("attachment: {e}"))?;
+            }
+            Ok((decoded.len() as u64, b.len() as u64))
         });
         (entry.key().to_string(), result)
     })

@@ -67,7 +67,8 @@ pub struct Prepared {
     /// The stored length (`stored` is emptied once a staging file holds the bytes).
     stored_len: u64,
     original_len: u64,
-    summary: Option<(SegmentName, SegmentSummary)>,
+    /// The segment's summary, and whether `stored` carries it (else it is stored beside).
+    summary: Option<(SegmentName, SegmentSummary, bool)>,
     /// The check of the segment's cluster against the repository, still running: `store` waits for
     /// it before writing anything.
     identity: Option<tokio::task::JoinHandle<Result<(), RepoError>>>,
@@ -200,10 +201,11 @@ fn look_up(
     })
 }
 
-/// A segment's envelope, its summary, and the staging file holding the envelope.
+/// A segment's envelope, its summary (and whether the envelope carries it), and the staging file
+/// holding the envelope.
 type EncodedSegment = (
     envelope::Encoded,
-    Option<(SegmentName, SegmentSummary)>,
+    Option<(SegmentName, SegmentSummary, bool)>,
     Option<Staged>,
 );
 
@@ -252,12 +254,29 @@ fn encode_segment(
             })
         },
     )?;
+    // The summary travels in the segment's object (one write, see `envelope::attach`); if it
+    // cannot (longer than a header can state), it is stored beside it, as before.
+    let attachment = summary.as_ref().and_then(|(seg, s)| {
+        let attached = serde_json::to_vec(s)
+            .map_err(|e| e.to_string())
+            .and_then(|json| envelope::encode(&json, Compression::Zstd).map_err(|e| e.to_string()))
+            .and_then(|sealed| envelope::attach(stored.clone(), &sealed));
+        match attached {
+            Ok(with) => Some(with),
+            Err(e) => {
+                tracing::debug!("{seg}: the summary is stored beside the segment: {e}");
+                None
+            }
+        }
+    });
+    let attached = attachment.is_some();
+    let stored = attachment.unwrap_or(stored);
     let staged = if failed.into_inner() {
         None
     } else {
-        staged.and_then(|st| finish_staging(st, &stored, streamed.into_inner()))
+        staged.and_then(|st| finish_staging(st, &stored, streamed.into_inner(), attached))
     };
-    Ok((stored, summary, staged))
+    Ok((stored, summary.map(|(seg, s)| (seg, s, attached)), staged))
 }
 
 /// A history or backup history file: read whole, checked, encoded.
@@ -301,7 +320,7 @@ impl Prepared {
         name: WalFileName,
         path: &Path,
         (stored, original_len): (envelope::Encoded, u64),
-        summary: Option<(SegmentName, SegmentSummary)>,
+        summary: Option<(SegmentName, SegmentSummary, bool)>,
         identity: Option<tokio::task::JoinHandle<Result<(), RepoError>>>,
         looked: Option<tokio::task::JoinHandle<Result<bool, RepoError>>>,
         staged: Option<Staged>,
@@ -432,12 +451,22 @@ fn check_backup_history(segment: SegmentName, offset: u32, data: &[u8]) -> Resul
     Ok(())
 }
 
-/// Write what the sink did not get (all of it when the data was compressed in one piece) and the
-/// header, which comes last because it holds the payload's checksum. `None` if a write fails: the
-/// file is then stored the ordinary way.
-fn finish_staging(st: Staged, stored: &envelope::Encoded, streamed: u64) -> Option<Staged> {
+/// Write what the sink did not get (all of it when the data was compressed in one piece), the
+/// trailer holding the summary (the last part, when `attached`), and the header, which comes last
+/// because it holds the payload's checksum. `None` if a write fails: the file is then stored the
+/// ordinary way.
+fn finish_staging(
+    st: Staged,
+    stored: &envelope::Encoded,
+    streamed: u64,
+    attached: bool,
+) -> Option<Staged> {
     let parts = stored.parts();
-    let (header, payload) = parts.split_first()?;
+    let (header, rest) = parts.split_first()?;
+    let (payload, trailer) = match rest.split_last() {
+        Some((trailer, payload)) if attached => (payload, Some(trailer)),
+        _ => (rest, None),
+    };
     let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
     let mut offset = header.len() as u64;
     if streamed != payload_len {
@@ -446,12 +475,16 @@ fn finish_staging(st: Staged, stored: &envelope::Encoded, streamed: u64) -> Opti
             offset += p.len() as u64;
         }
     }
+    if let Some(trailer) = trailer {
+        st.write_at(header.len() as u64 + payload_len, trailer)
+            .ok()?;
+    }
     st.write_at(0, header).ok()?;
     Some(st)
 }
 
-/// Store a prepared file (a conditional create), then its WAL summary. `start` is when the push
-/// began, for the report.
+/// Store a prepared file (a conditional create), with its WAL summary in the same object (or,
+/// when it could not be carried, stored after it). `start` is when the push began, for the report.
 ///
 /// # Errors
 /// Any failure; nothing is acknowledged unless the object is durably stored.
@@ -485,15 +518,18 @@ pub async fn store(
     let outcome = put_file(repo, name, &path, (stored, stored_len), staged, found)
         .await
         .with_context(|| format!("archive {name}"))?;
-    if let Some((seg, summary)) = summary {
+    if let Some((seg, summary, attached)) = summary {
+        warn_unindexed(seg, &summary);
         match outcome {
+            PutOutcome::Stored { .. } if attached => {}
             PutOutcome::Stored { .. } => store_summary(repo, seg, &summary)
                 .await
                 .with_context(|| format!("index {name} (the segment itself is stored)"))?,
-            // Already stored: a crash may have come between segment and summary, so write a
-            // missing one (same bytes, same summary). Failing to is not a failure of the push: the
-            // segment is safe, and the summary can be rebuilt from it.
-            PutOutcome::AlreadyStored => match repo.exists(&ObjectKey::Summary(seg)).await {
+            // Already stored, perhaps by an earlier version that stored the summary beside the
+            // segment, and a crash may have come between the two: write a missing one (same
+            // bytes, same summary). Failing to is not a failure of the push: the segment is safe,
+            // and the summary can be rebuilt from it.
+            PutOutcome::AlreadyStored => match crate::catalog::summary_stored(repo, seg).await {
                 Ok(true) => {}
                 Ok(false) => {
                     if let Err(e) = store_summary(repo, seg, &summary).await {
@@ -612,18 +648,23 @@ fn encode_and_inspect<T: Send>(
     Ok((stored?, seen))
 }
 
-/// Store a segment's summary. The summary is derived data, rebuilt the same way from the same
-/// segment, so it is simply written (one round trip), replacing any earlier copy.
-async fn store_summary(
-    repo: &Repo,
-    seg: SegmentName,
-    summary: &SegmentSummary,
-) -> anyhow::Result<()> {
+/// Say so when the WAL index could not read all of a segment.
+fn warn_unindexed(seg: SegmentName, summary: &SegmentSummary) {
     if let ParseStatus::Failed { lsn, reason } = &summary.status {
         tracing::warn!(
             "{seg}: WAL records could not be indexed past {lsn}: {reason}; the segment is archived as is"
         );
     }
+}
+
+/// Store a segment's summary beside it (a repository of an earlier version, or a summary too long
+/// to carry). The summary is derived data, rebuilt the same way from the same segment, so it is
+/// simply written (one round trip), replacing any earlier copy.
+async fn store_summary(
+    repo: &Repo,
+    seg: SegmentName,
+    summary: &SegmentSummary,
+) -> anyhow::Result<()> {
     let json = serde_json::to_vec(summary)?;
     let key = ObjectKey::Summary(seg);
     repo.put(
@@ -664,8 +705,20 @@ mod tests {
         path
     }
 
+    /// The summary stored for `seg` (raw JSON), from wherever it is: the segment's own object, or
+    /// beside it.
+    async fn stored_summary(repo: &Repo, seg: SegmentName) -> Option<Vec<u8>> {
+        let key = ObjectKey::Wal(WalFileName::Segment(seg));
+        if let Some(size) = repo.size_of(&key).await.unwrap()
+            && let Some(s) = repo.get_attached(&key, size).await.unwrap()
+        {
+            return Some(s);
+        }
+        repo.get(&ObjectKey::Summary(seg)).await.unwrap()
+    }
+
     #[tokio::test]
-    async fn the_summary_follows_a_stored_segment_and_is_never_touched_by_a_refused_push() {
+    async fn the_summary_travels_in_the_segment_and_is_never_touched_by_a_refused_push() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://push");
         let path = segment_file(dir.path(), 1);
@@ -673,43 +726,73 @@ mod tests {
             WalFileName::Segment(s) => s,
             other => panic!("{other}"),
         };
-        // Not stored yet: segment and summary both land.
+        let key = ObjectKey::Wal(WalFileName::Segment(seg));
+        // Not stored yet: one object, the summary carried at its end, none beside it.
         let r = push(&repo, &path, Compression::Zstd).await.unwrap();
         assert!(matches!(r.outcome, PutOutcome::Stored { .. }));
-        assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
-        // The same bytes again: already stored, summary kept.
-        let r = push(&repo, &path, Compression::Zstd).await.unwrap();
-        assert_eq!(r.outcome, PutOutcome::AlreadyStored);
-        assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
-        // The same bytes again: already stored, and the summary is not rewritten (a read-only
-        // repository answers 0 for an identical segment).
-        let before = repo.get_stored(&ObjectKey::Summary(seg)).await.unwrap();
-        let r = push(&repo, &path, Compression::Lz4).await.unwrap();
-        assert_eq!(r.outcome, PutOutcome::AlreadyStored);
+        let listed: Vec<String> = repo
+            .list(&crate::storage::layout::Prefix::Wal)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.key().to_string())
+            .collect();
+        assert_eq!(listed, vec![key.key()]);
+        let summary: SegmentSummary =
+            crate::format::decode(&stored_summary(&repo, seg).await.unwrap()).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        let header = crate::pg::segment::parse_long_header(&data).unwrap();
         assert_eq!(
-            repo.get_stored(&ObjectKey::Summary(seg)).await.unwrap(),
-            before
+            summary,
+            index::summarize(&data, seg, header.seg_size, header.page_size, header.major)
         );
-        // A summary lost to a crash between the two writes comes back with the next push.
-        repo.delete(&ObjectKey::Summary(seg)).await.unwrap();
-        push(&repo, &path, Compression::Zstd).await.unwrap();
-        assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
+        assert_eq!(repo.get(&key).await.unwrap().unwrap(), data);
+        let before = repo.get_stored(&key).await.unwrap();
+        // The same bytes again, in any compression: already stored, nothing written.
+        for c in [Compression::Zstd, Compression::Lz4] {
+            let r = push(&repo, &path, c).await.unwrap();
+            assert_eq!(r.outcome, PutOutcome::AlreadyStored);
+        }
+        assert_eq!(repo.get_stored(&key).await.unwrap(), before);
+        assert!(!repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
         // Other bytes under the name, looked up as absent (another writer got in after the look):
-        // refused, the stored segment and the winner's summary untouched.
+        // refused, the stored segment and its summary untouched.
         let other = segment_file(dir.path(), 2);
         let prepared = prepare_known(&repo, &other, Compression::Zstd, Known::Is(false))
             .await
             .unwrap();
         assert_conflict(&repo, prepared).await;
-        let kept = repo
-            .get(&ObjectKey::Wal(WalFileName::Segment(seg)))
+        assert_eq!(repo.get(&key).await.unwrap().unwrap()[9000], 1);
+        assert_eq!(repo.get_stored(&key).await.unwrap(), before);
+    }
+
+    #[tokio::test]
+    async fn a_segment_of_an_earlier_version_gets_its_lost_summary_back() {
+        // An earlier version stored the segment (format 1) and its summary as two objects; a
+        // crash between the two left the segment without one. The next push of the same bytes
+        // writes it beside the segment, as that version would have.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::from_store(Arc::new(InMemory::new()), "memory://old");
+        let path = segment_file(dir.path(), 1);
+        let name = name_of(&path).unwrap();
+        let WalFileName::Segment(seg) = name else {
+            panic!("{name}")
+        };
+        let data = std::fs::read(&path).unwrap();
+        repo.put_new(&ObjectKey::Wal(name), &data, Compression::Zstd)
             .await
-            .unwrap()
             .unwrap();
-        assert_eq!(kept[9000], 1);
+        assert_eq!(stored_summary(&repo, seg).await, None);
+        assert!(!crate::catalog::summary_stored(&repo, seg).await.unwrap());
+        let r = push(&repo, &path, Compression::Zstd).await.unwrap();
+        assert_eq!(r.outcome, PutOutcome::AlreadyStored);
+        assert!(repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
+        assert!(crate::catalog::summary_stored(&repo, seg).await.unwrap());
+        let fresh = Repo::from_store(Arc::new(InMemory::new()), "memory://fresh");
+        push(&fresh, &path, Compression::Zstd).await.unwrap();
         assert_eq!(
-            repo.get_stored(&ObjectKey::Summary(seg)).await.unwrap(),
-            before
+            stored_summary(&repo, seg).await,
+            stored_summary(&fresh, seg).await
         );
     }
 
@@ -823,8 +906,8 @@ mod tests {
             let fresh = Repo::from_store(Arc::new(InMemory::new()), "memory://fresh");
             push(&fresh, winner, Compression::Zstd).await.unwrap();
             assert_eq!(
-                repo.get(&ObjectKey::Summary(seg)).await.unwrap(),
-                fresh.get(&ObjectKey::Summary(seg)).await.unwrap(),
+                stored_summary(&repo, seg).await,
+                stored_summary(&fresh, seg).await,
                 "round {round}: the summary is the winner's"
             );
         }
@@ -847,6 +930,7 @@ mod tests {
         let err = push(&repo, &path, Compression::Zstd).await.unwrap_err();
         assert!(format!("{err:#}").contains("archive"), "{err:#}");
         assert!(!repo.exists(&ObjectKey::Summary(seg)).await.unwrap());
+        assert!(!crate::catalog::summary_stored(&repo, seg).await.unwrap());
     }
 
     #[tokio::test]
@@ -872,6 +956,17 @@ mod tests {
         assert!(matches!(r.outcome, PutOutcome::Stored { .. }));
         let name = name_of(&four).unwrap();
         assert_eq!(repo.get(&ObjectKey::Wal(name)).await.unwrap().unwrap(), b);
+        // The staging file got the summary's trailer too.
+        let WalFileName::Segment(seg) = name else {
+            panic!("{name}")
+        };
+        let summary: SegmentSummary =
+            crate::format::decode(&stored_summary(&repo, seg).await.unwrap()).unwrap();
+        let header = crate::pg::segment::parse_long_header(&b).unwrap();
+        assert_eq!(
+            summary,
+            index::summarize(&b, seg, header.seg_size, header.page_size, header.major)
+        );
         // Identical again: already stored. Different bytes: refused, the stored object untouched.
         let r = push(&repo, &four, Compression::Zstd).await.unwrap();
         assert_eq!(r.outcome, PutOutcome::AlreadyStored);

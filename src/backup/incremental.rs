@@ -28,7 +28,6 @@ use crate::pg::blockref::{FSM_FORKNUM, MAIN_FORKNUM, RelFork};
 use crate::pg::page::relation_file;
 use crate::pg::{Lsn, SegmentName, SystemId, TimelineId};
 use crate::storage::Repo;
-use crate::storage::layout::ObjectKey;
 
 /// What an incremental or differential backup builds on.
 #[derive(Debug)]
@@ -126,8 +125,7 @@ pub async fn prepare(
         .query_one("SELECT pg_switch_wal()::text", &[])
         .await
         .map_err(|e| anyhow::anyhow!("switch WAL segments (pg_switch_wal): {e}"))?;
-    let summary = ObjectKey::Summary(start.segment);
-    if !super::wait_stored(repo, &summary, Instant::now() + wait).await? {
+    if !wait_indexed(repo, start.segment, Instant::now() + wait).await? {
         return Ok(Err(format!(
             "WAL segment {} (the backup's start) was not archived and indexed within {}",
             start.segment,
@@ -148,6 +146,19 @@ pub async fn prepare(
             "the WAL index cannot say which blocks changed since backup {} started: {hole}",
             parent.id
         ))),
+    }
+}
+
+/// Wait until `seg` is archived with its summary, or `deadline` passes (`false`).
+async fn wait_indexed(repo: &Repo, seg: SegmentName, deadline: Instant) -> anyhow::Result<bool> {
+    loop {
+        if crate::catalog::summary_stored(repo, seg).await? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

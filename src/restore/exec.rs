@@ -250,7 +250,7 @@ async fn require_rolled_wal(repo: &Repo, plan: &Plan) -> anyhow::Result<()> {
         let listed = crate::rollup::list_segments(repo, tli, first, last, seg_size).await?;
         let stored: std::collections::BTreeSet<SegmentName> = listed
             .into_iter()
-            .filter_map(|l| match l {
+            .filter_map(|l| match l.what {
                 Listed::Wal(WalFileName::Segment(s)) => Some(s),
                 _ => None,
             })

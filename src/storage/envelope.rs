@@ -3,14 +3,27 @@
 //! CRC-32C of the header itself. Reading an object checks all three before returning a byte.
 //!
 //! ```text
-//! 0..8   magic "PITROBJ1"
+//! 0..8   magic "PITROBJ1" (or "PITROBJ2": an attachment follows the payload)
 //! 8      compression code (0 none, 1 zstd, 2 lz4)
-//! 9..12  zero
+//! 9..12  zero; in "PITROBJ2", the length of the trailer (attachment and footer), u24 LE
 //! 12..20 original length, u64 LE
 //! 20..24 CRC-32C of the original bytes, LE
-//! 24..28 CRC-32C of the payload (bytes 32..), LE
+//! 24..28 CRC-32C of the payload (bytes 32.. up to the trailer), LE
 //! 28..32 CRC-32C of bytes 0..28, LE
 //! 32..   payload
+//! ```
+//!
+//! Format 2 carries a second, smaller object after the payload, found from either end: the header
+//! gives the trailer's length, and the last 16 bytes (the footer) give the attachment's, so a
+//! reader that fetches only an object's tail (a range read, with the size a listing gave) gets it
+//! without the payload. A WAL segment carries its index summary this way, so archiving it is one
+//! write. The attachment is an envelope itself (format 1), with its own checksums.
+//!
+//! ```text
+//! trailer: attachment, then the footer:
+//! 0..4   attachment length, u32 LE
+//! 4..8   CRC-32C of the attachment, LE
+//! 8..16  magic "PITRATT1"
 //! ```
 
 #![deny(clippy::indexing_slicing)]
@@ -19,6 +32,14 @@ use crate::compress::Compression;
 
 /// Header magic and format version.
 pub const MAGIC: &[u8; 8] = b"PITROBJ1";
+/// Header magic of format 2: the same header, and an attachment after the payload.
+pub const MAGIC_ATTACHED: &[u8; 8] = b"PITROBJ2";
+/// Footer magic, the last 8 bytes of a format 2 object.
+pub const FOOTER_MAGIC: &[u8; 8] = b"PITRATT1";
+/// Footer length.
+pub const FOOTER_LEN: usize = 16;
+/// Longest trailer (attachment and footer) the header can state.
+pub const MAX_TRAILER_LEN: usize = (1 << 24) - 1;
 /// Header length.
 pub const HEADER_LEN: usize = 32;
 /// Largest original object accepted on read (guards allocations driven by a corrupt header).
@@ -33,6 +54,8 @@ pub struct Header {
     pub original_len: u64,
     /// CRC-32C of the original bytes.
     pub original_crc: u32,
+    /// Length of the trailer after the payload (attachment and footer; 0 in format 1).
+    pub trailer_len: usize,
 }
 
 /// Wrap `data`, compressed with `compression`.
@@ -399,9 +422,11 @@ pub fn decode_header(stored: &[u8]) -> Result<Header, String> {
             stored.len()
         ));
     }
-    if stored.get(..8) != Some(MAGIC.as_slice()) {
-        return Err("object does not start with pitr's header magic".into());
-    }
+    let attached = match stored.get(..8) {
+        Some(m) if m == MAGIC.as_slice() => false,
+        Some(m) if m == MAGIC_ATTACHED.as_slice() => true,
+        _ => return Err("object does not start with pitr's header magic".into()),
+    };
     if crc32c::crc32c(stored.get(..28).unwrap_or_default()) != le32(stored, 28) {
         return Err("header checksum mismatch".into());
     }
@@ -412,11 +437,141 @@ pub fn decode_header(stored: &[u8]) -> Result<Header, String> {
     if original_len > MAX_ORIGINAL_LEN {
         return Err(format!("header claims {original_len} original bytes"));
     }
+    let trailer_len = usize::from(crate::pg::le::u8_at(stored, 9))
+        | usize::from(crate::pg::le::u8_at(stored, 10)) << 8
+        | usize::from(crate::pg::le::u8_at(stored, 11)) << 16;
+    if !attached && trailer_len != 0 {
+        return Err("format 1 header with nonzero reserved bytes".into());
+    }
+    if attached && trailer_len < FOOTER_LEN {
+        return Err(format!(
+            "header states a {trailer_len}-byte trailer, shorter than its footer"
+        ));
+    }
     Ok(Header {
         compression,
         original_len,
         original_crc: le32(stored, 20),
+        trailer_len,
     })
+}
+
+/// The payload of a stored object whose header is `header`: from the header to the trailer.
+///
+/// # Errors
+/// The object is shorter than its header and trailer.
+pub fn payload<'a>(stored: &'a [u8], header: &Header) -> Result<&'a [u8], String> {
+    let end = stored
+        .len()
+        .checked_sub(header.trailer_len)
+        .filter(|end| *end >= HEADER_LEN)
+        .ok_or_else(|| {
+            format!(
+                "object is {} bytes, shorter than its header and {}-byte trailer",
+                stored.len(),
+                header.trailer_len
+            )
+        })?;
+    Ok(stored.get(HEADER_LEN..end).unwrap_or_default())
+}
+
+/// `encoded` (a format 1 envelope) with `attachment` (an envelope itself) carried after its
+/// payload: the header becomes format 2 and states the trailer's length; the payload and its
+/// checksums are unchanged, so a staging file already holding the payload needs only the new
+/// header and the trailer (see [`Encoded::parts`]: the header is then its own first part).
+///
+/// # Errors
+/// `encoded` is not a format 1 envelope, or the attachment is too long for the header to state.
+pub fn attach(encoded: Encoded, attachment: &[u8]) -> Result<Encoded, String> {
+    let trailer_len = attachment.len() + FOOTER_LEN;
+    if trailer_len > MAX_TRAILER_LEN {
+        return Err(format!(
+            "an attachment of {} bytes is longer than a header can state",
+            attachment.len()
+        ));
+    }
+    let mut parts = encoded.into_parts().into_iter();
+    let first = parts.next().unwrap_or_default();
+    if first.len() < HEADER_LEN || first.get(..8) != Some(MAGIC.as_slice()) {
+        return Err("only a format 1 envelope takes an attachment".into());
+    }
+    let mut head = first.get(..HEADER_LEN).unwrap_or_default().to_vec();
+    let len_bytes = (trailer_len as u32).to_le_bytes();
+    if let Some(magic) = head.get_mut(..8) {
+        magic.copy_from_slice(MAGIC_ATTACHED);
+    }
+    if let Some(b) = head.get_mut(9..12) {
+        b.copy_from_slice(len_bytes.get(..3).unwrap_or_default());
+    }
+    let header_crc = crc32c::crc32c(head.get(..28).unwrap_or_default());
+    if let Some(b) = head.get_mut(28..32) {
+        b.copy_from_slice(&header_crc.to_le_bytes());
+    }
+    let mut out = vec![bytes::Bytes::from(head)];
+    if first.len() > HEADER_LEN {
+        out.push(first.slice(HEADER_LEN..));
+    }
+    out.extend(parts);
+    let mut trailer = Vec::with_capacity(trailer_len);
+    trailer.extend_from_slice(attachment);
+    trailer.extend_from_slice(&(attachment.len() as u32).to_le_bytes());
+    trailer.extend_from_slice(&crc32c::crc32c(attachment).to_le_bytes());
+    trailer.extend_from_slice(FOOTER_MAGIC);
+    out.push(bytes::Bytes::from(trailer));
+    Ok(Encoded { parts: out })
+}
+
+/// What the last bytes of an object say about its attachment.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tail<'a> {
+    /// No footer: the object has no attachment (a format 1 object).
+    None,
+    /// The attachment starts further back: the last `n` bytes of the object hold it and its footer.
+    Need(usize),
+    /// The attachment, checked against the footer's checksum (an envelope: decode it).
+    Found(&'a [u8]),
+}
+
+/// The attachment in `tail`, the last bytes of an object (or all of them).
+///
+/// # Errors
+/// The footer's checksum does not match the bytes before it.
+pub fn attachment_in_tail(tail: &[u8]) -> Result<Tail<'_>, String> {
+    let Some(footer_at) = tail.len().checked_sub(FOOTER_LEN) else {
+        return Ok(Tail::None);
+    };
+    let footer = tail.get(footer_at..).unwrap_or_default();
+    if footer.get(8..16) != Some(FOOTER_MAGIC.as_slice()) {
+        return Ok(Tail::None);
+    }
+    let len = le32(footer, 0) as usize;
+    let Some(start) = footer_at.checked_sub(len) else {
+        return Ok(Tail::Need(len + FOOTER_LEN));
+    };
+    let attachment = tail.get(start..footer_at).unwrap_or_default();
+    if crc32c::crc32c(attachment) != le32(footer, 4) {
+        return Err("attachment checksum mismatch".into());
+    }
+    Ok(Tail::Found(attachment))
+}
+
+/// The attachment of a whole stored object: `None` for format 1.
+///
+/// # Errors
+/// The header or the trailer fails a check.
+pub fn attachment(stored: &[u8]) -> Result<Option<&[u8]>, String> {
+    let header = decode_header(stored)?;
+    if header.trailer_len == 0 {
+        return Ok(None);
+    }
+    payload(stored, &header)?;
+    let trailer = stored
+        .get(stored.len().saturating_sub(header.trailer_len)..)
+        .unwrap_or_default();
+    match attachment_in_tail(trailer)? {
+        Tail::Found(a) if a.len() + FOOTER_LEN == trailer.len() => Ok(Some(a)),
+        _ => Err("the footer does not match the trailer the header states".into()),
+    }
 }
 
 /// Verify and unwrap a stored object, returning the original bytes.
@@ -425,7 +580,7 @@ pub fn decode_header(stored: &[u8]) -> Result<Header, String> {
 /// A description of the first check that failed.
 pub fn decode(stored: &[u8]) -> Result<Vec<u8>, String> {
     let header = decode_header(stored)?;
-    let payload = stored.get(HEADER_LEN..).unwrap_or_default();
+    let payload = payload(stored, &header)?;
     if crc32c::crc32c(payload) != le32(stored, 24) {
         return Err("payload checksum mismatch".into());
     }
@@ -483,7 +638,7 @@ pub fn decode_to(
 ) -> Result<u64, DecodeToError> {
     use DecodeToError::{Corrupt, Sink};
     let header = decode_header(stored).map_err(Corrupt)?;
-    let payload = stored.get(HEADER_LEN..).unwrap_or_default();
+    let payload = payload(stored, &header).map_err(Corrupt)?;
     if crc32c::crc32c(payload) != le32(stored, 24) {
         return Err(Corrupt("payload checksum mismatch".into()));
     }
@@ -588,7 +743,7 @@ pub fn decode_to_parallel(
 ) -> Result<u64, DecodeToError> {
     use DecodeToError::{Corrupt, Sink};
     let header = decode_header(stored).map_err(Corrupt)?;
-    let payload = stored.get(HEADER_LEN..).unwrap_or_default();
+    let payload = payload(stored, &header).map_err(Corrupt)?;
     let frames = match header.compression {
         Compression::Zstd if threads > 1 => zstd_frames(payload).map_err(Corrupt)?,
         _ => Vec::new(),
@@ -790,6 +945,101 @@ mod tests {
             }
             assert!(same_content(&damaged, &data).is_err(), "{c}");
         }
+    }
+
+    /// `data` in an envelope of `c` on `threads` threads, carrying `attachment`'s envelope.
+    fn with_attachment(data: &[u8], c: Compression, threads: usize, attachment: &[u8]) -> Vec<u8> {
+        let (stored, _) = encode_parallel_beside(data, c, threads, None, None, || ());
+        let sealed = encode(attachment, Compression::Zstd).unwrap();
+        attach(stored.unwrap(), &sealed).unwrap().into_vec()
+    }
+
+    #[test]
+    fn an_attachment_rides_after_the_payload_and_is_found_from_either_end() {
+        let data: Vec<u8> = sample().repeat(60); // 6 MB: compressed in pieces on 2 threads
+        // Not compressible, so longer than the 100-byte tail read first below.
+        let note: Vec<u8> = (0..3000u64)
+            .map(|i| {
+                (i.wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407)
+                    >> 33) as u8
+            })
+            .collect();
+        for (c, threads) in [
+            (Compression::None, 1),
+            (Compression::Zstd, 1),
+            (Compression::Zstd, 2),
+            (Compression::Lz4, 1),
+        ] {
+            let stored = with_attachment(&data, c, threads, &note);
+            assert_eq!(&stored[..8], MAGIC_ATTACHED);
+            // Every reader of the payload sees the original, nothing of the attachment.
+            assert_eq!(decode(&stored).unwrap(), data, "{c}");
+            assert_eq!(streamed(&stored).unwrap(), data, "{c}");
+            assert_eq!(streamed_parallel(&stored, 2).unwrap(), data, "{c}");
+            assert_eq!(same_content(&stored, &data), Ok(true), "{c}");
+            assert_eq!(same_content(&stored, &data[1..]), Ok(false), "{c}");
+            // From the header.
+            assert_eq!(decode(attachment(&stored).unwrap().unwrap()).unwrap(), note);
+            // From the tail alone: too short says how much more; long enough finds it.
+            let need = match attachment_in_tail(&stored[stored.len() - 100..]).unwrap() {
+                Tail::Need(n) => n,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(need, decode_header(&stored).unwrap().trailer_len);
+            for len in [need, need + 1, stored.len()] {
+                match attachment_in_tail(&stored[stored.len() - len..]).unwrap() {
+                    Tail::Found(a) => assert_eq!(decode(a).unwrap(), note),
+                    other => panic!("{len}: {other:?}"),
+                }
+            }
+            // A format 1 object has none, from either end.
+            let plain = encode(&data, c).unwrap();
+            assert_eq!(attachment(&plain), Ok(None));
+            assert_eq!(
+                attachment_in_tail(&plain[plain.len() - 4096..]),
+                Ok(Tail::None)
+            );
+        }
+        // Only a format 1 envelope takes one.
+        let stored = with_attachment(&data, Compression::Zstd, 2, &note);
+        assert!(attach(stored.into(), b"x").is_err());
+    }
+
+    #[test]
+    fn a_damaged_attachment_is_caught_and_leaves_the_payload_readable() {
+        let data = sample();
+        let note = b"summary".repeat(100);
+        let stored = with_attachment(&data, Compression::Zstd, 1, &note);
+        let trailer = decode_header(&stored).unwrap().trailer_len;
+        for pos in stored.len() - trailer..stored.len() {
+            let mut bad = stored.clone();
+            bad[pos] ^= 0x01;
+            // The payload does not depend on the trailer.
+            assert_eq!(decode(&bad).unwrap(), data, "flip at {pos}");
+            // The attachment's checks catch it, from the header and from the tail.
+            let whole = attachment(&bad).and_then(|a| decode(a.unwrap_or_default()));
+            assert!(whole.is_err(), "flip at {pos}: {whole:?}");
+            // (Read from a tail as long as the whole object: a footer asking for more than that
+            // is refused by the reader, `Repo::get_attached`.)
+            let tail = match attachment_in_tail(&bad) {
+                Ok(Tail::Found(a)) => decode(a).map(|_| ()),
+                Ok(Tail::Need(n)) if n > bad.len() => Err("longer than the object".into()),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            // (A flipped footer magic reads as "no attachment": the tail reader then finds none,
+            // which leaves the segment unindexed, never misindexed.)
+            let in_magic = pos >= stored.len() - 8;
+            assert!(tail.is_err() || in_magic, "flip at {pos}");
+        }
+        // The header states the trailer: a flip there, or a cut, is the header's or the
+        // payload's failure.
+        let mut bad = stored.clone();
+        bad[9] ^= 0x01;
+        assert!(decode(&bad).is_err());
+        assert!(decode(&stored[..stored.len() - 1]).is_err());
+        assert!(decode(&stored[..HEADER_LEN + 3]).is_err());
     }
 
     #[test]

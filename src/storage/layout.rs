@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! pitr.json                                  repository identity (cluster, version, segment size)
-//! wal/<TTTTTTTT>/<segment>.pitr              WAL segments, `.partial` and `.backup` files
-//! wal/<TTTTTTTT>/<segment>.idx               the segment's WAL index summary (see `index`)
+//! wal/<TTTTTTTT>/<segment>.pitr              WAL segments (each carrying its WAL index summary
+//!                                            after the payload, see `envelope::attach`),
+//!                                            `.partial` and `.backup` files
+//! wal/<TTTTTTTT>/<segment>.idx               a summary stored beside its segment (earlier
+//!                                            versions; one too long to carry); preferred when there
 //! wal/history/<TTTTTTTT>.history.pitr        timeline history files
 //! index/<TTTTTTTT>/<first>-<last>.roll.pitr  a roll-up of 256 segments' summaries (see `rollup`;
 //!                                            derived, written once, ignored when stale)
@@ -112,6 +115,26 @@ pub enum Listed {
     Wal(WalFileName),
     /// A segment's summary.
     Summary(SegmentName),
+}
+
+impl Listed {
+    /// The segment it belongs to (`None` for a history file).
+    pub fn segment(&self) -> Option<SegmentName> {
+        match self {
+            Listed::Wal(w) => w.segment(),
+            Listed::Summary(s) => Some(*s),
+        }
+    }
+}
+
+/// A WAL object a listing found, with its size (a segment's summary is read from the end of its
+/// object: see `storage::envelope::attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// What it is.
+    pub what: Listed,
+    /// Its size in the store.
+    pub size: u64,
 }
 
 /// Prefix of every WAL-related key.

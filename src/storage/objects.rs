@@ -15,6 +15,10 @@ use super::retry::retry;
 use super::{READ_ATTEMPTS, Repo, RepoError, envelope, staged};
 use crate::compress::Compression;
 
+/// How much of an object's end [`Repo::get_attached`] reads first: a TPC-B segment's summary is
+/// about 5 KB; a longer one takes a second read.
+pub(super) const ATTACHMENT_TAIL: u64 = 32 << 10;
+
 /// What a conditional create did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -471,6 +475,92 @@ impl Repo {
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.store_err("read", &key, e)),
+        }
+    }
+
+    /// The last `len` of the `size` bytes of `key` (a range read), with retries; `None` when absent.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be read.
+    async fn get_tail(
+        &self,
+        key: &ObjectKey,
+        size: u64,
+        len: u64,
+    ) -> Result<Option<bytes::Bytes>, RepoError> {
+        let key = key.key();
+        let path = object_store::path::Path::from(key.as_str());
+        let range = size.saturating_sub(len)..size;
+        match retry(&self.retry, &|| format!("read the tail of {key}"), || {
+            self.store.get_range(&path, range.clone())
+        })
+        .await
+        {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_err("read", &key, e)),
+        }
+    }
+
+    /// The attachment an object of `size` bytes (as a listing gave it) carries after its payload
+    /// (see [`envelope::attach`]), decoded: a segment's index summary. One range read of its last
+    /// [`ATTACHMENT_TAIL`] bytes, a second when the attachment is longer. `None` when the object
+    /// is absent or has no attachment (written in format 1). An attachment that fails a check is
+    /// read again (`READ_ATTEMPTS`) before it is reported.
+    ///
+    /// # Errors
+    /// `Store`, or `Corrupt` naming the key.
+    pub async fn get_attached(
+        &self,
+        key: &ObjectKey,
+        size: u64,
+    ) -> Result<Option<Vec<u8>>, RepoError> {
+        let mut last = String::new();
+        for attempt in 1..=READ_ATTEMPTS {
+            let mut want = ATTACHMENT_TAIL.min(size);
+            let found = loop {
+                let Some(tail) = self.get_tail(key, size, want).await? else {
+                    return Ok(None);
+                };
+                match envelope::attachment_in_tail(&tail) {
+                    Ok(envelope::Tail::None) => return Ok(None),
+                    Ok(envelope::Tail::Need(n)) if (n as u64) > want && (n as u64) <= size => {
+                        want = n as u64;
+                    }
+                    Ok(envelope::Tail::Need(n)) => {
+                        break Err(format!(
+                            "its footer states a {n}-byte trailer in a {size}-byte object"
+                        ));
+                    }
+                    Ok(envelope::Tail::Found(a)) => break envelope::decode(a),
+                    Err(e) => break Err(e),
+                }
+            };
+            match found {
+                Ok(v) => return Ok(Some(v)),
+                Err(detail) => {
+                    tracing::warn!(key = %key.key(), attempt, "stored attachment failed verification: {detail}");
+                    last = format!("attachment: {detail}");
+                }
+            }
+        }
+        Err(self.corrupt(&key.key(), last))
+    }
+
+    /// The size of an object, `None` when absent.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot answer.
+    pub async fn size_of(&self, key: &ObjectKey) -> Result<Option<u64>, RepoError> {
+        let path = key.path();
+        let head = retry(&self.retry, &|| format!("look up {}", key.key()), || {
+            self.store.head(&path)
+        })
+        .await;
+        match head {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_err("look up", &key.key(), e)),
         }
     }
 

@@ -141,16 +141,13 @@ async fn write(repo: &Repo, count: u64, rollups: bool) -> anyhow::Result<()> {
             .map(|n| async move {
                 let (name, stored, summary) =
                     tokio::task::spawn_blocking(move || segment(n, seg_size)).await??;
+                // As archive-push stores it: the summary carried in the segment's object.
                 let wal = ObjectKey::Wal(WalFileName::Segment(name));
-                repo.put(&wal, stored, PutMode::CreateUnique).await?;
-                let key = ObjectKey::Summary(name);
                 let json = serde_json::to_vec(&summary)?;
-                repo.put(
-                    &key,
-                    repo.seal(&key, &json, Compression::Zstd)?,
-                    PutMode::OverwriteDerived,
-                )
-                .await?;
+                let sealed = repo.seal(&wal, &json, Compression::Zstd)?.into_vec();
+                let stored = crate::storage::envelope::attach(stored.into(), &sealed)
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                repo.put(&wal, stored, PutMode::CreateUnique).await?;
                 Ok(summary)
             })
             .buffered(32)
