@@ -55,6 +55,48 @@ pub fn flip_last_byte(p: &Path) {
     std::fs::write(p, b).unwrap();
 }
 
+/// Where the first piece of file `path` of the backup in `backup_dir` (of a local repository)
+/// is stored: the object's path and the byte range of the piece's envelope in it (the whole
+/// object when it is not in a bundle).
+pub fn piece_location(backup_dir: &Path, path: &str) -> (PathBuf, std::ops::Range<usize>) {
+    let repo_dir = backup_dir.parent().unwrap().parent().unwrap();
+    let id = backup_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let repo = pitr::storage::Repo::open(&format!("file://{}", repo_dir.display())).unwrap();
+    let bytes = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(repo.get(&pitr::storage::layout::ObjectKey::BackupManifest(
+            id.clone(),
+        )))
+        .unwrap()
+        .expect("the backup's manifest");
+    let manifest = pitr::manifest::BackupManifest::from_json(&bytes).unwrap();
+    let file = manifest
+        .files
+        .iter()
+        .find(|f| f.path == path)
+        .unwrap_or_else(|| panic!("{path} is not in backup {id}"));
+    let at = file.parts[0].at(&id, path, 0);
+    let object = repo_dir.join(at.key.key());
+    let range = match at.range {
+        Some(r) => r.start as usize..r.end as usize,
+        None => 0..std::fs::metadata(&object).unwrap().len() as usize,
+    };
+    (object, range)
+}
+
+/// Flip one bit of the last byte of the first stored piece of file `path` of the backup in
+/// `backup_dir` (in its object, or inside its bundle); flipping twice restores it.
+pub fn flip_piece(backup_dir: &Path, path: &str) {
+    let (object, range) = piece_location(backup_dir, path);
+    let mut b = std::fs::read(&object).unwrap();
+    b[range.end - 1] ^= 0x10;
+    std::fs::write(&object, b).unwrap();
+}
+
 /// The directory of the first backup in a local repository.
 pub fn first_backup_dir(repo_dir: &Path) -> PathBuf {
     std::fs::read_dir(repo_dir.join("backups"))

@@ -266,13 +266,19 @@ fn restore_targets(major: u32) {
     // a corrupt backup_label is found before any file is written.
     let repo_dir = PathBuf::from(s.url.trim_start_matches("file://"));
     let backup_dir = harness::first_backup_dir(&repo_dir);
-    let piece = backup_dir.join("data/global/pg_control.0.pitr");
-    for broken in [piece, backup_dir.join("backup_label.pitr")] {
-        harness::flip_last_byte(&broken);
-        let err = s.refused("half", &["--latest"]);
-        assert!(err.contains("corrupt"), "{err}");
-        harness::flip_last_byte(&broken);
-    }
+    // The control file's piece (in a bundle, with the other small files), then the label.
+    harness::flip_piece(&backup_dir, "global/pg_control");
+    let err = s.refused("half", &["--latest"]);
+    assert!(
+        err.contains("corrupt") && err.contains("global/pg_control"),
+        "{err}"
+    );
+    harness::flip_piece(&backup_dir, "global/pg_control");
+    let label = backup_dir.join("backup_label.pitr");
+    harness::flip_last_byte(&label);
+    let err = s.refused("half", &["--latest"]);
+    assert!(err.contains("corrupt"), "{err}");
+    harness::flip_last_byte(&label);
     assert_eq!(s.restore_rows("again", &["--latest"]), "1,2,3,4,5,6");
     eprintln!(
         "PG {major}: --to, --to --exclusive, --name, --xid, --xid --exclusive, --lsn, --immediate, --latest, offsets: exact rows; refusals clean"

@@ -39,8 +39,10 @@ fn verify_check_and_metrics() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("reached the repository"));
 
-    c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
-    for _ in 0..2 {
+    // Large enough (3.5 MiB) to be stored in pieces of its own; the rest goes into bundles.
+    c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 100000) g");
+    let t_path = c.sql("SELECT pg_relation_filepath('t')");
+    for _ in 0..3 {
         let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
@@ -58,7 +60,7 @@ fn verify_check_and_metrics() {
         String::from_utf8_lossy(&pitr(scratch.path(), &["--repo", &url, "metrics"], &[]).stdout)
             .into_owned();
     for want in [
-        "pitr_backups 2",
+        "pitr_backups 3",
         "pitr_rpo_exposure_seconds ",
         "pitr_verify_last_findings 0",
         "pitr_archived_segments{timeline=\"1\"}",
@@ -98,6 +100,12 @@ fn verify_check_and_metrics() {
     );
 
     // Damage.
+    let rel = |p: &Path| {
+        p.strip_prefix(&repo_dir)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
     let ids: Vec<String> = {
         let mut v: Vec<String> = std::fs::read_dir(repo_dir.join("backups"))
             .unwrap()
@@ -117,20 +125,30 @@ fn verify_check_and_metrics() {
     flip_last_byte(&flipped_wal);
     std::fs::remove_file(&deleted_wal).unwrap();
     flip_last_byte(&repo_dir.join("backups").join(&ids[0]).join("manifest.pitr"));
-    let data = repo_dir.join("backups").join(&ids[1]).join("data");
-    let flipped_file = data.join("PG_VERSION.0.pitr");
-    let deleted_file = data.join("global/1262.0.pitr");
-    flip_last_byte(&flipped_file);
+    // The small files are in bundles. In the second backup, a byte of PG_VERSION's piece is
+    // flipped inside its bundle and t's first piece (an object of its own) is deleted; in the
+    // third, the bundle holding global/1262 is deleted.
+    let second = repo_dir.join("backups").join(&ids[1]);
+    harness::flip_piece(&second, "PG_VERSION");
+    let (flipped_bundle, _) = harness::piece_location(&second, "PG_VERSION");
+    assert!(
+        rel(&flipped_bundle).contains("/bundle/"),
+        "{}",
+        flipped_bundle.display()
+    );
+    let (deleted_file, _) = harness::piece_location(&second, &t_path);
+    assert!(
+        rel(&deleted_file).contains("/data/"),
+        "{}",
+        deleted_file.display()
+    );
     std::fs::remove_file(&deleted_file).unwrap();
+    let (deleted_bundle, _) =
+        harness::piece_location(&repo_dir.join("backups").join(&ids[2]), "global/1262");
+    std::fs::remove_file(&deleted_bundle).unwrap();
 
     let (rc, report) = verify(&url, scratch.path());
     assert_eq!(rc, 1);
-    let rel = |p: &Path| {
-        p.strip_prefix(&repo_dir)
-            .unwrap()
-            .to_string_lossy()
-            .into_owned()
-    };
     assert!(
         named(&report, "corrupt", &rel(&flipped_wal)),
         "flipped WAL object not named: {report:#}"
@@ -164,12 +182,20 @@ fn verify_check_and_metrics() {
         "flipped manifest not named: {report:#}"
     );
     assert!(
-        named(&report, "corrupt", &rel(&flipped_file)),
-        "flipped backup file not named: {report:#}"
+        named(
+            &report,
+            "corrupt",
+            &format!("{} (PG_VERSION", rel(&flipped_bundle))
+        ),
+        "flipped piece in a bundle not named: {report:#}"
     );
     assert!(
         named(&report, "missing", &rel(&deleted_file)),
         "deleted backup file not named: {report:#}"
+    );
+    assert!(
+        named(&report, "missing", &rel(&deleted_bundle)),
+        "deleted bundle not named: {report:#}"
     );
     let human = pitr(scratch.path(), &["--repo", &url, "verify"], &[]);
     assert_eq!(code(&human), 1);
@@ -289,8 +315,8 @@ fn drill(major: u32) {
         .env("TMPDIR", &tmp);
         cmd
     };
-    let piece = harness::first_backup_dir(&repo_dir).join("data/global/pg_control.0.pitr");
-    flip_last_byte(&piece);
+    let backup_dir = harness::first_backup_dir(&repo_dir);
+    harness::flip_piece(&backup_dir, "global/pg_control");
     let out = drill_cmd().output().unwrap();
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert_eq!(
@@ -298,7 +324,7 @@ fn drill(major: u32) {
         0,
         "a drill whose restore failed left its scratch directory"
     );
-    flip_last_byte(&piece);
+    harness::flip_piece(&backup_dir, "global/pg_control");
     // An assertion that takes its time, so the signal finds the drill talking to its server.
     let slow = scratch.path().join("slow.sql");
     std::fs::write(&slow, "SELECT count(*) >= 0 FROM pg_sleep(600);").unwrap();

@@ -87,11 +87,13 @@ fn manifest() -> BackupManifest {
                     size: 16_777_216,
                     crc32c: 0x1234_5678,
                     stored: 1_204_311,
+                    bundle: None,
                 },
                 Part {
                     size: 8192,
                     crc32c: 0x9abc_def0,
                     stored: 312,
+                    bundle: None,
                 },
             ],
             checksum_failures: vec![],
@@ -247,6 +249,7 @@ fn incremental_manifest() -> BackupManifest {
         size: 7 * 8192,
         crc32c: 0x0bad_cafe,
         stored: 4100,
+        bundle: None,
     }];
     m.files[0].size = 7 * 8192;
     m.files.push(whole);
@@ -269,6 +272,40 @@ fn incremental_backup_manifest() {
             .unwrap()
             .backup_type,
         crate::manifest::BackupType::Full
+    );
+}
+
+#[test]
+fn bundled_backup_manifest() {
+    // Format 3: a small file's piece in a bundle, beside a large file's pieces of their own.
+    let mut m = manifest();
+    m.format_version = crate::manifest::MANIFEST_FORMAT_BUNDLED;
+    let mut small = m.files[0].clone();
+    small.path = "base/5/2619_vm".into();
+    small.size = 8192;
+    small.parts = vec![Part {
+        size: 8192,
+        crc32c: 0x0f0f_0f0f,
+        stored: 120,
+        bundle: Some(crate::manifest::InBundle {
+            id: 3,
+            offset: 4_194_432,
+        }),
+    }];
+    m.files.push(small);
+    let written = serde_json::to_string_pretty(&m).unwrap();
+    let file = check("manifest-v3-bundled.json", &written);
+    let read = BackupManifest::from_json(file.as_bytes()).unwrap();
+    assert_eq!(read, m);
+    let at = read.files[1].parts[0].at(&read.id, &read.files[1].path, 0);
+    assert_eq!(at.key.key(), format!("backups/{}/bundle/3.pitr", read.id));
+    assert_eq!(at.range, Some(4_194_432..4_194_552));
+    // Pieces of their own, as every earlier format stored them.
+    let at = read.files[0].parts[1].at(&read.id, &read.files[0].path, 1);
+    assert_eq!(at.range, None);
+    assert_eq!(
+        at.key.key(),
+        format!("backups/{}/data/base/5/16384.1.pitr", read.id)
     );
 }
 
@@ -402,7 +439,7 @@ fn verify_status() {
 async fn newer_formats_are_refused_by_name() {
     // A backup manifest: the backup is not restorable and the catalog says why.
     let mut newer = serde_json::to_value(manifest()).unwrap();
-    newer["format_version"] = 3.into();
+    newer["format_version"] = 4.into();
     let loaded = Loaded {
         identity: Some(identity()),
         wal: vec![crate::pg::WalFileName::Segment(seg(1, 1))],
@@ -416,7 +453,7 @@ async fn newer_formats_are_refused_by_name() {
             .iter()
             .any(|p| p.segment == "backup 20261121T101304Z"
                 && p.reason
-                    .contains("backup manifest is format 3, newer than this pitr")),
+                    .contains("backup manifest is format 4, newer than this pitr")),
         "{:?}",
         c.problems
     );

@@ -12,8 +12,15 @@ use crate::pg::PgTimestamp;
 use crate::pg::{Lsn, SegmentName, SystemId, TimelineId};
 
 /// The newest manifest format this pitr reads: 2 adds incremental and differential backups (a
-/// backup type, its parent, and files stored as changed blocks).
-pub const MANIFEST_FORMAT: u32 = 2;
+/// backup type, its parent, and files stored as changed blocks); 3 adds pieces stored in bundles.
+pub const MANIFEST_FORMAT: u32 = 3;
+
+/// The format of a backup with pieces in bundles, which an older pitr would look for as objects
+/// of their own.
+pub const MANIFEST_FORMAT_BUNDLED: u32 = 3;
+
+/// The format of an incremental or differential backup without bundles.
+pub const MANIFEST_FORMAT_INCREMENTAL: u32 = 2;
 
 /// The format a full backup is written in: unchanged, so an older pitr still restores it. Only an
 /// incremental or differential backup, which an older pitr would restore wrong, is written as 2.
@@ -114,6 +121,51 @@ pub struct Part {
     pub crc32c: u32,
     /// Bytes stored (compressed, with header).
     pub stored: u64,
+    /// Where the piece is stored when it is in a bundle (absent: an object of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<InBundle>,
+}
+
+/// A piece's place in a bundle: its envelope is `stored` bytes from `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InBundle {
+    /// The bundle's number in its backup.
+    pub id: u32,
+    /// The envelope's first byte in the bundle object.
+    pub offset: u64,
+}
+
+/// Where a piece's envelope is read from: an object, and the byte range of it (`None`: all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartAt {
+    /// The object.
+    pub key: crate::storage::layout::ObjectKey,
+    /// The envelope's bytes in it, when it shares the object.
+    pub range: Option<std::ops::Range<u64>>,
+}
+
+impl Part {
+    /// Where piece `index` of file `path` of backup `id` is stored.
+    pub fn at(&self, id: &str, path: &str, index: usize) -> PartAt {
+        use crate::storage::layout::ObjectKey;
+        match self.bundle {
+            Some(b) => PartAt {
+                key: ObjectKey::BackupBundle {
+                    id: id.to_string(),
+                    bundle: b.id,
+                },
+                range: Some(b.offset..b.offset.saturating_add(self.stored)),
+            },
+            None => PartAt {
+                key: ObjectKey::BackupPart {
+                    id: id.to_string(),
+                    path: path.to_string(),
+                    part: index as u32,
+                },
+                range: None,
+            },
+        }
+    }
 }
 
 /// One copied file.

@@ -14,7 +14,7 @@
 //! Every finding names the object or segment. The result is also stored as `status/verify.json` for
 //! `pitr metrics`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -25,7 +25,7 @@ use crate::manifest::BackupManifest;
 use crate::pg::PgTimestamp;
 use crate::pg::{SegNo, TimelineId, WalFileName};
 use crate::storage::layout::{ObjectKey, Prefix};
-use crate::storage::{Entry, PutMode, Repo, RepoError};
+use crate::storage::{Entry, PutMode, Repo, RepoError, envelope};
 
 /// `status/verify.json`: the last verify's outcome, read by `pitr metrics`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -125,7 +125,16 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
         repository: repo.location().to_string(),
         finished_at: PgTimestamp::now(),
         objects_checked: objects.checked,
-        bytes_checked: objects.bytes,
+        // Bundles count as their pieces' data.
+        bytes_checked: objects.bytes
+            + catalog
+                .backups
+                .iter()
+                .flat_map(|b| &b.files)
+                .flat_map(|f| &f.parts)
+                .filter(|p| p.bundle.is_some())
+                .map(|p| p.size)
+                .sum::<u64>(),
         stored_bytes_checked: objects.stored_bytes,
         backups_checked: catalog.backups.len(),
         findings,
@@ -187,13 +196,18 @@ async fn check_objects(repo: &Repo, listing: Vec<Entry>, jobs: usize) -> Objects
             Err(e) => Err(e.to_string()),
         };
         let result = got.and_then(|b| {
-            use crate::storage::envelope;
             let decoded = envelope::decode(&b)?;
             // A segment's summary, carried after its payload, is checked too.
             if let Some(a) = envelope::attachment(&b)? {
                 envelope::decode(a).map_err(|e| format!("attachment: {e}"))?;
             }
-            Ok((decoded.len() as u64, b.len() as u64))
+            // A bundle's payload is its members' envelopes: their data is counted with their
+            // backup's pieces.
+            let data = match entry.object {
+                Some(ObjectKey::BackupBundle { .. }) => 0,
+                _ => decoded.len() as u64,
+            };
+            Ok((data, b.len() as u64))
         });
         (entry.key().to_string(), result)
     })
@@ -249,37 +263,46 @@ async fn check_backup(
             detail: format!("backup {} has no backup_label", b.id),
         });
     }
-    let pieces = b.files.iter().flat_map(|f| {
-        f.parts.iter().enumerate().map(move |(i, p)| {
-            let key = ObjectKey::BackupPart {
-                id: b.id.clone(),
-                path: f.path.clone(),
-                part: i as u32,
-            };
-            (key, p.size, p.crc32c)
-        })
-    });
+    // Each piece stored alone is read by itself; a bundle is read once for all its pieces.
+    let mut alone = Vec::new();
+    let mut bundles: BTreeMap<String, (ObjectKey, Vec<Member>)> = BTreeMap::new();
+    for f in &b.files {
+        for (i, p) in f.parts.iter().enumerate() {
+            let at = p.at(&b.id, &f.path, i);
+            match at.range {
+                None => alone.push((at.key, p.size, p.crc32c)),
+                Some(range) => {
+                    let name = at.key.key();
+                    bundles
+                        .entry(name)
+                        .or_insert_with(|| (at.key, Vec::new()))
+                        .1
+                        .push(Member {
+                            path: &f.path,
+                            range,
+                            size: p.size,
+                            crc: p.crc32c,
+                        });
+                }
+            }
+        }
+    }
     let missing = |name: String| Finding {
         kind: "missing",
         object: name,
         detail: format!("listed in the manifest of backup {}", b.id),
     };
-    let results: Vec<Option<Finding>> = futures::stream::iter(pieces)
+    let results: Vec<Option<Finding>> = futures::stream::iter(alone)
         .map(|(key, size, crc)| async move {
             let name = key.key();
             if !present.contains(&name) {
                 return Some(missing(name));
             }
             match repo.get(&key).await {
-                Ok(Some(d)) if d.len() as u64 == size && crc32c::crc32c(&d) == crc => None,
-                Ok(Some(d)) => Some(Finding {
+                Ok(Some(d)) => differs(&d, size, crc).map(|detail| Finding {
                     kind: "corrupt",
                     object: name,
-                    detail: format!(
-                        "{} bytes with CRC {:08x}; the manifest says {size} bytes, CRC {crc:08x}",
-                        d.len(),
-                        crc32c::crc32c(&d)
-                    ),
+                    detail,
                 }),
                 Ok(None) => Some(missing(name)),
                 Err(RepoError::Corrupt { .. }) => None, // already reported with every object
@@ -294,7 +317,89 @@ async fn check_backup(
         .collect()
         .await;
     findings.extend(results.into_iter().flatten());
+    let results: Vec<Vec<Finding>> = futures::stream::iter(bundles.into_values())
+        .map(|(key, members)| async move {
+            let name = key.key();
+            let gone = || Finding {
+                kind: "missing",
+                object: name.clone(),
+                detail: format!(
+                    "a bundle of {} piece(s) ({}{}) listed in the manifest of backup {}",
+                    members.len(),
+                    members
+                        .iter()
+                        .take(3)
+                        .map(|m| m.path)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if members.len() > 3 { ", …" } else { "" },
+                    b.id
+                ),
+            };
+            if !present.contains(&name) {
+                return vec![gone()];
+            }
+            let whole = match repo.get_stored(&key).await {
+                Ok(Some(w)) => w,
+                Ok(None) => return vec![gone()],
+                Err(e) => {
+                    return vec![Finding {
+                        kind: "corrupt",
+                        object: name,
+                        detail: e.to_string(),
+                    }];
+                }
+            };
+            members
+                .iter()
+                .filter_map(|m| {
+                    let detail = match whole.get(m.range.start as usize..m.range.end as usize) {
+                        None => Some(format!(
+                            "the bundle is {} bytes, too short for bytes {}..{}",
+                            whole.len(),
+                            m.range.start,
+                            m.range.end
+                        )),
+                        Some(env) => match envelope::decode(env) {
+                            Ok(d) => differs(&d, m.size, m.crc),
+                            Err(e) => Some(e),
+                        },
+                    }?;
+                    Some(Finding {
+                        kind: "corrupt",
+                        object: format!(
+                            "{name} ({}, bytes {}..{})",
+                            m.path, m.range.start, m.range.end
+                        ),
+                        detail: format!("the piece of {} in backup {}: {detail}", m.path, b.id),
+                    })
+                })
+                .collect()
+        })
+        .buffer_unordered(jobs.max(1))
+        .collect()
+        .await;
+    findings.extend(results.into_iter().flatten());
     findings
+}
+
+/// A piece in a bundle, as its manifest records it.
+struct Member<'a> {
+    path: &'a str,
+    range: std::ops::Range<u64>,
+    size: u64,
+    crc: u32,
+}
+
+/// What is wrong with piece bytes `d` that should be `size` bytes with CRC-32C `crc`.
+fn differs(d: &[u8], size: u64, crc: u32) -> Option<String> {
+    let got = crc32c::crc32c(d);
+    (d.len() as u64 != size || got != crc).then(|| {
+        format!(
+            "{} bytes with CRC {got:08x}; the manifest says {size} bytes, CRC {crc:08x}",
+            d.len()
+        )
+    })
 }
 
 /// WAL continuity from the oldest backup's start on every timeline, backups whose own WAL is

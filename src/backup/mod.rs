@@ -13,6 +13,7 @@
 //!    manifest, the server session ends (which aborts the backup on the server), and the backup is
 //!    not listed anywhere.
 
+pub mod bundle;
 pub mod incremental;
 pub mod walk;
 
@@ -29,8 +30,8 @@ use futures::StreamExt;
 
 use crate::compress::Compression;
 use crate::manifest::{
-    BackupManifest, BackupType, CHUNK_SIZE, ChangedBlocks, FileEntry, MANIFEST_FORMAT,
-    MANIFEST_FORMAT_FULL, Parent, Part,
+    BackupManifest, BackupType, CHUNK_SIZE, ChangedBlocks, FileEntry, MANIFEST_FORMAT_BUNDLED,
+    MANIFEST_FORMAT_FULL, MANIFEST_FORMAT_INCREMENTAL, Parent, Part,
 };
 use crate::pg::PgTimestamp;
 use crate::pg::{Lsn, SegmentName, SystemId, TimelineId, WalFileName};
@@ -58,6 +59,9 @@ pub struct BackupOptions {
     pub progress: bool,
     /// Full, or the changed blocks since a parent (incremental, differential).
     pub backup_type: BackupType,
+    /// Store small pieces together in bundles (see [`bundle`]); off, every piece is an object of
+    /// its own, as earlier versions stored them.
+    pub bundle: bool,
 }
 
 /// The label file fields pitr needs (`read_backup_label()` in xlogrecovery.c reads the same).
@@ -402,8 +406,8 @@ async fn copy_piece(
     repo: &Repo,
     id: &str,
     job: CopyJob,
-    compression: Compression,
-    check: Option<PageCheck>,
+    (compression, check): (Compression, Option<PageCheck>),
+    bundler: Option<&bundle::Bundler>,
 ) -> anyhow::Result<(CopyJob, PartOutcome)> {
     let file = job.file.clone();
     let slot = crate::cpu::slots().acquire().await?;
@@ -423,6 +427,20 @@ async fn copy_piece(
     else {
         return Ok((job, PartOutcome::Vanished));
     };
+    if let Some(bundler) = bundler.filter(|_| bundle::Bundler::takes(size)) {
+        let stored_len = stored.len() as u64;
+        let (place, closed) = bundler.add(stored)?;
+        if let Some(closed) = closed {
+            bundler.store(repo, closed).await?;
+        }
+        let part = Part {
+            size,
+            crc32c: crc,
+            stored: stored_len,
+            bundle: Some(place),
+        };
+        return Ok((job, PartOutcome::Stored(part, bad)));
+    }
     let key = ObjectKey::BackupPart {
         id: id.to_string(),
         path: file.src.rel.clone(),
@@ -440,6 +458,7 @@ async fn copy_piece(
                 size,
                 crc32c: crc,
                 stored: stored_len,
+                bundle: None,
             },
             bad,
         ),
@@ -483,14 +502,15 @@ fn jobs_for(file: &Arc<ToCopy>, block_size: u64) -> Vec<CopyJob> {
     }
 }
 
-/// Copy `files` in parallel; returns their manifest entries (vanished files left out).
+/// Copy `files` in parallel, the small pieces into `bundler`'s bundles when there is one (the
+/// caller stores the last, unfilled one); returns their manifest entries (vanished files left
+/// out).
 async fn copy_files(
     repo: &Repo,
-    id: &str,
+    (id, bundler): (&str, Option<&bundle::Bundler>),
     files: Vec<ToCopy>,
     opts: &BackupOptions,
-    geometry: Geometry,
-    check: Option<PageCheck>,
+    (geometry, check): (Geometry, Option<PageCheck>),
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<FileEntry>> {
     let block_size = geometry.block_size as u64;
@@ -505,7 +525,7 @@ async fn copy_files(
         .map(|(i, f)| (f.src.rel.clone(), i))
         .collect();
     let mut stream = futures::stream::iter(per_file.into_iter().flatten())
-        .map(|job| copy_piece(repo, id, job, opts.compression, check))
+        .map(|job| copy_piece(repo, id, job, (opts.compression, check), bundler))
         .buffer_unordered(opts.jobs.max(1));
     while let Some(done) = stream.next().await {
         let (job, outcome) = done?;
@@ -628,13 +648,20 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     let bar = progress_bar(opts.progress, total);
     // Big files first: the streams finish together.
     files.sort_by_key(|f| std::cmp::Reverse(f.bytes(block_size)));
-    let mut entries = copy_files(repo, &id, files, opts, geometry, check, &bar).await?;
+    let bundler = opts.bundle.then(|| bundle::Bundler::new(&id, opts.jobs));
+    let to = (id.as_str(), bundler.as_ref());
+    let mut entries = copy_files(repo, to, files, opts, (geometry, check), &bar).await?;
     if let Some(ctl) = listing.pg_control {
         let ctl = ToCopy {
             src: ctl,
             changed: None,
         };
-        entries.extend(copy_files(repo, &id, vec![ctl], opts, geometry, check, &bar).await?);
+        entries.extend(copy_files(repo, to, vec![ctl], opts, (geometry, check), &bar).await?);
+    }
+    if let Some(b) = &bundler
+        && let Some(last) = b.finish()?
+    {
+        b.store(repo, last).await?;
     }
     bar.finish_and_clear();
 
@@ -667,8 +694,14 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         BackupType::Full
     };
     let manifest = BackupManifest {
-        format_version: if basis.is_some() {
-            MANIFEST_FORMAT
+        format_version: if entries
+            .iter()
+            .flat_map(|f| &f.parts)
+            .any(|p| p.bundle.is_some())
+        {
+            MANIFEST_FORMAT_BUNDLED
+        } else if basis.is_some() {
+            MANIFEST_FORMAT_INCREMENTAL
         } else {
             MANIFEST_FORMAT_FULL
         },

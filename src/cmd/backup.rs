@@ -32,6 +32,11 @@ pub(crate) struct Args {
     /// How long to wait for the backup's WAL to be archived.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     archive_timeout: std::time::Duration,
+    /// Store every file as objects of its own, as earlier versions did [default: files of at
+    /// most 1 MiB are stored together in bundles of about 4 MiB, read back by range: one request
+    /// for hundreds of small files].
+    #[arg(long)]
+    no_bundle: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -50,6 +55,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         archive_timeout,
         json,
         backup_type,
+        no_bundle,
     } = args;
 
     let opts = BackupOptions {
@@ -61,6 +67,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         archive_timeout,
         progress: !super::output::quiet(),
         backup_type,
+        bundle: !no_bundle,
     };
     let started = Instant::now();
     let m = backup::run(repo, &opts).await?;

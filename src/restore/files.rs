@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 
 use crate::durable;
-use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry};
+use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry, PartAt};
 use crate::storage::Repo;
 use crate::storage::envelope::{self, DecodeToError};
 use crate::storage::layout::ObjectKey;
@@ -274,8 +274,9 @@ type Extent = (u64, u64, u64);
 struct Piece {
     /// The file (its number in the restored backup's manifest).
     file: usize,
-    /// The object, in whichever backup of the chain holds it.
-    key: ObjectKey,
+    /// Where it is stored, in whichever backup of the chain holds it: an object, or a range of a
+    /// bundle.
+    at: PartAt,
     /// The piece's original length and CRC-32C, as its manifest records them.
     size: u64,
     crc: u32,
@@ -345,7 +346,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
             for (i, p) in f.parts.iter().enumerate() {
                 out.push(Piece {
                     file: n,
-                    key: part_key(newest, &f.path, i),
+                    at: p.at(&newest.id, &f.path, i),
                     size: p.size,
                     crc: p.crc32c,
                     stored: p.stored,
@@ -406,7 +407,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                         let held = blocks
                             .enumerate()
                             .map(|(j, &b)| (u64::from(b), j as u64 * bs, u64::from(b) * bs, bs));
-                        let piece = (n, part_key(m, &f.path, i), p, false);
+                        let piece = (n, p.at(&m.id, &f.path, i), p, false);
                         claim(&mut out, &mut claimed, held, piece);
                     }
                 }
@@ -420,7 +421,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                             let to = ((b + 1) * bs).min(end);
                             (b, from - offset, from, to - from)
                         });
-                        let piece = (n, part_key(m, &f.path, i), p, true);
+                        let piece = (n, p.at(&m.id, &f.path, i), p, true);
                         claim(&mut out, &mut claimed, held, piece);
                         offset += CHUNK_SIZE;
                     }
@@ -440,13 +441,13 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
     Ok(out)
 }
 
-/// Queue the piece `(file, key, part)` for the blocks it holds, `(block, offset in the piece,
+/// Queue the piece `(file, where, part)` for the blocks it holds, `(block, offset in the piece,
 /// offset in the file, length)`, that no newer backup claimed (and claim them).
 fn claim(
     out: &mut Vec<Piece>,
     claimed: &mut [bool],
     held: impl Iterator<Item = (u64, u64, u64, u64)>,
-    (file, key, part, contiguous): (usize, ObjectKey, &crate::manifest::Part, bool),
+    (file, at, part, contiguous): (usize, PartAt, &crate::manifest::Part, bool),
 ) {
     let mut extents = Vec::new();
     for (block, src, dst, len) in held {
@@ -458,21 +459,13 @@ fn claim(
     if !extents.is_empty() {
         out.push(Piece {
             file,
-            key,
+            at,
             size: part.size,
             crc: part.crc32c,
             stored: part.stored,
             extents,
             contiguous,
         });
-    }
-}
-
-fn part_key(m: &BackupManifest, path: &str, part: usize) -> ObjectKey {
-    ObjectKey::BackupPart {
-        id: m.id.clone(),
-        path: path.to_string(),
-        part: part as u32,
     }
 }
 
@@ -485,20 +478,29 @@ async fn require_pieces(
     chain: &[&BackupManifest],
     pieces: &[Piece],
 ) -> anyhow::Result<()> {
-    let mut stored = std::collections::HashSet::new();
+    let mut stored = HashMap::new();
     for m in chain {
         let listed = repo
             .list(&crate::storage::layout::Prefix::Backup(m.id.clone()))
             .await
             .with_context(|| format!("list the pieces of backup {}", m.id))?;
-        stored.extend(listed.iter().map(|e| e.key().to_string()));
+        stored.extend(listed.iter().map(|e| (e.key().to_string(), e.size)));
     }
-    if let Some(p) = pieces.iter().find(|p| !stored.contains(&p.key.key())) {
-        bail!(
-            "backup piece {} is missing from {} (nothing was written; pitr verify lists every missing object)",
-            p.key.key(),
-            repo.location()
-        );
+    for p in pieces {
+        let key = p.at.key.key();
+        match (stored.get(&key), &p.at.range) {
+            (None, _) => bail!(
+                "backup piece {key} is missing from {} (nothing was written; pitr verify lists every missing object)",
+                repo.location()
+            ),
+            (Some(&size), Some(r)) if r.end > size => bail!(
+                "bundle {key} in {} is {size} bytes, too short for the piece the manifest places at bytes {}..{} (nothing was written; pitr verify checks every bundle)",
+                repo.location(),
+                r.start,
+                r.end
+            ),
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -547,35 +549,64 @@ async fn download_pieces(
     let total: u64 = pieces.iter().map(Piece::bytes).sum();
     let bar = crate::backup::progress_bar(true, total);
     let budget = tokio::sync::Semaphore::new(FETCHED_BUDGET_KIB as usize);
-    let mut stream = futures::stream::iter(pieces)
-        .map(|piece| {
+    let paths: Arc<Vec<String>> = Arc::new(manifest.files.iter().map(|f| f.path.clone()).collect());
+    let mut stream = futures::stream::iter(fetches(pieces))
+        .map(|fetch| {
             let files = files.clone();
+            let paths = paths.clone();
             let budget = &budget;
             async move {
                 // Fetched pieces wait for a CPU to decode them: what they hold is bounded.
-                let want = u32::try_from(piece.stored.div_ceil(1024))
+                let want = u32::try_from(fetch.stored.div_ceil(1024))
                     .unwrap_or(u32::MAX)
                     .clamp(1, FETCHED_BUDGET_KIB);
                 let _held = budget.acquire_many(want).await?;
-                let piece = Arc::new(piece);
-                let written = repo
-                    .read_verified(&piece.key, |stored| {
-                        let (files, piece) = (files.clone(), piece.clone());
-                        async move {
-                            let _slot = crate::cpu::slots().acquire().await?;
-                            tokio::task::spawn_blocking(move || {
+                let Fetch {
+                    key, range, pieces, ..
+                } = fetch;
+                let pieces = Arc::new(pieces);
+                let unwrap = |stored: bytes::Bytes| {
+                    let (files, pieces, paths) = (files.clone(), pieces.clone(), paths.clone());
+                    async move {
+                        let _slot = crate::cpu::slots().acquire().await?;
+                        tokio::task::spawn_blocking(move || {
+                            let mut written = 0;
+                            for (piece, within) in pieces.iter() {
                                 files.ensure(piece.file)?;
                                 let dest = files.path(piece.file)?;
-                                write_piece(&stored, dest, &piece)
-                            })
-                            .await?
-                        }
-                    })
-                    .await?;
+                                let bytes = match within {
+                                    None => Some(&stored[..]),
+                                    Some(r) => stored.get(r.clone()),
+                                };
+                                let Some(bytes) = bytes else {
+                                    return Ok(Err("shorter than the manifest says".into()));
+                                };
+                                match write_piece(bytes, dest, piece)? {
+                                    Ok(n) => written += n,
+                                    Err(detail) if within.is_some() => {
+                                        let path =
+                                            paths.get(piece.file).map_or("?", String::as_str);
+                                        return Ok(Err(format!(
+                                            "the piece of {path} at bytes {}: {detail}",
+                                            piece.at.range.as_ref().map_or(0, |r| r.start)
+                                        )));
+                                    }
+                                    Err(detail) => return Ok(Err(detail)),
+                                }
+                            }
+                            Ok(Ok(written))
+                        })
+                        .await?
+                    }
+                };
+                let written = match range {
+                    None => repo.read_verified(&key, unwrap).await?,
+                    Some(r) => repo.read_verified_range(&key, r, unwrap).await?,
+                };
                 written.with_context(|| {
                     format!(
                         "backup piece {} is missing from {}",
-                        piece.key.key(),
+                        key.key(),
                         repo.location()
                     )
                 })
@@ -591,6 +622,65 @@ async fn download_pieces(
     bar.finish_and_clear();
     creator.await??;
     Ok(bytes)
+}
+
+/// Pieces read with one request: a piece stored alone, or the pieces of one bundle.
+struct Fetch {
+    key: ObjectKey,
+    /// The bytes of the object read (`None`: all of it).
+    range: Option<std::ops::Range<u64>>,
+    /// The pieces, each with its envelope's bytes in what is read (`None`: all of it).
+    pieces: Vec<(Piece, Option<std::ops::Range<usize>>)>,
+    /// The bytes read.
+    stored: u64,
+}
+
+/// The requests that read `pieces`: one per piece stored alone, one range read per bundle (from
+/// the first piece of it needed to the end of the last), in the order the pieces come.
+fn fetches(pieces: Vec<Piece>) -> Vec<Fetch> {
+    let mut out: Vec<Fetch> = Vec::new();
+    let mut bundles: HashMap<String, usize> = HashMap::new();
+    for piece in pieces {
+        let Some(r) = piece.at.range.clone() else {
+            out.push(Fetch {
+                key: piece.at.key.clone(),
+                range: None,
+                stored: piece.stored,
+                pieces: vec![(piece, None)],
+            });
+            continue;
+        };
+        let slot = *bundles.entry(piece.at.key.key()).or_insert_with(|| {
+            out.push(Fetch {
+                key: piece.at.key.clone(),
+                range: Some(r.clone()),
+                stored: 0,
+                pieces: Vec::new(),
+            });
+            out.len() - 1
+        });
+        if let Some(f) = out.get_mut(slot) {
+            f.pieces.push((piece, None));
+            if let Some(span) = &mut f.range {
+                span.start = span.start.min(r.start);
+                span.end = span.end.max(r.end);
+            }
+        }
+    }
+    for f in &mut out {
+        let Some(span) = f.range.clone() else {
+            continue;
+        };
+        f.stored = span.end - span.start;
+        for (piece, within) in &mut f.pieces {
+            *within = piece
+                .at
+                .range
+                .as_ref()
+                .map(|r| (r.start - span.start) as usize..(r.end - span.start) as usize);
+        }
+    }
+    out
 }
 
 /// Durability: every file (on `jobs` threads: the disk has been writing since each piece landed,
@@ -725,7 +815,7 @@ fn write_piece(stored: &[u8], dest: &Path, piece: &Piece) -> anyhow::Result<Resu
         Err(DecodeToError::Sink(e)) => Err(anyhow::Error::new(e).context(format!(
             "write {} (from {})",
             dest.display(),
-            piece.key.key()
+            piece.at.key.key()
         ))),
     }
 }
@@ -785,6 +875,7 @@ mod tests {
                 size: stored_blocks * BS,
                 crc32c: 0,
                 stored: 0,
+                bundle: None,
             }],
             checksum_failures: vec![],
             changed: changed.map(|(length, blocks)| ChangedBlocks { length, blocks }),
@@ -795,8 +886,8 @@ mod tests {
         pieces
             .iter()
             .map(|p| {
-                let ObjectKey::BackupPart { id, .. } = &p.key else {
-                    panic!("{:?}", p.key)
+                let ObjectKey::BackupPart { id, .. } = &p.at.key else {
+                    panic!("{:?}", p.at.key)
                 };
                 (id.clone(), p.extents.clone())
             })
@@ -850,10 +941,13 @@ mod tests {
         let stored = envelope::encode(&data, crate::compress::Compression::Zstd).unwrap();
         let piece = Piece {
             file: 0,
-            key: ObjectKey::BackupPart {
-                id: "x".into(),
-                path: "f".into(),
-                part: 0,
+            at: PartAt {
+                key: ObjectKey::BackupPart {
+                    id: "x".into(),
+                    path: "f".into(),
+                    part: 0,
+                },
+                range: None,
             },
             size: 16,
             crc: crc32c::crc32c(&data),

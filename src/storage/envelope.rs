@@ -72,6 +72,23 @@ pub fn encode(data: &[u8], compression: Compression) -> std::io::Result<Vec<u8>>
     ))
 }
 
+/// An uncompressed envelope whose payload is `parts` one after another (a backup's bundle of
+/// small pieces, each an envelope itself), kept in parts so it is stored without a copy.
+pub fn wrap_parts(parts: Vec<bytes::Bytes>) -> Encoded {
+    let len: usize = parts.iter().map(bytes::Bytes::len).sum();
+    let crc = parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
+    let mut out = Vec::with_capacity(parts.len() + 1);
+    out.push(bytes::Bytes::from(header(
+        Compression::None,
+        len,
+        crc,
+        crc,
+        0,
+    )));
+    out.extend(parts);
+    Encoded { parts: out }
+}
+
 /// Wrap frames already compressed with `compression` (one after another they are the payload)
 /// of original bytes `original_len` long with CRC-32C `original_crc`. Concatenated zstd frames
 /// are one zstd stream and raw pieces one raw payload; lz4 takes a single frame.

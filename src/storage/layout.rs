@@ -12,6 +12,9 @@
 //!                                            derived, written once, ignored when stale)
 //! backups/<id>/started.pitr                 claims the id, with a conditional create, before anything else
 //! backups/<id>/data/<path>.<part>.pitr        base backup files, in pieces of at most 16 MiB
+//! backups/<id>/bundle/<n>.pitr               small pieces stored together (manifest format 3): an
+//!                                            uncompressed envelope whose payload is their envelopes,
+//!                                            one after another, each read back by a range read
 //! backups/<id>/backup_label.pitr             byte-exact from pg_backup_stop
 //! backups/<id>/tablespace_map.pitr            byte-exact from pg_backup_stop (when there are tablespaces)
 //! backups/<id>/manifest.pitr                 written LAST: a backup exists only once this does
@@ -51,6 +54,13 @@ pub enum ObjectKey {
         path: String,
         /// Piece number, from 0.
         part: u32,
+    },
+    /// Bundle `bundle` of backup `id`: small pieces stored together.
+    BackupBundle {
+        /// Backup id.
+        id: String,
+        /// Bundle number, from 0.
+        bundle: u32,
     },
     /// The last `pitr verify` result, for `pitr metrics` (derived: replaced by each run).
     VerifyStatus,
@@ -213,6 +223,9 @@ impl ObjectKey {
             ObjectKey::BackupClaim(id) => format!("{BACKUP_PREFIX}/{id}/started{SUFFIX}"),
             ObjectKey::BackupLabel(id) => format!("{BACKUP_PREFIX}/{id}/backup_label{SUFFIX}"),
             ObjectKey::TablespaceMap(id) => format!("{BACKUP_PREFIX}/{id}/tablespace_map{SUFFIX}"),
+            ObjectKey::BackupBundle { id, bundle } => {
+                format!("{BACKUP_PREFIX}/{id}/bundle/{bundle}{SUFFIX}")
+            }
             ObjectKey::BackupPart { id, path, part } => {
                 format!("{BACKUP_PREFIX}/{id}/data/{path}.{part}{SUFFIX}")
             }
@@ -256,6 +269,16 @@ impl ObjectKey {
                 id,
                 path: path.to_string(),
                 part: part.parse().ok()?,
+            });
+        }
+        if let Some(n) = file.strip_prefix("bundle/") {
+            let n = n.strip_suffix(SUFFIX)?;
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            return Some(ObjectKey::BackupBundle {
+                id,
+                bundle: n.parse().ok()?,
             });
         }
         Some(match file.strip_suffix(SUFFIX)? {
@@ -370,10 +393,11 @@ mod tests {
                 part: 12,
             },
             ObjectKey::BackupPart {
-                id,
+                id: id.clone(),
                 path: "pg_tblspc/16390/PG_18_202406281/5/16391".into(),
                 part: 0,
             },
+            ObjectKey::BackupBundle { id, bundle: 7 },
         ];
         for k in all {
             assert_eq!(ObjectKey::parse(&k.key()), Some(k.clone()), "{}", k.key());
@@ -388,6 +412,9 @@ mod tests {
             "backups/x/data/base/1.pitr",
             "backups/x/data/.0.pitr",
             "backups/x/data/base/1.-1.pitr",
+            "backups/x/bundle/.pitr",
+            "backups/x/bundle/1a.pitr",
+            "backups/x/bundle/1",
             "status/other.json",
             "index/00000002/000000010000000000000000-0000000100000000000000FF.roll.pitr",
             "index/00000001/0000000100000000000000FF-000000010000000000000000.roll.pitr",

@@ -433,10 +433,40 @@ impl Repo {
         self.verified(key, unwrap).await
     }
 
+    /// [`Repo::read_verified`] of the bytes `range` of `key` only (a piece in a bundle).
+    ///
+    /// # Errors
+    /// As [`Repo::read_verified`].
+    pub async fn read_verified_range<T, Fut>(
+        &self,
+        key: &ObjectKey,
+        range: std::ops::Range<u64>,
+        unwrap: impl FnMut(bytes::Bytes) -> Fut,
+    ) -> anyhow::Result<Option<T>>
+    where
+        Fut: Future<Output = anyhow::Result<Result<T, String>>>,
+    {
+        self.verified_range(key, Some(range), unwrap).await
+    }
+
     /// The one verified-read loop.
     async fn verified<T, E, Fut>(
         &self,
         key: &ObjectKey,
+        check: impl FnMut(bytes::Bytes) -> Fut,
+    ) -> Result<Option<T>, E>
+    where
+        Fut: Future<Output = Result<Result<T, String>, E>>,
+        E: From<RepoError>,
+    {
+        self.verified_range(key, None, check).await
+    }
+
+    /// The one verified-read loop, of all of `key` or of `range` of it.
+    async fn verified_range<T, E, Fut>(
+        &self,
+        key: &ObjectKey,
+        range: Option<std::ops::Range<u64>>,
         mut check: impl FnMut(bytes::Bytes) -> Fut,
     ) -> Result<Option<T>, E>
     where
@@ -445,7 +475,11 @@ impl Repo {
     {
         let mut last = String::new();
         for attempt in 1..=READ_ATTEMPTS {
-            let Some(stored) = self.get_stored(key).await? else {
+            let got = match &range {
+                None => self.get_stored(key).await?,
+                Some(r) => self.get_stored_range(key, r.clone()).await?,
+            };
+            let Some(stored) = got else {
                 return Ok(None);
             };
             match check(stored).await? {
@@ -473,6 +507,38 @@ impl Repo {
         .await
         {
             Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.store_err("read", &key, e)),
+        }
+    }
+
+    /// The bytes `range` of `key` exactly as stored (a range read), with retries; `None` when
+    /// absent.
+    ///
+    /// # Errors
+    /// `Store` when the store cannot be read (also when the object is shorter than the range).
+    pub async fn get_stored_range(
+        &self,
+        key: &ObjectKey,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<bytes::Bytes>, RepoError> {
+        let key = key.key();
+        let path = object_store::path::Path::from(key.as_str());
+        match retry(&self.retry, &|| format!("read {key}"), || {
+            self.store.get_range(&path, range.clone())
+        })
+        .await
+        {
+            Ok(b) if b.len() as u64 == range.end - range.start => Ok(Some(b)),
+            Ok(b) => Err(self.corrupt(
+                &key,
+                format!(
+                    "bytes {}..{} asked, {} returned (shorter than its manifest says)",
+                    range.start,
+                    range.end,
+                    b.len()
+                ),
+            )),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.store_err("read", &key, e)),
         }
