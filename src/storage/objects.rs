@@ -533,36 +533,12 @@ impl Repo {
             Ok(b) => Err(self.corrupt(
                 &key,
                 format!(
-                    "bytes {}..{} asked, {} returned (shorter than its manifest says)",
+                    "bytes {}..{} asked, {} returned (the object is shorter than expected)",
                     range.start,
                     range.end,
                     b.len()
                 ),
             )),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.store_err("read", &key, e)),
-        }
-    }
-
-    /// The last `len` of the `size` bytes of `key` (a range read), with retries; `None` when absent.
-    ///
-    /// # Errors
-    /// `Store` when the store cannot be read.
-    async fn get_tail(
-        &self,
-        key: &ObjectKey,
-        size: u64,
-        len: u64,
-    ) -> Result<Option<bytes::Bytes>, RepoError> {
-        let key = key.key();
-        let path = object_store::path::Path::from(key.as_str());
-        let range = size.saturating_sub(len)..size;
-        match retry(&self.retry, &|| format!("read the tail of {key}"), || {
-            self.store.get_range(&path, range.clone())
-        })
-        .await
-        {
-            Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.store_err("read", &key, e)),
         }
@@ -585,7 +561,10 @@ impl Repo {
         for attempt in 1..=READ_ATTEMPTS {
             let mut want = ATTACHMENT_TAIL.min(size);
             let found = loop {
-                let Some(tail) = self.get_tail(key, size, want).await? else {
+                let Some(tail) = self
+                    .get_stored_range(key, size.saturating_sub(want)..size)
+                    .await?
+                else {
                     return Ok(None);
                 };
                 match envelope::attachment_in_tail(&tail) {
