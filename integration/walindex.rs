@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use pitr::pg::segment::validate_segment;
-use pitr::pg::waldecoder::{SegmentDecoder, join_fragments};
+use pitr::pg::waldecoder::{SegmentDecoder, Step, join_fragments};
 use pitr::pg::xlogrecord::{Event, event};
 use pitr::pg::{Lsn, WalFileName};
 
@@ -180,10 +180,17 @@ fn decoder_matches_waldump(major: u32) {
     for seg in &segments {
         let bytes = std::fs::read(c.data.join("pg_wal").join(seg)).unwrap();
         let h = validate_segment(name_of(seg), &bytes).unwrap();
-        let mut d = SegmentDecoder::new(&bytes, h.pageaddr, h.page_size, h.major).unwrap();
+        // Fed a window at a time, as archive-push feeds it.
+        let mut d =
+            SegmentDecoder::streaming(bytes.len(), h.pageaddr, h.page_size, h.major).unwrap();
+        let mut windows = bytes.chunks(pitr::storage::envelope::PARALLEL_PIECE);
         let mut records = Vec::new();
-        while let Some(r) = d.next_record().unwrap_or_else(|e| panic!("{seg}: {e}")) {
-            records.push(r);
+        loop {
+            match d.step().unwrap_or_else(|e| panic!("{seg}: {e}")) {
+                Step::Record(r) => records.push(r.into_owned()),
+                Step::More => d.feed(windows.next().expect("no more than the segment")),
+                Step::Done => break,
+            }
         }
         // A record that began in the previous segment: join the two fragments.
         if let (Some(tail), Some(head)) = (prev_tail.take(), d.head.clone()) {

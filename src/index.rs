@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::blocks::BlockChanges;
 use crate::pg::PgTimestamp;
 use crate::pg::blockref::Change;
-use crate::pg::waldecoder::{DecodeError, End, HeadFragment, SegmentDecoder, TailFragment};
+use crate::pg::waldecoder::{DecodeError, End, HeadFragment, SegmentDecoder, Step, TailFragment};
 use crate::pg::xlogrecord::{Event, XactKind, event};
 use crate::pg::{Lsn, PgMajor, SegmentName, WalSegSize};
 
@@ -229,64 +229,132 @@ pub fn summarize(
     page_size: u32,
     major: PgMajor,
 ) -> SegmentSummary {
-    let mut s = SegmentSummary {
-        format: SUMMARY_FORMAT,
-        ..Default::default()
-    };
-    let start = name
-        .segno(seg_size)
-        .and_then(|n| n.start_lsn(seg_size))
-        .unwrap_or_default();
-    let failed = |e: DecodeError| ParseStatus::Failed {
-        lsn: e.lsn,
-        reason: e.msg,
-    };
-    let mut dec = match SegmentDecoder::new(bytes, start, page_size, major) {
-        Ok(d) => d,
-        Err(e) => {
-            s.status = failed(e);
-            return s;
-        }
-    };
-    let mut changes = BlockChanges::default();
-    let mut scratch: Vec<Change> = Vec::new();
-    loop {
-        match dec.next_record() {
-            Ok(Some(rec)) => {
-                s.records += 1;
-                s.first_lsn.get_or_insert(rec.lsn);
-                s.last_lsn = Some(rec.lsn);
-                let changed = crate::pg::blockref::changes(&rec, major, &mut scratch);
-                for c in scratch.drain(..) {
-                    changes.apply(c);
-                }
-                match changed.and_then(|()| event(&rec, major)) {
-                    Ok(Some(ev)) => s.add_event(rec.lsn, ev),
-                    Ok(None) => {}
-                    Err(e) => {
-                        s.status = failed(e);
-                        break;
-                    }
-                }
-            }
-            Ok(None) => break,
+    let mut s = Summarizer::new(name, seg_size, page_size, major, bytes.len());
+    s.feed(bytes);
+    s.finish()
+}
+
+/// A segment's summary made as its bytes arrive, a window at a time: [`summarize`] without the
+/// whole segment in memory.
+pub struct Summarizer {
+    s: SegmentSummary,
+    major: PgMajor,
+    /// `None` once decoding has stopped.
+    dec: Option<SegmentDecoder>,
+    changes: BlockChanges,
+    scratch: Vec<Change>,
+    /// Whether the decoder reached the segment's end (else it waits for more bytes).
+    done: bool,
+}
+
+impl Summarizer {
+    /// A summarizer for the segment `name` of `len` bytes.
+    pub fn new(
+        name: SegmentName,
+        seg_size: WalSegSize,
+        page_size: u32,
+        major: PgMajor,
+        len: usize,
+    ) -> Summarizer {
+        let mut s = SegmentSummary {
+            format: SUMMARY_FORMAT,
+            ..Default::default()
+        };
+        let start = name
+            .segno(seg_size)
+            .and_then(|n| n.start_lsn(seg_size))
+            .unwrap_or_default();
+        let dec = match SegmentDecoder::streaming(len, start, page_size, major) {
+            Ok(d) => Some(d),
             Err(e) => {
                 s.status = failed(e);
-                break;
+                None
+            }
+        };
+        Summarizer {
+            s,
+            major,
+            dec,
+            changes: BlockChanges::default(),
+            scratch: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// The next bytes of the segment, in order.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        let Some(dec) = &mut self.dec else { return };
+        if self.done {
+            return;
+        }
+        dec.feed(bytes);
+        loop {
+            match dec.step() {
+                Ok(Step::Record(rec)) => {
+                    let s = &mut self.s;
+                    s.records += 1;
+                    s.first_lsn.get_or_insert(rec.lsn);
+                    s.last_lsn = Some(rec.lsn);
+                    let changed =
+                        crate::pg::blockref::changes(&rec, self.major, &mut self.scratch);
+                    for c in self.scratch.drain(..) {
+                        self.changes.apply(c);
+                    }
+                    match changed.and_then(|()| event(&rec, self.major)) {
+                        Ok(Some(ev)) => s.add_event(rec.lsn, ev),
+                        Ok(None) => {}
+                        Err(e) => {
+                            s.status = failed(e);
+                            self.done = true;
+                            return;
+                        }
+                    }
+                }
+                Ok(Step::More) => return,
+                Ok(Step::Done) => {
+                    self.done = true;
+                    return;
+                }
+                Err(e) => {
+                    self.s.status = failed(e);
+                    self.done = true;
+                    return;
+                }
             }
         }
     }
-    // Changes are only as good as the decode: a failure leaves the segment uncovered.
-    if s.status == ParseStatus::Ok {
-        changes.finish();
-        s.changes = Some(changes);
+
+    /// The summary of what was fed.
+    pub fn finish(mut self) -> SegmentSummary {
+        let mut s = self.s;
+        let Some(mut dec) = self.dec.take() else {
+            return s;
+        };
+        if !self.done && s.status == ParseStatus::Ok {
+            s.status = ParseStatus::Failed {
+                lsn: Lsn(dec.start().0 + dec.fed() as u64),
+                reason: "the segment ends early".to_string(),
+            };
+        }
+        // Changes are only as good as the decode: a failure leaves the segment uncovered.
+        if s.status == ParseStatus::Ok {
+            self.changes.finish();
+            s.changes = Some(self.changes);
+        }
+        s.head = dec.head.take();
+        s.tail = dec.tail.take();
+        if let Some(End::Switch(lsn)) = dec.end {
+            s.switch_lsn = Some(lsn);
+        }
+        s
     }
-    s.head = dec.head.take();
-    s.tail = dec.tail.take();
-    if let Some(End::Switch(lsn)) = dec.end {
-        s.switch_lsn = Some(lsn);
+}
+
+fn failed(e: DecodeError) -> ParseStatus {
+    ParseStatus::Failed {
+        lsn: e.lsn,
+        reason: e.msg,
     }
-    s
 }
 
 #[cfg(test)]

@@ -241,19 +241,17 @@ fn encode_segment(
         }
     };
     let sink_ref: envelope::FrameSink<'_> = &sink;
+    let summarizer = index.map(|(seg, header)| {
+        index::Summarizer::new(seg, header.seg_size, header.page_size, header.major, len)
+    });
     let (stored, summary) = read_and_encode(
         file,
         len,
         compression,
         staged.as_ref().map(|_| sink_ref),
-        |data| {
-            index.map(|(seg, header)| {
-                let summary =
-                    index::summarize(data, seg, header.seg_size, header.page_size, header.major);
-                (seg, summary)
-            })
-        },
+        summarizer,
     )?;
+    let summary = index.zip(summary).map(|((seg, _), s)| (seg, s));
     // The summary travels in the segment's object (one write, see `envelope::attach`); if it
     // cannot (longer than a header can state), it is stored beside it, as before.
     let attachment = summary.as_ref().and_then(|(seg, s)| {
@@ -586,66 +584,44 @@ async fn put_file(
     repo.put(&ObjectKey::Wal(name), payload, mode).await
 }
 
-/// Read the `len` bytes of `file` in one pass on `push_threads()` threads, then run `inspect` on them (the WAL index) on its own thread while the
-/// compression threads work. Returns their envelope and what `inspect` returned.
+/// Read the `len` bytes of `file` and compress them on `push_threads()` threads, feeding them to
+/// `summary` (the WAL index) in order as they are read. With zstd (the default) the file is read a
+/// window at a time ([`envelope::encode_read_beside`]): memory holds a few windows, not the
+/// segment. Returns the envelope and the summary.
 ///
 /// # Errors
 /// A read error, or a file shorter than `len` (it changed under us).
-fn read_and_encode<T: Send>(
+fn read_and_encode(
     file: &std::fs::File,
     len: usize,
     compression: Compression,
     sink: Option<envelope::FrameSink<'_>>,
-    inspect: impl FnOnce(&[u8]) -> T + Send,
-) -> std::io::Result<(envelope::Encoded, T)> {
+    mut summary: Option<index::Summarizer>,
+) -> std::io::Result<(envelope::Encoded, Option<SegmentSummary>)> {
     // Read, never mapped: a mapped file that someone truncates while it is read kills the process
     // with SIGBUS, and archive_command must never die of a signal. A read of a shortened file is
     // an error (exit 1, nothing stored).
     let threads = push_threads();
+    let mut feed = |window: &[u8]| {
+        if let Some(s) = &mut summary {
+            s.feed(window);
+        }
+    };
+    if compression == Compression::Zstd {
+        let read = |offset: u64, buf: &mut [u8]| file.read_exact_at(buf, offset);
+        let (stored, fed) = envelope::encode_read_beside(len, &read, threads, sink, &mut feed);
+        fed.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;
+        return Ok((stored?, summary.map(index::Summarizer::finish)));
+    }
     let mut data = BigBuf::zeroed(len);
-    let piece = len.div_ceil(threads).max(1);
-    let crcs = std::thread::scope(|s| {
-        let handles: Vec<_> = data
-            .as_mut_slice()
-            .chunks_mut(piece)
-            .enumerate()
-            .map(|(i, buf)| {
-                s.spawn(move || {
-                    file.read_exact_at(buf, (i * piece) as u64)?;
-                    Ok((crc32c::crc32c(buf), buf.len()))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("read thread panicked")))
-            })
-            .collect::<std::io::Result<Vec<(u32, usize)>>>()
-    })?;
-    let crc = crcs
-        .iter()
-        .fold(0, |acc, &(c, n)| crc32c::crc32c_combine(acc, c, n));
-    encode_and_inspect(&data, compression, threads, Some(crc), sink, inspect)
-}
-
-/// Compress `data` on `threads` threads while `inspect` looks at it on another (which then helps
-/// compress).
-fn encode_and_inspect<T: Send>(
-    data: &[u8],
-    compression: Compression,
-    threads: usize,
-    crc: Option<u32>,
-    sink: Option<envelope::FrameSink<'_>>,
-    inspect: impl FnOnce(&[u8]) -> T + Send,
-) -> std::io::Result<(envelope::Encoded, T)> {
-    let (stored, seen) =
-        envelope::encode_parallel_beside(data, compression, threads, crc, sink, move || {
-            inspect(data)
-        });
-    let seen = seen.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;
-    Ok((stored?, seen))
+    file.read_exact_at(data.as_mut_slice(), 0)?;
+    let (stored, fed) = envelope::encode_parallel_beside(&data, compression, threads, None, sink, || {
+        for window in data.chunks(envelope::PARALLEL_PIECE) {
+            feed(window);
+        }
+    });
+    fed.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;
+    Ok((stored?, summary.map(index::Summarizer::finish)))
 }
 
 /// Say so when the WAL index could not read all of a segment.
@@ -883,7 +859,7 @@ mod tests {
             .unwrap()
             .set_len(len as u64 / 2)
             .unwrap();
-        let err = read_and_encode(&f, len, Compression::Zstd, None, |d| d.len()).unwrap_err();
+        let err = read_and_encode(&f, len, Compression::Zstd, None, None).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
     }
 

@@ -1,4 +1,5 @@
-//! A WAL record decoder for one segment held in memory (sans-IO: bytes in, records out).
+//! A WAL record decoder for one segment, fed a window at a time or whole (sans-IO: bytes in,
+//! records out).
 //!
 //! Follows `XLogDecodeNextRecord()` / `XLogReaderValidatePageHeader()` / `ValidXLogRecord()` in
 //! PostgreSQL's `src/backend/access/transam/xlogreader.c`:
@@ -54,6 +55,14 @@ pub struct Record<'a> {
 }
 
 impl Record<'_> {
+    /// The record with its bytes owned.
+    pub fn into_owned(self) -> Record<'static> {
+        Record {
+            lsn: self.lsn,
+            end_lsn: self.end_lsn,
+            bytes: std::borrow::Cow::Owned(self.bytes.into_owned()),
+        }
+    }
     /// `xl_xid`.
     pub fn xid(&self) -> u32 {
         le_u32(&self.bytes, 4)
@@ -135,15 +144,23 @@ fn maxalign(x: u64) -> u64 {
     (x + 7) & !7
 }
 
-/// Decodes the records of one segment.
+/// Decodes the records of one segment, fed in order a window at a time (or whole): it keeps only
+/// the bytes from the next record on, so a reader of a 16 MiB segment holds a window and the record
+/// in progress, not the segment.
 #[derive(Debug)]
-pub struct SegmentDecoder<'a> {
-    seg: &'a [u8],
+pub struct SegmentDecoder {
+    /// Bytes `base .. base + buf.len()` of the segment: what was fed and may still be needed.
+    buf: Vec<u8>,
+    base: usize,
+    /// The segment's length.
+    total: usize,
     start: Lsn,
     page_size: usize,
     magic: u16,
-    /// Offset of the next record inside `seg` (`None` when finished).
+    /// Offset of the next record inside the segment (`None` until the first page is read).
     pos: Option<usize>,
+    /// Set once decoding has ended (the segment's end, or damage): nothing more is kept.
+    finished: bool,
     last_tli: u32,
     prev_lsn: Option<Lsn>,
     /// Set once decoding stops at the segment end with an incomplete record.
@@ -154,43 +171,137 @@ pub struct SegmentDecoder<'a> {
     pub end: Option<End>,
 }
 
-impl<'a> SegmentDecoder<'a> {
-    /// Start decoding `seg`, a whole segment beginning at `start`.
+/// What the decoder has next.
+#[derive(Debug)]
+pub enum Step<'a> {
+    /// A complete, CRC-checked record.
+    Record(Record<'a>),
+    /// The next record needs bytes not fed yet.
+    More,
+    /// The segment is done (see `end`, `tail`).
+    Done,
+}
+
+/// Why a read stopped short of a record.
+enum Stop {
+    Damage(DecodeError),
+    /// Bytes inside the segment that were not fed yet.
+    More,
+}
+
+impl From<DecodeError> for Stop {
+    fn from(e: DecodeError) -> Self {
+        Stop::Damage(e)
+    }
+}
+
+/// Where a record's bytes are: in the fed buffer (on one page), or reassembled.
+enum Body {
+    At(usize, usize),
+    Owned(Vec<u8>),
+}
+
+impl SegmentDecoder {
+    /// A decoder for a segment of `len` bytes beginning at `start`, to be fed with
+    /// [`feed`](Self::feed).
     ///
     /// # Errors
-    /// The first page header is invalid, or the continuation at the start cannot be skipped.
-    pub fn new(
-        seg: &'a [u8],
+    /// `len` is not a whole number of pages of a valid size.
+    pub fn streaming(
+        len: usize,
         start: Lsn,
         page_size: u32,
         major: PgMajor,
     ) -> Result<Self, DecodeError> {
-        let mut d = SegmentDecoder {
-            seg,
+        if !page_size.is_power_of_two()
+            || !(1024..=65536).contains(&page_size)
+            || len == 0
+            || !len.is_multiple_of(page_size as usize)
+        {
+            return Err(DecodeError {
+                msg: format!("{len} bytes is not a whole number of {page_size}-byte WAL pages"),
+                lsn: start,
+            });
+        }
+        Ok(SegmentDecoder {
+            buf: Vec::new(),
+            base: 0,
+            total: len,
             start,
             page_size: page_size as usize,
             magic: major.xlog_page_magic(),
             pos: None,
+            finished: false,
             last_tli: 0,
             prev_lsn: None,
             tail: None,
             head: None,
             end: None,
-        };
-        if !page_size.is_power_of_two()
-            || !(1024..=65536).contains(&page_size)
-            || seg.is_empty()
-            || !seg.len().is_multiple_of(page_size as usize)
-        {
-            return Err(DecodeError {
-                msg: format!(
-                    "{} bytes is not a whole number of {page_size}-byte WAL pages",
-                    seg.len()
-                ),
-                lsn: start,
-            });
+        })
+    }
+
+    /// Start decoding `seg`, a whole segment beginning at `start`.
+    ///
+    /// # Errors
+    /// The first page header is invalid, or the continuation at the start cannot be skipped.
+    pub fn new(seg: &[u8], start: Lsn, page_size: u32, major: PgMajor) -> Result<Self, DecodeError> {
+        let mut d = Self::streaming(seg.len(), start, page_size, major)?;
+        d.feed(seg);
+        match d.begin() {
+            Ok(pos) => d.pos = Some(pos),
+            Err(Stop::Damage(e)) => return Err(e),
+            Err(Stop::More) => return Err(d.err(0, "the segment is shorter than it says")),
         }
-        let (info, rem_len) = d.page_header(0)?;
+        Ok(d)
+    }
+
+    /// Hand the decoder the next bytes of the segment (in order, right after the last ones fed).
+    /// Bytes it no longer needs are let go first.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let fed = self.fed();
+        let keep = if self.finished {
+            usize::MAX
+        } else {
+            self.pos.unwrap_or(0)
+        };
+        if keep >= fed {
+            // Nothing fed so far is needed.
+            let skip = (keep - fed).min(chunk.len());
+            self.buf.clear();
+            self.buf.extend_from_slice(chunk.get(skip..).unwrap_or_default());
+            self.base = fed + skip;
+        } else {
+            if keep > self.base {
+                self.buf.drain(..keep - self.base);
+                self.base = keep;
+            }
+            self.buf.extend_from_slice(chunk);
+        }
+    }
+
+    /// How many bytes of the segment were fed.
+    pub fn fed(&self) -> usize {
+        self.base + self.buf.len()
+    }
+
+    /// Bytes `a..b` of the segment: an error (`msg`) past the segment's end, `More` past what was
+    /// fed.
+    fn bytes(&self, a: usize, b: usize, msg: &str) -> Result<&[u8], Stop> {
+        if b > self.total || a > b {
+            return Err(self.err(a, msg).into());
+        }
+        if b > self.fed() {
+            return Err(Stop::More);
+        }
+        a.checked_sub(self.base)
+            .and_then(|from| self.buf.get(from..b - self.base))
+            .ok_or_else(|| self.err(a, "the decoder let go of bytes it needed").into())
+    }
+
+    /// Read the first page header and skip the record that began in the previous segment;
+    /// returns where the first record starts.
+    fn begin(&mut self) -> Result<usize, Stop> {
+        let (info, rem_len) = self.page_header(0)?;
         let mut pos = SIZE_OF_LONG_PHD;
         if info & XLP_FIRST_IS_CONTRECORD != 0 && rem_len > 0 {
             // Skip (and keep, if small) the end of a record that began in the previous segment.
@@ -199,11 +310,8 @@ impl<'a> SegmentDecoder<'a> {
             let mut remaining = rem_len as usize;
             let mut page = 0usize;
             loop {
-                let here = remaining.min(d.page_size - (pos - page));
-                let chunk = d
-                    .seg
-                    .get(pos..pos + here)
-                    .ok_or_else(|| d.err(pos, "continuation runs past the segment"))?;
+                let here = remaining.min(self.page_size - (pos - page));
+                let chunk = self.bytes(pos, pos + here, "continuation runs past the segment")?;
                 if keep {
                     bytes.extend_from_slice(chunk);
                 }
@@ -212,24 +320,29 @@ impl<'a> SegmentDecoder<'a> {
                 if remaining == 0 {
                     break;
                 }
-                page += d.page_size;
-                if page >= d.seg.len() {
-                    return Err(d.err(page, "continuation record runs past the end of the segment"));
+                page += self.page_size;
+                if page >= self.total {
+                    return Err(self
+                        .err(page, "continuation record runs past the end of the segment")
+                        .into());
                 }
-                let (info, rem) = d.page_header(page)?;
+                let (info, rem) = self.page_header(page)?;
                 if info & XLP_FIRST_IS_CONTRECORD == 0 || rem as usize != remaining {
-                    return Err(d.err(
-                        page,
-                        &format!("continuation page says {rem} bytes remain, expected {remaining}"),
-                    ));
+                    return Err(self
+                        .err(
+                            page,
+                            &format!(
+                                "continuation page says {rem} bytes remain, expected {remaining}"
+                            ),
+                        )
+                        .into());
                 }
                 pos = page + SIZE_OF_SHORT_PHD;
             }
-            d.head = Some(HeadFragment { rem_len, bytes });
+            self.head = Some(HeadFragment { rem_len, bytes });
             pos = maxalign(pos as u64) as usize;
         }
-        d.pos = Some(pos);
-        Ok(d)
+        Ok(pos)
     }
 
     fn lsn_at(&self, off: usize) -> Lsn {
@@ -244,65 +357,142 @@ impl<'a> SegmentDecoder<'a> {
     }
 
     /// Validate the page header at `off` (a page boundary); returns (info, rem_len).
-    fn page_header(&mut self, off: usize) -> Result<(u16, u32), DecodeError> {
+    fn page_header(&mut self, off: usize) -> Result<(u16, u32), Stop> {
         let long = off == 0;
         let size = if long {
             SIZE_OF_LONG_PHD
         } else {
             SIZE_OF_SHORT_PHD
         };
-        let h = self
-            .seg
-            .get(off..off + size)
-            .ok_or_else(|| self.err(off, "page header runs past the segment"))?;
-        let magic = le_u16(h, 0);
+        let h = self.bytes(off, off + size, "page header runs past the segment")?;
+        let (magic, info, tli, addr, rem) = (
+            le_u16(h, 0),
+            le_u16(h, 2),
+            le_u32(h, 4),
+            Lsn(le_u64(h, 8)),
+            le_u32(h, 16),
+        );
         if magic != self.magic {
-            return Err(self.err(off, &format!("invalid page magic 0x{magic:04X}")));
+            return Err(self
+                .err(off, &format!("invalid page magic 0x{magic:04X}"))
+                .into());
         }
-        let info = le_u16(h, 2);
         if info & !XLP_ALL_FLAGS != 0 || (info & XLP_LONG_HEADER != 0) != long {
-            return Err(self.err(off, &format!("invalid page info flags 0x{info:04X}")));
+            return Err(self
+                .err(off, &format!("invalid page info flags 0x{info:04X}"))
+                .into());
         }
-        let tli = le_u32(h, 4);
         if tli < self.last_tli {
-            return Err(self.err(
-                off,
-                &format!(
-                    "page timeline {tli} is older than the previous page's {}",
-                    self.last_tli
-                ),
-            ));
+            return Err(self
+                .err(
+                    off,
+                    &format!(
+                        "page timeline {tli} is older than the previous page's {}",
+                        self.last_tli
+                    ),
+                )
+                .into());
         }
         self.last_tli = tli;
-        let addr = Lsn(le_u64(h, 8));
         if addr != self.lsn_at(off) {
-            return Err(self.err(
-                off,
-                &format!("page address {addr} does not match its position"),
-            ));
+            return Err(self
+                .err(off, &format!("page address {addr} does not match its position"))
+                .into());
         }
-        Ok((info, le_u32(h, 16)))
+        Ok((info, rem))
     }
 
-    /// The next record, `Ok(None)` when the segment is done (see `end`, `tail`).
+    /// The next record, `Ok(None)` when the segment is done (see `end`, `tail`). For a decoder
+    /// made with [`new`](Self::new), which holds the whole segment.
     ///
     /// # Errors
     /// A `DecodeError` with the LSN of the damage; the decoder then stops.
-    pub fn next_record(&mut self) -> Result<Option<Record<'a>>, DecodeError> {
-        let Some(mut pos) = self.pos else {
-            return Ok(None);
-        };
-        let result = self.read_record(&mut pos);
-        match &result {
-            Ok(Some(_)) => self.pos = Some(pos),
-            _ => self.pos = None,
+    pub fn next_record(&mut self) -> Result<Option<Record<'_>>, DecodeError> {
+        let short = self.err(self.pos.unwrap_or(0), "the segment is shorter than it says");
+        match self.step()? {
+            Step::Record(r) => Ok(Some(r)),
+            Step::Done => Ok(None),
+            Step::More => Err(short),
         }
-        result
     }
 
-    fn read_record(&mut self, pos: &mut usize) -> Result<Option<Record<'a>>, DecodeError> {
+    /// The next record, or `More` when it needs bytes not fed yet (feed them and ask again), or
+    /// `Done`.
+    ///
+    /// # Errors
+    /// A `DecodeError` with the LSN of the damage; the decoder then stops.
+    pub fn step(&mut self) -> Result<Step<'_>, DecodeError> {
+        if self.finished {
+            return Ok(Step::Done);
+        }
+        // A read cut short for bytes not fed yet is done again from the start: undo what it
+        // changed.
+        let tli = self.last_tli;
+        let pos = match self.pos {
+            Some(pos) => pos,
+            None => match self.begin() {
+                Ok(pos) => {
+                    self.pos = Some(pos);
+                    pos
+                }
+                Err(stop) => return self.stopped(stop, tli),
+            },
+        };
+        let mut at = pos;
+        let (lsn, end, body) = match self.read_record(&mut at) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                self.finished = true;
+                return Ok(Step::Done);
+            }
+            Err(stop) => return self.stopped(stop, tli),
+        };
+        let end_lsn = self.lsn_at(end);
+        let bytes = match body {
+            Body::At(a, b) => std::borrow::Cow::Borrowed(
+                a.checked_sub(self.base)
+                    .and_then(|from| self.buf.get(from..b - self.base))
+                    .unwrap_or_default(),
+            ),
+            Body::Owned(v) => std::borrow::Cow::Owned(v),
+        };
+        let record = Record {
+            lsn,
+            end_lsn,
+            bytes,
+        };
+        if let Err(e) = verify_record(&record, self.prev_lsn) {
+            self.finished = true;
+            return Err(e);
+        }
+        self.prev_lsn = Some(lsn);
+        let mut next = maxalign(end as u64) as usize;
+        if record.rmid() == RM_XLOG_ID && record.info() & !XLR_INFO_MASK == XLOG_SWITCH {
+            self.end = Some(End::Switch(lsn));
+            next = self.total;
+        }
+        self.pos = Some(next);
+        Ok(Step::Record(record))
+    }
+
+    fn stopped(&mut self, stop: Stop, tli: u32) -> Result<Step<'_>, DecodeError> {
+        match stop {
+            Stop::More => {
+                self.last_tli = tli;
+                Ok(Step::More)
+            }
+            Stop::Damage(e) => {
+                self.finished = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// The record at `*pos`: its LSN, the offset just past it, and its bytes; `None` when the
+    /// segment is done.
+    fn read_record(&mut self, pos: &mut usize) -> Result<Option<(Lsn, usize, Body)>, Stop> {
         let ps = self.page_size;
-        if *pos >= self.seg.len() {
+        if *pos >= self.total {
             // Keep `Switch` if that is what ended the segment.
             self.end.get_or_insert(End::SegmentEnd);
             return Ok(None);
@@ -310,31 +500,40 @@ impl<'a> SegmentDecoder<'a> {
         if (*pos).is_multiple_of(ps) {
             let (info, _) = self.page_header(*pos)?;
             if info & XLP_FIRST_IS_CONTRECORD != 0 {
-                return Err(self.err(
-                    *pos,
-                    "unexpected continuation page where a record should start",
-                ));
+                return Err(self
+                    .err(
+                        *pos,
+                        "unexpected continuation page where a record should start",
+                    )
+                    .into());
             }
             *pos += SIZE_OF_SHORT_PHD;
         }
         let rec_off = *pos;
         let lsn = self.lsn_at(rec_off);
-        let tot_len = le_u32(self.seg, rec_off); // MAXALIGN leaves >= 8 bytes on the page
+        // MAXALIGN leaves >= 8 bytes on the page.
+        let tot_len = le_u32(
+            self.bytes(rec_off, rec_off + 4, "record runs past the end of the file")?,
+            0,
+        );
         if tot_len == 0 {
             self.end = Some(End::NoMoreData(lsn));
             return Ok(None);
         }
         if (tot_len as usize) < SIZE_OF_XLOG_RECORD || tot_len > MAX_RECORD_SIZE {
-            return Err(self.err(rec_off, &format!("invalid record length {tot_len}")));
+            return Err(self
+                .err(rec_off, &format!("invalid record length {tot_len}"))
+                .into());
         }
         let total = tot_len as usize;
-        let seg: &'a [u8] = self.seg;
         if rec_off % ps + total <= ps {
             // On one page (most records): no copy.
-            let Some(one) = seg.get(rec_off..rec_off + total) else {
-                return Err(self.err(rec_off, "record runs past the end of the file"));
-            };
-            return self.finish_record(pos, lsn, rec_off + total, std::borrow::Cow::Borrowed(one));
+            self.bytes(rec_off, rec_off + total, "record runs past the end of the file")?;
+            return Ok(Some((
+                lsn,
+                rec_off + total,
+                Body::At(rec_off, rec_off + total),
+            )));
         }
         let keep_all = total <= MAX_FRAGMENT;
         let mut bytes = Vec::with_capacity(total.min(MAX_FRAGMENT));
@@ -343,9 +542,7 @@ impl<'a> SegmentDecoder<'a> {
         loop {
             let page_start = off - off % ps;
             let here = (total - got).min(page_start + ps - off);
-            let Some(piece) = self.seg.get(off..off + here) else {
-                return Err(self.err(off, "record runs past the end of the file"));
-            };
+            let piece = self.bytes(off, off + here, "record runs past the end of the file")?;
             bytes.extend_from_slice(piece);
             got += here;
             off += here;
@@ -353,7 +550,7 @@ impl<'a> SegmentDecoder<'a> {
                 break;
             }
             // Continue on the next page, if this segment has one.
-            if off >= self.seg.len() {
+            if off >= self.total {
                 let kept = if keep_all { bytes } else { Vec::new() };
                 self.tail = Some(TailFragment {
                     lsn,
@@ -365,37 +562,14 @@ impl<'a> SegmentDecoder<'a> {
             }
             let (info, rem) = self.page_header(off)?;
             if info & XLP_FIRST_IS_CONTRECORD == 0 || rem as usize != total - got {
-                return Err(self.err(off, &format!("record at {lsn} continues with a page that says {rem} bytes remain, expected {}", total - got)));
+                return Err(self.err(off, &format!("record at {lsn} continues with a page that says {rem} bytes remain, expected {}", total - got)).into());
             }
             off += SIZE_OF_SHORT_PHD;
         }
-        self.finish_record(pos, lsn, off, std::borrow::Cow::Owned(bytes))
+        Ok(Some((lsn, off, Body::Owned(bytes))))
     }
 
-    /// Verify a record that ends at offset `off` and move past it.
-    fn finish_record(
-        &mut self,
-        pos: &mut usize,
-        lsn: Lsn,
-        off: usize,
-        bytes: std::borrow::Cow<'a, [u8]>,
-    ) -> Result<Option<Record<'a>>, DecodeError> {
-        let record = Record {
-            lsn,
-            end_lsn: self.lsn_at(off),
-            bytes,
-        };
-        verify_record(&record, self.prev_lsn)?;
-        self.prev_lsn = Some(lsn);
-        *pos = maxalign(off as u64) as usize;
-        if record.rmid() == RM_XLOG_ID && record.info() & !XLR_INFO_MASK == XLOG_SWITCH {
-            self.end = Some(End::Switch(lsn));
-            *pos = self.seg.len();
-        }
-        Ok(Some(record))
-    }
-
-    /// The LSN of the first record that started in this segment after the decoder's position.
+    /// The LSN of the segment's first byte.
     pub fn start(&self) -> Lsn {
         self.start
     }
@@ -481,17 +655,76 @@ mod tests {
     fn decode_all(
         seg: &[u8],
         start: u64,
-    ) -> (Vec<Record<'_>>, SegmentDecoder<'_>, Option<DecodeError>) {
+    ) -> (Vec<Record<'static>>, SegmentDecoder, Option<DecodeError>) {
         let mut d = SegmentDecoder::new(seg, Lsn(start), 8192, PgMajor::V15).unwrap();
         let mut v = Vec::new();
         let err = loop {
             match d.next_record() {
-                Ok(Some(r)) => v.push(r),
+                Ok(Some(r)) => v.push(r.into_owned()),
                 Ok(None) => break None,
                 Err(e) => break Some(e),
             }
         };
         (v, d, err)
+    }
+
+    /// Decode `seg` fed `window` bytes at a time; also returns the most bytes the decoder held.
+    fn decode_windowed(
+        seg: &[u8],
+        start: u64,
+        window: usize,
+    ) -> (Vec<Record<'static>>, SegmentDecoder, Option<DecodeError>, usize) {
+        let mut d = SegmentDecoder::streaming(seg.len(), Lsn(start), 8192, PgMajor::V15).unwrap();
+        let (mut v, mut held, mut chunks) = (Vec::new(), 0, seg.chunks(window));
+        let err = loop {
+            match d.step() {
+                Ok(Step::Record(r)) => v.push(r.into_owned()),
+                Ok(Step::Done) => break None,
+                Ok(Step::More) => match chunks.next() {
+                    Some(c) => {
+                        d.feed(c);
+                        held = held.max(d.buf.len());
+                    }
+                    None => panic!("asked for more than the segment"),
+                },
+                Err(e) => break Some(e),
+            }
+        };
+        (v, d, err, held)
+    }
+
+    #[test]
+    fn a_segment_fed_in_windows_decodes_as_it_does_whole() {
+        let (seg, _) = sample();
+        let mut b = WalBuilder::new(0, MIB, PgMajor::V15);
+        while b.buf.len() < MIB - 5000 {
+            b.filler(3000);
+        }
+        b.filler(30_000);
+        b.commit(1000, 43);
+        let two = b.finish();
+        let (s1, s2) = two.split_at(MIB);
+        let mut damaged = seg.clone();
+        damaged[5 * 8192 + 100] ^= 0x10;
+        for (bytes, start) in [
+            (&seg[..], 3 * MIB as u64),
+            (s1, 0),
+            (s2, MIB as u64),
+            (&damaged[..], 3 * MIB as u64),
+        ] {
+            let (whole, dw, ew) = decode_all(bytes, start);
+            for window in [8192, 8192 * 3, 100_000, 333_333, MIB] {
+                let (parts, dp, ep, held) = decode_windowed(bytes, start, window);
+                assert_eq!(parts, whole, "window {window}");
+                assert_eq!(
+                    (&dp.head, &dp.tail, &dp.end, &ep),
+                    (&dw.head, &dw.tail, &dw.end, &ew),
+                    "window {window}"
+                );
+                // A window, and the record in progress (the 20 kB and 30 kB ones here).
+                assert!(held <= window + 40_000, "window {window} held {held}");
+            }
+        }
     }
 
     fn sample() -> (Vec<u8>, Vec<u64>) {
@@ -637,20 +870,22 @@ mod tests {
         use proptest::prelude::*;
 
         fn run(bytes: &[u8], start: u64) {
+            let size = crate::pg::WalSegSize::new(MIB as u32).unwrap();
+            let name = crate::pg::SegmentName::new(
+                crate::pg::TimelineId::ONE,
+                crate::pg::SegNo(start / MIB as u64),
+                size,
+            )
+            .unwrap();
             for major in [PgMajor::V13, PgMajor::V15, PgMajor::V18] {
-                let s = crate::index::summarize(
-                    bytes,
-                    crate::pg::SegmentName::new(
-                        crate::pg::TimelineId::ONE,
-                        crate::pg::SegNo(start / MIB as u64),
-                        crate::pg::WalSegSize::new(MIB as u32).unwrap(),
-                    )
-                    .unwrap(),
-                    crate::pg::WalSegSize::new(MIB as u32).unwrap(),
-                    8192,
-                    major,
-                );
-                let _ = serde_json::to_string(&s).unwrap();
+                let s = crate::index::summarize(bytes, name, size, 8192, major);
+                let whole = serde_json::to_string(&s).unwrap();
+                // Fed a window at a time (not page-aligned), the summary is the same.
+                let mut w = crate::index::Summarizer::new(name, size, 8192, major, bytes.len());
+                for window in bytes.chunks(150_001) {
+                    w.feed(window);
+                }
+                assert_eq!(serde_json::to_string(&w.finish()).unwrap(), whole);
             }
         }
 

@@ -264,39 +264,326 @@ pub fn encode_parallel_beside<T: Send>(
     drop(queue.regions);
     let stored = worked.and(helped).and_then(|()| {
         let done = done.map_err(|_| std::io::Error::other("a compression thread panicked"))?;
-        let done: Vec<Compressed> = done.frames.into_iter().flatten().collect();
-        if done.len() != lens.len() {
-            return Err(std::io::Error::other("a piece was not compressed"));
-        }
         let crc = original_crc.unwrap_or_else(|| {
-            done.iter().fold(0, |acc, d| {
+            done.frames.iter().flatten().fold(0, |acc, d| {
                 let len = lens.get(d.index).copied().unwrap_or_default();
                 crc32c::crc32c_combine(acc, d.piece_crc.unwrap_or_default(), len)
             })
         });
-        let payload_crc = done.iter().fold(0, |acc, d| {
-            crc32c::crc32c_combine(acc, d.frame_crc, d.frame_len)
-        });
-        let payload_len = done.iter().map(|d| d.frame_len).sum();
-        let out = bytes::Bytes::from(out);
-        let mut parts = Vec::with_capacity(done.len() + 1);
-        parts.push(bytes::Bytes::from(header(
-            compression,
-            data.len(),
-            crc,
-            payload_crc,
-            payload_len,
-        )));
-        let mut start = 0;
-        for (i, b) in bounds.iter().enumerate() {
-            if let Some(d) = done.get(i) {
-                parts.push(out.slice(start..start + d.frame_len));
-            }
-            start += b;
-        }
-        Ok(Encoded { parts })
+        frames_to_parts(data.len(), crc, done, out, &bounds)
     });
     (stored, other)
+}
+
+/// The envelope of zstd frames compressed into the regions (`bounds` long) of `out`.
+fn frames_to_parts(
+    original_len: usize,
+    crc: u32,
+    done: Done,
+    out: Vec<u8>,
+    bounds: &[usize],
+) -> std::io::Result<Encoded> {
+    let done: Vec<Compressed> = done.frames.into_iter().flatten().collect();
+    if done.len() != bounds.len() {
+        return Err(std::io::Error::other("a piece was not compressed"));
+    }
+    let payload_crc = done.iter().fold(0, |acc, d| {
+        crc32c::crc32c_combine(acc, d.frame_crc, d.frame_len)
+    });
+    let payload_len = done.iter().map(|d| d.frame_len).sum();
+    let out = bytes::Bytes::from(out);
+    let mut parts = Vec::with_capacity(done.len() + 1);
+    parts.push(bytes::Bytes::from(header(
+        Compression::Zstd,
+        original_len,
+        crc,
+        payload_crc,
+        payload_len,
+    )));
+    let mut start = 0;
+    for (i, b) in bounds.iter().enumerate() {
+        if let Some(d) = done.get(i) {
+            parts.push(out.slice(start..start + d.frame_len));
+        }
+        start += b;
+    }
+    Ok(Encoded { parts })
+}
+
+/// Reads bytes of an object's source: fills the buffer with the bytes at the offset, exactly.
+pub type ReadAt<'r> = &'r (dyn Fn(u64, &mut [u8]) -> std::io::Result<()> + Sync);
+
+/// Like [`encode_parallel_beside`] with zstd, for `len` bytes that `read` gives a window
+/// ([`PARALLEL_PIECE`]) at a time, so memory holds a few windows, never the whole. The calling
+/// thread reads the windows in order and hands each to `beside` before it is compressed, on up
+/// to `threads` threads in all (the calling one included, when it has nothing to read); frames go
+/// to `sink` in order as they are done.
+///
+/// # Errors
+/// A read that fails (the source is shorter than `len`, say), or a compressor that cannot
+/// allocate; a panic in `beside` is returned as `Err` beside the envelope.
+pub fn encode_read_beside(
+    len: usize,
+    read: ReadAt<'_>,
+    threads: usize,
+    sink: Option<FrameSink<'_>>,
+    beside: &mut dyn FnMut(&[u8]),
+) -> (std::io::Result<Encoded>, std::thread::Result<()>) {
+    let windows = len.div_ceil(PARALLEL_PIECE).max(1);
+    let bounds: Vec<usize> = (0..windows)
+        .map(|i| zstd::zstd_safe::compress_bound(PARALLEL_PIECE.min(len - i * PARALLEL_PIECE)))
+        .collect();
+    let mut out = vec![0u8; bounds.iter().sum()];
+    let mut regions = Vec::with_capacity(windows);
+    let mut rest = out.as_mut_slice();
+    for b in &bounds {
+        let (region, tail) = rest.split_at_mut(*b);
+        regions.push(std::sync::Mutex::new(region));
+        rest = tail;
+    }
+    let threads = threads.clamp(1, windows);
+    let stream = Stream {
+        regions,
+        done: std::sync::Mutex::new(Done {
+            frames: (0..windows).map(|_| None).collect(),
+            flushed: 0,
+            offset: HEADER_LEN as u64,
+        }),
+        sink,
+        pool: std::sync::Mutex::new(Pool {
+            free: Vec::new(),
+            made: 0,
+            // A window for the reader, one for each other thread, and one waiting.
+            limit: threads + 1,
+            queue: std::collections::VecDeque::new(),
+            read_all: false,
+            failed: false,
+        }),
+        changed: std::sync::Condvar::new(),
+    };
+    let mut other = Ok(());
+    let (read_result, worked) = std::thread::scope(|s| {
+        let stream = &stream;
+        let workers: Vec<_> = (1..threads).map(|_| s.spawn(|| stream.work_guarded())).collect();
+        let read_result = stream.feed(len, read, beside, &mut other);
+        let worked = workers.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("compression thread panicked")))
+        });
+        (read_result, worked)
+    });
+    drop(stream.regions);
+    let done = stream.done.into_inner();
+    let stored = read_result.and_then(|crc| worked.map(|()| crc)).and_then(|crc| {
+        let done = done.map_err(|_| std::io::Error::other("a compression thread panicked"))?;
+        frames_to_parts(len, crc, done, out, &bounds)
+    });
+    (stored, other)
+}
+
+/// A source read a window at a time and compressed on several threads.
+struct Stream<'b, 's> {
+    regions: Vec<std::sync::Mutex<&'b mut [u8]>>,
+    done: std::sync::Mutex<Done>,
+    sink: Option<FrameSink<'s>>,
+    pool: std::sync::Mutex<Pool>,
+    changed: std::sync::Condvar,
+}
+
+/// The windows: free ones, read ones waiting for a compressor.
+struct Pool {
+    free: Vec<crate::bigbuf::BigBuf>,
+    made: usize,
+    limit: usize,
+    /// Read windows: their index, buffer and length.
+    queue: std::collections::VecDeque<(usize, crate::bigbuf::BigBuf, usize)>,
+    read_all: bool,
+    failed: bool,
+}
+
+type Compressor = Option<zstd::bulk::Compressor<'static>>;
+
+fn poisoned() -> std::io::Error {
+    std::io::Error::other("a compression thread panicked")
+}
+
+impl Stream<'_, '_> {
+    /// Read every window (on the calling thread), hand it to `beside`, queue it; then help
+    /// compress. Returns the CRC-32C of the bytes read.
+    fn feed(
+        &self,
+        len: usize,
+        read: ReadAt<'_>,
+        beside: &mut dyn FnMut(&[u8]),
+        other: &mut std::thread::Result<()>,
+    ) -> std::io::Result<u32> {
+        let mut z: Compressor = None;
+        let result = (|| -> std::io::Result<u32> {
+            let mut crc = 0u32;
+            for (i, offset) in (0..len.max(1)).step_by(PARALLEL_PIECE).enumerate() {
+                let n = PARALLEL_PIECE.min(len - offset);
+                let mut buf = self.take_window(&mut z)?;
+                let window = buf
+                    .as_mut_slice()
+                    .get_mut(..n)
+                    .ok_or_else(|| std::io::Error::other("a window is too short"))?;
+                read(offset as u64, window)?;
+                let window = &*window;
+                crc = crc32c::crc32c_combine(crc, crc32c::crc32c(window), n);
+                if other.is_ok() {
+                    *other =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| beside(window)));
+                }
+                let mut pool = self.pool.lock().map_err(|_| poisoned())?;
+                pool.queue.push_back((i, buf, n));
+                self.changed.notify_one();
+            }
+            Ok(crc)
+        })();
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.read_all = true;
+            pool.failed |= result.is_err();
+        }
+        self.changed.notify_all();
+        let crc = result?;
+        self.work(&mut z)?;
+        Ok(crc)
+    }
+
+    /// A window to read into: a free one, a new one while fewer than the limit exist, else the
+    /// first freed by a compressor (compressing a waiting one meanwhile).
+    fn take_window(&self, z: &mut Compressor) -> std::io::Result<crate::bigbuf::BigBuf> {
+        let mut pool = self.pool.lock().map_err(|_| poisoned())?;
+        loop {
+            if pool.failed {
+                return Err(std::io::Error::other("a compression thread failed"));
+            }
+            if let Some(buf) = pool.free.pop() {
+                return Ok(buf);
+            }
+            if pool.made < pool.limit {
+                pool.made += 1;
+                drop(pool);
+                return Ok(crate::bigbuf::BigBuf::zeroed(PARALLEL_PIECE));
+            }
+            if let Some((i, buf, n)) = pool.queue.pop_front() {
+                drop(pool);
+                self.compress(z, i, buf.get(..n).unwrap_or_default())?;
+                return Ok(buf);
+            }
+            pool = self.changed.wait(pool).map_err(|_| poisoned())?;
+        }
+    }
+
+    /// [`work`](Self::work) on a thread of its own: a failure or panic stops the others.
+    fn work_guarded(&self) -> std::io::Result<()> {
+        let mut z: Compressor = None;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.work(&mut z)))
+            .unwrap_or_else(|_| Err(poisoned()));
+        if r.is_err() {
+            if let Ok(mut pool) = self.pool.lock() {
+                pool.failed = true;
+            }
+            self.changed.notify_all();
+        }
+        r
+    }
+
+    /// Compress queued windows until every window is read and none waits.
+    fn work(&self, z: &mut Compressor) -> std::io::Result<()> {
+        loop {
+            let job = {
+                let mut pool = self.pool.lock().map_err(|_| poisoned())?;
+                loop {
+                    if let Some(job) = pool.queue.pop_front() {
+                        break Some(job);
+                    }
+                    if pool.read_all || pool.failed {
+                        break None;
+                    }
+                    pool = self.changed.wait(pool).map_err(|_| poisoned())?;
+                }
+            };
+            let Some((i, buf, n)) = job else { return Ok(()) };
+            let r = self.compress(z, i, buf.get(..n).unwrap_or_default());
+            let mut pool = self.pool.lock().map_err(|_| poisoned())?;
+            pool.free.push(buf);
+            self.changed.notify_all();
+            r?;
+        }
+    }
+
+    /// Compress window `index` into its region; hand frames to the sink in order.
+    fn compress(&self, z: &mut Compressor, index: usize, piece: &[u8]) -> std::io::Result<()> {
+        let region = self
+            .regions
+            .get(index)
+            .ok_or_else(|| std::io::Error::other("no region for a piece"))?;
+        let (frame_len, frame_crc) = compress_frame(z, region, piece)?;
+        let frame = Compressed {
+            index,
+            frame_len,
+            frame_crc,
+            piece_crc: None,
+        };
+        frame_done(&self.done, &self.regions, self.sink, frame)
+    }
+}
+
+/// Compress `piece` into `region` as one zstd frame; returns the frame's length and CRC-32C.
+fn compress_frame(
+    z: &mut Compressor,
+    region: &std::sync::Mutex<&mut [u8]>,
+    piece: &[u8],
+) -> std::io::Result<(usize, u32)> {
+    let z = match z {
+        Some(z) => z,
+        None => z.insert(zstd::bulk::Compressor::new(crate::compress::ZSTD_LEVEL)?),
+    };
+    let mut region = region.lock().map_err(|_| poisoned())?;
+    let frame_len = z.compress_to_buffer(piece, &mut **region)?;
+    let frame = region
+        .get(..frame_len)
+        .ok_or_else(|| std::io::Error::other("the compressor wrote past its buffer"))?;
+    Ok((frame_len, crc32c::crc32c(frame)))
+}
+
+/// Record a compressed frame, and hand the sink what is now in order.
+fn frame_done(
+    done: &std::sync::Mutex<Done>,
+    regions: &[std::sync::Mutex<&mut [u8]>],
+    sink: Option<FrameSink<'_>>,
+    frame: Compressed,
+) -> std::io::Result<()> {
+    let mut done = done.lock().map_err(|_| poisoned())?;
+    if let Some(slot) = done.frames.get_mut(frame.index) {
+        *slot = Some(frame);
+    }
+    hand_over(&mut done, regions, sink)
+}
+
+/// Hand the sink every frame now preceded only by frames already handed over.
+fn hand_over(
+    done: &mut Done,
+    regions: &[std::sync::Mutex<&mut [u8]>],
+    sink: Option<FrameSink<'_>>,
+) -> std::io::Result<()> {
+    let Some(sink) = sink else { return Ok(()) };
+    while let Some(Some(next)) = done.frames.get(done.flushed) {
+        let len = next.frame_len;
+        let region = regions
+            .get(done.flushed)
+            .ok_or_else(|| std::io::Error::other("no region for a piece"))?
+            .lock()
+            .map_err(|_| poisoned())?;
+        let frame = region
+            .get(..len)
+            .ok_or_else(|| std::io::Error::other("a frame is longer than its buffer"))?;
+        sink(done.offset, frame);
+        done.offset += len as u64;
+        done.flushed += 1;
+    }
+    Ok(())
 }
 
 /// One compressed piece.
@@ -330,54 +617,22 @@ struct Done {
 impl PieceQueue<'_, '_, '_> {
     /// Compress pieces until none are left.
     fn work(&self) -> std::io::Result<()> {
-        let poisoned = || std::io::Error::other("a compression thread panicked");
-        let mut z: Option<zstd::bulk::Compressor<'static>> = None;
+        let mut z: Compressor = None;
         loop {
             let index = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (Some(piece), Some(region)) = (self.chunks.get(index), self.regions.get(index))
             else {
                 return Ok(());
             };
-            let z = match &mut z {
-                Some(z) => z,
-                None => z.insert(zstd::bulk::Compressor::new(crate::compress::ZSTD_LEVEL)?),
-            };
             let piece_crc = self.want_crc.then(|| crc32c::crc32c(piece));
-            let (frame_len, frame_crc) = {
-                let mut region = region.lock().map_err(|_| poisoned())?;
-                let frame_len = z.compress_to_buffer(piece, &mut **region)?;
-                let frame = region
-                    .get(..frame_len)
-                    .ok_or_else(|| std::io::Error::other("the compressor wrote past its buffer"))?;
-                (frame_len, crc32c::crc32c(frame))
+            let (frame_len, frame_crc) = compress_frame(&mut z, region, piece)?;
+            let frame = Compressed {
+                index,
+                frame_len,
+                frame_crc,
+                piece_crc,
             };
-            let mut done = self.done.lock().map_err(|_| poisoned())?;
-            if let Some(slot) = done.frames.get_mut(index) {
-                *slot = Some(Compressed {
-                    index,
-                    frame_len,
-                    frame_crc,
-                    piece_crc,
-                });
-            }
-            if let Some(sink) = self.sink {
-                // Hand over every frame now preceded only by frames already handed over.
-                while let Some(Some(next)) = done.frames.get(done.flushed) {
-                    let len = next.frame_len;
-                    let region = self
-                        .regions
-                        .get(done.flushed)
-                        .ok_or_else(|| std::io::Error::other("no region for a piece"))?
-                        .lock()
-                        .map_err(|_| poisoned())?;
-                    let frame = region.get(..len).ok_or_else(|| {
-                        std::io::Error::other("a frame is longer than its buffer")
-                    })?;
-                    sink(done.offset, frame);
-                    done.offset += len as u64;
-                    done.flushed += 1;
-                }
-            }
+            frame_done(&self.done, &self.regions, self.sink, frame)?;
         }
     }
 }
@@ -1194,5 +1449,59 @@ mod tests {
             two.len(),
             one.len()
         );
+    }
+
+    #[test]
+    fn a_source_read_a_window_at_a_time_encodes_as_the_whole_does() {
+        // Frames of the same windows: the bytes equal those of the whole buffer compressed in
+        // pieces, on any number of threads.
+        let data: Vec<u8> = (0..(9u32 << 20) + 8192)
+            .map(|i| (i / 3).wrapping_mul(2_654_435_761).to_le_bytes()[3] & 0x0F)
+            .collect();
+        let whole = encode_parallel(&data, Compression::Zstd, 2, None).unwrap();
+        let read = |offset: u64, buf: &mut [u8]| {
+            let at = offset as usize;
+            match data.get(at..at + buf.len()) {
+                Some(src) => {
+                    buf.copy_from_slice(src);
+                    Ok(())
+                }
+                None => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            }
+        };
+        for threads in [1, 2, 3, 8] {
+            let sunk = std::sync::Mutex::new(Vec::new());
+            let sink = |offset: u64, frame: &[u8]| {
+                let mut s = sunk.lock().unwrap();
+                assert_eq!(offset as usize, HEADER_LEN + s.len(), "frames in order");
+                s.extend_from_slice(frame);
+            };
+            let mut seen = Vec::new();
+            let (stored, beside) = encode_read_beside(
+                data.len(),
+                &read,
+                threads,
+                Some(&sink),
+                &mut |w: &[u8]| seen.extend_from_slice(w),
+            );
+            beside.unwrap();
+            let stored = stored.unwrap().into_vec();
+            assert_eq!(stored, whole, "{threads} threads");
+            assert_eq!(seen, data, "beside saw every byte in order");
+            assert_eq!(&sunk.into_inner().unwrap()[..], &stored[HEADER_LEN..]);
+            // A source shorter than it said is an error, not a short object.
+            let (short, _) = encode_read_beside(data.len() + 1, &read, threads, None, &mut |_| {});
+            assert_eq!(
+                short.unwrap_err().kind(),
+                std::io::ErrorKind::UnexpectedEof
+            );
+            // A panic beside is reported; the envelope is still whole.
+            let (stored, beside) =
+                encode_read_beside(data.len(), &read, threads, None, &mut |_| panic!("index"));
+            assert!(beside.is_err());
+            assert_eq!(stored.unwrap().into_vec(), whole);
+        }
+        let (empty, _) = encode_read_beside(0, &read, 2, None, &mut |_| {});
+        assert_eq!(decode(&empty.unwrap().into_vec()).unwrap(), b"");
     }
 }
