@@ -42,7 +42,7 @@ impl Compression {
     pub fn compress(self, data: &[u8]) -> std::io::Result<Vec<u8>> {
         Ok(match self {
             Compression::None => data.to_vec(),
-            Compression::Zstd => zstd::bulk::compress(data, ZSTD_LEVEL)?,
+            Compression::Zstd => with_compressor(|z| z.compress(data))?,
             Compression::Lz4 => lz4_flex::block::compress(data),
         })
     }
@@ -69,6 +69,32 @@ impl Compression {
         }
         Ok(out)
     }
+}
+
+/// Idle zstd compression contexts. Creating one per call costs an allocation of its tables and a
+/// page fault for each of their pages, which for a backup of thousands of small files measured as
+/// more than the compression itself; so each is kept for the next call. Never more than the most
+/// compressions ever run at once (at most one per CPU, `cpu::slots`).
+static COMPRESSORS: std::sync::Mutex<Vec<zstd::bulk::Compressor<'static>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Run `f` with an idle zstd context (a new one if none is idle), and keep it for the next call.
+///
+/// # Errors
+/// zstd cannot allocate a context, or what `f` returns.
+pub fn with_compressor<R>(
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<R>,
+) -> std::io::Result<R> {
+    let idle = COMPRESSORS.lock().ok().and_then(|mut idle| idle.pop());
+    let mut z = match idle {
+        Some(z) => z,
+        None => zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
+    };
+    let result = f(&mut z);
+    if let Ok(mut idle) = COMPRESSORS.lock() {
+        idle.push(z);
+    }
+    result
 }
 
 impl fmt::Display for Compression {

@@ -32,7 +32,9 @@ const UPLOADS: usize = 4;
 pub struct Bundler {
     id: String,
     open: Mutex<Open>,
-    uploads: tokio::sync::Semaphore,
+    uploads: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The uploads under way (aborted if the backup fails first).
+    storing: Mutex<tokio::task::JoinSet<anyhow::Result<u64>>>,
 }
 
 /// The bundle being filled.
@@ -61,7 +63,8 @@ impl Bundler {
                 members: Vec::new(),
                 len: 0,
             }),
-            uploads: tokio::sync::Semaphore::new(jobs.clamp(1, UPLOADS)),
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(jobs.clamp(1, UPLOADS))),
+            storing: Mutex::new(tokio::task::JoinSet::new()),
         }
     }
 
@@ -101,25 +104,54 @@ impl Bundler {
         Ok((!open.members.is_empty()).then(|| take(&mut open)))
     }
 
-    /// Store a closed bundle (a key only this backup writes).
+    /// Start storing a closed bundle (a key only this backup writes) once fewer than a few are
+    /// being stored, and return: the piece that filled it does not wait for the upload, so the
+    /// other pieces keep coming. [`wait`](Self::wait) says how the uploads ended.
     ///
     /// # Errors
-    /// The store refuses it.
-    pub async fn store(&self, repo: &Repo, closed: Closed) -> anyhow::Result<u64> {
-        let _permit = self.uploads.acquire().await?;
+    /// Only if the uploads were shut down.
+    pub async fn store(&self, repo: &Repo, closed: Closed) -> anyhow::Result<()> {
+        let permit = self.uploads.clone().acquire_owned().await?;
         let key = ObjectKey::BackupBundle {
             id: self.id.clone(),
             bundle: closed.number,
         };
-        let stored = repo
-            .put(
-                &key,
-                envelope::wrap_parts(closed.members),
-                PutMode::CreateUnique,
-            )
-            .await
-            .with_context(|| format!("store {}", key.key()))?;
-        Ok(stored.stored_bytes())
+        let repo = repo.clone();
+        let upload = async move {
+            let stored = repo
+                .put(
+                    &key,
+                    envelope::wrap_parts(closed.members),
+                    PutMode::CreateUnique,
+                )
+                .await
+                .with_context(|| format!("store {}", key.key()))?;
+            drop(permit);
+            Ok(stored.stored_bytes())
+        };
+        self.storing
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a bundle upload was left by a panic"))?
+            .spawn(upload);
+        Ok(())
+    }
+
+    /// Wait for every bundle stored so far; returns their stored bytes.
+    ///
+    /// # Errors
+    /// The first upload that failed.
+    pub async fn wait(&self) -> anyhow::Result<u64> {
+        let mut storing = std::mem::take(
+            &mut *self
+                .storing
+                .lock()
+                .map_err(|_| anyhow::anyhow!("a bundle upload was left by a panic"))?,
+        );
+        let mut bytes = 0;
+        while let Some(done) = storing.join_next().await {
+            bytes += done.context("a bundle upload panicked")??;
+        }
+        Ok(bytes)
     }
 }
 
@@ -175,6 +207,7 @@ mod tests {
             stored += 1;
             bundler.store(&repo, c).await.unwrap();
         }
+        assert!(bundler.wait().await.unwrap() > 0);
         assert!(bundler.finish().unwrap().is_none());
         assert_eq!(stored, 3);
         assert_eq!(placed.last().unwrap().0.id, 2);

@@ -658,10 +658,11 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         };
         entries.extend(copy_files(repo, to, vec![ctl], opts, (geometry, check), &bar).await?);
     }
-    if let Some(b) = &bundler
-        && let Some(last) = b.finish()?
-    {
-        b.store(repo, last).await?;
+    if let Some(b) = &bundler {
+        if let Some(last) = b.finish()? {
+            b.store(repo, last).await?;
+        }
+        b.wait().await?;
     }
     bar.finish_and_clear();
 
