@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use anyhow::Context;
 use futures::StreamExt;
 
 use crate::index::{RestorePoint, SegmentSummary, XactRef};
@@ -18,9 +19,9 @@ use crate::pg::PgTimestamp;
 use crate::pg::timeline::History;
 use crate::pg::waldecoder::join_fragments;
 use crate::pg::{Lsn, PgMajor, SegNo, SegmentName, TimelineId, WalFileName, WalSegSize};
-use crate::storage::Repo;
 use crate::storage::identity::RepoIdentity;
 use crate::storage::layout::{Found, Listed, ObjectKey, Prefix};
+use crate::storage::{Repo, envelope};
 
 /// How many objects are fetched at once while loading.
 pub const LOAD_CONCURRENCY: usize = 32;
@@ -190,8 +191,8 @@ pub struct Loaded {
     pub histories: Vec<(TimelineId, Vec<u8>)>,
     /// Summaries read (raw JSON).
     pub summaries: Vec<(SegmentName, Vec<u8>)>,
-    /// Backup manifests read (raw JSON), and ids without one.
-    pub backups: Vec<(String, Option<Vec<u8>>)>,
+    /// Backup manifests read (without their files), and ids without one.
+    pub backups: Vec<(String, ManifestRead)>,
     /// Roll-ups read (each covering its chunk's files and summaries).
     pub rollups: Vec<crate::rollup::Rollup>,
 }
@@ -407,18 +408,22 @@ async fn read_listed(
     Ok((wal, histories, summaries, problems))
 }
 
-/// Backup manifests read (raw), by id (`None`: no manifest), and what could not be read.
-type ManifestsRead = (Vec<(String, Option<Vec<u8>>)>, Vec<IndexProblem>);
+/// A backup's manifest as the catalog read it: `None` when the backup has none (incomplete),
+/// else the manifest without its files, or why it could not be parsed.
+pub type ManifestRead = Option<Result<BackupManifest, crate::format::FormatError>>;
 
-/// Every backup's manifest.
+/// Backup manifests read, by id, and what could not be read.
+type ManifestsRead = (Vec<(String, ManifestRead)>, Vec<IndexProblem>);
+
+/// Every backup's manifest, without its files ([`BackupManifest::without_files_from_json`]): the
+/// stored objects are read at once, but each is decompressed and parsed on a CPU slot and its
+/// text dropped then, so memory never holds every manifest's files (121,000 files are 25 MiB
+/// parsed).
 async fn load_manifests(repo: &Repo) -> anyhow::Result<ManifestsRead> {
     let ids: Vec<String> = repo.list_dirs(&Prefix::Backups).await?;
-    let manifests: Vec<(String, anyhow::Result<Option<Vec<u8>>>)> = futures::stream::iter(ids)
+    let manifests: Vec<(String, anyhow::Result<ManifestRead>)> = futures::stream::iter(ids)
         .map(|id| async move {
-            let got = repo
-                .get(&ObjectKey::BackupManifest(id.clone()))
-                .await
-                .map_err(anyhow::Error::from);
+            let got = read_manifest(repo, &id, true).await;
             (id, got)
         })
         .buffer_unordered(LOAD_CONCURRENCY)
@@ -443,6 +448,78 @@ async fn load_manifests(repo: &Repo) -> anyhow::Result<ManifestsRead> {
         }
     }
     Ok((backups, problems))
+}
+
+/// Backup `id`'s manifest, parsed as it is decompressed (a manifest of 100,000 files is some
+/// 25 MiB of JSON, never held whole), on a CPU slot; `without_files`: into a tally
+/// ([`BackupManifest::without_files_from_json`]). `None`: the backup has no manifest. A manifest
+/// that does not parse is read again whole, for the error that says why (a newer format, say).
+///
+/// # Errors
+/// Store failures; an object that fails its checksums on every read.
+pub async fn read_manifest(
+    repo: &Repo,
+    id: &str,
+    without_files: bool,
+) -> anyhow::Result<ManifestRead> {
+    let key = ObjectKey::BackupManifest(id.to_string());
+    let got = repo
+        .read_verified(&key, |stored| async move {
+            let _slot = crate::cpu::slots().acquire().await?;
+            tokio::task::spawn_blocking(move || {
+                envelope::decode_streaming(&stored, |r| {
+                    BackupManifest::from_reader(r, without_files)
+                })
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        })
+        .await?;
+    let Some(Err(_)) = &got else {
+        return Ok(got);
+    };
+    let Some(json) = repo.get(&key).await? else {
+        return Ok(None);
+    };
+    Ok(Some(if without_files {
+        BackupManifest::without_files_from_json(&json)
+    } else {
+        BackupManifest::from_json(&json)
+    }))
+}
+
+/// The manifest of backup `b` with its files, read again (the catalog holds manifests without
+/// them).
+///
+/// # Errors
+/// Store failures; a manifest that is gone, unreadable or no longer the same backup.
+pub async fn manifest_with_files(
+    repo: &Repo,
+    b: &BackupManifest,
+) -> anyhow::Result<BackupManifest> {
+    if !b.files_left_out() {
+        return Ok(b.clone());
+    }
+    let key = ObjectKey::BackupManifest(b.id.clone());
+    let full = read_manifest(repo, &b.id, false)
+        .await
+        .with_context(|| format!("read the manifest of backup {}", b.id))?
+        .with_context(|| {
+            format!(
+                "the manifest of backup {} is no longer in {} (was the backup deleted meanwhile?)",
+                b.id,
+                repo.location()
+            )
+        })?
+        .with_context(|| format!("read the manifest of backup {} ({})", b.id, key.key()))?;
+    if full.id != b.id || full.stop_lsn != b.stop_lsn || full.files.len() != b.file_count() {
+        anyhow::bail!(
+            "the manifest of backup {} changed while it was read ({}): run the command again",
+            b.id,
+            key.key()
+        );
+    }
+    Ok(full)
 }
 
 impl Catalog {
@@ -656,7 +733,7 @@ impl Catalog {
             c.join_spanning_records(major);
         }
         for (id, manifest) in loaded.backups {
-            match manifest.map(|b| BackupManifest::from_json(&b)) {
+            match manifest {
                 Some(Ok(m)) => c.backups.push(m),
                 Some(Err(e)) => c.problems.push(IndexProblem {
                     segment: format!("backup {id}"),

@@ -429,6 +429,7 @@ mod tests {
             backup_type: Default::default(),
             parent: None,
             fallback: None,
+            tally: None,
         }
     }
 

@@ -50,6 +50,27 @@ struct Probe {
     format: Option<u32>,
 }
 
+/// [`decode`] from a reader (a large object parsed as it is decompressed). A value that does not
+/// parse is `Invalid` here without looking for a newer version: a caller that wants that
+/// distinction reads the object whole with [`decode`].
+///
+/// # Errors
+/// As [`decode`].
+pub fn decode_reader<T: Versioned>(read: &mut dyn std::io::Read) -> Result<T, FormatError> {
+    match serde_json::from_reader::<_, T>(read) {
+        Ok(t) if t.version() > T::SUPPORTED => Err(FormatError::Newer {
+            what: T::WHAT,
+            found: t.version(),
+            supported: T::SUPPORTED,
+        }),
+        Ok(t) => Ok(t),
+        Err(e) => Err(FormatError::Invalid {
+            what: T::WHAT,
+            detail: e.to_string(),
+        }),
+    }
+}
+
 /// Parse a stored object of format `T`, checking its version.
 ///
 /// # Errors

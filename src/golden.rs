@@ -111,6 +111,7 @@ fn manifest() -> BackupManifest {
         backup_type: Default::default(),
         parent: None,
         fallback: None,
+        tally: None,
     }
 }
 
@@ -224,6 +225,48 @@ fn backup_manifest_with_checksum_failures() {
         m.describe_checksum_failures(5),
         "base/5/16384 block 3, 2048"
     );
+}
+
+/// What the catalog keeps of each stored manifest (read without its files) says what the whole
+/// manifest says: file count, methods, checksum failures; everything else is the same.
+#[test]
+fn manifests_read_without_files_keep_their_tally() {
+    let mut checked = manifest();
+    checked.data_checksums = true;
+    checked.files[0].checksum_failures = vec![3, 2048];
+    for name in [
+        "manifest-v1.json",
+        "manifest-v1-checksums.json",
+        "manifest-v2-incr.json",
+        "manifest-v3-bundled.json",
+    ] {
+        let file = std::fs::read(golden(name)).unwrap();
+        let whole = BackupManifest::from_json(&file).unwrap();
+        let lean = BackupManifest::without_files_from_json(&file).unwrap();
+        assert!(lean.files.is_empty() && lean.files_left_out(), "{name}");
+        assert!(!whole.files_left_out(), "{name}");
+        assert_eq!(lean.file_count(), whole.files.len(), "{name}");
+        assert_eq!(lean.file_methods(), whole.file_methods(), "{name}");
+        let mut same = lean.clone();
+        same.files = whole.files.clone();
+        same.tally = None;
+        assert_eq!(same, whole, "{name}");
+    }
+    let json = serde_json::to_vec(&checked).unwrap();
+    let lean = BackupManifest::without_files_from_json(&json).unwrap();
+    assert_eq!(
+        lean.describe_checksum_failures(5),
+        checked.describe_checksum_failures(5)
+    );
+    assert_eq!(
+        lean.describe_checksum_failures(5),
+        "base/5/16384 block 3, 2048"
+    );
+    // The next read on the thread is whole again.
+    assert_eq!(BackupManifest::from_json(&json).unwrap(), checked);
+    // A manifest that does not parse leaves no tally behind either.
+    assert!(BackupManifest::without_files_from_json(b"{\"files\": [1]}").is_err());
+    assert_eq!(BackupManifest::from_json(&json).unwrap().files.len(), 1);
 }
 
 /// Format 2: an incremental backup, one file as changed blocks, one whole.
@@ -404,7 +447,9 @@ fn info_json() {
         backups: vec![
             (
                 manifest().id,
-                Some(serde_json::to_vec(&manifest()).unwrap()),
+                Some(BackupManifest::without_files_from_json(
+                    &serde_json::to_vec(&manifest()).unwrap(),
+                )),
             ),
             ("20261122T000000Z".into(), None),
         ],
@@ -443,7 +488,12 @@ async fn newer_formats_are_refused_by_name() {
     let loaded = Loaded {
         identity: Some(identity()),
         wal: vec![crate::pg::WalFileName::Segment(seg(1, 1))],
-        backups: vec![(manifest().id, Some(serde_json::to_vec(&newer).unwrap()))],
+        backups: vec![(
+            manifest().id,
+            Some(BackupManifest::without_files_from_json(
+                &serde_json::to_vec(&newer).unwrap(),
+            )),
+        )],
         ..Default::default()
     };
     let c = Catalog::build(loaded);

@@ -295,8 +295,7 @@ impl Summarizer {
                     s.records += 1;
                     s.first_lsn.get_or_insert(rec.lsn);
                     s.last_lsn = Some(rec.lsn);
-                    let changed =
-                        crate::pg::blockref::changes(&rec, self.major, &mut self.scratch);
+                    let changed = crate::pg::blockref::changes(&rec, self.major, &mut self.scratch);
                     for c in self.scratch.drain(..) {
                         self.changes.apply(c);
                     }

@@ -229,7 +229,7 @@ impl Info {
                     stop_time: b.stop_time,
                     start_wal: b.start_wal,
                     stop_wal: b.stop_wal,
-                    files: b.files.len(),
+                    files: b.file_count(),
                     size_bytes: b.size_bytes,
                     stored_bytes: b.stored_bytes,
                     restorable: c.is_restorable(b),

@@ -18,10 +18,15 @@ fn main() -> ExitCode {
     // Segment-sized buffers (16 MiB and more) are read on several threads, one after another. glibc
     // raises its mmap threshold after the first such buffer is freed and from then on serves them
     // from per-thread heaps that keep the memory: fixing the threshold gives each back when freed.
+    // And glibc gives each thread that allocates an arena of its own (up to 8 per core), each
+    // keeping what was freed in it: a restore's 16 fsync threads and its jobs made peak RSS 108
+    // MiB where the heap peaked at 60. Two arenas share that memory (pitr's hot paths allocate
+    // little).
     // SAFETY: mallopt only changes allocator tuning; it is called before any other thread exists.
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

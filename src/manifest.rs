@@ -241,7 +241,9 @@ pub struct BackupManifest {
     pub stop_wal: SegmentName,
     /// Compression of the data objects.
     pub compression: Compression,
-    /// Files, in the order they were listed.
+    /// Files, in the order they were listed. Empty in a manifest read without its files (see
+    /// [`BackupManifest::without_files_from_json`]): [`BackupManifest::tally`] says what they were.
+    #[serde(deserialize_with = "files::deserialize")]
     pub files: Vec<FileEntry>,
     /// Directories to recreate.
     pub directories: Vec<String>,
@@ -266,6 +268,93 @@ pub struct BackupManifest {
     /// Why a full backup was taken where an incremental or differential one was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// What a manifest read without its files keeps of them (never stored).
+    #[serde(skip)]
+    pub tally: Option<FilesTally>,
+}
+
+/// What the catalog keeps of a backup's files: it holds every backup's manifest, and 100,000
+/// files are some 25 MiB each; a command that needs the files reads that one manifest again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FilesTally {
+    /// Files.
+    pub count: usize,
+    /// Of them, stored as changed blocks.
+    pub changed: usize,
+    /// The files with pages that failed their checksum, and those pages.
+    pub checksum_failures: Vec<(String, Vec<u32>)>,
+}
+
+impl FilesTally {
+    fn add(&mut self, f: FileEntry) {
+        self.count += 1;
+        self.changed += usize::from(f.changed.is_some());
+        if !f.checksum_failures.is_empty() {
+            self.checksum_failures.push((f.path, f.checksum_failures));
+        }
+    }
+}
+
+/// The `files` list, read whole, or (while [`BackupManifest::without_files_from_json`] reads on
+/// this thread) an entry at a time into a tally, so the list is never held.
+mod files {
+    use super::{FileEntry, FilesTally};
+    use serde::Deserializer;
+    use serde::de::{SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// `Some` while a manifest is read without its files.
+        pub(super) static TALLY: RefCell<Option<FilesTally>> = const { RefCell::new(None) };
+    }
+
+    struct Entries;
+
+    impl<'de> Visitor<'de> for Entries {
+        type Value = Vec<FileEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of files")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let tallying = TALLY.with(|t| t.borrow().is_some());
+            let mut out = Vec::new();
+            while let Some(entry) = seq.next_element::<FileEntry>()? {
+                if tallying {
+                    TALLY.with(|t| {
+                        if let Some(tally) = t.borrow_mut().as_mut() {
+                            tally.add(entry);
+                        }
+                    });
+                } else {
+                    out.push(entry);
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FileEntry>, D::Error> {
+        d.deserialize_seq(Entries)
+    }
+
+    /// Tallies on this thread until dropped.
+    pub(super) struct Tallying;
+
+    impl Tallying {
+        pub(super) fn start() -> Tallying {
+            TALLY.with(|t| *t.borrow_mut() = Some(FilesTally::default()));
+            Tallying
+        }
+        pub(super) fn take(&self) -> FilesTally {
+            TALLY.with(|t| t.borrow_mut().take()).unwrap_or_default()
+        }
+    }
+
+    impl Drop for Tallying {
+        fn drop(&mut self) {
+            TALLY.with(|t| *t.borrow_mut() = None);
+        }
+    }
 }
 
 impl Versioned for BackupManifest {
@@ -287,8 +376,49 @@ impl BackupManifest {
 
     /// Files stored as changed blocks, and files stored whole.
     pub fn file_methods(&self) -> (usize, usize) {
+        if let Some(t) = &self.tally {
+            return (t.changed, t.count - t.changed);
+        }
         let blocks = self.files.iter().filter(|f| f.changed.is_some()).count();
         (blocks, self.files.len() - blocks)
+    }
+
+    /// How many files the backup holds.
+    pub fn file_count(&self) -> usize {
+        self.tally.as_ref().map_or(self.files.len(), |t| t.count)
+    }
+
+    /// Whether this is a manifest read without its files ([`BackupManifest::tally`] has them).
+    pub fn files_left_out(&self) -> bool {
+        self.tally.is_some()
+    }
+
+    /// [`BackupManifest::from_json`] from a reader, or (`without_files`)
+    /// [`BackupManifest::without_files_from_json`].
+    ///
+    /// # Errors
+    /// As [`crate::format::decode_reader`].
+    pub fn from_reader(
+        read: &mut dyn std::io::Read,
+        without_files: bool,
+    ) -> Result<BackupManifest, FormatError> {
+        let tallying = without_files.then(files::Tallying::start);
+        let mut m: BackupManifest = crate::format::decode_reader(read)?;
+        m.files.shrink_to_fit();
+        m.tally = tallying.map(|t| t.take());
+        Ok(m)
+    }
+
+    /// Parse a stored manifest without holding its files: each is read and counted into
+    /// [`BackupManifest::tally`], and `files` stays empty. What the catalog keeps.
+    ///
+    /// # Errors
+    /// As [`BackupManifest::from_json`].
+    pub fn without_files_from_json(bytes: &[u8]) -> Result<BackupManifest, FormatError> {
+        let tallying = files::Tallying::start();
+        let mut m: BackupManifest = crate::format::decode(bytes)?;
+        m.tally = Some(tallying.take());
+        Ok(m)
     }
 
     /// Parse a stored manifest, checking its format version.
@@ -296,15 +426,25 @@ impl BackupManifest {
     /// # Errors
     /// A newer format, or JSON that is not a valid manifest.
     pub fn from_json(bytes: &[u8]) -> Result<BackupManifest, FormatError> {
-        crate::format::decode(bytes)
+        let mut m: BackupManifest = crate::format::decode(bytes)?;
+        // Read as a list that doubled as it grew: up to half of it would be unused.
+        m.files.shrink_to_fit();
+        Ok(m)
     }
 
     /// The files with pages that failed their checksum, and those pages.
     pub fn checksum_failures(&self) -> impl Iterator<Item = (&str, &[u32])> {
-        self.files
+        let tallied = self
+            .tally
+            .iter()
+            .flat_map(|t| &t.checksum_failures)
+            .map(|(p, b)| (p.as_str(), b.as_slice()));
+        let listed = self
+            .files
             .iter()
             .filter(|f| !f.checksum_failures.is_empty())
-            .map(|f| (f.path.as_str(), f.checksum_failures.as_slice()))
+            .map(|f| (f.path.as_str(), f.checksum_failures.as_slice()));
+        tallied.chain(listed)
     }
 
     /// "base/5/16384 block 3, 7; global/1262 block 0", the first `n` files.

@@ -102,10 +102,25 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
     let present: BTreeSet<String> = listing.iter().map(|e| e.key().to_string()).collect();
     let objects = check_objects(repo, listing, jobs).await;
     findings.extend(objects.findings);
+    // The catalog holds manifests without their files: each is read again, one at a time.
+    let mut bundled_bytes = 0u64;
     for b in &catalog.backups {
-        findings.extend(check_backup(repo, b, &present, jobs).await);
+        match crate::catalog::manifest_with_files(repo, b).await {
+            Ok(full) => {
+                findings.extend(check_backup(repo, &full, &present, jobs).await);
+                bundled_bytes += full
+                    .files
+                    .iter()
+                    .flat_map(|f| &f.parts)
+                    .filter(|p| p.bundle.is_some())
+                    .map(|p| p.size)
+                    .sum::<u64>();
+            }
+            Err(e) => findings.push(unreadable_manifest(b, &e)),
+        }
     }
     findings.extend(wal_findings(&catalog, &present));
+    findings.extend(chain_findings(repo, &catalog).await);
     findings.extend(history_findings(&catalog));
     findings.extend(backup_findings(&catalog, &present));
     // Derived, so repaired rather than reported: a stale roll-up is deleted, and every complete
@@ -126,15 +141,7 @@ pub async fn run(repo: &Repo, jobs: usize) -> anyhow::Result<Report> {
         finished_at: PgTimestamp::now(),
         objects_checked: objects.checked,
         // Bundles count as their pieces' data.
-        bytes_checked: objects.bytes
-            + catalog
-                .backups
-                .iter()
-                .flat_map(|b| &b.files)
-                .flat_map(|f| &f.parts)
-                .filter(|p| p.bundle.is_some())
-                .map(|p| p.size)
-                .sum::<u64>(),
+        bytes_checked: objects.bytes + bundled_bytes,
         stored_bytes_checked: objects.stored_bytes,
         backups_checked: catalog.backups.len(),
         findings,
@@ -432,21 +439,6 @@ fn wal_findings(catalog: &Catalog, present: &BTreeSet<String>) -> Vec<Finding> {
             ),
         });
     }
-    for b in &catalog.backups {
-        let broken = match catalog.chain(b) {
-            Err(broken) => Some(broken),
-            Ok(chain) => crate::restore::files::check_chain(&chain)
-                .err()
-                .map(|e| format!("{e:#}")),
-        };
-        if let Some(broken) = broken {
-            findings.push(Finding {
-                kind: "chain",
-                object: format!("backup {}", b.id),
-                detail: format!("{broken}: it cannot be restored"),
-            });
-        }
-    }
     for key in present {
         if let Some(ObjectKey::Summary(seg)) = ObjectKey::parse(key) {
             let wal = ObjectKey::Wal(WalFileName::Segment(seg)).key();
@@ -457,6 +449,53 @@ fn wal_findings(catalog: &Catalog, present: &BTreeSet<String>) -> Vec<Finding> {
                     detail: "archived (its index summary exists) but deleted since".into(),
                 });
             }
+        }
+    }
+    findings
+}
+
+/// A backup whose manifest the catalog read but that could not be read again with its files.
+fn unreadable_manifest(b: &BackupManifest, e: &anyhow::Error) -> Finding {
+    Finding {
+        kind: "corrupt",
+        object: ObjectKey::BackupManifest(b.id.clone()).key(),
+        detail: format!("{e:#}"),
+    }
+}
+
+/// Every backup's chain fits together: each link is in the repository, and the files stored as
+/// changed blocks find every block in a backup of the chain (the manifests of each chain are read
+/// again with their files, one chain at a time).
+async fn chain_findings(repo: &Repo, catalog: &Catalog) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for b in &catalog.backups {
+        let broken = match catalog.chain(b) {
+            Err(broken) => Some(broken),
+            // A full backup with every file whole fits by itself.
+            Ok(chain) if chain.len() == 1 && b.file_methods().0 == 0 => None,
+            Ok(chain) => {
+                let mut full = Vec::with_capacity(chain.len());
+                for m in chain {
+                    match crate::catalog::manifest_with_files(repo, m).await {
+                        Ok(f) => full.push(f),
+                        Err(e) => {
+                            findings.push(unreadable_manifest(m, &e));
+                            break;
+                        }
+                    }
+                }
+                let links: Vec<&BackupManifest> = full.iter().collect();
+                crate::restore::files::check_chain(&links)
+                    .err()
+                    .map(|e| format!("{e:#}"))
+            }
+        };
+        if let Some(broken) = broken {
+            findings.push(Finding {
+                kind: "chain",
+                object: format!("backup {}", b.id),
+                detail: format!("{broken}: it cannot be restored"),
+            });
         }
     }
     findings

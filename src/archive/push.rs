@@ -615,11 +615,12 @@ fn read_and_encode(
     }
     let mut data = BigBuf::zeroed(len);
     file.read_exact_at(data.as_mut_slice(), 0)?;
-    let (stored, fed) = envelope::encode_parallel_beside(&data, compression, threads, None, sink, || {
-        for window in data.chunks(envelope::PARALLEL_PIECE) {
-            feed(window);
-        }
-    });
+    let (stored, fed) =
+        envelope::encode_parallel_beside(&data, compression, threads, None, sink, || {
+            for window in data.chunks(envelope::PARALLEL_PIECE) {
+                feed(window);
+            }
+        });
     fed.map_err(|_| std::io::Error::other("WAL index thread panicked"))?;
     Ok((stored?, summary.map(index::Summarizer::finish)))
 }

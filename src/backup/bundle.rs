@@ -41,16 +41,22 @@ pub struct Bundler {
 struct Open {
     /// Its number.
     number: u32,
-    /// The envelopes in it, in order.
-    members: Vec<bytes::Bytes>,
-    /// Their bytes.
-    len: usize,
+    /// The envelopes in it, one after another: copied in, so a bundle holds its stored bytes
+    /// and no more (a small file's compressed envelope is a few hundred bytes of a buffer sized
+    /// for the worst case).
+    members: Vec<u8>,
 }
 
 /// A bundle to store.
 pub struct Closed {
     number: u32,
-    members: Vec<bytes::Bytes>,
+    members: Vec<u8>,
+}
+
+/// Room for a bundle's members: it closes at [`BUNDLE_SIZE`], after a last member of up to
+/// about [`BUNDLE_LIMIT`] (pages not written are not memory).
+fn bundle_buffer() -> Vec<u8> {
+    Vec::with_capacity(BUNDLE_SIZE + 2 * BUNDLE_LIMIT as usize)
 }
 
 impl Bundler {
@@ -61,7 +67,6 @@ impl Bundler {
             open: Mutex::new(Open {
                 number: 0,
                 members: Vec::new(),
-                len: 0,
             }),
             uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(jobs.clamp(1, UPLOADS))),
             storing: Mutex::new(tokio::task::JoinSet::new()),
@@ -84,11 +89,14 @@ impl Bundler {
             .map_err(|_| anyhow::anyhow!("a bundle was left half-written by a panic"))?;
         let place = InBundle {
             id: open.number,
-            offset: (envelope::HEADER_LEN + open.len) as u64,
+            offset: (envelope::HEADER_LEN + open.members.len()) as u64,
         };
-        open.len += stored.len();
-        open.members.push(bytes::Bytes::from(stored));
-        let closed = (open.len >= BUNDLE_SIZE).then(|| take(&mut open));
+        if open.members.capacity() == 0 {
+            open.members = bundle_buffer();
+        }
+        open.members.extend_from_slice(&stored);
+        drop(stored);
+        let closed = (open.members.len() >= BUNDLE_SIZE).then(|| take(&mut open));
         Ok((place, closed))
     }
 
@@ -121,7 +129,7 @@ impl Bundler {
             let stored = repo
                 .put(
                     &key,
-                    envelope::wrap_parts(closed.members),
+                    envelope::wrap_parts(vec![bytes::Bytes::from(closed.members)]),
                     PutMode::CreateUnique,
                 )
                 .await
@@ -162,7 +170,6 @@ fn take(open: &mut Open) -> Closed {
         members: std::mem::take(&mut open.members),
     };
     open.number += 1;
-    open.len = 0;
     closed
 }
 

@@ -134,7 +134,7 @@ pub async fn prepare(
     }
     let mut catalog = Catalog::load(repo).await?;
     let parent = match choose_parent(&catalog, wanted, start) {
-        Ok(p) => p.clone(),
+        Ok(p) => crate::catalog::manifest_with_files(repo, p).await?,
         Err(why) => return Ok(Err(why)),
     };
     catalog

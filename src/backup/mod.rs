@@ -194,10 +194,22 @@ impl ToCopy {
     }
 }
 
+/// One piece to copy: of file `file` of the backup's list, in the data directory `root`
+/// (tablespaces through their `pg_tblspc` links: paths are not stored per file).
 struct CopyJob {
-    file: Arc<ToCopy>,
+    root: Arc<Path>,
+    files: Arc<Vec<ToCopy>>,
+    file: u32,
     part: u32,
     span: Span,
+}
+
+impl CopyJob {
+    fn file(&self) -> std::io::Result<&ToCopy> {
+        self.files
+            .get(self.file as usize)
+            .ok_or_else(|| std::io::Error::other(format!("no file number {}", self.file)))
+    }
 }
 
 /// What one piece holds.
@@ -315,15 +327,15 @@ fn read_piece(
     compression: Compression,
     check: Option<PageCheck>,
 ) -> std::io::Result<Option<ReadPiece>> {
-    let f = match std::fs::File::open(&job.file.src.abs) {
+    let file = job.file()?;
+    let f = match std::fs::File::open(job.root.join(&file.src.rel)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let rel = &job.file.src.rel;
+    let rel = &file.src.rel;
     let blocks: &[u32] = match job.span {
-        Span::Blocks { from, to, .. } => job
-            .file
+        Span::Blocks { from, to, .. } => file
             .changed
             .as_ref()
             .and_then(|c| c.blocks.get(from..to))
@@ -409,7 +421,10 @@ async fn copy_piece(
     (compression, check): (Compression, Option<PageCheck>),
     bundler: Option<&bundle::Bundler>,
 ) -> anyhow::Result<(CopyJob, PartOutcome)> {
-    let file = job.file.clone();
+    let files = job.files.clone();
+    let file = job.file()?;
+    let rel = file.src.rel.clone();
+    let abs = job.root.join(&rel);
     let slot = crate::cpu::slots().acquire().await?;
     let (job, read) = tokio::task::spawn_blocking(move || {
         let r = read_piece(&job, compression, check);
@@ -417,7 +432,8 @@ async fn copy_piece(
     })
     .await?;
     drop(slot);
-    let read = read.with_context(|| format!("read {}", file.src.abs.display()))?;
+    let read = read.with_context(|| format!("read {}", abs.display()))?;
+    drop(files);
     let Some(ReadPiece {
         stored,
         crc,
@@ -443,13 +459,13 @@ async fn copy_piece(
     }
     let key = ObjectKey::BackupPart {
         id: id.to_string(),
-        path: file.src.rel.clone(),
+        path: rel.clone(),
         part: job.part,
     };
     let stored_len = repo
         .put(&key, stored, PutMode::CreateUnique)
         .await
-        .with_context(|| format!("store {}", file.src.rel))?
+        .with_context(|| format!("store {rel}"))?
         .stored_bytes();
     Ok((
         job,
@@ -468,14 +484,23 @@ async fn copy_piece(
 /// The pieces of one file: `CHUNK_SIZE` bytes each, or as many changed blocks. A file stored
 /// whole has at least one piece (an empty one for an empty file); a file of changed blocks has
 /// none when no block changed.
-fn jobs_for(file: &Arc<ToCopy>, block_size: u64) -> Vec<CopyJob> {
+fn jobs_for(
+    (root, files): (&Arc<Path>, &Arc<Vec<ToCopy>>),
+    n: u32,
+    block_size: u64,
+) -> Vec<CopyJob> {
+    let Some(file) = files.get(n as usize) else {
+        return Vec::new();
+    };
     match &file.changed {
         None => {
             let size = file.src.size;
-            let n = size.div_ceil(CHUNK_SIZE).max(1);
-            (0..n)
+            let pieces = size.div_ceil(CHUNK_SIZE).max(1);
+            (0..pieces)
                 .map(|i| CopyJob {
-                    file: file.clone(),
+                    root: root.clone(),
+                    files: files.clone(),
+                    file: n,
                     part: i as u32,
                     span: Span::Bytes {
                         offset: i * CHUNK_SIZE,
@@ -489,7 +514,9 @@ fn jobs_for(file: &Arc<ToCopy>, block_size: u64) -> Vec<CopyJob> {
             let total = changed.blocks.len();
             (0..total.div_ceil(per))
                 .map(|i| CopyJob {
-                    file: file.clone(),
+                    root: root.clone(),
+                    files: files.clone(),
+                    file: n,
                     part: i as u32,
                     span: Span::Blocks {
                         from: i * per,
@@ -508,73 +535,99 @@ fn jobs_for(file: &Arc<ToCopy>, block_size: u64) -> Vec<CopyJob> {
 async fn copy_files(
     repo: &Repo,
     (id, bundler): (&str, Option<&bundle::Bundler>),
-    files: Vec<ToCopy>,
+    (root, files): (&Path, Vec<ToCopy>),
     opts: &BackupOptions,
     (geometry, check): (Geometry, Option<PageCheck>),
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<FileEntry>> {
     let block_size = geometry.block_size as u64;
-    let files: Vec<Arc<ToCopy>> = files.into_iter().map(Arc::new).collect();
-    let per_file: Vec<Vec<CopyJob>> = files.iter().map(|f| jobs_for(f, block_size)).collect();
-    let mut parts: Vec<Vec<Option<Part>>> = per_file.iter().map(|j| vec![None; j.len()]).collect();
+    if u32::try_from(files.len()).is_err() {
+        bail!("{} files to copy: more than a backup holds", files.len());
+    }
+    // Per file: where its pieces start in `parts` (one flat list: 121,000 files are 121,000
+    // small lists otherwise).
+    let mut first = Vec::with_capacity(files.len() + 1);
+    let mut total = 0usize;
+    for f in &files {
+        first.push(total);
+        total += piece_count(f, block_size);
+    }
+    first.push(total);
+    let files = Arc::new(files);
+    let mut parts: Vec<Option<Part>> = vec![None; total];
     let mut vanished = vec![false; files.len()];
-    let mut bad: Vec<Vec<u32>> = vec![Vec::new(); files.len()];
-    let index: std::collections::HashMap<String, usize> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.src.rel.clone(), i))
-        .collect();
-    let mut stream = futures::stream::iter(per_file.into_iter().flatten())
+    let mut bad: std::collections::HashMap<u32, Vec<u32>> = std::collections::HashMap::new();
+    let jobs = {
+        let (root, files): (Arc<Path>, _) = (Arc::from(root), files.clone());
+        futures::stream::iter(0..files.len() as u32)
+            .flat_map(move |n| futures::stream::iter(jobs_for((&root, &files), n, block_size)))
+    };
+    let mut stream = jobs
         .map(|job| copy_piece(repo, id, job, (opts.compression, check), bundler))
         .buffer_unordered(opts.jobs.max(1));
     while let Some(done) = stream.next().await {
         let (job, outcome) = done?;
-        let i = index
-            .get(&job.file.src.rel)
-            .copied()
-            .context("a piece of a file that was not listed")?;
+        let i = job.file as usize;
         match outcome {
             PartOutcome::Stored(p, failed) => {
                 bar.inc(p.size);
-                if let Some(slot) = parts.get_mut(i).and_then(|f| f.get_mut(job.part as usize)) {
+                let slot = first.get(i).map(|f| f + job.part as usize);
+                if let Some(slot) = slot.and_then(|s| parts.get_mut(s)) {
                     *slot = Some(p);
                 }
-                if let Some(b) = bad.get_mut(i) {
-                    b.extend(failed);
+                if !failed.is_empty() {
+                    bad.entry(job.file).or_default().extend(failed);
                 }
             }
             PartOutcome::Vanished => {
-                tracing::debug!("{} vanished during the backup; skipped", job.file.src.rel);
+                if let Ok(f) = job.file() {
+                    tracing::debug!("{} vanished during the backup; skipped", f.src.rel);
+                }
                 if let Some(v) = vanished.get_mut(i) {
                     *v = true;
                 }
             }
         }
     }
-    let mut out = Vec::new();
-    for (i, f) in files.iter().enumerate() {
+    drop(stream);
+    let files =
+        Arc::try_unwrap(files).map_err(|_| anyhow::anyhow!("a piece copy outlived the backup"))?;
+    let mut out = Vec::with_capacity(files.len());
+    let mut parts = parts.into_iter();
+    for (i, f) in files.into_iter().enumerate() {
+        let n = first.get(i + 1).zip(first.get(i)).map_or(0, |(b, a)| b - a);
+        let mine: Vec<Option<Part>> = parts.by_ref().take(n).collect();
         if vanished.get(i).copied().unwrap_or(true) {
             continue;
         }
-        let parts: Vec<Part> = parts
-            .get(i)
+        let parts: Vec<Part> = mine
             .into_iter()
-            .flatten()
-            .map(|p| p.clone().context("a piece was never reported"))
+            .map(|p| p.context("a piece was never reported"))
             .collect::<anyhow::Result<_>>()?;
-        let mut failures = bad.get_mut(i).map(std::mem::take).unwrap_or_default();
+        let mut failures = bad.remove(&(i as u32)).unwrap_or_default();
         failures.sort_unstable();
         out.push(FileEntry {
-            path: f.src.rel.clone(),
+            path: f.src.rel,
             size: parts.iter().map(|p| p.size).sum(),
             mtime: f.src.mtime,
             mode: f.src.mode,
             parts,
             checksum_failures: failures,
-            changed: f.changed.clone(),
+            changed: f.changed,
         });
     }
     Ok(out)
+}
+
+/// How many pieces [`jobs_for`] makes of `file`.
+fn piece_count(file: &ToCopy, block_size: u64) -> usize {
+    match &file.changed {
+        None => file.src.size.div_ceil(CHUNK_SIZE).max(1) as usize,
+        Some(c) => c
+            .blocks
+            .len()
+            .div_ceil((CHUNK_SIZE / block_size.max(1)).max(1) as usize),
+    }
 }
 
 pub use crate::catalog::needed_segments;
@@ -650,13 +703,14 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     files.sort_by_key(|f| std::cmp::Reverse(f.bytes(block_size)));
     let bundler = opts.bundle.then(|| bundle::Bundler::new(&id, opts.jobs));
     let to = (id.as_str(), bundler.as_ref());
-    let mut entries = copy_files(repo, to, files, opts, (geometry, check), &bar).await?;
+    let mut entries = copy_files(repo, to, (&pgdata, files), opts, (geometry, check), &bar).await?;
     if let Some(ctl) = listing.pg_control {
         let ctl = ToCopy {
             src: ctl,
             changed: None,
         };
-        entries.extend(copy_files(repo, to, vec![ctl], opts, (geometry, check), &bar).await?);
+        let ctl = (pgdata.as_path(), vec![ctl]);
+        entries.extend(copy_files(repo, to, ctl, opts, (geometry, check), &bar).await?);
     }
     if let Some(b) = &bundler {
         if let Some(last) = b.finish()? {
@@ -740,16 +794,16 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
             segment_blocks: geometry.segment_blocks,
         }),
         fallback,
+        tally: None,
     };
-    let json = serde_json::to_vec(&manifest)?;
+    // Written as a stream of compressed windows: the JSON of 100,000 files (some 25 MiB) is
+    // never held whole.
+    let mut sealed = repo.sealing(Compression::Zstd);
+    serde_json::to_writer(&mut sealed, &manifest)?;
     let key = ObjectKey::BackupManifest(id.clone());
-    repo.put(
-        &key,
-        repo.seal(&key, &json, Compression::Zstd)?,
-        PutMode::CreateUnique,
-    )
-    .await
-    .context("store the backup manifest")?;
+    repo.put(&key, sealed.finish()?, PutMode::CreateUnique)
+        .await
+        .context("store the backup manifest")?;
     tracing::debug!(
         "backup {id} complete in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1111,17 +1165,18 @@ mod tests {
             .collect();
         std::fs::write(&path, &data).unwrap();
         let src = SourceFile {
-            abs: path.clone(),
-            rel: "base/5/16384".into(),
+            rel: "16384".into(),
             size: data.len() as u64,
             mtime: 0,
             mode: 0o600,
         };
         let job = |changed: Option<ChangedBlocks>, span: Span| CopyJob {
-            file: Arc::new(ToCopy {
+            root: Arc::from(dir.path()),
+            files: Arc::new(vec![ToCopy {
                 src: src.clone(),
                 changed,
-            }),
+            }]),
+            file: 0,
             part: 0,
             span,
         };

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use crate::manifest::Tablespace;
 
@@ -44,8 +44,6 @@ pub const EXCLUDE_FILES: &[&str] = &[
 /// A file to copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceFile {
-    /// Where it is now.
-    pub abs: PathBuf,
     /// Its path in the backup (relative to PGDATA; tablespaces under `pg_tblspc/<oid>/`).
     pub rel: String,
     /// Size when listed.
@@ -201,7 +199,6 @@ fn walk_dir(dir: &Path, rel: &str, top: bool, l: &mut Listing) -> io::Result<()>
                 continue;
             }
             let f = SourceFile {
-                abs: entry.path(),
                 rel: child_rel.clone(),
                 size: meta.len(),
                 mtime: meta.mtime(),

@@ -76,6 +76,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     let commands =
         exec::RecoveryCommand::for_this_binary(repo.location(), settings.config_path.as_deref())?;
     let lines = exec::standby_settings(&commands, &primary_conninfo, slot.as_deref());
+    drop(catalog);
     let started = Instant::now();
     let done = exec::execute(
         repo,

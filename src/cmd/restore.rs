@@ -229,6 +229,8 @@ async fn restore(
     if to.archive_mode == exec::ArchiveMode::Off {
         lines.push(("archive_mode", "off".into()));
     }
+    // The plan holds what the restore needs: the catalog's memory is the files'.
+    drop(catalog);
     let started = Instant::now();
     let done = exec::execute(
         repo,

@@ -244,7 +244,12 @@ impl SegmentDecoder {
     ///
     /// # Errors
     /// The first page header is invalid, or the continuation at the start cannot be skipped.
-    pub fn new(seg: &[u8], start: Lsn, page_size: u32, major: PgMajor) -> Result<Self, DecodeError> {
+    pub fn new(
+        seg: &[u8],
+        start: Lsn,
+        page_size: u32,
+        major: PgMajor,
+    ) -> Result<Self, DecodeError> {
         let mut d = Self::streaming(seg.len(), start, page_size, major)?;
         d.feed(seg);
         match d.begin() {
@@ -268,7 +273,8 @@ impl SegmentDecoder {
             // Nothing fed so far is needed.
             let skip = (keep - fed).min(chunk.len());
             self.buf.clear();
-            self.buf.extend_from_slice(chunk.get(skip..).unwrap_or_default());
+            self.buf
+                .extend_from_slice(chunk.get(skip..).unwrap_or_default());
             self.base = fed + skip;
         } else {
             if keep > self.base {
@@ -396,7 +402,10 @@ impl SegmentDecoder {
         self.last_tli = tli;
         if addr != self.lsn_at(off) {
             return Err(self
-                .err(off, &format!("page address {addr} does not match its position"))
+                .err(
+                    off,
+                    &format!("page address {addr} does not match its position"),
+                )
                 .into());
         }
         Ok((info, rem))
@@ -528,7 +537,11 @@ impl SegmentDecoder {
         let total = tot_len as usize;
         if rec_off % ps + total <= ps {
             // On one page (most records): no copy.
-            self.bytes(rec_off, rec_off + total, "record runs past the end of the file")?;
+            self.bytes(
+                rec_off,
+                rec_off + total,
+                "record runs past the end of the file",
+            )?;
             return Ok(Some((
                 lsn,
                 rec_off + total,
@@ -673,7 +686,12 @@ mod tests {
         seg: &[u8],
         start: u64,
         window: usize,
-    ) -> (Vec<Record<'static>>, SegmentDecoder, Option<DecodeError>, usize) {
+    ) -> (
+        Vec<Record<'static>>,
+        SegmentDecoder,
+        Option<DecodeError>,
+        usize,
+    ) {
         let mut d = SegmentDecoder::streaming(seg.len(), Lsn(start), 8192, PgMajor::V15).unwrap();
         let (mut v, mut held, mut chunks) = (Vec::new(), 0, seg.chunks(window));
         let err = loop {

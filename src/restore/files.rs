@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 
 use crate::durable;
-use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry, PartAt};
+use crate::manifest::{BackupManifest, CHUNK_SIZE, FileEntry, InBundle, PartAt};
 use crate::storage::Repo;
 use crate::storage::envelope::{self, DecodeToError};
 use crate::storage::layout::ObjectKey;
@@ -192,8 +192,16 @@ pub async fn restore_files(
                 repo.location()
             )
         })?;
-    // Every piece the chain needs is there before a byte is written.
-    let chain: Vec<&BackupManifest> = std::iter::once(manifest).chain(parents).collect();
+    // Every piece the chain needs is there before a byte is written. The catalog's manifests
+    // leave the files out: read each of the chain again; only the restored backup's is kept
+    // once the pieces are planned.
+    let mut manifest = crate::catalog::manifest_with_files(repo, manifest).await?;
+    let mut older = Vec::with_capacity(parents.len());
+    for p in parents {
+        older.push(crate::catalog::manifest_with_files(repo, p).await?);
+    }
+    let chain: Vec<&BackupManifest> = std::iter::once(&manifest).chain(&older).collect();
+    let ids: Vec<String> = chain.iter().map(|m| m.id.clone()).collect();
     let pieces = plan_pieces(&chain)?;
     tracing::debug!(
         "{} piece(s) from {} backup(s): {} bytes to decompress, {} to write",
@@ -203,9 +211,24 @@ pub async fn restore_files(
         pieces.iter().map(Piece::bytes).sum::<u64>()
     );
     require_pieces(repo, &chain, &pieces).await?;
-    make_directories(manifest, target, relocate)?;
+    drop(chain);
+    drop(older);
+    make_directories(&manifest, target, relocate)?;
+    // From here on a file is its path, size and mode (the pieces hold the rest).
+    let bs = manifest.block_size();
+    let files: Arc<Vec<RestoredFile>> = Arc::new(
+        std::mem::take(&mut manifest.files)
+            .into_iter()
+            .map(|f| RestoredFile {
+                size: f.restored_size(bs),
+                mode: f.mode,
+                path: f.path.into_boxed_str(),
+            })
+            .collect(),
+    );
+    let manifest = &manifest;
     let started = std::time::Instant::now();
-    let bytes = download_pieces(repo, manifest, pieces, target, jobs).await?;
+    let bytes = download_pieces(repo, (&files, &ids), pieces, target, jobs).await?;
     let written = started.elapsed();
 
     // backup_label (fetched and verified before any file was written) and tablespace_map.
@@ -221,16 +244,16 @@ pub async fn restore_files(
             .collect();
         durable::write_atomically(&target.join("tablespace_map"), map.as_bytes())?;
     }
-    sync_restored(target, manifest, jobs).await?;
+    sync_restored(target, (&files, &manifest.directories), jobs).await?;
     tracing::debug!(
         "restored {} files, {} bytes: written by {:.2} s, synced by {:.2} s ({jobs} jobs)",
-        manifest.files.len(),
+        files.len(),
         bytes,
         written.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
     Ok(RestoredFiles {
-        files: manifest.files.len(),
+        files: files.len(),
         bytes,
     })
 }
@@ -269,14 +292,18 @@ fn make_directories(
 /// (offset in a piece, offset in the file, length).
 type Extent = (u64, u64, u64);
 
-/// One stored piece to download, and where its bytes go.
+/// One stored piece to download, and where its bytes go (a restore holds one per piece of
+/// every file: 121,000 files are as many pieces, so it is kept small).
 #[derive(Debug)]
 struct Piece {
     /// The file (its number in the restored backup's manifest).
-    file: usize,
-    /// Where it is stored, in whichever backup of the chain holds it: an object, or a range of a
-    /// bundle.
-    at: PartAt,
+    file: u32,
+    /// The backup of the chain that holds it (0: the restored one, then its parents).
+    backup: u16,
+    /// Its number among the file's pieces in that backup.
+    part: u32,
+    /// Its place in a bundle of that backup (`None`: an object of its own).
+    bundle: Option<InBundle>,
     /// The piece's original length and CRC-32C, as its manifest records them.
     size: u64,
     crc: u32,
@@ -285,16 +312,51 @@ struct Piece {
     /// (offset in the piece, offset in the file, length), sorted by offset in the piece: the
     /// bytes of the piece that end up in the restored file. A block a newer backup holds is not
     /// among them, so every block is written once.
-    extents: Vec<Extent>,
+    extents: Extents,
     /// Whether the piece holds a file's bytes in order (not scattered changed blocks), so
     /// writing its span back to disk right away makes large writes. A file's changed blocks come
     /// before the older piece whose span holds them, and go to disk with it.
     contiguous: bool,
 }
 
+/// A piece's extents: nearly always one (a piece written whole).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Extents {
+    One(Extent),
+    Many(Vec<Extent>),
+}
+
+impl Extents {
+    fn from_vec(mut v: Vec<Extent>) -> Extents {
+        match v.len() {
+            1 => Extents::One(v.remove(0)),
+            _ => Extents::Many(v),
+        }
+    }
+
+    fn as_slice(&self) -> &[Extent] {
+        match self {
+            Extents::One(e) => std::slice::from_ref(e),
+            Extents::Many(v) => v,
+        }
+    }
+}
+
 impl Piece {
     fn bytes(&self) -> u64 {
-        self.extents.iter().map(|e| e.2).sum()
+        self.extents.as_slice().iter().map(|e| e.2).sum()
+    }
+
+    /// Where the piece is stored; `ids` are the chain's backup ids, `path` the file's.
+    fn at(&self, ids: &[String], path: &str) -> PartAt {
+        let id = ids.get(usize::from(self.backup)).map_or("", String::as_str);
+        crate::manifest::Part {
+            size: self.size,
+            crc32c: self.crc,
+            stored: self.stored,
+            bundle: self.bundle,
+        }
+        .at(id, path, self.part as usize)
     }
 }
 
@@ -339,21 +401,36 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
         .iter()
         .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())
         .collect();
-    let mut out = Vec::new();
+    if chain.len() > usize::from(u16::MAX) || newest.files.len() > u32::MAX as usize {
+        bail!(
+            "backup {} has {} files and a chain of {} backups: more than a restore handles",
+            newest.id,
+            newest.files.len(),
+            chain.len()
+        );
+    }
+    // At least a piece per piece of the backup's own (a list grown by doubling would peak at
+    // twice what it holds).
+    let mut out = Vec::with_capacity(newest.files.iter().map(|f| f.parts.len()).sum());
     for (n, f) in newest.files.iter().enumerate() {
+        let n = n as u32;
         let Some(changed) = &f.changed else {
             let mut offset = 0;
             for (i, p) in f.parts.iter().enumerate() {
                 out.push(Piece {
                     file: n,
-                    at: p.at(&newest.id, &f.path, i),
+                    backup: 0,
+                    part: i as u32,
+                    bundle: p.bundle,
                     size: p.size,
                     crc: p.crc32c,
                     stored: p.stored,
-                    extents: vec![(0, offset, p.size)]
-                        .into_iter()
-                        .filter(|e| e.2 > 0)
-                        .collect(),
+                    extents: Extents::from_vec(
+                        vec![(0, offset, p.size)]
+                            .into_iter()
+                            .filter(|e| e.2 > 0)
+                            .collect(),
+                    ),
                     contiguous: true,
                 });
                 offset += CHUNK_SIZE;
@@ -407,7 +484,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                         let held = blocks
                             .enumerate()
                             .map(|(j, &b)| (u64::from(b), j as u64 * bs, u64::from(b) * bs, bs));
-                        let piece = (n, p.at(&m.id, &f.path, i), p, false);
+                        let piece = (n, (k as u16, i as u32), p, false);
                         claim(&mut out, &mut claimed, held, piece);
                     }
                 }
@@ -421,7 +498,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                             let to = ((b + 1) * bs).min(end);
                             (b, from - offset, from, to - from)
                         });
-                        let piece = (n, p.at(&m.id, &f.path, i), p, true);
+                        let piece = (n, (k as u16, i as u32), p, true);
                         claim(&mut out, &mut claimed, held, piece);
                         offset += CHUNK_SIZE;
                     }
@@ -441,13 +518,13 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
     Ok(out)
 }
 
-/// Queue the piece `(file, where, part)` for the blocks it holds, `(block, offset in the piece,
+/// Queue the piece `(file, (backup, number), part)` for the blocks it holds, `(block, offset in the piece,
 /// offset in the file, length)`, that no newer backup claimed (and claim them).
 fn claim(
     out: &mut Vec<Piece>,
     claimed: &mut [bool],
     held: impl Iterator<Item = (u64, u64, u64, u64)>,
-    (file, at, part, contiguous): (usize, PartAt, &crate::manifest::Part, bool),
+    (file, (backup, number), part, contiguous): (u32, (u16, u32), &crate::manifest::Part, bool),
 ) {
     let mut extents = Vec::new();
     for (block, src, dst, len) in held {
@@ -459,11 +536,13 @@ fn claim(
     if !extents.is_empty() {
         out.push(Piece {
             file,
-            at,
+            backup,
+            part: number,
+            bundle: part.bundle,
             size: part.size,
             crc: part.crc32c,
             stored: part.stored,
-            extents,
+            extents: Extents::from_vec(extents),
             contiguous,
         });
     }
@@ -486,9 +565,16 @@ async fn require_pieces(
             .with_context(|| format!("list the pieces of backup {}", m.id))?;
         stored.extend(listed.iter().map(|e| (e.key().to_string(), e.size)));
     }
+    let ids: Vec<String> = chain.iter().map(|m| m.id.clone()).collect();
+    let newest = chain
+        .first()
+        .map(|m| m.files.as_slice())
+        .unwrap_or_default();
     for p in pieces {
-        let key = p.at.key.key();
-        match (stored.get(&key), &p.at.range) {
+        let path = newest.get(p.file as usize).map_or("", |f| f.path.as_str());
+        let at = p.at(&ids, path);
+        let key = at.key.key();
+        match (stored.get(&key), &at.range) {
             (None, _) => bail!(
                 "backup piece {key} is missing from {} (nothing was written; pitr verify lists every missing object)",
                 repo.location()
@@ -513,47 +599,34 @@ const FETCHED_BUDGET_KIB: u32 = 16 << 10;
 /// at its final size (so writes never extend it) by a thread that runs ahead of the pieces, in
 /// the same order; a piece that gets there first creates its file itself. Creating ~1000 files
 /// costs up to a second on a busy journal, which the writes no longer wait for. Returns the
-/// bytes written.
+/// bytes written. `ids` are the chain's backup ids, the restored one first.
 async fn download_pieces(
     repo: &Repo,
-    manifest: &BackupManifest,
+    (restored, ids): (&Arc<Vec<RestoredFile>>, &[String]),
     pieces: Vec<Piece>,
     target: &Path,
     jobs: usize,
 ) -> anyhow::Result<u64> {
-    let bs = manifest.block_size();
     let files = Arc::new(FilesToCreate {
-        files: manifest
-            .files
-            .iter()
-            .map(|f| {
-                (
-                    target.join(&f.path),
-                    f.restored_size(bs),
-                    f.mode & 0o700 | 0o600,
-                )
-            })
-            .collect(),
-        done: manifest
-            .files
+        files: restored.clone(),
+        target: target.to_path_buf(),
+        done: restored
             .iter()
             .map(|_| std::sync::OnceLock::new())
             .collect(),
     });
     let creator = {
         let files = files.clone();
-        tokio::task::spawn_blocking(move || {
-            (0..files.files.len()).try_for_each(|i| files.ensure(i))
-        })
+        tokio::task::spawn_blocking(move || (0..files.done.len()).try_for_each(|i| files.ensure(i)))
     };
     let total: u64 = pieces.iter().map(Piece::bytes).sum();
     let bar = crate::backup::progress_bar(true, total);
     let budget = tokio::sync::Semaphore::new(FETCHED_BUDGET_KIB as usize);
-    let paths: Arc<Vec<String>> = Arc::new(manifest.files.iter().map(|f| f.path.clone()).collect());
-    let mut stream = futures::stream::iter(fetches(pieces))
+    let requests = fetches(&pieces, ids, restored);
+    let pieces = Arc::new(pieces);
+    let mut stream = futures::stream::iter(requests)
         .map(|fetch| {
-            let files = files.clone();
-            let paths = paths.clone();
+            let (files, pieces) = (files.clone(), pieces.clone());
             let budget = &budget;
             async move {
                 // Fetched pieces wait for a CPU to decode them: what they hold is bounded.
@@ -562,33 +635,45 @@ async fn download_pieces(
                     .clamp(1, FETCHED_BUDGET_KIB);
                 let _held = budget.acquire_many(want).await?;
                 let Fetch {
-                    key, range, pieces, ..
+                    key,
+                    range,
+                    members,
+                    ..
                 } = fetch;
-                let pieces = Arc::new(pieces);
+                let (members, key) = (Arc::new(members), Arc::new(key));
+                let span_start = range.as_ref().map(|r| r.start);
                 let unwrap = |stored: bytes::Bytes| {
-                    let (files, pieces, paths) = (files.clone(), pieces.clone(), paths.clone());
+                    let (files, pieces, members, key) =
+                        (files.clone(), pieces.clone(), members.clone(), key.clone());
                     async move {
                         let _slot = crate::cpu::slots().acquire().await?;
                         tokio::task::spawn_blocking(move || {
                             let mut written = 0;
-                            for (piece, within) in pieces.iter() {
-                                files.ensure(piece.file)?;
-                                let dest = files.path(piece.file)?;
-                                let bytes = match within {
-                                    None => Some(&stored[..]),
-                                    Some(r) => stored.get(r.clone()),
+                            for &m in members.iter() {
+                                let piece = pieces
+                                    .get(m as usize)
+                                    .with_context(|| format!("no piece number {m}"))?;
+                                let i = piece.file as usize;
+                                files.ensure(i)?;
+                                let dest = files.path(i)?;
+                                // Its envelope's bytes in what was read.
+                                let within = match (span_start, piece.bundle) {
+                                    (Some(start), Some(b)) => b
+                                        .offset
+                                        .checked_sub(start)
+                                        .map(|from| from as usize..(from + piece.stored) as usize),
+                                    _ => Some(0..stored.len()),
                                 };
-                                let Some(bytes) = bytes else {
+                                let Some(bytes) = within.clone().and_then(|r| stored.get(r)) else {
                                     return Ok(Err("shorter than the manifest says".into()));
                                 };
-                                match write_piece(bytes, dest, piece)? {
+                                match write_piece(bytes, &dest, piece, &key)? {
                                     Ok(n) => written += n,
-                                    Err(detail) if within.is_some() => {
-                                        let path =
-                                            paths.get(piece.file).map_or("?", String::as_str);
+                                    Err(detail) if piece.bundle.is_some() => {
+                                        let path = files.relative(i);
                                         return Ok(Err(format!(
                                             "the piece of {path} at bytes {}: {detail}",
-                                            piece.at.range.as_ref().map_or(0, |r| r.start)
+                                            piece.bundle.map_or(0, |b| b.offset)
                                         )));
                                     }
                                     Err(detail) => return Ok(Err(detail)),
@@ -629,38 +714,42 @@ struct Fetch {
     key: ObjectKey,
     /// The bytes of the object read (`None`: all of it).
     range: Option<std::ops::Range<u64>>,
-    /// The pieces, each with its envelope's bytes in what is read (`None`: all of it).
-    pieces: Vec<(Piece, Option<std::ops::Range<usize>>)>,
+    /// The pieces (their numbers in the restore's list).
+    members: Vec<u32>,
     /// The bytes read.
     stored: u64,
 }
 
 /// The requests that read `pieces`: one per piece stored alone, one range read per bundle (from
-/// the first piece of it needed to the end of the last), in the order the pieces come.
-fn fetches(pieces: Vec<Piece>) -> Vec<Fetch> {
+/// the first piece of it needed to the end of the last), in the order the pieces come. `ids`
+/// are the chain's backup ids, `files` the restored backup's files.
+fn fetches(pieces: &[Piece], ids: &[String], files: &[RestoredFile]) -> Vec<Fetch> {
     let mut out: Vec<Fetch> = Vec::new();
-    let mut bundles: HashMap<String, usize> = HashMap::new();
-    for piece in pieces {
-        let Some(r) = piece.at.range.clone() else {
+    let mut bundles: HashMap<(u16, u32), usize> = HashMap::new();
+    for (n, piece) in pieces.iter().enumerate() {
+        let n = n as u32;
+        let path = files.get(piece.file as usize).map_or("", |f| &*f.path);
+        let Some(b) = piece.bundle else {
             out.push(Fetch {
-                key: piece.at.key.clone(),
+                key: piece.at(ids, path).key,
                 range: None,
                 stored: piece.stored,
-                pieces: vec![(piece, None)],
+                members: vec![n],
             });
             continue;
         };
-        let slot = *bundles.entry(piece.at.key.key()).or_insert_with(|| {
+        let r = b.offset..b.offset.saturating_add(piece.stored);
+        let slot = *bundles.entry((piece.backup, b.id)).or_insert_with(|| {
             out.push(Fetch {
-                key: piece.at.key.clone(),
+                key: piece.at(ids, path).key,
                 range: Some(r.clone()),
                 stored: 0,
-                pieces: Vec::new(),
+                members: Vec::new(),
             });
             out.len() - 1
         });
         if let Some(f) = out.get_mut(slot) {
-            f.pieces.push((piece, None));
+            f.members.push(n);
             if let Some(span) = &mut f.range {
                 span.start = span.start.min(r.start);
                 span.end = span.end.max(r.end);
@@ -668,16 +757,8 @@ fn fetches(pieces: Vec<Piece>) -> Vec<Fetch> {
         }
     }
     for f in &mut out {
-        let Some(span) = f.range.clone() else {
-            continue;
-        };
-        f.stored = span.end - span.start;
-        for (piece, within) in &mut f.pieces {
-            *within = piece
-                .at
-                .range
-                .as_ref()
-                .map(|r| (r.start - span.start) as usize..(r.end - span.start) as usize);
+        if let Some(span) = &f.range {
+            f.stored = span.end - span.start;
         }
     }
     out
@@ -691,22 +772,21 @@ const SYNC_THREADS: usize = 16;
 /// each piece landed, so these waits overlap), then every directory, deepest first.
 async fn sync_restored(
     target: &Path,
-    manifest: &BackupManifest,
+    (files, directories): (&Arc<Vec<RestoredFile>>, &[String]),
     jobs: usize,
 ) -> anyhow::Result<()> {
     let target_owned = target.to_path_buf();
-    let manifest_files: Vec<String> = manifest.files.iter().map(|f| f.path.clone()).collect();
-    let dirs: Vec<String> = manifest.directories.clone();
+    let (files, directories) = (files.clone(), directories.to_vec());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let per = manifest_files.len().div_ceil(SYNC_THREADS.max(jobs)).max(1);
+        let per = files.len().div_ceil(SYNC_THREADS.max(jobs)).max(1);
         std::thread::scope(|s| {
-            let handles: Vec<_> = manifest_files
+            let handles: Vec<_> = files
                 .chunks(per)
                 .map(|group| {
                     let target = &target_owned;
                     s.spawn(move || -> std::io::Result<()> {
                         for f in group {
-                            std::fs::File::open(target.join(f))?.sync_all()?;
+                            std::fs::File::open(target.join(&*f.path))?.sync_all()?;
                         }
                         Ok(())
                     })
@@ -717,7 +797,7 @@ async fn sync_restored(
                     .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")))
             })
         })?;
-        for d in dirs.iter().rev() {
+        for d in directories.iter().rev() {
             durable::sync_dir(&target_owned.join(d))?;
         }
         durable::sync_dir(&target_owned)?;
@@ -727,37 +807,56 @@ async fn sync_restored(
     .context("sync the restored files")
 }
 
+/// A file to restore, once its pieces are planned.
+struct RestoredFile {
+    /// Its path in the backup.
+    path: Box<str>,
+    /// Its size once restored.
+    size: u64,
+    /// Its permission bits as backed up.
+    mode: u32,
+}
+
 /// The files of a restore, each created once, by whichever thread needs it first.
 struct FilesToCreate {
-    /// Path, final size, mode.
-    files: Vec<(PathBuf, u64, u32)>,
+    /// The files, as the restored backup's manifest lists them.
+    files: Arc<Vec<RestoredFile>>,
+    /// The data directory restored into.
+    target: PathBuf,
     /// Set once the file exists: `None`, or what went wrong creating it.
     done: Vec<std::sync::OnceLock<Option<String>>>,
 }
 
 impl FilesToCreate {
-    /// The path of file `i`.
-    fn path(&self, i: usize) -> anyhow::Result<&Path> {
+    /// Where file `i` is restored.
+    fn path(&self, i: usize) -> anyhow::Result<PathBuf> {
         self.files
             .get(i)
-            .map(|(p, _, _)| p.as_path())
+            .map(|f| self.target.join(&*f.path))
             .with_context(|| format!("no file number {i} in the manifest"))
+    }
+
+    /// File `i`'s path in the backup ("?" for a number the manifest does not have).
+    fn relative(&self, i: usize) -> &str {
+        self.files.get(i).map_or("?", |f| &*f.path)
     }
 
     /// Create file `i` at its final size unless that was done already.
     fn ensure(&self, i: usize) -> anyhow::Result<()> {
-        let (Some((path, size, mode)), Some(done)) = (self.files.get(i), self.done.get(i)) else {
+        let (Some(file), Some(done)) = (self.files.get(i), self.done.get(i)) else {
             bail!("no file number {i} in the manifest");
         };
         let failed = done.get_or_init(|| {
+            let path = self.target.join(&*file.path);
+            let size = file.size;
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(*mode)
-                .open(path)
+                .mode(file.mode & 0o700 | 0o600)
+                .open(&path)
                 .and_then(|f| {
-                    durable::preallocate(&f, *size);
-                    f.set_len(*size)
+                    durable::preallocate(&f, size);
+                    f.set_len(size)
                 })
                 .err()
                 .map(|e| format!("create {}: {e}", path.display()))
@@ -773,7 +872,12 @@ impl FilesToCreate {
 /// against the manifest (`size`, `crc`). `Ok(Err(detail))` means the stored bytes failed a check
 /// (the ranges written are then rewritten by a retry or the restore fails); `Err` is a local
 /// write failure. Returns the bytes written.
-fn write_piece(stored: &[u8], dest: &Path, piece: &Piece) -> anyhow::Result<Result<u64, String>> {
+fn write_piece(
+    stored: &[u8],
+    dest: &Path,
+    piece: &Piece,
+    key: &ObjectKey,
+) -> anyhow::Result<Result<u64, String>> {
     let (size, crc) = (piece.size, piece.crc);
     let header = match envelope::decode_header(stored) {
         Ok(h) => h,
@@ -789,7 +893,7 @@ fn write_piece(stored: &[u8], dest: &Path, piece: &Piece) -> anyhow::Result<Resu
         .write(true)
         .open(dest)
         .with_context(|| format!("open {}", dest.display()))?;
-    let extents = &piece.extents;
+    let extents = piece.extents.as_slice();
     let sink = |at: u64, bytes: &[u8]| -> std::io::Result<()> {
         let end = at + bytes.len() as u64;
         let first = extents.partition_point(|e| e.0 + e.2 <= at);
@@ -819,7 +923,7 @@ fn write_piece(stored: &[u8], dest: &Path, piece: &Piece) -> anyhow::Result<Resu
         Err(DecodeToError::Sink(e)) => Err(anyhow::Error::new(e).context(format!(
             "write {} (from {})",
             dest.display(),
-            piece.at.key.key()
+            key.key()
         ))),
     }
 }
@@ -886,14 +990,18 @@ mod tests {
         }
     }
 
-    fn extents(pieces: &[Piece]) -> Vec<(String, Vec<Extent>)> {
-        pieces
+    /// Each piece of the restore of `chain`: the backup it comes from, and its extents.
+    fn extents(chain: &[&BackupManifest]) -> Vec<(String, Vec<Extent>)> {
+        let ids: Vec<String> = chain.iter().map(|m| m.id.clone()).collect();
+        plan_pieces(chain)
+            .unwrap()
             .iter()
             .map(|p| {
-                let ObjectKey::BackupPart { id, .. } = &p.at.key else {
-                    panic!("{:?}", p.at.key)
+                let key = p.at(&ids, &chain[0].files[p.file as usize].path).key;
+                let ObjectKey::BackupPart { id, .. } = &key else {
+                    panic!("{key:?}")
                 };
-                (id.clone(), p.extents.clone())
+                (id.clone(), p.extents.as_slice().to_vec())
             })
             .collect()
     }
@@ -905,7 +1013,7 @@ mod tests {
         let full = manifest("F", None, file(4, None));
         let i1 = manifest("I1", Some("F"), file(0, Some((6, vec![1, 4]))));
         let i2 = manifest("I2", Some("I1"), file(0, Some((3, vec![1]))));
-        let got = extents(&plan_pieces(&[&i1, &full]).unwrap());
+        let got = extents(&[&i1, &full]);
         assert_eq!(
             got,
             [
@@ -915,7 +1023,7 @@ mod tests {
             ]
         );
         // Block 4 of I1 lies past the new length and block 1 is I2's: nothing read from I1.
-        let got = extents(&plan_pieces(&[&i2, &i1, &full]).unwrap());
+        let got = extents(&[&i2, &i1, &full]);
         assert_eq!(
             got,
             [
@@ -924,7 +1032,7 @@ mod tests {
             ]
         );
         // A full backup restores every piece as it is.
-        let got = extents(&plan_pieces(&[&full]).unwrap());
+        let got = extents(&[&full]);
         assert_eq!(got, [("F".to_string(), vec![(0, 0, 4 * BS)])]);
         // A chain without the file whole, or with a block list its pieces do not match, is refused.
         assert!(plan_pieces(&[&i2, &i1]).is_err());
@@ -943,23 +1051,23 @@ mod tests {
         std::fs::write(&dest, vec![0u8; 32]).unwrap();
         let data: Vec<u8> = (1..=16).collect();
         let stored = envelope::encode(&data, crate::compress::Compression::Zstd).unwrap();
+        let key = ObjectKey::BackupPart {
+            id: "x".into(),
+            path: "f".into(),
+            part: 0,
+        };
         let piece = Piece {
             file: 0,
-            at: PartAt {
-                key: ObjectKey::BackupPart {
-                    id: "x".into(),
-                    path: "f".into(),
-                    part: 0,
-                },
-                range: None,
-            },
+            backup: 0,
+            part: 0,
+            bundle: None,
             size: 16,
             crc: crc32c::crc32c(&data),
-            extents: vec![(0, 8, 4), (10, 28, 4)],
+            extents: Extents::Many(vec![(0, 8, 4), (10, 28, 4)]),
             contiguous: false,
             stored: 0,
         };
-        assert_eq!(write_piece(&stored, &dest, &piece).unwrap(), Ok(8));
+        assert_eq!(write_piece(&stored, &dest, &piece, &key).unwrap(), Ok(8));
         let got = std::fs::read(&dest).unwrap();
         let mut want = vec![0u8; 32];
         want[8..12].copy_from_slice(&[1, 2, 3, 4]);
@@ -967,6 +1075,6 @@ mod tests {
         assert_eq!(got, want);
         // A piece that is not what the manifest says is refused before a byte is written.
         let wrong = Piece { crc: 1, ..piece };
-        assert!(write_piece(&stored, &dest, &wrong).unwrap().is_err());
+        assert!(write_piece(&stored, &dest, &wrong, &key).unwrap().is_err());
     }
 }

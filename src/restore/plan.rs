@@ -784,7 +784,7 @@ impl fmt::Display for Plan {
             f,
             "             {}, {} files, {:.1} MiB ({:.1} MiB stored)",
             self.backup.backup_type,
-            self.backup.files.len(),
+            self.backup.file_count(),
             mib(self.backup.size_bytes),
             mib(self.backup.stored_bytes)
         )?;
@@ -899,6 +899,7 @@ mod tests {
             backup_type: Default::default(),
             parent: None,
             fallback: None,
+            tally: None,
         })
         .unwrap()
     }
@@ -932,7 +933,10 @@ mod tests {
                 .collect(),
             backups: backups
                 .iter()
-                .map(|&(id, t, a, b)| (id.to_string(), Some(backup(id, t, a, b))))
+                .map(|&(id, t, a, b)| {
+                    let m = BackupManifest::without_files_from_json(&backup(id, t, a, b));
+                    (id.to_string(), Some(m))
+                })
                 .collect(),
         })
     }

@@ -72,6 +72,81 @@ pub fn encode(data: &[u8], compression: Compression) -> std::io::Result<Vec<u8>>
     ))
 }
 
+/// An envelope written as a stream: what is written is compressed [`PARALLEL_PIECE`] bytes at a
+/// time, each window a frame of its own (zstd; lz4 and none compress the whole at the end, as
+/// [`encode`] does), so a large document (a manifest of 100,000 files is some 25 MiB of JSON) is
+/// never held whole: only a window and what it compressed to.
+pub struct FramedWriter {
+    compression: Compression,
+    window: Vec<u8>,
+    frames: Vec<Vec<u8>>,
+    len: u64,
+    crc: u32,
+}
+
+impl FramedWriter {
+    /// An empty envelope of `compression`.
+    pub fn new(compression: Compression) -> FramedWriter {
+        FramedWriter {
+            compression,
+            window: Vec::new(),
+            frames: Vec::new(),
+            len: 0,
+            crc: 0,
+        }
+    }
+
+    fn flush_window(&mut self) -> std::io::Result<()> {
+        let mut frame = self.compression.compress(&self.window)?;
+        frame.shrink_to_fit();
+        self.frames.push(frame);
+        self.window.clear();
+        Ok(())
+    }
+
+    /// The envelope of everything written.
+    ///
+    /// # Errors
+    /// A compressor failure.
+    pub fn finish(mut self) -> std::io::Result<Vec<u8>> {
+        if !self.window.is_empty() || self.frames.is_empty() {
+            self.flush_window()?;
+        }
+        Ok(encode_frames(
+            self.compression,
+            self.len,
+            self.crc,
+            &self.frames,
+        ))
+    }
+}
+
+impl std::io::Write for FramedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.crc = crc32c::crc32c_append(self.crc, buf);
+        self.len += buf.len() as u64;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            if self.compression != Compression::Zstd {
+                self.window.extend_from_slice(rest);
+                break;
+            }
+            let room = PARALLEL_PIECE - self.window.len();
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.window.extend_from_slice(now);
+            rest = later;
+            if self.window.len() == PARALLEL_PIECE {
+                self.flush_window()?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// An uncompressed envelope whose payload is `parts` one after another (a backup's bundle of
 /// small pieces, each an envelope itself), kept in parts so it is stored without a copy.
 pub fn wrap_parts(parts: Vec<bytes::Bytes>) -> Encoded {
@@ -364,7 +439,9 @@ pub fn encode_read_beside(
     let mut other = Ok(());
     let (read_result, worked) = std::thread::scope(|s| {
         let stream = &stream;
-        let workers: Vec<_> = (1..threads).map(|_| s.spawn(|| stream.work_guarded())).collect();
+        let workers: Vec<_> = (1..threads)
+            .map(|_| s.spawn(|| stream.work_guarded()))
+            .collect();
         let read_result = stream.feed(len, read, beside, &mut other);
         let worked = workers.into_iter().try_for_each(|h| {
             h.join()
@@ -374,10 +451,12 @@ pub fn encode_read_beside(
     });
     drop(stream.regions);
     let done = stream.done.into_inner();
-    let stored = read_result.and_then(|crc| worked.map(|()| crc)).and_then(|crc| {
-        let done = done.map_err(|_| std::io::Error::other("a compression thread panicked"))?;
-        frames_to_parts(len, crc, done, out, &bounds)
-    });
+    let stored = read_result
+        .and_then(|crc| worked.map(|()| crc))
+        .and_then(|crc| {
+            let done = done.map_err(|_| std::io::Error::other("a compression thread panicked"))?;
+            frames_to_parts(len, crc, done, out, &bounds)
+        });
     (stored, other)
 }
 
@@ -504,7 +583,9 @@ impl Stream<'_, '_> {
                     pool = self.changed.wait(pool).map_err(|_| poisoned())?;
                 }
             };
-            let Some((i, buf, n)) = job else { return Ok(()) };
+            let Some((i, buf, n)) = job else {
+                return Ok(());
+            };
             let r = self.compress(z, i, buf.get(..n).unwrap_or_default());
             let mut pool = self.pool.lock().map_err(|_| poisoned())?;
             pool.free.push(buf);
@@ -869,6 +950,80 @@ pub fn decode(stored: &[u8]) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
+/// [`decode`] as a stream: `read` reads the original bytes as they are decompressed (a large
+/// document is parsed without being held whole). The stored bytes' checksums are checked first
+/// (the payload's) and after `read` (the content's, over every byte to the end, whatever `read`
+/// left unread); `Err` means the object failed a check, whatever `read` returned.
+///
+/// # Errors
+/// A check that failed, named.
+pub fn decode_streaming<T>(
+    stored: &[u8],
+    read: impl FnOnce(&mut dyn std::io::Read) -> T,
+) -> Result<T, String> {
+    let header = decode_header(stored)?;
+    let payload = payload(stored, &header)?;
+    if crc32c::crc32c(payload) != le32(stored, 24) {
+        return Err("payload checksum mismatch".into());
+    }
+    let inner: Box<dyn std::io::Read + '_> = match header.compression {
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(payload).map_err(|e| format!("zstd: {e}"))?,
+        ),
+        other => Box::new(std::io::Cursor::new(
+            other.decompress(payload, header.original_len as usize)?,
+        )),
+    };
+    let mut counted = Counted {
+        inner,
+        crc: 0,
+        len: 0,
+        limit: header.original_len,
+    };
+    let mut buffered = std::io::BufReader::with_capacity(64 << 10, &mut counted);
+    let out = read(&mut buffered);
+    let rest = std::io::copy(&mut buffered, &mut std::io::sink());
+    drop(buffered);
+    rest.map_err(|e| format!("decompress: {e}"))?;
+    if counted.len != header.original_len {
+        return Err(format!(
+            "content is {} bytes where the header says {}",
+            counted.len, header.original_len
+        ));
+    }
+    if counted.crc != header.original_crc {
+        return Err(format!(
+            "content checksum {:08x} differs from the stored {:08x}",
+            counted.crc, header.original_crc
+        ));
+    }
+    Ok(out)
+}
+
+/// A reader that checksums and counts what passes, refusing more than `limit` bytes.
+struct Counted<R> {
+    inner: R,
+    crc: u32,
+    len: u64,
+    limit: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let got = buf.get(..n).unwrap_or_default();
+        self.crc = crc32c::crc32c_append(self.crc, got);
+        self.len += n as u64;
+        if self.len > self.limit {
+            return Err(std::io::Error::other(format!(
+                "decompresses to more than the {} bytes the header says",
+                self.limit
+            )));
+        }
+        Ok(n)
+    }
+}
+
 /// Why [`decode_to`] stopped.
 #[derive(Debug)]
 pub enum DecodeToError {
@@ -1174,6 +1329,46 @@ fn zstd_frames(payload: &[u8]) -> Result<Vec<Frame<'_>>, String> {
 #[cfg(test)]
 #[allow(clippy::indexing_slicing)] // tests index fixtures they built
 mod tests {
+    #[test]
+    fn a_framed_writer_writes_what_encode_would_decode_to() {
+        use std::io::Write;
+        for compression in [Compression::Zstd, Compression::Lz4, Compression::None] {
+            for len in [0usize, 1, 1000, PARALLEL_PIECE, 2 * PARALLEL_PIECE + 12_345] {
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (i % 251) as u8 ^ (i / 7919) as u8)
+                    .collect();
+                let mut w = FramedWriter::new(compression);
+                // In uneven writes, some crossing window boundaries.
+                for chunk in data.chunks(777_777) {
+                    w.write_all(chunk).unwrap();
+                }
+                let stored = w.finish().unwrap();
+                assert_eq!(decode(&stored).unwrap(), data, "{compression:?} {len}");
+                let frames = decode_header(&stored).unwrap();
+                assert_eq!(frames.original_len, len as u64);
+                // Read back as a stream, also by a reader that stops early.
+                let streamed = decode_streaming(&stored, |r| {
+                    let mut v = Vec::new();
+                    r.read_to_end(&mut v).map(|_| v)
+                });
+                assert_eq!(streamed.unwrap().unwrap(), data);
+                assert!(decode_streaming(&stored, |_| ()).is_ok());
+                // Any flipped byte is found, however little the reader read.
+                for at in [HEADER_LEN, stored.len() / 2, stored.len() - 1] {
+                    if at < HEADER_LEN || at >= stored.len() {
+                        continue;
+                    }
+                    let mut bad = stored.clone();
+                    bad[at] ^= 0x40;
+                    assert!(
+                        decode_streaming(&bad, |_| ()).is_err(),
+                        "{compression:?} {len} {at}"
+                    );
+                }
+            }
+        }
+    }
+
     use super::*;
 
     fn sample() -> Vec<u8> {
@@ -1491,10 +1686,7 @@ mod tests {
             assert_eq!(&sunk.into_inner().unwrap()[..], &stored[HEADER_LEN..]);
             // A source shorter than it said is an error, not a short object.
             let (short, _) = encode_read_beside(data.len() + 1, &read, threads, None, &mut |_| {});
-            assert_eq!(
-                short.unwrap_err().kind(),
-                std::io::ErrorKind::UnexpectedEof
-            );
+            assert_eq!(short.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
             // A panic beside is reported; the envelope is still whole.
             let (stored, beside) =
                 encode_read_beside(data.len(), &read, threads, None, &mut |_| panic!("index"));

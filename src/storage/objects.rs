@@ -225,6 +225,12 @@ impl Repo {
             .map_err(|e| self.corrupt(&key.key(), format!("compress: {e}")))
     }
 
+    /// [`Repo::seal`] as a stream: write the object's content into it, then `finish` it into
+    /// the payload to store (for large documents, never held whole).
+    pub fn sealing(&self, compression: Compression) -> envelope::FramedWriter {
+        envelope::FramedWriter::new(compression)
+    }
+
     /// Store `payload` under `key`, treating an existing object as `mode` says.
     ///
     /// # Errors
