@@ -415,6 +415,10 @@ pub type ManifestRead = Option<Result<BackupManifest, crate::format::FormatError
 /// Backup manifests read, by id, and what could not be read.
 type ManifestsRead = (Vec<(String, ManifestRead)>, Vec<IndexProblem>);
 
+/// How many backup manifests are read at once: each waits for a CPU to parse it holding its
+/// stored bytes (2 MiB for 121,000 files), so not every backup's at once.
+const MANIFEST_CONCURRENCY: usize = 8;
+
 /// Every backup's manifest, without its files ([`BackupManifest::without_files_from_json`]): the
 /// stored objects are read at once, but each is decompressed and parsed on a CPU slot and its
 /// text dropped then, so memory never holds every manifest's files (121,000 files are 25 MiB
@@ -426,7 +430,7 @@ async fn load_manifests(repo: &Repo) -> anyhow::Result<ManifestsRead> {
             let got = read_manifest(repo, &id, true).await;
             (id, got)
         })
-        .buffer_unordered(LOAD_CONCURRENCY)
+        .buffer_unordered(MANIFEST_CONCURRENCY)
         .collect()
         .await;
     let (mut backups, mut problems) = (Vec::new(), Vec::new());

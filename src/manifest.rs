@@ -243,7 +243,6 @@ pub struct BackupManifest {
     pub compression: Compression,
     /// Files, in the order they were listed. Empty in a manifest read without its files (see
     /// [`BackupManifest::without_files_from_json`]): [`BackupManifest::tally`] says what they were.
-    #[serde(deserialize_with = "files::deserialize")]
     pub files: Vec<FileEntry>,
     /// Directories to recreate.
     pub directories: Vec<String>,
@@ -286,73 +285,74 @@ pub struct FilesTally {
 }
 
 impl FilesTally {
-    fn add(&mut self, f: FileEntry) {
+    /// Count a file: stored as changed blocks or not, and its pages that failed their checksum.
+    fn note(&mut self, changed: bool, path: &str, failures: &[u32]) {
         self.count += 1;
-        self.changed += usize::from(f.changed.is_some());
-        if !f.checksum_failures.is_empty() {
-            self.checksum_failures.push((f.path, f.checksum_failures));
+        self.changed += usize::from(changed);
+        if !failures.is_empty() {
+            self.checksum_failures
+                .push((path.to_string(), failures.to_vec()));
         }
     }
 }
 
-/// The `files` list, read whole, or (while [`BackupManifest::without_files_from_json`] reads on
-/// this thread) an entry at a time into a tally, so the list is never held.
-mod files {
-    use super::{FileEntry, FilesTally};
-    use serde::Deserializer;
-    use serde::de::{SeqAccess, Visitor};
-    use std::cell::RefCell;
+/// Reading a manifest's `files` an entry at a time: everything else is collected as JSON values
+/// (a few hundred bytes), each file entry is handed to a function as it is parsed and dropped, and
+/// the manifest is then read from the values with an empty `files`.
+mod each {
+    use serde::Deserialize;
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value};
 
-    thread_local! {
-        /// `Some` while a manifest is read without its files.
-        pub(super) static TALLY: RefCell<Option<FilesTally>> = const { RefCell::new(None) };
+    /// The manifest's fields but `files`, whose entries (read as `T`) go to the function.
+    pub(super) struct Head<'a, T>(pub(super) &'a mut dyn FnMut(T));
+
+    impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Head<'_, T> {
+        type Value = Map<String, Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
     }
 
-    struct Entries;
-
-    impl<'de> Visitor<'de> for Entries {
-        type Value = Vec<FileEntry>;
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Head<'_, T> {
+        type Value = Map<String, Value>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a list of files")
+            f.write_str("a backup manifest")
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let tallying = TALLY.with(|t| t.borrow().is_some());
-            let mut out = Vec::new();
-            while let Some(entry) = seq.next_element::<FileEntry>()? {
-                if tallying {
-                    TALLY.with(|t| {
-                        if let Some(tally) = t.borrow_mut().as_mut() {
-                            tally.add(entry);
-                        }
-                    });
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "files" {
+                    map.next_value_seed(Entries(&mut *self.0))?;
+                    out.insert(key, Value::Array(Vec::new()));
                 } else {
-                    out.push(entry);
+                    let value: Value = map.next_value()?;
+                    out.insert(key, value);
                 }
             }
             Ok(out)
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FileEntry>, D::Error> {
-        d.deserialize_seq(Entries)
-    }
+    struct Entries<'a, T>(&'a mut dyn FnMut(T));
 
-    /// Tallies on this thread until dropped.
-    pub(super) struct Tallying;
-
-    impl Tallying {
-        pub(super) fn start() -> Tallying {
-            TALLY.with(|t| *t.borrow_mut() = Some(FilesTally::default()));
-            Tallying
-        }
-        pub(super) fn take(&self) -> FilesTally {
-            TALLY.with(|t| t.borrow_mut().take()).unwrap_or_default()
+    impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Entries<'_, T> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
         }
     }
 
-    impl Drop for Tallying {
-        fn drop(&mut self) {
-            TALLY.with(|t| *t.borrow_mut() = None);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Entries<'_, T> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of files")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(entry) = seq.next_element::<T>()? {
+                (self.0)(entry);
+            }
+            Ok(())
         }
     }
 }
@@ -393,34 +393,6 @@ impl BackupManifest {
         self.tally.is_some()
     }
 
-    /// [`BackupManifest::from_json`] from a reader, or (`without_files`)
-    /// [`BackupManifest::without_files_from_json`].
-    ///
-    /// # Errors
-    /// As [`crate::format::decode_reader`].
-    pub fn from_reader(
-        read: &mut dyn std::io::Read,
-        without_files: bool,
-    ) -> Result<BackupManifest, FormatError> {
-        let tallying = without_files.then(files::Tallying::start);
-        let mut m: BackupManifest = crate::format::decode_reader(read)?;
-        m.files.shrink_to_fit();
-        m.tally = tallying.map(|t| t.take());
-        Ok(m)
-    }
-
-    /// Parse a stored manifest without holding its files: each is read and counted into
-    /// [`BackupManifest::tally`], and `files` stays empty. What the catalog keeps.
-    ///
-    /// # Errors
-    /// As [`BackupManifest::from_json`].
-    pub fn without_files_from_json(bytes: &[u8]) -> Result<BackupManifest, FormatError> {
-        let tallying = files::Tallying::start();
-        let mut m: BackupManifest = crate::format::decode(bytes)?;
-        m.tally = Some(tallying.take());
-        Ok(m)
-    }
-
     /// Parse a stored manifest, checking its format version.
     ///
     /// # Errors
@@ -430,6 +402,111 @@ impl BackupManifest {
         // Read as a list that doubled as it grew: up to half of it would be unused.
         m.files.shrink_to_fit();
         Ok(m)
+    }
+
+    /// [`BackupManifest::from_json`] from a reader, or (`without_files`)
+    /// [`BackupManifest::without_files_from_json`].
+    ///
+    /// # Errors
+    /// As [`crate::format::decode_reader`].
+    pub fn from_reader(
+        read: &mut dyn std::io::Read,
+        without_files: bool,
+    ) -> Result<BackupManifest, FormatError> {
+        if !without_files {
+            let mut m: BackupManifest = crate::format::decode_reader(read)?;
+            m.files.shrink_to_fit();
+            return Ok(m);
+        }
+        BackupManifest::tallied(&mut serde_json::Deserializer::from_reader(read))
+    }
+
+    /// Parse a stored manifest without holding its files: each is read and counted into
+    /// [`BackupManifest::tally`], and `files` stays empty. What the catalog keeps.
+    ///
+    /// # Errors
+    /// As [`BackupManifest::from_json`].
+    pub fn without_files_from_json(bytes: &[u8]) -> Result<BackupManifest, FormatError> {
+        BackupManifest::tallied(&mut serde_json::Deserializer::from_slice(bytes))
+    }
+
+    /// A manifest without its files, read from `de`, each file only counted (its pieces and
+    /// blocks are skipped, not parsed).
+    fn tallied<'de, R: serde_json::de::Read<'de>>(
+        de: &mut serde_json::Deserializer<R>,
+    ) -> Result<BackupManifest, FormatError> {
+        /// What a tally needs of a file entry.
+        #[derive(serde::Deserialize)]
+        struct Counted {
+            path: String,
+            #[serde(default)]
+            changed: Option<serde::de::IgnoredAny>,
+            #[serde(default)]
+            checksum_failures: Vec<u32>,
+        }
+        let mut tally = FilesTally::default();
+        let mut m = BackupManifest::head_from(
+            de,
+            each::Head(&mut |f: Counted| {
+                tally.note(f.changed.is_some(), &f.path, &f.checksum_failures);
+            }),
+        )?;
+        m.tally = Some(tally);
+        Ok(m)
+    }
+
+    /// Read a manifest from `read`, handing each file to `each` as it is parsed instead of
+    /// keeping it: the manifest comes back without its files, with their [`FilesTally`].
+    ///
+    /// # Errors
+    /// As [`crate::format::decode_reader`].
+    pub fn each_file_from_reader(
+        read: &mut dyn std::io::Read,
+        each: &mut dyn FnMut(FileEntry),
+    ) -> Result<BackupManifest, FormatError> {
+        BackupManifest::each_file(&mut serde_json::Deserializer::from_reader(read), each)
+    }
+
+    fn each_file<'de, R: serde_json::de::Read<'de>>(
+        de: &mut serde_json::Deserializer<R>,
+        each: &mut dyn FnMut(FileEntry),
+    ) -> Result<BackupManifest, FormatError> {
+        let mut tally = FilesTally::default();
+        let mut m = BackupManifest::head_from(
+            de,
+            each::Head(&mut |f: FileEntry| {
+                tally.note(f.changed.is_some(), &f.path, &f.checksum_failures);
+                each(f);
+            }),
+        )?;
+        m.tally = Some(tally);
+        Ok(m)
+    }
+
+    /// The manifest read from `de` through `head` (its files go to `head`'s function).
+    fn head_from<'de, R: serde_json::de::Read<'de>, T: serde::Deserialize<'de>>(
+        de: &mut serde_json::Deserializer<R>,
+        head: each::Head<'_, T>,
+    ) -> Result<BackupManifest, FormatError> {
+        use serde::de::DeserializeSeed;
+        let invalid = |e: serde_json::Error| FormatError::Invalid {
+            what: <BackupManifest as Versioned>::WHAT,
+            detail: e.to_string(),
+        };
+        let head = head.deserialize(&mut *de).map_err(invalid)?;
+        de.end().map_err(invalid)?;
+        // A newer format is refused by its version before its fields are judged.
+        let found = head
+            .get("format_version")
+            .and_then(serde_json::Value::as_u64);
+        if let Some(v) = found.filter(|&v| v > u64::from(MANIFEST_FORMAT)) {
+            return Err(FormatError::Newer {
+                what: <BackupManifest as Versioned>::WHAT,
+                found: u32::try_from(v).unwrap_or(u32::MAX),
+                supported: MANIFEST_FORMAT,
+            });
+        }
+        serde_json::from_value(serde_json::Value::Object(head)).map_err(invalid)
     }
 
     /// The files with pages that failed their checksum, and those pages.

@@ -193,39 +193,32 @@ pub async fn restore_files(
             )
         })?;
     // Every piece the chain needs is there before a byte is written. The catalog's manifests
-    // leave the files out: read each of the chain again; only the restored backup's is kept
-    // once the pieces are planned.
-    let mut manifest = crate::catalog::manifest_with_files(repo, manifest).await?;
+    // leave the files out: the parents' are read again whole, and the restored backup's files
+    // are planned as its manifest is parsed (a file is then its path, size and mode; the pieces
+    // hold the rest).
     let mut older = Vec::with_capacity(parents.len());
     for p in parents {
         older.push(crate::catalog::manifest_with_files(repo, p).await?);
     }
-    let chain: Vec<&BackupManifest> = std::iter::once(&manifest).chain(&older).collect();
-    let ids: Vec<String> = chain.iter().map(|m| m.id.clone()).collect();
-    let pieces = plan_pieces(&chain)?;
+    let ids: Vec<String> = std::iter::once(&manifest.id)
+        .chain(older.iter().map(|m| &m.id))
+        .cloned()
+        .collect();
+    let (manifest, files, pieces) = if manifest.files_left_out() {
+        plan_from_stored(repo, manifest, older).await?
+    } else {
+        plan_listed(manifest, &older)?
+    };
     tracing::debug!(
         "{} piece(s) from {} backup(s): {} bytes to decompress, {} to write",
         pieces.len(),
-        chain.len(),
+        ids.len(),
         pieces.iter().map(|p| p.size).sum::<u64>(),
         pieces.iter().map(Piece::bytes).sum::<u64>()
     );
-    require_pieces(repo, &chain, &pieces).await?;
-    drop(chain);
-    drop(older);
-    make_directories(&manifest, target, relocate)?;
-    // From here on a file is its path, size and mode (the pieces hold the rest).
-    let bs = manifest.block_size();
-    let files: Arc<Vec<RestoredFile>> = Arc::new(
-        std::mem::take(&mut manifest.files)
-            .into_iter()
-            .map(|f| RestoredFile {
-                size: f.restored_size(bs),
-                mode: f.mode,
-                path: f.path.into_boxed_str(),
-            })
-            .collect(),
-    );
+    require_pieces(repo, (&ids, &files), &pieces).await?;
+    make_directories(&manifest, &files, target, relocate)?;
+    let files = Arc::new(files);
     let manifest = &manifest;
     let started = std::time::Instant::now();
     let bytes = download_pieces(repo, (&files, &ids), pieces, target, jobs).await?;
@@ -262,6 +255,7 @@ pub async fn restore_files(
 /// its `pg_tblspc/<oid>` link.
 fn make_directories(
     manifest: &BackupManifest,
+    files: &[RestoredFile],
     target: &Path,
     relocate: &HashMap<u32, PathBuf>,
 ) -> anyhow::Result<()> {
@@ -281,8 +275,8 @@ fn make_directories(
             make_dir(&target.join(dir))?;
         }
     }
-    for f in &manifest.files {
-        if let Some(parent) = target.join(&f.path).parent() {
+    for f in files {
+        if let Some(parent) = target.join(&*f.path).parent() {
             make_dir(parent)?;
         }
     }
@@ -384,36 +378,172 @@ pub fn check_chain(chain: &[&BackupManifest]) -> anyhow::Result<()> {
     plan_pieces(chain).map(|_| ())
 }
 
-/// Every piece a restore of `chain` (the backup first, then its parents back to a full one)
-/// downloads. A file stored whole in the backup comes from its own pieces. A file stored as
-/// changed blocks takes each block below its recorded length from the newest backup of the
-/// chain holding it, walking back through parents that also stored changed blocks until one
-/// stored the file whole; blocks no backup holds stay zeros.
+/// What a restore plans: the restored backup's manifest (without its files), its files, the
+/// pieces to download.
+type Planned = (BackupManifest, Vec<RestoredFile>, Vec<Piece>);
+
+/// A file once its pieces are planned.
+fn restored_file(f: FileEntry, block_size: u64) -> RestoredFile {
+    RestoredFile {
+        size: f.restored_size(block_size),
+        mode: f.mode,
+        path: f.path.into_boxed_str(),
+    }
+}
+
+/// Plan the restore of `manifest`, which lists its files, on `older`.
+fn plan_listed(manifest: &BackupManifest, older: &[BackupManifest]) -> anyhow::Result<Planned> {
+    let parents: Vec<&BackupManifest> = older.iter().collect();
+    let mut planner = Planner::new(manifest, &parents)?;
+    for (n, f) in manifest.files.iter().enumerate() {
+        planner.file(n, f)?;
+    }
+    let bs = manifest.block_size();
+    let files = manifest
+        .files
+        .iter()
+        .map(|f| restored_file(f.clone(), bs))
+        .collect();
+    let mut head = manifest.clone();
+    head.files = Vec::new();
+    Ok((head, files, planner.out))
+}
+
+/// Plan the restore of `lean` (a manifest the catalog read without its files) on `older` as its
+/// stored manifest is read again and parsed: each file's pieces are planned as its entry is
+/// parsed, and the entry dropped (a restored backup's manifest is never held whole).
 ///
 /// # Errors
-/// A chain that does not fit together (a parent without the file, block lists that do not match
-/// their pieces): the backups are damaged.
+/// Store failures, a manifest that fails its checksums or is no longer the same backup, a chain
+/// that does not fit together.
+async fn plan_from_stored(
+    repo: &Repo,
+    lean: &BackupManifest,
+    older: Vec<BackupManifest>,
+) -> anyhow::Result<Planned> {
+    let key = ObjectKey::BackupManifest(lean.id.clone());
+    let (lean, older) = (Arc::new(lean.clone()), Arc::new(older));
+    let planned = repo
+        .read_verified(&key, |stored| {
+            let (lean, older, name) = (lean.clone(), older.clone(), key.key());
+            async move {
+                let _slot = crate::cpu::slots().acquire().await?;
+                tokio::task::spawn_blocking(move || -> anyhow::Result<Result<Planned, String>> {
+                    let parents: Vec<&BackupManifest> = older.iter().collect();
+                    let mut planner = Planner::new(&lean, &parents)?;
+                    planner.out.reserve(lean.file_count());
+                    let bs = lean.block_size();
+                    let mut files = Vec::with_capacity(lean.file_count());
+                    let mut failed = None;
+                    let decoded = envelope::decode_streaming(&stored, |r| {
+                        BackupManifest::each_file_from_reader(r, &mut |f| {
+                            if failed.is_none()
+                                && let Err(e) = planner.file(files.len(), &f)
+                            {
+                                failed = Some(e);
+                            }
+                            files.push(restored_file(f, bs));
+                        })
+                    });
+                    let head = match decoded {
+                        Ok(head) => head.with_context(|| {
+                            format!("read the manifest of backup {} ({name})", lean.id)
+                        })?,
+                        Err(detail) => return Ok(Err(detail)),
+                    };
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    if head.id != lean.id
+                        || head.stop_lsn != lean.stop_lsn
+                        || files.len() != lean.file_count()
+                    {
+                        bail!(
+                            "the manifest of backup {} changed while it was read ({name}): run the command again",
+                            lean.id
+                        );
+                    }
+                    Ok(Ok((head, files, planner.out)))
+                })
+                .await?
+            }
+        })
+        .await?;
+    planned.with_context(|| {
+        format!(
+            "the manifest of backup {} is no longer in {} (was the backup deleted meanwhile?)",
+            lean.id,
+            repo.location()
+        )
+    })
+}
+
+/// Every piece a restore of `chain` (the backup first, then its parents back to a full one)
+/// downloads; see [`Planner`].
+///
+/// # Errors
+/// As [`Planner::file`].
 fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
-    let Some(newest) = chain.first() else {
+    let Some((newest, parents)) = chain.split_first() else {
         return Ok(Vec::new());
     };
-    let by_path: Vec<HashMap<&str, &FileEntry>> = chain
-        .iter()
-        .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())
-        .collect();
-    if chain.len() > usize::from(u16::MAX) || newest.files.len() > u32::MAX as usize {
-        bail!(
-            "backup {} has {} files and a chain of {} backups: more than a restore handles",
-            newest.id,
-            newest.files.len(),
-            chain.len()
-        );
-    }
-    // At least a piece per piece of the backup's own (a list grown by doubling would peak at
-    // twice what it holds).
-    let mut out = Vec::with_capacity(newest.files.iter().map(|f| f.parts.len()).sum());
+    let mut planner = Planner::new(newest, parents)?;
+    planner
+        .out
+        .reserve(newest.files.iter().map(|f| f.parts.len()).sum());
     for (n, f) in newest.files.iter().enumerate() {
-        let n = n as u32;
+        planner.file(n, f)?;
+    }
+    Ok(planner.out)
+}
+
+/// The pieces of the restored backup's files, planned a file at a time against its parents (so
+/// the restored backup's own file list is never held: restore hands it the entries as its
+/// manifest is parsed). A file stored whole in the backup comes from its own pieces. A file
+/// stored as changed blocks takes each block below its recorded length from the newest backup of
+/// the chain holding it, walking back through parents that also stored changed blocks until one
+/// stored the file whole; blocks no backup holds stay zeros.
+struct Planner<'a> {
+    /// The restored backup (its files need not be there: only its id and parent are used).
+    newest: &'a BackupManifest,
+    /// Its parents, newest first, each with its files by path.
+    parents: Vec<(&'a BackupManifest, HashMap<&'a str, &'a FileEntry>)>,
+    /// The pieces so far.
+    out: Vec<Piece>,
+}
+
+impl<'a> Planner<'a> {
+    /// # Errors
+    /// A chain longer than a piece can number.
+    fn new(newest: &'a BackupManifest, parents: &[&'a BackupManifest]) -> anyhow::Result<Self> {
+        if parents.len() >= usize::from(u16::MAX) {
+            bail!(
+                "backup {} builds on a chain of {} backups: more than a restore handles",
+                newest.id,
+                parents.len()
+            );
+        }
+        Ok(Planner {
+            newest,
+            parents: parents
+                .iter()
+                .map(|m| (*m, m.files.iter().map(|f| (f.path.as_str(), f)).collect()))
+                .collect(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Plan file number `n` of the restored backup, `f`.
+    ///
+    /// # Errors
+    /// A chain that does not fit together (a parent without the file, block lists that do not
+    /// match their pieces): the backups are damaged.
+    fn file(&mut self, n: usize, f: &FileEntry) -> anyhow::Result<()> {
+        let newest = self.newest;
+        let Ok(n) = u32::try_from(n) else {
+            bail!("backup {} has more files than a restore handles", newest.id);
+        };
+        let out = &mut self.out;
         let Some(changed) = &f.changed else {
             let mut offset = 0;
             for (i, p) in f.parts.iter().enumerate() {
@@ -435,7 +565,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                 });
                 offset += CHUNK_SIZE;
             }
-            continue;
+            return Ok(());
         };
         let parent = newest.parent.as_ref().with_context(|| {
             format!(
@@ -456,8 +586,15 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
         let length = changed.length as usize;
         let mut claimed = vec![false; length];
         let mut reached_whole = false;
-        for (k, m) in chain.iter().enumerate() {
-            let Some(entry) = by_path.get(k).and_then(|p| p.get(f.path.as_str())) else {
+        for k in 0..=self.parents.len() {
+            let (m, entry) = match k.checked_sub(1) {
+                None => (newest, Some(f)),
+                Some(p) => match self.parents.get(p) {
+                    Some((m, by_path)) => (*m, by_path.get(f.path.as_str()).copied()),
+                    None => break,
+                },
+            };
+            let Some(entry) = entry else {
                 bail!(
                     "backup {} stores only the changed blocks of {}, but backup {} it builds on does not have the file",
                     newest.id,
@@ -485,7 +622,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                             .enumerate()
                             .map(|(j, &b)| (u64::from(b), j as u64 * bs, u64::from(b) * bs, bs));
                         let piece = (n, (k as u16, i as u32), p, false);
-                        claim(&mut out, &mut claimed, held, piece);
+                        claim(out, &mut claimed, held, piece);
                     }
                 }
                 None => {
@@ -499,7 +636,7 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                             (b, from - offset, from, to - from)
                         });
                         let piece = (n, (k as u16, i as u32), p, true);
-                        claim(&mut out, &mut claimed, held, piece);
+                        claim(out, &mut claimed, held, piece);
                         offset += CHUNK_SIZE;
                     }
                     reached_whole = true;
@@ -514,8 +651,8 @@ fn plan_pieces(chain: &[&BackupManifest]) -> anyhow::Result<Vec<Piece>> {
                 f.path
             );
         }
+        Ok(())
     }
-    Ok(out)
 }
 
 /// Queue the piece `(file, (backup, number), part)` for the blocks it holds, `(block, offset in the piece,
@@ -554,25 +691,20 @@ fn claim(
 /// The first piece that is not, named; store failures.
 async fn require_pieces(
     repo: &Repo,
-    chain: &[&BackupManifest],
+    (ids, files): (&[String], &[RestoredFile]),
     pieces: &[Piece],
 ) -> anyhow::Result<()> {
     let mut stored = HashMap::new();
-    for m in chain {
+    for id in ids {
         let listed = repo
-            .list(&crate::storage::layout::Prefix::Backup(m.id.clone()))
+            .list(&crate::storage::layout::Prefix::Backup(id.clone()))
             .await
-            .with_context(|| format!("list the pieces of backup {}", m.id))?;
+            .with_context(|| format!("list the pieces of backup {id}"))?;
         stored.extend(listed.iter().map(|e| (e.key().to_string(), e.size)));
     }
-    let ids: Vec<String> = chain.iter().map(|m| m.id.clone()).collect();
-    let newest = chain
-        .first()
-        .map(|m| m.files.as_slice())
-        .unwrap_or_default();
     for p in pieces {
-        let path = newest.get(p.file as usize).map_or("", |f| f.path.as_str());
-        let at = p.at(&ids, path);
+        let path = files.get(p.file as usize).map_or("", |f| &*f.path);
+        let at = p.at(ids, path);
         let key = at.key.key();
         match (stored.get(&key), &at.range) {
             (None, _) => bail!(
