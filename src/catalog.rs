@@ -508,22 +508,38 @@ pub async fn manifest_with_files(
     let full = read_manifest(repo, &b.id, false)
         .await
         .with_context(|| format!("read the manifest of backup {}", b.id))?
-        .with_context(|| {
-            format!(
-                "the manifest of backup {} is no longer in {} (was the backup deleted meanwhile?)",
-                b.id,
-                repo.location()
-            )
-        })?
+        .with_context(|| manifest_gone(repo, &b.id))?
         .with_context(|| format!("read the manifest of backup {} ({})", b.id, key.key()))?;
-    if full.id != b.id || full.stop_lsn != b.stop_lsn || full.files.len() != b.file_count() {
+    require_same_backup(b, &full, full.files.len())?;
+    Ok(full)
+}
+
+/// Why a manifest the catalog read is not there when read again.
+pub fn manifest_gone(repo: &Repo, id: &str) -> String {
+    format!(
+        "the manifest of backup {id} is no longer in {} (was the backup deleted meanwhile?)",
+        repo.location()
+    )
+}
+
+/// `read`, a manifest read again with its `files` files, must be the backup the catalog read
+/// as `lean`.
+///
+/// # Errors
+/// A different backup under the same id, named.
+pub fn require_same_backup(
+    lean: &BackupManifest,
+    read: &BackupManifest,
+    files: usize,
+) -> anyhow::Result<()> {
+    if read.id != lean.id || read.stop_lsn != lean.stop_lsn || files != lean.file_count() {
         anyhow::bail!(
             "the manifest of backup {} changed while it was read ({}): run the command again",
-            b.id,
-            key.key()
+            lean.id,
+            ObjectKey::BackupManifest(lean.id.clone()).key()
         );
     }
-    Ok(full)
+    Ok(())
 }
 
 impl Catalog {

@@ -454,28 +454,14 @@ async fn plan_from_stored(
                     if let Some(e) = failed {
                         return Err(e);
                     }
-                    if head.id != lean.id
-                        || head.stop_lsn != lean.stop_lsn
-                        || files.len() != lean.file_count()
-                    {
-                        bail!(
-                            "the manifest of backup {} changed while it was read ({name}): run the command again",
-                            lean.id
-                        );
-                    }
+                    crate::catalog::require_same_backup(&lean, &head, files.len())?;
                     Ok(Ok((head, files, planner.out)))
                 })
                 .await?
             }
         })
         .await?;
-    planned.with_context(|| {
-        format!(
-            "the manifest of backup {} is no longer in {} (was the backup deleted meanwhile?)",
-            lean.id,
-            repo.location()
-        )
-    })
+    planned.with_context(|| crate::catalog::manifest_gone(repo, &lean.id))
 }
 
 /// Every piece a restore of `chain` (the backup first, then its parents back to a full one)
