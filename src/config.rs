@@ -25,6 +25,10 @@ pub struct FileConfig {
     pub compress: Option<Compression>,
     /// Retention policy for `pitr expire` (`[expire]` with keep_full, keep_within = "30d", keep_daily, …).
     pub expire: Option<crate::expire::Policy>,
+    /// A key file: the repository is encrypted (at least 32 bytes; `pitr key generate` makes one).
+    pub encryption_key_file: Option<PathBuf>,
+    /// A passphrase file: the repository is encrypted with a key derived by argon2id.
+    pub encryption_passphrase_file: Option<PathBuf>,
 }
 
 /// Why settings could not be resolved.
@@ -41,6 +45,14 @@ pub enum ConfigError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// Both a key file and a passphrase file.
+    #[error("both a key file ({key}) and a passphrase file ({passphrase}) are configured")]
+    TwoKeys {
+        /// The key file.
+        key: String,
+        /// The passphrase file.
+        passphrase: String,
     },
     /// The config file is not valid.
     #[error("config file {path}: {message}")]
@@ -62,6 +74,9 @@ impl ConfigError {
             ConfigError::Read { .. } => {
                 "check the path given by --config / PITR_CONFIG and its permissions"
             }
+            ConfigError::TwoKeys { .. } => {
+                "configure one of encryption_key_file and encryption_passphrase_file (a flag or environment variable replaces the file's setting of the same kind only)"
+            }
             ConfigError::Parse { .. } => {
                 "the file is TOML: strings are quoted (repo = \"file:///var/backups/pitr\", compress = \"zstd\"), and it takes repo, compress and an [expire] table"
             }
@@ -80,6 +95,31 @@ pub struct Settings {
     pub config_path: Option<PathBuf>,
     /// Retention policy from the config file.
     pub expire: crate::expire::Policy,
+    /// Where the repository's key comes from, when it is encrypted.
+    pub encryption: Option<crate::storage::keys::KeySource>,
+}
+
+impl Settings {
+    /// The global flags a pitr started by this one (a prefetcher, a `restore_command`) needs to
+    /// read the same repository: `--repo`, `--config` and the key file, paths made absolute.
+    pub fn passed_on(&self) -> Vec<String> {
+        let abs = |p: &Path| {
+            p.canonicalize()
+                .unwrap_or_else(|_| p.to_path_buf())
+                .to_string_lossy()
+                .into_owned()
+        };
+        let mut out = vec!["--repo".to_string(), self.repo.clone()];
+        if let Some(c) = &self.config_path {
+            out.push("--config".into());
+            out.push(abs(c));
+        }
+        if let Some(k) = &self.encryption {
+            out.push(k.flag().into());
+            out.push(abs(k.path()));
+        }
+        out
+    }
 }
 
 /// Read a config file.
@@ -118,6 +158,10 @@ pub struct Overrides {
     pub config: Option<PathBuf>,
     /// `--compress` / `PITR_COMPRESS`.
     pub compress: Option<Compression>,
+    /// `--encryption-key-file` / `PITR_ENCRYPTION_KEY_FILE`.
+    pub encryption_key_file: Option<PathBuf>,
+    /// `--encryption-passphrase-file` / `PITR_ENCRYPTION_PASSPHRASE_FILE`.
+    pub encryption_passphrase_file: Option<PathBuf>,
 }
 
 /// The settings: `args` over the config file it names, over the defaults.
@@ -136,11 +180,34 @@ pub fn resolve(args: &Overrides) -> Result<Settings, ConfigError> {
         .filter(|r| !r.is_empty())
         .ok_or(ConfigError::NoRepo)?;
     let compress = args.compress.or(file.compress).unwrap_or_default();
+    let key = args
+        .encryption_key_file
+        .clone()
+        .or(file.encryption_key_file)
+        .filter(|p| !p.as_os_str().is_empty());
+    let passphrase = args
+        .encryption_passphrase_file
+        .clone()
+        .or(file.encryption_passphrase_file)
+        .filter(|p| !p.as_os_str().is_empty());
+    use crate::storage::keys::KeySource;
+    let encryption = match (key, passphrase) {
+        (Some(k), Some(p)) => {
+            return Err(ConfigError::TwoKeys {
+                key: k.display().to_string(),
+                passphrase: p.display().to_string(),
+            });
+        }
+        (Some(k), None) => Some(KeySource::File(k)),
+        (None, Some(p)) => Some(KeySource::Passphrase(p)),
+        (None, None) => None,
+    };
     Ok(Settings {
         repo,
         compress,
         config_path: args.config.clone(),
         expire: file.expire.unwrap_or_default(),
+        encryption,
     })
 }
 
@@ -157,6 +224,7 @@ mod tests {
             repo: repo.map(Into::into),
             compress,
             config,
+            ..Overrides::default()
         }
     }
 
@@ -208,12 +276,25 @@ mod tests {
         assert!(err.hint().contains("strings are quoted"));
         std::fs::write(&path, "compress = \"brotli\"\n").unwrap();
         assert!(matches!(
-            resolve(&args(None, None, Some(path))),
+            resolve(&args(None, None, Some(path.clone()))),
             Err(ConfigError::Parse { .. })
         ));
         assert!(matches!(
             resolve(&args(None, None, Some(dir.path().join("missing.toml")))),
             Err(ConfigError::Read { .. })
         ));
+        // A key file and a passphrase file: refused, whichever source each came from.
+        std::fs::write(
+            &path,
+            "repo = \"file:///x\"\nencryption_key_file = \"/k\"\n",
+        )
+        .unwrap();
+        let mut a = args(None, None, Some(path.clone()));
+        assert_eq!(
+            resolve(&a).unwrap().encryption,
+            Some(crate::storage::keys::KeySource::File("/k".into()))
+        );
+        a.encryption_passphrase_file = Some("/p".into());
+        assert!(matches!(resolve(&a), Err(ConfigError::TwoKeys { .. })));
     }
 }

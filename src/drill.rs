@@ -44,6 +44,8 @@ pub struct DrillOptions {
     pub repo_url: String,
     /// The config file that command passes on, if any.
     pub config_path: Option<PathBuf>,
+    /// The key of an encrypted repository, which that command passes on.
+    pub encryption: Option<crate::storage::keys::KeySource>,
 }
 
 /// One check's outcome.
@@ -254,7 +256,8 @@ pub async fn run(repo: &Repo, opts: &DrillOptions) -> anyhow::Result<Report> {
     std::fs::copy(std::env::current_exe()?, &exe)
         .context("copy the pitr binary into the scratch directory")?;
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
-    let commands = exec::RecoveryCommand::new(&exe, &opts.repo_url, opts.config_path.as_deref());
+    let commands = exec::RecoveryCommand::new(&exe, &opts.repo_url, opts.config_path.as_deref())
+        .with_key(opts.encryption.as_ref());
     let relocate: HashMap<u32, PathBuf> = plan
         .backup
         .tablespaces

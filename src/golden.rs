@@ -528,3 +528,63 @@ async fn newer_formats_are_refused_by_name() {
     assert!(err.to_string().contains("newer than this pitr"), "{err}");
     assert!(err.hint().unwrap().contains("newer pitr"));
 }
+
+/// An encrypted repository written by this version (keyring format 1, sealed objects "PITRENC1"):
+/// kept as a fixture and read back, with a key file and with a passphrase. Under `PITR_BLESS=1` a
+/// missing fixture is written (its keys and nonces are random, so an existing one is never
+/// replaced: it is what an earlier pitr wrote).
+#[tokio::test]
+async fn encrypted_repositories_of_format_1_read_back() {
+    use crate::storage::keys::KeySource;
+    use crate::storage::layout::ObjectKey;
+    for (dir, source) in [
+        (
+            "encrypted-keyfile-v1",
+            KeySource::File(golden("encrypted-keyfile-v1/repo.key")),
+        ),
+        (
+            "encrypted-passphrase-v1",
+            KeySource::Passphrase(golden("encrypted-passphrase-v1/passphrase")),
+        ),
+    ] {
+        let root = golden(dir);
+        let repo_dir = root.join("repo");
+        let url = format!("file://{}", repo_dir.display());
+        if std::env::var_os("PITR_BLESS").is_some() && !repo_dir.exists() {
+            std::fs::create_dir_all(&root).unwrap();
+            match &source {
+                KeySource::File(p) => crate::storage::keys::generate_key_file(p).unwrap(),
+                KeySource::Passphrase(p) => {
+                    std::fs::write(p, "a passphrase for the golden files\n").unwrap()
+                }
+            }
+            let repo = crate::storage::Repo::create(&url)
+                .unwrap()
+                .with_encryption(Some(&source), true)
+                .await
+                .unwrap();
+            repo.ensure_identity(&identity()).await.unwrap();
+            let seg = ObjectKey::Wal(crate::pg::WalFileName::Segment(seg(1, 3)));
+            let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+            let sealed = repo.seal(&seg, &data, Compression::Zstd).unwrap();
+            repo.put(&seg, sealed, crate::storage::PutMode::compare_with(&data))
+                .await
+                .unwrap();
+        }
+        let repo = crate::storage::Repo::open(&url)
+            .unwrap()
+            .with_encryption(Some(&source), false)
+            .await
+            .unwrap_or_else(|e| panic!("{dir}: {e}"));
+        assert_eq!(repo.require_identity().await.unwrap(), identity(), "{dir}");
+        let seg = ObjectKey::Wal(crate::pg::WalFileName::Segment(seg(1, 3)));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(repo.get(&seg).await.unwrap().unwrap(), data, "{dir}");
+        // The stored bytes are sealed, and without the key they are refused as encrypted.
+        let raw = std::fs::read(repo_dir.join(seg.key())).unwrap();
+        assert!(raw.starts_with(crate::storage::sealed::MAGIC));
+        let clear = crate::storage::Repo::open(&url).unwrap();
+        let err = clear.require_identity().await.unwrap_err();
+        assert!(err.to_string().contains("no key is configured"), "{err}");
+    }
+}

@@ -96,6 +96,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::Expire(_) => "expire",
         Command::ArchivePrefetch(_) => "archive-prefetch",
         Command::ArchiveSpoolClean(_) => "archive-spool-clean",
+        Command::Key(_) => "key",
     }
 }
 
@@ -124,11 +125,18 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     if let Command::ArchiveSpoolClean(a) = &cli.command {
         return Ok(cmd::archive_prefetch::clean(a));
     }
+    if let Command::Key(a) = &cli.command
+        && let Some(done) = cmd::key::without_repository(a)
+    {
+        return done;
+    }
     let g = &cli.global;
     let settings = config::resolve(&config::Overrides {
         repo: g.repo.clone(),
         config: g.config.clone(),
         compress: g.compress.map(Into::into),
+        encryption_key_file: g.encryption_key_file.clone(),
+        encryption_passphrase_file: g.encryption_passphrase_file.clone(),
     })?;
     if let Command::ArchivePush(a) = &cli.command
         && cmd::archive_push::answered_by_marker(a, &settings)
@@ -160,11 +168,17 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 
 async fn run_command(command: Command, settings: &config::Settings) -> anyhow::Result<u8> {
     // Only the commands that store a cluster's first objects may bring a repository into being.
-    let repo = match &command {
-        Command::ArchivePush(_) | Command::Backup(_) | Command::Check(_) => {
-            Repo::create(&settings.repo)?
-        }
-        _ => Repo::open(&settings.repo)?,
+    let creates = matches!(
+        &command,
+        Command::ArchivePush(_) | Command::Backup(_) | Command::Check(_)
+    );
+    let repo = if creates {
+        Repo::create(&settings.repo)?
+    } else {
+        Repo::open(&settings.repo)?
     };
+    let repo = repo
+        .with_encryption(settings.encryption.as_ref(), creates)
+        .await?;
     cmd::run(command, &repo, settings).await
 }

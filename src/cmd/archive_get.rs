@@ -26,16 +26,7 @@ pub(crate) struct Args {
 /// The file exists but cannot be fetched or verified, or `%p` cannot be written.
 pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
     // The prefetcher runs as `pitr archive-prefetch` with the same repository settings.
-    let mut global_args = vec!["--repo".to_string(), settings.repo.clone()];
-    if let Some(c) = &settings.config_path {
-        global_args.push("--config".into());
-        global_args.push(
-            c.canonicalize()
-                .unwrap_or_else(|_| c.clone())
-                .to_string_lossy()
-                .into_owned(),
-        );
-    }
+    let global_args = settings.passed_on();
     let prefetch = archive::get::Prefetch {
         count: args.prefetch,
         global_args,

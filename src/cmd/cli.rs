@@ -40,6 +40,24 @@ pub struct GlobalArgs {
         value_name = "ALGO"
     )]
     pub compress: Option<CompressArg>,
+    /// Encrypt the repository with the key in FILE (at least 32 bytes: `pitr key generate --out
+    /// FILE` makes one). The key itself is never taken from the command line.
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_ENCRYPTION_KEY_FILE",
+        value_name = "FILE"
+    )]
+    pub encryption_key_file: Option<PathBuf>,
+    /// Encrypt the repository with a key derived (argon2id) from the passphrase in FILE's first
+    /// line.
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_ENCRYPTION_PASSPHRASE_FILE",
+        value_name = "FILE"
+    )]
+    pub encryption_passphrase_file: Option<PathBuf>,
     /// More detail on stderr (-vv for even more).
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
@@ -113,6 +131,9 @@ pub enum Command {
     Expire(super::expire::Args),
     /// Print Prometheus metrics: RPO exposure, newest segment, backups, window, last verify.
     Metrics,
+    /// An encrypted repository's keys: generate a key file, add a key, list them, retire one
+    /// (its objects are rewrapped by the active key, never re-encrypted).
+    Key(super::key::Args),
     /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the
     /// recoverable window.
     Info(super::info::Args),

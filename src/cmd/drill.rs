@@ -66,6 +66,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         timeout,
         repo_url: settings.repo.clone(),
         config_path: settings.config_path.clone(),
+        encryption: settings.encryption.clone(),
     };
     let report = pitr::drill::run(repo, &opts).await?;
     if json {

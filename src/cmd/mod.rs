@@ -17,6 +17,7 @@ pub(crate) mod cli;
 pub(crate) mod drill;
 pub(crate) mod expire;
 pub(crate) mod info;
+pub(crate) mod key;
 pub(crate) mod metrics;
 pub(crate) mod output;
 pub(crate) mod replica;
@@ -44,6 +45,7 @@ pub(crate) async fn run(command: Command, repo: &Repo, settings: &Settings) -> a
         Command::Drill(a) => drill::run(a, repo, settings).await,
         Command::Expire(a) => expire::run(a, repo, settings).await,
         Command::Metrics => metrics::run(repo).await,
+        Command::Key(a) => key::run(a, repo).await,
     }
 }
 

@@ -74,7 +74,8 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     pitr::restore::files::preflight(&plan.backup, &target_dir, &relocate)?;
     crate::sayln!("{plan}");
     let commands =
-        exec::RecoveryCommand::for_this_binary(repo.location(), settings.config_path.as_deref())?;
+        exec::RecoveryCommand::for_this_binary(repo.location(), settings.config_path.as_deref())?
+            .with_key(settings.encryption.as_ref());
     let lines = exec::standby_settings(&commands, &primary_conninfo, slot.as_deref());
     drop(catalog);
     let started = Instant::now();

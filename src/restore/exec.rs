@@ -123,6 +123,27 @@ impl RecoveryCommand {
         }
     }
 
+    /// The same commands reading an encrypted repository with the key `key` names (its path
+    /// made absolute; the key itself never appears).
+    #[must_use]
+    pub fn with_key(mut self, key: Option<&crate::storage::keys::KeySource>) -> RecoveryCommand {
+        if let Some(k) = key {
+            let path = k
+                .path()
+                .canonicalize()
+                .unwrap_or_else(|_| k.path().to_path_buf());
+            let tail = " archive-get %f %p";
+            if let Some(head) = self.restore.strip_suffix(tail) {
+                self.restore = format!(
+                    "{head} {} {}{tail}",
+                    k.flag(),
+                    shell_quote(&path.to_string_lossy())
+                );
+            }
+        }
+        self
+    }
+
     /// [`RecoveryCommand::new`] for this very binary.
     ///
     /// # Errors

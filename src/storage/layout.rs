@@ -19,6 +19,9 @@
 //! backups/<id>/tablespace_map.pitr            byte-exact from pg_backup_stop (when there are tablespaces)
 //! backups/<id>/manifest.pitr                 written LAST: a backup exists only once this does
 //! status/verify.json                         the last `pitr verify` result (derived, replaced)
+//! keys/<id>.json                             an encrypted repository's keys, each wrapped by the
+//!                                            operator's secret (in the clear: see `keys`)
+//! keys/active.json                           a copy of the entry of the key new objects use
 //! ```
 //! Every object, summaries and `pitr.json` included, is wrapped in the checksummed envelope.
 //! WAL objects keep PostgreSQL's file names so a person can find a segment by eye; `.pitr` marks
@@ -64,6 +67,10 @@ pub enum ObjectKey {
     },
     /// The last `pitr verify` result, for `pitr metrics` (derived: replaced by each run).
     VerifyStatus,
+    /// An encrypted repository's key `id` (hex), wrapped by the operator's secret.
+    RepoKey(String),
+    /// A copy of the entry of the key new objects are encrypted with.
+    ActiveKey,
     /// The roll-up of the summaries of segments `first..=last` of one timeline (derived).
     Rollup {
         /// Its first segment.
@@ -146,6 +153,9 @@ pub struct Found {
     /// Its size in the store.
     pub size: u64,
 }
+
+/// Prefix of the keyring.
+pub const KEYS_PREFIX: &str = "keys";
 
 /// Prefix of every WAL-related key.
 pub const WAL_PREFIX: &str = "wal";
@@ -230,6 +240,8 @@ impl ObjectKey {
                 format!("{BACKUP_PREFIX}/{id}/data/{path}.{part}{SUFFIX}")
             }
             ObjectKey::VerifyStatus => VERIFY_STATUS.to_string(),
+            ObjectKey::RepoKey(id) => format!("{KEYS_PREFIX}/{id}.json"),
+            ObjectKey::ActiveKey => format!("{KEYS_PREFIX}/active.json"),
             ObjectKey::Rollup { first, last } => format!(
                 "{INDEX_PREFIX}/{}/{first}-{last}{ROLLUP_SUFFIX}{SUFFIX}",
                 tli_dir(first.tli)
@@ -247,6 +259,19 @@ impl ObjectKey {
         }
         if key.starts_with(INDEX_PREFIX) {
             return parse_rollup_key(key);
+        }
+        if let Some(name) = key
+            .strip_prefix(KEYS_PREFIX)
+            .and_then(|k| k.strip_prefix('/'))
+            .and_then(|k| k.strip_suffix(".json"))
+        {
+            return match name {
+                "active" => Some(ObjectKey::ActiveKey),
+                id if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Some(ObjectKey::RepoKey(id.to_string()))
+                }
+                _ => None,
+            };
         }
         if let Some(listed) = parse_wal_key(key) {
             return Some(match listed {
@@ -375,6 +400,8 @@ mod tests {
         let all = [
             ObjectKey::Identity,
             ObjectKey::VerifyStatus,
+            ObjectKey::RepoKey("00112233aabbccdd".into()),
+            ObjectKey::ActiveKey,
             ObjectKey::Wal("000000010000000000000003".parse().unwrap()),
             ObjectKey::Wal("00000002.history".parse().unwrap()),
             ObjectKey::Wal("000000010000000000000003.00000028.backup".parse().unwrap()),
@@ -405,6 +432,8 @@ mod tests {
         for junk in [
             "",
             "pitr.json.bak",
+            "keys/short.json",
+            "keys/00112233aabbccdd.txt",
             "backups/x",
             "backups//manifest.pitr",
             "backups/x/manifest",

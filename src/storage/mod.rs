@@ -10,8 +10,10 @@
 
 pub mod envelope;
 pub mod identity;
+pub mod keys;
 pub mod layout;
 pub mod retry;
+pub mod sealed;
 pub mod staged;
 
 mod objects;
@@ -118,6 +120,15 @@ pub enum RepoError {
         #[source]
         source: std::io::Error,
     },
+    /// The repository's encryption: a key that cannot be loaded or does not fit, an encrypted
+    /// repository without its key, a key for one in the clear.
+    #[error("repository {repo}: {problem}")]
+    Key {
+        /// The repository location.
+        repo: String,
+        /// What is wrong.
+        problem: keys::KeyProblem,
+    },
     /// The repository belongs to another cluster (or was written by an incompatible pitr).
     #[error("repository {repo} belongs to {repo_has}, but this is {found}")]
     IdentityMismatch {
@@ -184,6 +195,7 @@ impl RepoError {
             RepoError::NoRepository { .. } => {
                 "check --repo and that the store is mounted or reachable; archive-push creates a repository with the first WAL segment it stores"
             }
+            RepoError::Key { problem, .. } => problem.hint(),
         })
     }
 
@@ -222,6 +234,8 @@ pub struct Repo {
     /// Whether listings come back in key order (the cloud stores' APIs promise it; a local
     /// directory does not), so a range listing may stop at its end instead of reading on.
     ordered_listing: bool,
+    /// The keyring of an encrypted repository (`store` then seals and opens every object).
+    keyring: Option<Arc<keys::Keyring>>,
 }
 
 /// The cloud clients' own per-request retries; `retry` adds a budget above them.
@@ -323,6 +337,7 @@ impl Repo {
             checked_identity: Arc::default(),
             local_root: None,
             ordered_listing: true,
+            keyring: None,
         })
     }
 
@@ -372,6 +387,7 @@ impl Repo {
             checked_identity: Arc::default(),
             local_root: Some(path.to_path_buf()),
             ordered_listing: false,
+            keyring: None,
         })
     }
 
@@ -439,9 +455,46 @@ impl Repo {
         }
     }
 
-    /// Where a WAL file is stored, for a local repository (`None` for object stores).
+    /// Where a WAL file is stored, for a local repository in the clear (`None` for object stores
+    /// and encrypted repositories, whose objects are written only through the store).
     pub fn local_wal_path(&self, name: crate::pg::WalFileName) -> Option<std::path::PathBuf> {
+        if self.keyring.is_some() {
+            return None;
+        }
         Some(self.local_root.as_ref()?.join(ObjectKey::Wal(name).key()))
+    }
+
+    /// Open the repository's encryption with the secret `source` names: its keyring is read (and,
+    /// when `create`, made in an empty location), and from then on every object is sealed as it is
+    /// written and opened as it is read. Without a source, the repository is used in the clear,
+    /// and an encrypted object read from it is refused (`KeyProblem::NoKey`).
+    ///
+    /// # Errors
+    /// `Key`: the secret cannot be loaded or does not open the keyring, a repository in the clear,
+    /// one whose keyring is missing; `Store`.
+    pub async fn with_encryption(
+        mut self,
+        source: Option<&keys::KeySource>,
+        create: bool,
+    ) -> Result<Repo, RepoError> {
+        let Some(source) = source else {
+            return Ok(self);
+        };
+        let secret = keys::Secret::load(source).map_err(|problem| RepoError::Key {
+            repo: self.location.clone(),
+            problem,
+        })?;
+        let ring = Arc::new(
+            keys::Keyring::open(self.store.clone(), &self.location, secret, create).await?,
+        );
+        self.store = Arc::new(sealed::SealedStore::new(self.store.clone(), ring.clone()));
+        self.keyring = Some(ring);
+        Ok(self)
+    }
+
+    /// The keyring of an encrypted repository.
+    pub fn keyring(&self) -> Option<&Arc<keys::Keyring>> {
+        self.keyring.as_ref()
     }
 
     /// A repository over any store (tests use `object_store::memory::InMemory`).
@@ -454,6 +507,7 @@ impl Repo {
             checked_identity: Arc::default(),
             local_root: None,
             ordered_listing: false,
+            keyring: None,
         }
     }
 
@@ -483,6 +537,7 @@ impl Repo {
             checked_identity: Arc::default(),
             local_root: None,
             ordered_listing: false,
+            keyring: None,
         }
     }
 
@@ -516,6 +571,17 @@ impl Repo {
     }
 
     fn store_err(&self, op: &'static str, key: &str, source: object_store::Error) -> RepoError {
+        if let object_store::Error::Generic { source: inner, .. } = &source
+            && let Some(seal) = inner.downcast_ref::<sealed::SealError>()
+        {
+            return match seal {
+                sealed::SealError::Damaged(detail) => self.corrupt(key, detail.clone()),
+                sealed::SealError::Key(problem) => RepoError::Key {
+                    repo: self.location.clone(),
+                    problem: problem.clone(),
+                },
+            };
+        }
         RepoError::Store {
             op,
             key: key.to_string(),

@@ -512,6 +512,12 @@ impl Repo {
         })
         .await
         {
+            Ok(b) if self.keyring.is_none() && b.starts_with(super::sealed::MAGIC) => {
+                Err(RepoError::Key {
+                    repo: self.location.clone(),
+                    problem: super::keys::KeyProblem::NoKey,
+                })
+            }
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.store_err("read", &key, e)),
@@ -750,11 +756,19 @@ impl Repo {
                 path: root.clone(),
                 source: std::io::Error::other(e),
             })?;
-            return listed.map_err(|(path, source)| RepoError::Local {
+            let mut listed = listed.map_err(|(path, source)| RepoError::Local {
                 op: "list",
                 path,
                 source,
-            });
+            })?;
+            if self.keyring.is_some() {
+                // The files' sizes are the sealed ones; callers see plain sizes, as the store
+                // lists them.
+                for e in &mut listed {
+                    e.size = super::sealed::plain_len(e.size).unwrap_or(0);
+                }
+            }
+            return Ok(listed);
         }
         let path = prefix.path();
         let listed = retry(

@@ -77,6 +77,12 @@ impl RetryPolicy {
 /// metadata service on a machine that has none: those fail at once.
 pub fn is_transient(e: &object_store::Error) -> bool {
     match e {
+        // An object that does not open, or a key problem, is the same next time.
+        object_store::Error::Generic { source, .. }
+            if source.downcast_ref::<super::sealed::SealError>().is_some() =>
+        {
+            false
+        }
         object_store::Error::Generic { source, .. } => {
             !is_permanent_answer(&chain_text(source.as_ref()))
         }
