@@ -11,6 +11,7 @@ mod encryption;
 mod harness;
 mod incremental;
 mod reliability;
+mod repos;
 mod restore;
 mod scale;
 mod trust;

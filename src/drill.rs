@@ -40,12 +40,9 @@ pub struct DrillOptions {
     pub jobs: usize,
     /// How long recovery may take.
     pub timeout: Duration,
-    /// The repository URL the restored server's `restore_command` reads.
-    pub repo_url: String,
-    /// The config file that command passes on, if any.
-    pub config_path: Option<PathBuf>,
-    /// The key of an encrypted repository, which that command passes on.
-    pub encryption: Option<crate::storage::keys::KeySource>,
+    /// The global flags the restored server's `restore_command` passes to pitr to read the
+    /// repositories (`Settings::passed_on`).
+    pub global_args: Vec<String>,
 }
 
 /// One check's outcome.
@@ -256,8 +253,7 @@ pub async fn run(repo: &Repo, opts: &DrillOptions) -> anyhow::Result<Report> {
     std::fs::copy(std::env::current_exe()?, &exe)
         .context("copy the pitr binary into the scratch directory")?;
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
-    let commands = exec::RecoveryCommand::new(&exe, &opts.repo_url, opts.config_path.as_deref())
-        .with_key(opts.encryption.as_ref());
+    let commands = exec::RecoveryCommand::new(&exe, &opts.global_args);
     let relocate: HashMap<u32, PathBuf> = plan
         .backup
         .tablespaces

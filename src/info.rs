@@ -260,3 +260,49 @@ impl Info {
         }
     }
 }
+
+/// How far one repository trails the most advanced of several.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Lag {
+    /// Segments of the most advanced repository's newest timeline that this one lacks.
+    pub segments: u64,
+    /// Seconds between the latest commit recoverable from the most advanced repository and from
+    /// this one (0 when they reach the same moment).
+    pub seconds: f64,
+}
+
+/// The lag of each catalog behind the most advanced of them (the one whose newest timeline is the
+/// highest, holding the most segments on it; `None` entries are repositories that could not be
+/// read, and have no lag).
+pub fn lags(catalogs: &[Option<&Catalog>]) -> Vec<Option<Lag>> {
+    let newest = |c: &Catalog| {
+        c.newest_timeline()
+            .map(|t| (t, c.timelines.get(&t).map_or(0, |i| i.segments.len())))
+    };
+    let best = catalogs.iter().flatten().max_by_key(|c| newest(c)).copied();
+    let latest = |c: &Catalog| c.window().and_then(|w| w.latest).map(|x| x.time);
+    catalogs
+        .iter()
+        .map(|c| {
+            let (c, best) = ((*c)?, best?);
+            let Some((tli, _)) = newest(best) else {
+                return Some(Lag::default());
+            };
+            let empty = std::collections::BTreeSet::new();
+            let have = c.timelines.get(&tli).map_or(&empty, |i| &i.segments);
+            let segments = best
+                .timelines
+                .get(&tli)
+                .map_or(0, |i| i.segments.difference(have).count() as u64);
+            // A repository with no recoverable commit yet trails by everything the best one has.
+            let seconds = match (latest(best), latest(c)) {
+                (Some(b), Some(o)) => (b.unix_micros() - o.unix_micros()).max(0) / 1000,
+                _ => 0,
+            };
+            Some(Lag {
+                segments,
+                seconds: seconds as f64 / 1000.0,
+            })
+        })
+        .collect()
+}

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use pitr::exit::{self, Contract};
-use pitr::storage::Repo;
 use pitr::{config, error};
 
 mod cmd;
@@ -97,6 +96,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::ArchivePrefetch(_) => "archive-prefetch",
         Command::ArchiveSpoolClean(_) => "archive-spool-clean",
         Command::Key(_) => "key",
+        Command::Copy(_) => "copy",
     }
 }
 
@@ -133,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     let g = &cli.global;
     let settings = config::resolve(&config::Overrides {
         repo: g.repo.clone(),
+        repo_name: g.repo_name.clone(),
         config: g.config.clone(),
         compress: g.compress.map(Into::into),
         encryption_key_file: g.encryption_key_file.clone(),
@@ -172,13 +173,16 @@ async fn run_command(command: Command, settings: &config::Settings) -> anyhow::R
         &command,
         Command::ArchivePush(_) | Command::Backup(_) | Command::Check(_)
     );
-    let repo = if creates {
-        Repo::create(&settings.repo)?
-    } else {
-        Repo::open(&settings.repo)?
+    // The commands that work on several repositories open them all (archive-push and archive-get
+    // only theirs when --repo-name names one); the others only theirs.
+    let all = match &command {
+        Command::ArchivePush(_) | Command::ArchiveGet(_) => !settings.named,
+        Command::Info(_) | Command::Copy(_) => true,
+        _ => false,
     };
-    let repo = repo
-        .with_encryption(settings.encryption.as_ref(), creates)
-        .await?;
-    cmd::run(command, &repo, settings).await
+    let mut repos = pitr::repos::RepoSet::open(settings, creates, all).await;
+    if !all || !repos.is_several() {
+        repos.take_chosen_error()?;
+    }
+    cmd::run(command, &repos, settings).await
 }

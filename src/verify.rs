@@ -203,16 +203,13 @@ async fn check_objects(repo: &Repo, listing: Vec<Entry>, jobs: usize) -> Objects
             Err(e) => Err(e.to_string()),
         };
         let result = got.and_then(|b| {
-            let decoded = envelope::decode(&b)?;
             // A segment's summary, carried after its payload, is checked too.
-            if let Some(a) = envelope::attachment(&b)? {
-                envelope::decode(a).map_err(|e| format!("attachment: {e}"))?;
-            }
+            let decoded_len = envelope::check_stored(&b)?;
             // A bundle's payload is its members' envelopes: their data is counted with their
             // backup's pieces.
             let data = match entry.object {
                 Some(ObjectKey::BackupBundle { .. }) => 0,
-                _ => decoded.len() as u64,
+                _ => decoded_len as u64,
             };
             Ok((data, b.len() as u64))
         });

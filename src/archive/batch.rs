@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
 use futures::{FutureExt, StreamExt};
 
 use super::push::{self, Known, PushReport};
@@ -47,13 +46,43 @@ pub async fn push_with_ahead(
     compression: Compression,
     parallel: usize,
 ) -> anyhow::Result<PushReport> {
-    let start = Instant::now();
-    let name = push::name_of(wal_path)?;
-    let pg_wal = crate::durable::parent_dir(wal_path).to_path_buf();
-    let markers = pg_wal.join(MARKER_DIR);
     if let Some(report) = answered_by_marker(repo.location(), wal_path) {
         return Ok(report);
     }
+    let (own, ahead) = push_batch(repo, wal_path, compression, parallel).await;
+    write_markers(repo.location(), wal_path, &ahead);
+    own
+}
+
+/// Record each of `ahead` (files pushed ahead, stored in the repositories `location` names) with a
+/// marker, so PostgreSQL's call for it answers at once.
+fn write_markers(location: &str, wal_path: &Path, ahead: &[(WalFileName, PathBuf)]) {
+    let markers = crate::durable::parent_dir(wal_path).join(MARKER_DIR);
+    for (name, path) in ahead {
+        if let Some(text) = marker_text(location, path) {
+            let m = markers.join(name.to_string());
+            if let Err(e) = std::fs::write(&m, text) {
+                tracing::warn!("record {} as archived: {e}", m.display());
+            }
+        }
+    }
+}
+
+/// Push `wal_path` and the ready files after it into `repo`: the push of `wal_path`, and the files
+/// pushed ahead that were stored.
+async fn push_batch(
+    repo: &Repo,
+    wal_path: &Path,
+    compression: Compression,
+    parallel: usize,
+) -> (anyhow::Result<PushReport>, Vec<(WalFileName, PathBuf)>) {
+    let start = Instant::now();
+    let name = match push::name_of(wal_path) {
+        Ok(n) => n,
+        Err(e) => return (Err(e), Vec::new()),
+    };
+    let pg_wal = crate::durable::parent_dir(wal_path).to_path_buf();
+    let markers = pg_wal.join(MARKER_DIR);
     let ahead = if parallel > 1 {
         forget_stale_markers(&pg_wal, &markers);
         ready_files(&pg_wal, name, &markers, FILES_PER_UPLOAD * parallel - 1)
@@ -61,9 +90,14 @@ pub async fn push_with_ahead(
         Vec::new()
     };
     if ahead.is_empty() {
-        return push::push(repo, wal_path, compression).await;
+        return (push::push(repo, wal_path, compression).await, Vec::new());
     }
-    std::fs::create_dir_all(&markers).with_context(|| format!("create {}", markers.display()))?;
+    if let Err(e) = std::fs::create_dir_all(&markers) {
+        return (
+            Err(anyhow::Error::new(e).context(format!("create {}", markers.display()))),
+            Vec::new(),
+        );
+    }
     tracing::debug!("pushing {name} with {} more ready files", ahead.len());
     // One file read and compressed at a time (in this order: ours first); uploads overlap.
     let cpu = Arc::new(tokio::sync::Semaphore::new(1));
@@ -108,6 +142,7 @@ pub async fn push_with_ahead(
         .buffer_unordered(parallel);
     let mut own = None;
     let mut pushed = Vec::new();
+    let mut stored_ahead = Vec::new();
     while let Some((i, path, result)) = results.next().await {
         if let Ok(report) = &result {
             pushed.push(report.name);
@@ -117,14 +152,7 @@ pub async fn push_with_ahead(
             continue;
         }
         match result {
-            Ok(report) => {
-                if let Some(text) = marker_text(repo.location(), &path) {
-                    let m = markers.join(report.name.to_string());
-                    if let Err(e) = std::fs::write(&m, text) {
-                        tracing::warn!("record {} as archived: {e}", m.display());
-                    }
-                }
-            }
+            Ok(report) => stored_ahead.push((report.name, path)),
             Err(e) => tracing::warn!(
                 "archiving {} ahead failed (it will be pushed when PostgreSQL asks): {e:#}",
                 path.display()
@@ -133,7 +161,125 @@ pub async fn push_with_ahead(
     }
     drop(results);
     crate::rollup::after_push(repo, &pushed).await;
-    own.unwrap_or_else(|| Err(anyhow::anyhow!("{name}: the push did not run")))
+    (
+        own.unwrap_or_else(|| Err(anyhow::anyhow!("{name}: the push did not run"))),
+        stored_ahead,
+    )
+}
+
+/// How long archive-push waits for a repository that is not required once every required one has
+/// the file; it then answers without it (a store that is down never holds up archiving).
+pub const OPTIONAL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn push_member(
+    m: &crate::repos::Member,
+    wal_path: &Path,
+    parallel: usize,
+) -> (anyhow::Result<PushReport>, Vec<(WalFileName, PathBuf)>) {
+    match &m.repo {
+        Ok(repo) => push_batch(repo, wal_path, m.spec.compress, parallel).await,
+        Err(e) => (
+            Err(anyhow::anyhow!("{e}").context(format!("open repository {}", m.spec.name))),
+            Vec::new(),
+        ),
+    }
+}
+
+/// What a marker names for a set of repositories: the one URL, or the required ones in order.
+pub fn set_location(repos: &[crate::config::RepoSpec]) -> String {
+    match repos {
+        [one] => one.url.clone(),
+        _ => repos
+            .iter()
+            .filter(|r| r.required)
+            .map(|r| r.url.as_str())
+            .collect::<Vec<_>>()
+            .join(" + "),
+    }
+}
+
+/// [`push_with_ahead`] into every repository of `set` at once: success once each required one
+/// stored the file; the others get it too when they answer within [`OPTIONAL_GRACE`] after that,
+/// and a failure of theirs is only logged (`pitr copy` catches them up). A file pushed ahead gets
+/// its marker once every required repository stored it.
+///
+/// # Errors
+/// A required repository could not store `wal_path` (or could not be opened).
+pub async fn push_to_set(
+    set: &crate::repos::RepoSet,
+    wal_path: &Path,
+    parallel: usize,
+) -> anyhow::Result<PushReport> {
+    if !set.is_several() {
+        let repo = set.chosen()?;
+        let compression = set.chosen_spec().map(|s| s.compress).unwrap_or_default();
+        return push_with_ahead(repo, wal_path, compression, parallel).await;
+    }
+    let specs: Vec<crate::config::RepoSpec> = set.members.iter().map(|m| m.spec.clone()).collect();
+    let location = set_location(&specs);
+    if let Some(report) = answered_by_marker(&location, wal_path) {
+        return Ok(report);
+    }
+    let required: Vec<&crate::repos::Member> =
+        set.members.iter().filter(|m| m.spec.required).collect();
+    let optional: Vec<&crate::repos::Member> =
+        set.members.iter().filter(|m| !m.spec.required).collect();
+    let required_runs =
+        futures::future::join_all(required.iter().map(|m| push_member(m, wal_path, parallel)));
+    let optional_runs =
+        futures::future::join_all(optional.iter().map(|m| push_member(m, wal_path, parallel)));
+    tokio::pin!(required_runs, optional_runs);
+    let mut optional_done = None;
+    let required_done = loop {
+        tokio::select! {
+            r = &mut required_runs => break r,
+            o = &mut optional_runs, if optional_done.is_none() => optional_done = Some(o),
+        }
+    };
+    if optional_done.is_none() {
+        optional_done = tokio::time::timeout(OPTIONAL_GRACE, &mut optional_runs)
+            .await
+            .ok();
+    }
+    let name = push::name_of(wal_path)?;
+    match optional_done {
+        Some(done) => {
+            for (m, (own, _)) in optional.iter().zip(done) {
+                if let Err(e) = own {
+                    tracing::warn!(
+                        "repository {} (not required) missed {name}: {e:#}; pitr copy catches it up",
+                        m.spec.name
+                    );
+                }
+            }
+        }
+        None => tracing::warn!(
+            "repositories not required ({}) did not answer within {} s: they may miss {name}; pitr copy catches them up",
+            optional
+                .iter()
+                .map(|m| m.spec.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            OPTIONAL_GRACE.as_secs()
+        ),
+    }
+    let mut report = None;
+    let mut in_all: Option<Vec<(WalFileName, PathBuf)>> = None;
+    for (m, (own, ahead)) in required.iter().zip(required_done) {
+        match own {
+            Ok(r) => {
+                report.get_or_insert(r);
+            }
+            Err(e) => return Err(e.context(format!("repository {} ({})", m.spec.name, m.spec.url))),
+        }
+        in_all = Some(match in_all {
+            None => ahead,
+            Some(prev) => prev.into_iter().filter(|a| ahead.contains(a)).collect(),
+        });
+    }
+    write_markers(&location, wal_path, &in_all.unwrap_or_default());
+    report
+        .ok_or_else(|| anyhow::anyhow!("{name}: no repository is required, so none was waited for"))
 }
 
 /// The name of `path` if it is a segment (or partial segment), the files one listing can answer for.

@@ -164,3 +164,87 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
         }
     }
 }
+
+/// [`get_with_prefetch`] across the repositories of `set`, in order: the first that holds the file
+/// writes it (the first repository that can be asked also prefetches). "Not found" only when every
+/// repository positively said so; when one could not be asked (down, unreadable, a key problem) and
+/// none had the file, that is an error, never "not found": recovery would end early on it.
+///
+/// # Errors
+/// A repository holds the file but it cannot be read or verified, or `dest` cannot be written; or
+/// the file was found nowhere while some repository could not be asked.
+pub async fn get_from_set(
+    set: &crate::repos::RepoSet,
+    wal_name: &str,
+    dest: &Path,
+    prefetch: &Prefetch,
+) -> anyhow::Result<GetOutcome> {
+    if !set.is_several() {
+        return get_with_prefetch(set.chosen()?, wal_name, dest, prefetch).await;
+    }
+    let mut failures: Vec<(String, anyhow::Error)> = Vec::new();
+    let mut prefetched = false;
+    for m in &set.members {
+        let repo = match &m.repo {
+            Ok(r) => r,
+            Err(e) => {
+                let err = if e.is_store_failure() {
+                    anyhow::Error::new(crate::storage::RepoError::NoRepository {
+                        repo: m.spec.url.clone(),
+                        reason: e.to_string(),
+                    })
+                } else {
+                    anyhow::anyhow!("{e}")
+                };
+                failures.push((m.spec.name.clone(), err));
+                continue;
+            }
+        };
+        let got = if prefetched {
+            get(repo, wal_name, dest).await
+        } else {
+            prefetched = true;
+            get_with_prefetch(repo, wal_name, dest, prefetch).await
+        };
+        match got {
+            Ok(GetOutcome::Written { bytes }) => {
+                if !failures.is_empty() {
+                    tracing::warn!(
+                        "{wal_name} came from repository {} ({} could not be asked)",
+                        m.spec.name,
+                        failures
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                return Ok(GetOutcome::Written { bytes });
+            }
+            Ok(GetOutcome::NotFound) => {
+                tracing::debug!("{wal_name} is not in repository {}", m.spec.name)
+            }
+            // A file that exists but does not verify: the next repository may hold a good copy.
+            Err(e) => {
+                tracing::warn!("repository {}: {e:#}", m.spec.name);
+                failures.push((m.spec.name.clone(), e));
+            }
+        }
+    }
+    let mut failures = failures.into_iter();
+    match failures.next() {
+        None => Ok(GetOutcome::NotFound),
+        Some((first_name, first)) => {
+            let others: Vec<String> = failures
+                .map(|(n, e)| format!("repository {n}: {}", crate::error::one_line(&e)))
+                .collect();
+            let mut msg = format!(
+                "{wal_name} could not be fetched from repository {first_name}, and no other repository had it"
+            );
+            if !others.is_empty() {
+                msg.push_str(&format!(" (nor: {})", others.join("; ")));
+            }
+            Err(first.context(msg))
+        }
+    }
+}

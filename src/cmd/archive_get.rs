@@ -7,7 +7,7 @@ use pitr::archive;
 use pitr::archive::get::GetOutcome;
 use pitr::config::Settings;
 use pitr::exit;
-use pitr::storage::Repo;
+use pitr::repos::RepoSet;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -24,14 +24,14 @@ pub(crate) struct Args {
 ///
 /// # Errors
 /// The file exists but cannot be fetched or verified, or `%p` cannot be written.
-pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: Args, repos: &RepoSet, settings: &Settings) -> anyhow::Result<u8> {
     // The prefetcher runs as `pitr archive-prefetch` with the same repository settings.
     let global_args = settings.passed_on();
     let prefetch = archive::get::Prefetch {
         count: args.prefetch,
         global_args,
     };
-    match archive::get::get_with_prefetch(repo, &args.wal_name, &args.dest_path, &prefetch).await? {
+    match archive::get::get_from_set(repos, &args.wal_name, &args.dest_path, &prefetch).await? {
         GetOutcome::Written { .. } => Ok(exit::SUCCESS),
         GetOutcome::NotFound => Ok(exit::FAILURE),
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use pitr::archive;
 use pitr::config::Settings;
 use pitr::exit;
-use pitr::storage::Repo;
+use pitr::repos::RepoSet;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -23,20 +23,22 @@ pub(crate) struct Args {
 /// answered before a runtime and a store client exist (tens of milliseconds for a cloud store).
 pub(crate) fn answered_by_marker(args: &Args, settings: &Settings) -> bool {
     args.parallel > 1
-        && archive::batch::answered_by_marker(&settings.repo, &args.wal_path).is_some()
+        && archive::batch::answered_by_marker(
+            &if settings.named {
+                settings.repo.clone()
+            } else {
+                archive::batch::set_location(&settings.repos)
+            },
+            &args.wal_path,
+        )
+        .is_some()
 }
 
 /// Run the command.
 ///
 /// # Errors
 /// Any failure: nothing is acknowledged unless the file is stored.
-pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
-    archive::batch::push_with_ahead(
-        repo,
-        &args.wal_path,
-        settings.compress,
-        usize::from(args.parallel),
-    )
-    .await?;
+pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
+    archive::batch::push_to_set(repos, &args.wal_path, usize::from(args.parallel)).await?;
     Ok(exit::SUCCESS)
 }

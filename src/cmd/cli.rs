@@ -25,8 +25,13 @@ pub struct Cli {
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Repository: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
-    #[arg(long, global = true, env = "PITR_REPO", value_name = "URL")]
-    pub repo: Option<String>,
+    /// Give it more than once for several (named repo1, repo2, … in that order, all required).
+    #[arg(long, global = true, env = "PITR_REPO", value_name = "URL", action = ArgAction::Append)]
+    pub repo: Vec<String>,
+    /// Which repository a command that works on one uses (backup, restore, …) [default: the
+    /// first]: a `[[repo]]` table's name, or repo1, repo2, … for --repo flags.
+    #[arg(long, global = true, env = "PITR_REPO_NAME", value_name = "NAME")]
+    pub repo_name: Option<String>,
     /// TOML config file (repo, compress); flags and environment override it.
     #[arg(long, global = true, env = "PITR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -131,6 +136,9 @@ pub enum Command {
     Expire(super::expire::Args),
     /// Print Prometheus metrics: RPO exposure, newest segment, backups, window, last verify.
     Metrics,
+    /// Copy the WAL and backups one repository holds and another lacks (--from NAME --to NAME),
+    /// checking every object on read and after write; resumable, never overwriting.
+    Copy(super::copy::Args),
     /// An encrypted repository's keys: generate a key file, add a key, list them, retire one
     /// (its objects are rewrapped by the active key, never re-encrypted).
     Key(super::key::Args),

@@ -64,9 +64,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         pg_bin,
         jobs: default_jobs(jobs),
         timeout,
-        repo_url: settings.repo.clone(),
-        config_path: settings.config_path.clone(),
-        encryption: settings.encryption.clone(),
+        global_args: settings.passed_on(),
     };
     let report = pitr::drill::run(repo, &opts).await?;
     if json {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use pitr::catalog::Catalog;
 use pitr::exit;
 use pitr::info::{Info, TimelineJson};
-use pitr::storage::Repo;
+use pitr::repos::RepoSet;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -18,17 +18,100 @@ pub(crate) struct Args {
 ///
 /// # Errors
 /// Its failure, for `main` to report.
-pub(crate) async fn run(args: Args, repo: &Repo) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
     let Args { json } = args;
 
-    let catalog = Catalog::load(repo).await?;
-    let info = Info::new(repo.location(), &catalog);
+    // Every repository's catalog at once; the chosen one's failure is the command's.
+    let loaded = futures::future::join_all(repos.members.iter().map(|m| async move {
+        match &m.repo {
+            Ok(r) => Catalog::load(r)
+                .await
+                .map_err(|e| pitr::error::one_line(&e)),
+            Err(e) => Err(e.to_string()),
+        }
+    }))
+    .await;
+    let chosen = repos.chosen()?;
+    let catalog = match loaded.get(repos.chosen) {
+        Some(Ok(c)) => c,
+        _ => &Catalog::load(chosen).await?,
+    };
+    let info = Info::new(chosen.location(), catalog);
+    let cats: Vec<Option<&Catalog>> = loaded.iter().map(|l| l.as_ref().ok()).collect();
+    let lags = pitr::info::lags(&cats);
+    let entries: Vec<RepoEntry> = repos
+        .members
+        .iter()
+        .zip(&loaded)
+        .zip(lags)
+        .map(|((m, l), lag)| RepoEntry {
+            name: m.spec.name.clone(),
+            url: m.spec.url.clone(),
+            required: m.spec.required,
+            encrypted: m.repo.as_ref().is_ok_and(|r| r.keyring().is_some()),
+            error: l.as_ref().err().cloned(),
+            lag,
+            info: l.as_ref().ok().map(|c| Info::new(&m.spec.url, c)),
+        })
+        .collect();
     if json {
-        crate::outln!("{}", serde_json::to_string_pretty(&info)?);
+        let mut v = serde_json::to_value(&info)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("repositories".into(), serde_json::to_value(&entries)?);
+        }
+        crate::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         crate::out!("{}", render(&info));
+        if repos.is_several() {
+            crate::out!("{}", render_repositories(&entries));
+        }
     }
     Ok(exit::SUCCESS)
+}
+
+/// One repository in `info --json`'s `repositories[]`: its settings, its lag behind the most
+/// advanced one, and the same fields `info` shows for the chosen one.
+#[derive(serde::Serialize)]
+struct RepoEntry {
+    name: String,
+    url: String,
+    required: bool,
+    encrypted: bool,
+    /// Why it could not be read (`null` when it was).
+    error: Option<String>,
+    /// Segments and seconds behind the most advanced repository (`null` when unreadable).
+    lag: Option<pitr::info::Lag>,
+    #[serde(flatten)]
+    info: Option<Info>,
+}
+
+fn render_repositories(entries: &[RepoEntry]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "\nrepositories");
+    for e in entries {
+        let state = match (&e.error, &e.lag) {
+            (Some(err), _) => format!("UNREADABLE: {err}"),
+            (None, Some(l)) if l.segments == 0 && l.seconds == 0.0 => "up to date".to_string(),
+            (None, Some(l)) => format!("{} segment(s), {} s behind", l.segments, l.seconds),
+            (None, None) => "up to date".to_string(),
+        };
+        let window = e
+            .info
+            .as_ref()
+            .and_then(|i| i.window.as_ref())
+            .and_then(|w| w.latest)
+            .map(|t| format!(", window to {}", t.rfc3339()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  {:<10} {}{}{}: {state}{window}",
+            e.name,
+            e.url,
+            if e.required { "" } else { " (not required)" },
+            if e.encrypted { " (encrypted)" } else { "" },
+        );
+    }
+    o
 }
 
 /// The human-readable report.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use pitr::config::Settings;
+use pitr::repos::RepoSet;
 use pitr::storage::Repo;
 
 pub(crate) mod archive_get;
@@ -14,6 +15,7 @@ pub(crate) mod archive_push;
 pub(crate) mod backup;
 pub(crate) mod check;
 pub(crate) mod cli;
+pub(crate) mod copy;
 pub(crate) mod drill;
 pub(crate) mod expire;
 pub(crate) mod info;
@@ -30,16 +32,52 @@ use cli::Command;
 ///
 /// # Errors
 /// The command's failure, for `main` to report.
-pub(crate) async fn run(command: Command, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+pub(crate) async fn run(
+    command: Command,
+    repos: &RepoSet,
+    settings: &Settings,
+) -> anyhow::Result<u8> {
+    // The commands that work on several repositories take them all.
     match command {
-        Command::ArchivePush(a) => archive_push::run(a, repo, settings).await,
-        Command::ArchiveGet(a) => archive_get::run(a, repo, settings).await,
+        Command::ArchivePush(a) => return archive_push::run(a, repos).await,
+        Command::ArchiveGet(a) => return archive_get::run(a, repos, settings).await,
+        Command::Info(a) => return info::run(a, repos).await,
+        Command::Copy(a) => return copy::run(a, repos).await,
+        other => run_one(other, repos.chosen()?, settings).await,
+    }
+}
+
+/// The end of a summary line that lists findings: "no problems" or "N problem(s)".
+pub(crate) fn problems(count: usize) -> String {
+    if count == 0 {
+        "no problems".to_string()
+    } else {
+        format!("{count} problem(s)")
+    }
+}
+
+/// The exit code of a command that reports findings: 1 when there are any.
+pub(crate) fn exit_for_findings(count: usize) -> u8 {
+    if count == 0 {
+        pitr::exit::SUCCESS
+    } else {
+        pitr::exit::FAILURE
+    }
+}
+
+/// Run a command that works on one repository.
+async fn run_one(command: Command, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+    match command {
+        Command::ArchivePush(_) | Command::ArchiveGet(_) | Command::Info(_) | Command::Copy(_) => {
+            Err(anyhow::anyhow!(
+                "internal: a command of several repositories ran on one"
+            ))
+        }
         Command::ArchivePrefetch(a) => archive_prefetch::run(a, repo).await,
         Command::ArchiveSpoolClean(a) => Ok(archive_prefetch::clean(&a)),
         Command::Backup(a) => backup::run(a, repo, settings).await,
         Command::Restore(a) => restore::run(a, repo, settings).await,
         Command::Replica(a) => replica::run(a, repo, settings).await,
-        Command::Info(a) => info::run(a, repo).await,
         Command::Verify(a) => verify::run(a, repo).await,
         Command::Check(a) => check::run(a, repo, settings).await,
         Command::Drill(a) => drill::run(a, repo, settings).await,

@@ -73,9 +73,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     let relocate = relocations(&plan.backup, &tablespace_map)?;
     pitr::restore::files::preflight(&plan.backup, &target_dir, &relocate)?;
     crate::sayln!("{plan}");
-    let commands =
-        exec::RecoveryCommand::for_this_binary(repo.location(), settings.config_path.as_deref())?
-            .with_key(settings.encryption.as_ref());
+    let commands = exec::RecoveryCommand::for_this_binary(&settings.passed_on())?;
     let lines = exec::standby_settings(&commands, &primary_conninfo, slot.as_deref());
     drop(catalog);
     let started = Instant::now();

@@ -223,9 +223,7 @@ async fn restore(
         crate::sayln!("dry run: nothing written");
         return Ok(exit::SUCCESS);
     }
-    let commands =
-        exec::RecoveryCommand::for_this_binary(repo.location(), settings.config_path.as_deref())?
-            .with_key(settings.encryption.as_ref());
+    let commands = exec::RecoveryCommand::for_this_binary(&settings.passed_on())?;
     let mut lines = exec::recovery_settings(&plan, &commands, action);
     if to.archive_mode == exec::ArchiveMode::Off {
         lines.push(("archive_mode", "off".into()));

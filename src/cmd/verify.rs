@@ -1,7 +1,6 @@
 //! `pitr verify`: read everything back and print the findings.
 
 use super::{default_jobs, mib};
-use pitr::exit;
 use pitr::storage::Repo;
 
 #[derive(Debug, clap::Args)]
@@ -35,16 +34,8 @@ pub(crate) async fn run(args: Args, repo: &Repo) -> anyhow::Result<u8> {
             mib(report.bytes_checked),
             mib(report.stored_bytes_checked),
             report.backups_checked,
-            if report.findings.is_empty() {
-                "no problems".to_string()
-            } else {
-                format!("{} problem(s)", report.findings.len())
-            }
+            super::problems(report.findings.len())
         );
     }
-    Ok(if report.findings.is_empty() {
-        exit::SUCCESS
-    } else {
-        exit::FAILURE
-    })
+    Ok(super::exit_for_findings(report.findings.len()))
 }

@@ -103,16 +103,13 @@ pub struct RecoveryCommand {
 }
 
 impl RecoveryCommand {
-    /// The commands for the `pitr` binary at `exe`, reading `repo_url` (and the config file, made
+    /// The commands for the `pitr` binary at `exe`, reading the repositories `global` names
+    /// (`Settings::passed_on`: the config file, or each `--repo` and the key file, paths
     /// absolute: the server runs them from its data directory).
-    pub fn new(exe: &Path, repo_url: &str, config_path: Option<&Path>) -> RecoveryCommand {
+    pub fn new(exe: &Path, global: &[String]) -> RecoveryCommand {
         let exe = shell_quote(&exe.to_string_lossy());
-        let mut words = vec![exe.clone(), "--repo".into(), shell_quote(repo_url)];
-        if let Some(c) = config_path {
-            let c = c.canonicalize().unwrap_or_else(|_| c.to_path_buf());
-            words.push("--config".into());
-            words.push(shell_quote(&c.to_string_lossy()));
-        }
+        let mut words = vec![exe.clone()];
+        words.extend(global.iter().map(|w| shell_quote(w)));
         words.extend(["archive-get".into(), "%f".into(), "%p".into()]);
         RecoveryCommand {
             restore: words.join(" "),
@@ -123,38 +120,14 @@ impl RecoveryCommand {
         }
     }
 
-    /// The same commands reading an encrypted repository with the key `key` names (its path
-    /// made absolute; the key itself never appears).
-    #[must_use]
-    pub fn with_key(mut self, key: Option<&crate::storage::keys::KeySource>) -> RecoveryCommand {
-        if let Some(k) = key {
-            let path = k
-                .path()
-                .canonicalize()
-                .unwrap_or_else(|_| k.path().to_path_buf());
-            let tail = " archive-get %f %p";
-            if let Some(head) = self.restore.strip_suffix(tail) {
-                self.restore = format!(
-                    "{head} {} {}{tail}",
-                    k.flag(),
-                    shell_quote(&path.to_string_lossy())
-                );
-            }
-        }
-        self
-    }
-
     /// [`RecoveryCommand::new`] for this very binary.
     ///
     /// # Errors
     /// The binary's own path cannot be found.
-    pub fn for_this_binary(
-        repo_url: &str,
-        config_path: Option<&Path>,
-    ) -> anyhow::Result<RecoveryCommand> {
+    pub fn for_this_binary(global: &[String]) -> anyhow::Result<RecoveryCommand> {
         let exe = std::env::current_exe().context("find the path of this pitr binary")?;
         let exe = exe.canonicalize().unwrap_or(exe);
-        Ok(RecoveryCommand::new(&exe, repo_url, config_path))
+        Ok(RecoveryCommand::new(&exe, global))
     }
 }
 
@@ -463,7 +436,10 @@ mod tests {
             rolled_wal: vec![],
         }
         };
-        let commands = RecoveryCommand::new(Path::new("/usr/local/bin/pitr"), "s3://b/p x", None);
+        let commands = RecoveryCommand::new(
+            Path::new("/usr/local/bin/pitr"),
+            &["--repo".into(), "s3://b/p x".into()],
+        );
         assert_eq!(
             commands.restore,
             "/usr/local/bin/pitr --repo 's3://b/p x' archive-get %f %p"

@@ -927,6 +927,19 @@ pub fn attachment(stored: &[u8]) -> Result<Option<&[u8]>, String> {
     }
 }
 
+/// Check a stored object whole: its payload and, for a segment, the summary it carries after it;
+/// the length of the original bytes.
+///
+/// # Errors
+/// A description of the first check that failed.
+pub fn check_stored(stored: &[u8]) -> Result<usize, String> {
+    let decoded = decode(stored)?;
+    if let Some(a) = attachment(stored)? {
+        decode(a).map_err(|e| format!("attachment: {e}"))?;
+    }
+    Ok(decoded.len())
+}
+
 /// Verify and unwrap a stored object, returning the original bytes.
 ///
 /// # Errors

@@ -1,0 +1,276 @@
+//! Several repositories against real PostgreSQL 15 and 18: PostgreSQL archives into a local
+//! directory and the S3 server at once; `pitr copy` brings the backup over; with the local
+//! repository deleted, a restore to a time from the other brings back exactly the right rows.
+//! A repository that is not required and cannot be written does not hold up archiving, shows its
+//! lag, and is caught up by `pitr copy`. archive-get answers "not found" only when every
+//! repository said so.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::harness::{self, Cluster, Scratch, as_postgres, code, pitr, run, stderr};
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ok(out: &Output) -> String {
+    assert_eq!(code(out), 0, "{}{}", stdout(out), stderr(out));
+    stdout(out)
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(out), stderr(out)))
+}
+
+/// `pitr.toml` in the scratch directory (readable by the server), and its path.
+fn write_config(scratch: &Scratch, text: &str) -> String {
+    let path = scratch.path().join("pitr.toml");
+    std::fs::write(&path, text).unwrap();
+    harness::chown_postgres(&path);
+    path.to_string_lossy().into_owned()
+}
+
+/// `pitr --config CFG ARGS…`.
+fn with_config(scratch: &Scratch, cfg: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--config", cfg];
+    all.extend_from_slice(args);
+    pitr(scratch.path(), &all, &[])
+}
+
+fn commit_time(c: &Cluster, id: i32) -> String {
+    c.sql(&format!(
+        "SELECT to_char(pg_xact_commit_timestamp(xmin) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') FROM marks WHERE id = {id}"
+    ))
+}
+
+fn rows(c: &Cluster) -> String {
+    c.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM marks")
+}
+
+fn local_and_s3(major: u32) {
+    let Some(bin) = harness::pg_bin(major) else {
+        return;
+    };
+    let Some(bucket) = harness::s3_bucket() else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let nas = scratch.subdir("nas");
+    let offsite = format!(
+        "s3://{bucket}/repos-{major}-{}-{}",
+        std::process::id(),
+        scratch.path().file_name().unwrap().to_string_lossy()
+    );
+    let cfg_s = write_config(
+        &scratch,
+        &format!(
+            "[[repo]]\nname = \"nas\"\nurl = \"file://{}\"\n[[repo]]\nname = \"offsite\"\nurl = \"{offsite}\"\n",
+            nas.display()
+        ),
+    );
+    let p = |args: &[&str]| with_config(&scratch, &cfg_s, args);
+    let c = Cluster::start(
+        major,
+        &bin,
+        &format!("{{pitr}} --config {cfg_s} archive-push %p"),
+        "track_commit_timestamp = on\nautovacuum = off",
+        &[],
+    );
+    c.sql("CREATE TABLE marks(id int primary key)");
+    c.sql("INSERT INTO marks VALUES (1)");
+    let conninfo = format!("host={} user=postgres dbname=postgres", c.sock.display());
+    let data = c.data.to_string_lossy().into_owned();
+    ok(&p(&[
+        "backup", "--pgdata", &data, "--dbname", &conninfo, "-q",
+    ]));
+    c.sql("INSERT INTO marks VALUES (2)");
+    let good = commit_time(&c, 2);
+    c.sql("SELECT pg_sleep(1.1)");
+    c.sql("INSERT INTO marks VALUES (3)");
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+
+    // Both repositories got every segment; only nas has the backup until it is copied.
+    let info = json(&p(&["info", "--json"]));
+    let repos = info["repositories"].as_array().unwrap();
+    assert_eq!(repos.len(), 2, "{info:#}");
+    for r in repos {
+        assert_eq!(r["lag"]["segments"], 0, "{info:#}");
+        assert!(r["error"].is_null(), "{info:#}");
+    }
+    assert_eq!(repos[0]["backups"].as_array().unwrap().len(), 1);
+    assert_eq!(repos[1]["backups"].as_array().unwrap().len(), 0);
+    let copied = json(&p(&["copy", "--from", "nas", "--to", "offsite", "--json"]));
+    assert!(
+        copied["objects_copied"].as_u64().unwrap() >= 3,
+        "{copied:#}"
+    );
+    assert_eq!(
+        copied["backups_copied"].as_array().unwrap().len(),
+        1,
+        "{copied:#}"
+    );
+    // Again: nothing left to copy.
+    let again = json(&p(&["copy", "--from", "nas", "--to", "offsite", "--json"]));
+    assert_eq!(again["objects_copied"], 0, "{again:#}");
+    ok(&p(&["--repo-name", "offsite", "verify"]));
+
+    // archive-get: "not found" only when every repository says so.
+    let dest = scratch.path().join("got");
+    let dest_s = dest.to_string_lossy().into_owned();
+    let nas_url = format!("file://{}", nas.display());
+    let missing_url = format!("file://{}", scratch.path().join("never-made").display());
+    let get = |first: &str, name: &str| {
+        pitr(
+            scratch.path(),
+            &[
+                "--repo",
+                first,
+                "--repo",
+                &offsite,
+                "archive-get",
+                name,
+                &dest_s,
+            ],
+            &[],
+        )
+    };
+    let out = get(&nas_url, "0000000100000000000000F0");
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let out = get(&missing_url, "0000000100000000000000F0");
+    assert!(
+        code(&out) > 125,
+        "one repository could not be asked: {} {}",
+        code(&out),
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("repo1"), "{}", stderr(&out));
+    let seg = c.archived_segments().into_iter().last().unwrap();
+    let out = get(&missing_url, &seg);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(dest.exists());
+
+    // The local repository is lost: restore to a time from the offsite one.
+    std::fs::remove_dir_all(&nas).unwrap();
+    let target = scratch.path().join("restored");
+    let bin_pitr = scratch.pitr_copy();
+    let out = run(as_postgres(&mut Command::new(&bin_pitr))
+        .args([
+            "--config",
+            &cfg_s,
+            "--repo-name",
+            "offsite",
+            "restore",
+            "--target-dir",
+            target.to_str().unwrap(),
+            "--to",
+            &good,
+            "--action",
+            "promote",
+        ])
+        .current_dir("/tmp"));
+    ok(&out);
+    let r = Cluster::existing(major, &bin, target, Scratch::new(), "archive_mode = off");
+    r.wait_promoted();
+    assert_eq!(rows(&r), "1,2");
+    eprintln!(
+        "PG {major}: archived into nas and offsite, copied {} objects ({} bytes), restored from offsite after nas was deleted: rows {}",
+        copied["objects_copied"],
+        copied["bytes_copied"],
+        rows(&r)
+    );
+}
+
+#[test]
+fn pg15_local_and_s3_repositories() {
+    local_and_s3(15);
+}
+
+#[test]
+fn pg18_local_and_s3_repositories() {
+    local_and_s3(18);
+}
+
+/// A repository that is not required, and that the server cannot write, does not hold up
+/// archiving; `info` shows how far it trails; once writable, `pitr copy` catches it up.
+#[test]
+fn a_repository_not_required_does_not_hold_up_archiving() {
+    let Some(bin) = harness::pg_bin(15) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let main = scratch.subdir("main");
+    let spare = scratch.subdir("spare");
+    let cfg_s = write_config(
+        &scratch,
+        &format!(
+            "[[repo]]\nname = \"main\"\nurl = \"file://{}\"\n[[repo]]\nname = \"spare\"\nurl = \"file://{}\"\nrequired = false\n",
+            main.display(),
+            spare.display()
+        ),
+    );
+    let p = |args: &[&str]| with_config(&scratch, &cfg_s, args);
+    let c = Cluster::start(
+        15,
+        &bin,
+        &format!("{{pitr}} --config {cfg_s} archive-push %p"),
+        "autovacuum = off",
+        &[],
+    );
+    c.sql("CREATE TABLE t(i int)");
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+    // The spare repository becomes unwritable for the server (root's, not postgres's).
+    let set_owner = |path: &Path, postgres: bool| {
+        let owner = if postgres { "postgres" } else { "root" };
+        harness::run_ok(Command::new("chown").args(["-R", owner]).arg(path));
+    };
+    set_owner(&spare, false);
+    for i in 0..3 {
+        c.sql(&format!("INSERT INTO t VALUES ({i})"));
+        let last = c.switch_wal();
+        c.wait_archived(&last);
+    }
+    let failed = c.sql("SELECT failed_count FROM pg_stat_archiver");
+    assert_eq!(
+        failed, "0",
+        "archiving failed while only the spare repository was down"
+    );
+    let ready = std::fs::read_dir(c.data.join("pg_wal/archive_status"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".ready")
+        })
+        .count();
+    assert_eq!(ready, 0, "segments wait in pg_wal");
+    let info = json(&p(&["info", "--json"]));
+    let spare_lag = &info["repositories"][1]["lag"];
+    assert!(spare_lag["segments"].as_u64().unwrap() >= 3, "{info:#}");
+    assert_eq!(info["repositories"][0]["lag"]["segments"], 0, "{info:#}");
+    let text = ok(&p(&["info"]));
+    assert!(
+        text.contains("segment(s)") && text.contains("behind"),
+        "{text}"
+    );
+    // Back: copy catches it up (a backup too), and it verifies clean.
+    let conninfo = format!("host={} user=postgres dbname=postgres", c.sock.display());
+    let data = c.data.to_string_lossy().into_owned();
+    ok(&p(&[
+        "backup", "--pgdata", &data, "--dbname", &conninfo, "-q",
+    ]));
+    set_owner(&spare, true);
+    ok(&p(&["copy", "--from", "main", "--to", "spare"]));
+    let info = json(&p(&["info", "--json"]));
+    assert_eq!(info["repositories"][1]["lag"]["segments"], 0, "{info:#}");
+    ok(&p(&["--repo-name", "spare", "verify"]));
+    eprintln!(
+        "spare repository: {} segment(s) behind while unwritable, 0 after pitr copy",
+        spare_lag["segments"]
+    );
+}
