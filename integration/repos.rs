@@ -152,35 +152,68 @@ fn local_and_s3(major: u32) {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(dest.exists());
 
-    // The local repository is lost: restore to a time from the offsite one.
-    std::fs::remove_dir_all(&nas).unwrap();
-    let target = scratch.path().join("restored");
-    let bin_pitr = scratch.pitr_copy();
-    let out = run(as_postgres(&mut Command::new(&bin_pitr))
-        .args([
-            "--config",
-            &cfg_s,
-            "--repo-name",
-            "offsite",
-            "restore",
-            "--target-dir",
-            target.to_str().unwrap(),
-            "--to",
-            &good,
-            "--action",
-            "promote",
-        ])
-        .current_dir("/tmp"));
-    ok(&out);
-    let r = Cluster::existing(major, &bin, target, Scratch::new(), "archive_mode = off");
-    r.wait_promoted();
-    assert_eq!(rows(&r), "1,2");
-    eprintln!(
-        "PG {major}: archived into nas and offsite, copied {} objects ({} bytes), restored from offsite after nas was deleted: rows {}",
-        copied["objects_copied"],
-        copied["bytes_copied"],
-        rows(&r)
+    // A damaged backup piece in nas: the restore reads nas and takes that piece from offsite.
+    let biggest = largest_file(&nas.join("backups"));
+    let mut bytes = std::fs::read(&biggest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&biggest, bytes).unwrap();
+    let restore_to = |name: &str| {
+        let target = scratch.path().join(name);
+        let out = run(as_postgres(&mut Command::new(scratch.pitr_copy()))
+            .args([
+                "--config",
+                &cfg_s,
+                "restore",
+                "--target-dir",
+                target.to_str().unwrap(),
+                "--to",
+                &good,
+                "--action",
+                "promote",
+            ])
+            .current_dir("/tmp"));
+        let said = ok(&out);
+        let r = Cluster::existing(major, &bin, target, Scratch::new(), "archive_mode = off");
+        r.wait_promoted();
+        (said, stderr(&out), rows(&r))
+    };
+    let (said, log, got) = restore_to("restored-despite-damage");
+    assert!(said.contains("repository   nas"), "{said}");
+    assert!(
+        log.contains("from repository offsite instead"),
+        "the damaged piece came from offsite: {log}"
     );
+    assert_eq!(got, "1,2");
+
+    // The local repository is lost: the restore plans on the offsite one by itself.
+    std::fs::remove_dir_all(&nas).unwrap();
+    let (said, log, got) = restore_to("restored");
+    assert!(said.contains("repository   offsite"), "{said}\n{log}");
+    assert!(log.contains("nas could not be opened"), "{log}");
+    assert_eq!(got, "1,2");
+    eprintln!(
+        "PG {major}: archived into nas and offsite, copied {} objects ({} bytes); a damaged piece in nas read from offsite; restored from offsite after nas was deleted: rows {got}",
+        copied["objects_copied"], copied["bytes_copied"],
+    );
+}
+
+/// The largest file under `dir`.
+fn largest_file(dir: &Path) -> std::path::PathBuf {
+    let mut best: Option<(u64, std::path::PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if best.as_ref().is_none_or(|(size, _)| meta.len() > *size) {
+                best = Some((meta.len(), e.path()));
+            }
+        }
+    }
+    best.unwrap().1
 }
 
 #[test]

@@ -213,6 +213,22 @@ impl Settings {
         out
     }
 
+    /// These settings with repository `index` chosen as `--repo-name` would choose it (what a
+    /// `restore_command` is given when a restore reads one repository of several).
+    #[must_use]
+    pub fn narrowed_to(&self, index: usize) -> Settings {
+        let mut s = self.clone();
+        if let Some(r) = self.repos.get(index) {
+            s.chosen = index;
+            s.named = true;
+            s.repo = r.url.clone();
+            s.compress = r.compress;
+            s.expire = r.expire.clone();
+            s.encryption = r.encryption.clone();
+        }
+        s
+    }
+
     /// The chosen repository.
     pub fn chosen_repo(&self) -> &RepoSpec {
         // `resolve` never returns an empty list or a chosen index out of it.

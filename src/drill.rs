@@ -220,6 +220,18 @@ async fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<St
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// What a drill to `target` asks the planner for.
+pub fn request(target: Target) -> Request {
+    Request {
+        target,
+        exclusive: false,
+        timeline: None,
+        backup: None,
+        // A drill restores what it can and reports a gap as a failed check, naming it.
+        stop_at_gap: true,
+    }
+}
+
 /// Run a drill.
 ///
 /// # Errors
@@ -227,17 +239,7 @@ async fn psql(bin: &Path, sock: &Path, db: &str, sql: &str) -> anyhow::Result<St
 /// report instead.
 pub async fn run(repo: &Repo, opts: &DrillOptions) -> anyhow::Result<Report> {
     let catalog = Catalog::load(repo).await?;
-    let plan = plan::plan(
-        &catalog,
-        &Request {
-            target: opts.target.clone(),
-            exclusive: false,
-            timeline: None,
-            backup: None,
-            // A drill restores what it can and reports a gap as a failed check, naming it.
-            stop_at_gap: true,
-        },
-    )?;
+    let plan = plan::plan(&catalog, &request(opts.target.clone()))?;
     // The assertions are read and checked before anything is restored.
     let statements = read_statements(opts.sql.as_deref())?;
     let bin = find_bin(opts.pg_bin.as_deref(), plan.backup.pg_version)?;

@@ -177,7 +177,11 @@ async fn run_command(command: Command, settings: &config::Settings) -> anyhow::R
     // only theirs when --repo-name names one); the others only theirs.
     let all = match &command {
         Command::ArchivePush(_) | Command::ArchiveGet(_) => !settings.named,
-        Command::Info(_) | Command::Copy(_) => true,
+        Command::Info(_)
+        | Command::Copy(_)
+        | Command::Restore(_)
+        | Command::Replica(_)
+        | Command::Drill(_) => true,
         _ => false,
     };
     let mut repos = pitr::repos::RepoSet::open(settings, creates, all).await;

@@ -5,8 +5,31 @@
 //! repository (and, best effort, in the others); `archive-get` asks them in order and answers "not
 //! found" only when every one of them said so; `info` shows each.
 
+use crate::catalog::Catalog;
 use crate::config::{RepoSpec, Settings};
+use crate::restore::plan::{self, Plan, Request};
+use crate::storage::layout::Prefix;
 use crate::storage::{Repo, RepoError};
+
+/// Where a restore (or replica, or drill) reads from: the repository it planned on, falling back
+/// object by object to the others, and the settings its `restore_command` is given.
+#[derive(Debug)]
+pub struct Source {
+    /// The repository planned on, with the others that opened as its fallbacks.
+    pub repo: Repo,
+    /// Its name.
+    pub name: String,
+    /// The catalog the plan was made from.
+    pub catalog: Catalog,
+    /// The plan.
+    pub plan: Plan,
+    /// The settings to pass on: every repository when all of them answer (`archive-get` then
+    /// falls back across them too), else only the one planned on, so that a repository that cannot
+    /// be read does not fail recovery's every probe for a file that does not exist.
+    pub settings: Settings,
+    /// What the operator should know about the choice (a repository skipped, and why).
+    pub notes: Vec<String>,
+}
 
 /// One configured repository, opened (or why it could not be).
 #[derive(Debug)]
@@ -124,6 +147,119 @@ impl RepoSet {
     /// Whether more than one repository is configured.
     pub fn is_several(&self) -> bool {
         self.members.len() > 1
+    }
+
+    /// Plan `request` on the repository that can serve it: the chosen one (`--repo-name`, else the
+    /// first) when it can, else the next in order holding a restorable chain for the target.
+    ///
+    /// # Errors
+    /// No repository can serve it: the chosen repository's own error (a target outside its
+    /// window, say), the others' in the log.
+    pub async fn source_for(
+        &self,
+        settings: &Settings,
+        request: &Request,
+    ) -> anyhow::Result<Source> {
+        let order: Vec<usize> = std::iter::once(self.chosen)
+            .chain((0..self.members.len()).filter(|&i| i != self.chosen))
+            .collect();
+        let mut first_err: Option<anyhow::Error> = None;
+        let mut notes = Vec::new();
+        let mut found = None;
+        for &i in &order {
+            let Some(m) = self.members.get(i) else {
+                continue;
+            };
+            let repo = match &m.repo {
+                Ok(r) => r,
+                Err(e) => {
+                    notes.push(format!(
+                        "repository {} could not be opened: {e}",
+                        m.spec.name
+                    ));
+                    if first_err.is_none() {
+                        first_err = Some(anyhow::anyhow!("{e}"));
+                    }
+                    continue;
+                }
+            };
+            let planned = match Catalog::load(repo).await {
+                Ok(catalog) => plan::plan(&catalog, request)
+                    .map(|p| (catalog, p))
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            match planned {
+                Ok((catalog, p)) => {
+                    found = Some((i, catalog, p));
+                    break;
+                }
+                Err(e) => {
+                    notes.push(format!(
+                        "repository {} cannot serve this restore: {}",
+                        m.spec.name,
+                        crate::error::one_line(&e)
+                    ));
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        let Some((i, catalog, plan)) = found else {
+            for n in notes.iter().skip(1) {
+                tracing::warn!("{n}");
+            }
+            return Err(first_err.unwrap_or_else(|| anyhow::anyhow!("no repository configured")));
+        };
+        let m = &self.members[i];
+        let Ok(repo) = &m.repo else {
+            return Err(anyhow::anyhow!(
+                "internal: planned on a repository that did not open"
+            ));
+        };
+        // The others, checked to answer: they back every read up, and archive-get may ask them.
+        let mut fallbacks = Vec::new();
+        let mut all_answer = true;
+        for (j, other) in self.members.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            match &other.repo {
+                Ok(r) => match r.any_under(&Prefix::Wal).await {
+                    Ok(_) => fallbacks.push((other.spec.name.clone(), r.clone())),
+                    Err(e) => {
+                        all_answer = false;
+                        notes.push(format!(
+                            "repository {} does not answer ({}): recovery reads WAL from {} alone",
+                            other.spec.name,
+                            crate::error::one_line(&anyhow::Error::from(e)),
+                            m.spec.name
+                        ));
+                    }
+                },
+                Err(e) => {
+                    all_answer = false;
+                    let noted = format!("repository {} could not be opened", other.spec.name);
+                    if !notes.iter().any(|n| n.starts_with(&noted)) {
+                        notes.push(format!("{noted}: {e}"));
+                    }
+                }
+            }
+        }
+        let settings = if all_answer && !settings.named {
+            settings.clone()
+        } else {
+            settings.narrowed_to(i)
+        };
+        Ok(Source {
+            repo: repo.clone().with_fallbacks(fallbacks),
+            name: m.spec.name.clone(),
+            catalog,
+            plan,
+            settings,
+            notes,
+        })
     }
 
     /// The member named `name`.

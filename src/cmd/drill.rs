@@ -1,11 +1,10 @@
 //! `pitr drill`: a restore exercised on a scratch server, and its report.
 
 use super::{default_jobs, usage};
-use pitr::catalog::Catalog;
 use pitr::config::Settings;
 use pitr::exit;
+use pitr::repos::RepoSet;
 use pitr::restore::target::{Target, parse_time};
-use pitr::storage::Repo;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -40,7 +39,7 @@ pub(crate) struct Args {
 ///
 /// # Errors
 /// Its failure, for `main` to report.
-pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: Args, repos: &RepoSet, settings: &Settings) -> anyhow::Result<u8> {
     let Args {
         to,
         random,
@@ -52,11 +51,19 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         timeout,
     } = args;
 
-    let target = match (to, random) {
-        (Some(t), _) => Target::Time(parse_time(&t).map_err(|e| usage(format!("--to: {e}")))?),
-        (None, true) => pitr::drill::random_target(&Catalog::load(repo).await?)?,
-        (None, false) => Target::Latest,
+    let asked = match &to {
+        Some(t) => Target::Time(parse_time(t).map_err(|e| usage(format!("--to: {e}")))?),
+        None => Target::Latest,
     };
+    // The repository that can serve the drill (a random target: one that can restore at all).
+    let source =
+        super::source(repos, settings, &pitr::drill::request(asked.clone()), !json).await?;
+    let target = if random {
+        pitr::drill::random_target(&source.catalog)?
+    } else {
+        asked
+    };
+    let (repo, settings) = (&source.repo, &source.settings);
     let opts = pitr::drill::DrillOptions {
         target,
         sql,

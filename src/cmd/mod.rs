@@ -43,8 +43,44 @@ pub(crate) async fn run(
         Command::ArchiveGet(a) => return archive_get::run(a, repos, settings).await,
         Command::Info(a) => return info::run(a, repos).await,
         Command::Copy(a) => return copy::run(a, repos).await,
+        Command::Restore(a) => return restore::run(a, repos, settings).await,
+        Command::Replica(a) => return replica::run(a, repos, settings).await,
+        Command::Drill(a) => return drill::run(a, repos, settings).await,
         other => run_one(other, repos.chosen()?, settings).await,
     }
+}
+
+/// The repository a restore of `request` reads (see [`RepoSet::source_for`]), said on stdout
+/// when `say` (else logged: `--json` output).
+pub(crate) async fn source(
+    repos: &RepoSet,
+    settings: &Settings,
+    request: &pitr::restore::plan::Request,
+    say: bool,
+) -> anyhow::Result<pitr::repos::Source> {
+    let source = repos.source_for(settings, request).await?;
+    if say {
+        say_source(repos, &source.name, &source.notes)?;
+    } else if repos.is_several() {
+        for n in &source.notes {
+            tracing::warn!("{n}");
+        }
+        tracing::info!("reading repository {}", source.name);
+    }
+    Ok(source)
+}
+
+/// Say which repository a restore reads, when there are several, and why others were passed
+/// over.
+fn say_source(repos: &RepoSet, name: &str, notes: &[String]) -> anyhow::Result<()> {
+    if !repos.is_several() {
+        return Ok(());
+    }
+    for n in notes {
+        tracing::warn!("{n}");
+    }
+    crate::sayln!("repository   {name} (the others back up every read)");
+    Ok(())
 }
 
 /// The end of a summary line that lists findings: "no problems" or "N problem(s)".
@@ -68,19 +104,20 @@ pub(crate) fn exit_for_findings(count: usize) -> u8 {
 /// Run a command that works on one repository.
 async fn run_one(command: Command, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
     match command {
-        Command::ArchivePush(_) | Command::ArchiveGet(_) | Command::Info(_) | Command::Copy(_) => {
-            Err(anyhow::anyhow!(
-                "internal: a command of several repositories ran on one"
-            ))
-        }
+        Command::ArchivePush(_)
+        | Command::ArchiveGet(_)
+        | Command::Info(_)
+        | Command::Copy(_)
+        | Command::Restore(_)
+        | Command::Replica(_)
+        | Command::Drill(_) => Err(anyhow::anyhow!(
+            "internal: a command of several repositories ran on one"
+        )),
         Command::ArchivePrefetch(a) => archive_prefetch::run(a, repo).await,
         Command::ArchiveSpoolClean(a) => Ok(archive_prefetch::clean(&a)),
         Command::Backup(a) => backup::run(a, repo, settings).await,
-        Command::Restore(a) => restore::run(a, repo, settings).await,
-        Command::Replica(a) => replica::run(a, repo, settings).await,
         Command::Verify(a) => verify::run(a, repo).await,
         Command::Check(a) => check::run(a, repo, settings).await,
-        Command::Drill(a) => drill::run(a, repo, settings).await,
         Command::Expire(a) => expire::run(a, repo, settings).await,
         Command::Metrics => metrics::run(repo).await,
         Command::Key(a) => key::run(a, repo).await,

@@ -2,14 +2,13 @@
 
 use super::{default_jobs, give_to_owner, mib, owner_ids, relocations, usage};
 use anyhow::{Context, bail};
-use pitr::catalog::Catalog;
 use pitr::config::Settings;
 use pitr::exit;
+use pitr::repos::{RepoSet, Source};
 use pitr::restore::exec::{self, Signal};
 use pitr::restore::files::require_empty;
-use pitr::restore::plan::{self, Request, TimelineChoice};
+use pitr::restore::plan::{Request, TimelineChoice};
 use pitr::restore::target::Target;
-use pitr::storage::Repo;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -35,7 +34,7 @@ pub(crate) struct Args {
 ///
 /// # Errors
 /// Its failure, for `main` to report.
-pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: Args, repos: &RepoSet, settings: &Settings) -> anyhow::Result<u8> {
     let Args {
         target_dir,
         primary_conninfo,
@@ -58,7 +57,6 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         Some(slot) => check_slot(&primary_conninfo, slot, create_slot).await?,
         None => None,
     };
-    let catalog = Catalog::load(repo).await?;
     // A standby never ends recovery at a gap: it asks again and streams from its primary.
     let request = Request {
         target: Target::Latest,
@@ -69,7 +67,14 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         backup,
         stop_at_gap: true,
     };
-    let plan = plan::plan(&catalog, &request)?;
+    let Source {
+        repo,
+        catalog,
+        plan,
+        settings,
+        ..
+    } = super::source(repos, settings, &request, true).await?;
+    let repo = &repo;
     let relocate = relocations(&plan.backup, &tablespace_map)?;
     pitr::restore::files::preflight(&plan.backup, &target_dir, &relocate)?;
     crate::sayln!("{plan}");

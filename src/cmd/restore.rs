@@ -2,15 +2,14 @@
 
 use super::{default_jobs, give_to_owner, mib, owner_ids, relocations, usage};
 use anyhow::bail;
-use pitr::catalog::Catalog;
 use pitr::config::Settings;
 use pitr::exit;
 use pitr::pg::{Lsn, TimelineId};
+use pitr::repos::{RepoSet, Source};
 use pitr::restore::exec::{self, Signal};
 use pitr::restore::files::require_empty;
 use pitr::restore::plan::{self, Request, TimelineChoice};
 use pitr::restore::target::{Target, parse_time};
-use pitr::storage::Repo;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -111,7 +110,7 @@ impl From<ArchiveModeArg> for exec::ArchiveMode {
 ///
 /// # Errors
 /// Its failure, for `main` to report.
-pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: Args, repos: &RepoSet, settings: &Settings) -> anyhow::Result<u8> {
     let Args {
         target_dir,
         to,
@@ -161,7 +160,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         stop_at_gap,
     };
     restore(
-        repo,
+        repos,
         settings,
         &request,
         &RestoreTo {
@@ -202,7 +201,7 @@ struct RestoreTo<'a> {
 }
 
 async fn restore(
-    repo: &Repo,
+    repos: &RepoSet,
     settings: &Settings,
     request: &Request,
     to: &RestoreTo<'_>,
@@ -212,8 +211,14 @@ async fn restore(
 ) -> anyhow::Result<u8> {
     let target_dir = to.target_dir;
     require_empty(target_dir)?;
-    let catalog = Catalog::load(repo).await?;
-    let plan = plan::plan(&catalog, request)?;
+    let Source {
+        repo,
+        catalog,
+        plan,
+        settings,
+        ..
+    } = super::source(repos, settings, request, true).await?;
+    let repo = &repo;
     let relocate = relocations(&plan.backup, to.tablespace_map)?;
     pitr::restore::files::preflight(&plan.backup, target_dir, &relocate)?;
     let owner = owner_ids(to.owner)?;

@@ -680,30 +680,69 @@ async fn require_pieces(
     (ids, files): (&[String], &[RestoredFile]),
     pieces: &[Piece],
 ) -> anyhow::Result<()> {
-    let mut stored = HashMap::new();
-    for id in ids {
-        let listed = repo
-            .list(&crate::storage::layout::Prefix::Backup(id.clone()))
-            .await
-            .with_context(|| format!("list the pieces of backup {id}"))?;
-        stored.extend(listed.iter().map(|e| (e.key().to_string(), e.size)));
-    }
+    let listed = |r: &Repo| {
+        let r = r.clone();
+        async move {
+            let mut stored = HashMap::new();
+            for id in ids {
+                let listed = r
+                    .list(&crate::storage::layout::Prefix::Backup(id.clone()))
+                    .await
+                    .with_context(|| {
+                        format!("list the pieces of backup {id} in {}", r.location())
+                    })?;
+                stored.extend(listed.iter().map(|e| (e.key().to_string(), e.size)));
+            }
+            anyhow::Ok(stored)
+        }
+    };
+    let stored = listed(repo).await?;
+    // The other repositories a read falls back to, listed only when this one lacks a piece.
+    let mut elsewhere: Option<Vec<HashMap<String, u64>>> = None;
     for p in pieces {
         let path = files.get(p.file as usize).map_or("", |f| &*f.path);
         let at = p.at(ids, path);
         let key = at.key.key();
-        match (stored.get(&key), &at.range) {
-            (None, _) => bail!(
-                "backup piece {key} is missing from {} (nothing was written; pitr verify lists every missing object)",
+        let fits = |size: Option<&u64>| match (size, &at.range) {
+            (None, _) => false,
+            (Some(&size), Some(r)) => r.end <= size,
+            (Some(_), None) => true,
+        };
+        if fits(stored.get(&key)) {
+            continue;
+        }
+        if elsewhere.is_none() && !repo.fallbacks().is_empty() {
+            let mut all = Vec::new();
+            for (name, other) in repo.fallbacks() {
+                match listed(other).await {
+                    Ok(l) => all.push(l),
+                    Err(e) => tracing::warn!("repository {name}: {e:#}"),
+                }
+            }
+            elsewhere = Some(all);
+        }
+        if elsewhere
+            .iter()
+            .flatten()
+            .any(|other| fits(other.get(&key)))
+        {
+            tracing::info!(
+                "backup piece {key} is not usable in {}: it will be read from another repository",
                 repo.location()
-            ),
-            (Some(&size), Some(r)) if r.end > size => bail!(
+            );
+            continue;
+        }
+        match (stored.get(&key), &at.range) {
+            (Some(&size), Some(r)) => bail!(
                 "bundle {key} in {} is {size} bytes, too short for the piece the manifest places at bytes {}..{} (nothing was written; pitr verify checks every bundle)",
                 repo.location(),
                 r.start,
                 r.end
             ),
-            _ => {}
+            _ => bail!(
+                "backup piece {key} is missing from {} (nothing was written; pitr verify lists every missing object)",
+                repo.location()
+            ),
         }
     }
     Ok(())

@@ -236,6 +236,9 @@ pub struct Repo {
     ordered_listing: bool,
     /// The keyring of an encrypted repository (`store` then seals and opens every object).
     keyring: Option<Arc<keys::Keyring>>,
+    /// Other repositories holding the same cluster, by name, that a verified read falls back to
+    /// when this one cannot give a good copy of an object (restore across repositories).
+    fallbacks: Arc<Vec<(String, Repo)>>,
 }
 
 /// The cloud clients' own per-request retries; `retry` adds a budget above them.
@@ -338,6 +341,7 @@ impl Repo {
             local_root: None,
             ordered_listing: true,
             keyring: None,
+            fallbacks: Arc::default(),
         })
     }
 
@@ -388,6 +392,7 @@ impl Repo {
             local_root: Some(path.to_path_buf()),
             ordered_listing: false,
             keyring: None,
+            fallbacks: Arc::default(),
         })
     }
 
@@ -492,6 +497,21 @@ impl Repo {
         Ok(self)
     }
 
+    /// The same repository, reading from `others` (name, repository; in order) an object it cannot
+    /// give a good copy of: missing, unreadable, or failing verification. Only verified reads fall
+    /// back, so what comes from another repository passes the same checks (a piece its manifest's
+    /// CRC) as what comes from this one.
+    #[must_use]
+    pub fn with_fallbacks(mut self, others: Vec<(String, Repo)>) -> Repo {
+        self.fallbacks = Arc::new(others);
+        self
+    }
+
+    /// The repositories a verified read falls back to, by name.
+    pub fn fallbacks(&self) -> &[(String, Repo)] {
+        &self.fallbacks
+    }
+
     /// The keyring of an encrypted repository.
     pub fn keyring(&self) -> Option<&Arc<keys::Keyring>> {
         self.keyring.as_ref()
@@ -508,6 +528,7 @@ impl Repo {
             local_root: None,
             ordered_listing: false,
             keyring: None,
+            fallbacks: Arc::default(),
         }
     }
 
@@ -538,6 +559,7 @@ impl Repo {
             local_root: None,
             ordered_listing: false,
             keyring: None,
+            fallbacks: Arc::default(),
         }
     }
 

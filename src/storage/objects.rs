@@ -463,17 +463,56 @@ impl Repo {
     ) -> Result<Option<T>, E>
     where
         Fut: Future<Output = Result<Result<T, String>, E>>,
-        E: From<RepoError>,
+        E: From<RepoError> + std::fmt::Display,
     {
         self.verified_range(key, None, check).await
     }
 
-    /// The one verified-read loop, of all of `key` or of `range` of it.
+    /// The one verified-read loop, of all of `key` or of `range` of it: here, then in each
+    /// fallback repository (see [`Repo::with_fallbacks`]) until one gives a copy that passes
+    /// `check`. This repository's answer stands when none does.
     async fn verified_range<T, E, Fut>(
         &self,
         key: &ObjectKey,
         range: Option<std::ops::Range<u64>>,
         mut check: impl FnMut(bytes::Bytes) -> Fut,
+    ) -> Result<Option<T>, E>
+    where
+        Fut: Future<Output = Result<Result<T, String>, E>>,
+        E: From<RepoError> + std::fmt::Display,
+    {
+        let here = self.verified_here(key, range.clone(), &mut check).await;
+        if matches!(here, Ok(Some(_))) || self.fallbacks.is_empty() {
+            return here;
+        }
+        let why = match &here {
+            Ok(_) => "it is missing".to_string(),
+            Err(e) => e.to_string(),
+        };
+        for (name, other) in self.fallbacks.iter() {
+            match other.verified_here(key, range.clone(), &mut check).await {
+                Ok(Some(v)) => {
+                    tracing::warn!(
+                        key = %key.key(),
+                        "read {} from repository {name} instead of {} ({why})",
+                        key.key(),
+                        self.location
+                    );
+                    return Ok(Some(v));
+                }
+                Ok(None) => tracing::debug!(key = %key.key(), "not in repository {name} either"),
+                Err(e) => tracing::warn!(key = %key.key(), "repository {name}: {e}"),
+            }
+        }
+        here
+    }
+
+    /// The verified-read loop of this repository alone.
+    async fn verified_here<T, E, Fut>(
+        &self,
+        key: &ObjectKey,
+        range: Option<std::ops::Range<u64>>,
+        check: &mut impl FnMut(bytes::Bytes) -> Fut,
     ) -> Result<Option<T>, E>
     where
         Fut: Future<Output = Result<Result<T, String>, E>>,
@@ -867,5 +906,54 @@ mod tests {
             repo.put(&key, other, PutMode::CreateUnique).await,
             Err(RepoError::Conflict { .. })
         ));
+    }
+
+    /// A read that cannot get a good copy here (corrupt, missing) gets it from a fallback; with
+    /// none holding a good copy, this repository's answer stands.
+    #[tokio::test]
+    async fn a_verified_read_falls_back_to_the_next_repository() {
+        use object_store::ObjectStore;
+        use object_store::memory::InMemory;
+        use std::sync::Arc;
+        let mem = || -> Arc<dyn ObjectStore> { Arc::new(InMemory::new()) };
+        let (a, b, c) = (mem(), mem(), mem());
+        let ra = Repo::from_store(a.clone(), "mem://a");
+        let rb = Repo::from_store(b.clone(), "mem://b");
+        let rc = Repo::from_store(c.clone(), "mem://c");
+        let key = ObjectKey::BackupLabel("20240501T100000Z".into());
+        let good =
+            crate::storage::envelope::encode(b"START WAL LOCATION: 0/3000028", Compression::None)
+                .unwrap();
+        for r in [&ra, &rb] {
+            r.put(&key, good.clone(), PutMode::CreateUnique)
+                .await
+                .unwrap();
+        }
+        // a's copy is damaged.
+        let mut bad = good.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        a.put(&key.path(), bad.into()).await.unwrap();
+        assert!(matches!(ra.get(&key).await, Err(RepoError::Corrupt { .. })));
+        let with = ra
+            .clone()
+            .with_fallbacks(vec![("c".into(), rc.clone()), ("b".into(), rb.clone())]);
+        assert_eq!(
+            with.get(&key).await.unwrap().as_deref(),
+            Some(&b"START WAL LOCATION: 0/3000028"[..])
+        );
+        // Missing here, present in a fallback.
+        let only_b = rc.clone().with_fallbacks(vec![("b".into(), rb.clone())]);
+        assert!(only_b.get(&key).await.unwrap().is_some());
+        // No good copy anywhere: this repository's own answer.
+        let none = ra.clone().with_fallbacks(vec![("c".into(), rc.clone())]);
+        assert!(matches!(
+            none.get(&key).await,
+            Err(RepoError::Corrupt { .. })
+        ));
+        let absent = rc
+            .clone()
+            .with_fallbacks(vec![("c2".into(), Repo::from_store(mem(), "mem://d"))]);
+        assert!(absent.get(&key).await.unwrap().is_none());
     }
 }
