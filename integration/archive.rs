@@ -13,6 +13,7 @@ use crate::harness::{self, Cluster, Scratch, code, pitr, stderr};
 enum RepoKind {
     Local,
     S3 { bucket: String },
+    Azure { container: String },
 }
 
 impl RepoKind {
@@ -20,14 +21,19 @@ impl RepoKind {
     fn fresh_url(&self, scratch: &Scratch, name: &str) -> String {
         match self {
             RepoKind::Local => format!("file://{}", scratch.subdir(name).display()),
-            RepoKind::S3 { bucket } => {
+            RepoKind::S3 { bucket: b } | RepoKind::Azure { container: b } => {
                 let unique = format!(
                     "{}-{}-{}",
                     name,
                     std::process::id(),
                     scratch.path().file_name().unwrap().to_string_lossy()
                 );
-                format!("s3://{bucket}/{unique}")
+                let scheme = if matches!(self, RepoKind::S3 { .. }) {
+                    "s3"
+                } else {
+                    "az"
+                };
+                format!("{scheme}://{b}/{unique}")
             }
         }
     }
@@ -295,6 +301,14 @@ fn pg18_local_round_trip() {
 fn pg15_s3_round_trip() {
     if let Some(kind) = s3() {
         archive_round_trip(15, kind);
+    }
+}
+
+/// The same against Azurite: `az://` for real.
+#[test]
+fn pg15_azure_round_trip() {
+    if let Some(container) = harness::azure_container() {
+        archive_round_trip(15, RepoKind::Azure { container });
     }
 }
 

@@ -630,6 +630,22 @@ impl Drop for LatencyProxy {
 }
 
 /// The bucket of the S3 server `scripts/test` starts, or `None` (the test is skipped) outside CI.
+/// The Azurite container `scripts/test` made (`PITR_TEST_AZURE_CONTAINER`); `None` (a skip)
+/// outside CI when no Azurite runs.
+pub fn azure_container() -> Option<String> {
+    match std::env::var("PITR_TEST_AZURE_CONTAINER") {
+        Ok(c) => Some(c),
+        Err(_) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PITR_TEST_AZURE_CONTAINER is not set: scripts/test starts Azurite"
+            );
+            eprintln!("SKIP: no Azurite (PITR_TEST_AZURE_CONTAINER unset); run scripts/test");
+            None
+        }
+    }
+}
+
 pub fn s3_bucket() -> Option<String> {
     match std::env::var("PITR_TEST_S3_BUCKET") {
         Ok(bucket) => Some(bucket),

@@ -49,17 +49,26 @@ fn rows(c: &Cluster) -> String {
     c.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM marks")
 }
 
-fn local_and_s3(major: u32) {
+/// Where the offsite repository of [`local_and_offsite`] lives.
+enum Offsite {
+    S3,
+    Azure,
+}
+
+fn local_and_offsite(major: u32, kind: Offsite) {
     let Some(bin) = harness::pg_bin(major) else {
         return;
     };
-    let Some(bucket) = harness::s3_bucket() else {
+    let (scheme, Some(bucket)) = (match kind {
+        Offsite::S3 => ("s3", harness::s3_bucket()),
+        Offsite::Azure => ("az", harness::azure_container()),
+    }) else {
         return;
     };
     let scratch = Scratch::new();
     let nas = scratch.subdir("nas");
     let offsite = format!(
-        "s3://{bucket}/repos-{major}-{}-{}",
+        "{scheme}://{bucket}/repos-{major}-{}-{}",
         std::process::id(),
         scratch.path().file_name().unwrap().to_string_lossy()
     );
@@ -193,7 +202,7 @@ fn local_and_s3(major: u32) {
     assert!(log.contains("nas could not be opened"), "{log}");
     assert_eq!(got, "1,2");
     eprintln!(
-        "PG {major}: archived into nas and offsite, copied {} objects ({} bytes); a damaged piece in nas read from offsite; restored from offsite after nas was deleted: rows {got}",
+        "PG {major}: archived into nas and offsite ({scheme}://), copied {} objects ({} bytes); a damaged piece in nas read from offsite; restored from offsite after nas was deleted: rows {got}",
         copied["objects_copied"], copied["bytes_copied"],
     );
 }
@@ -218,12 +227,19 @@ fn largest_file(dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn pg15_local_and_s3_repositories() {
-    local_and_s3(15);
+    local_and_offsite(15, Offsite::S3);
 }
 
 #[test]
 fn pg18_local_and_s3_repositories() {
-    local_and_s3(18);
+    local_and_offsite(18, Offsite::S3);
+}
+
+/// The same round trip with the offsite repository in Azure Blob Storage (Azurite): `az://`
+/// tested for real.
+#[test]
+fn pg15_local_and_azure_repositories() {
+    local_and_offsite(15, Offsite::Azure);
 }
 
 /// A repository that is not required, and that the server cannot write, does not hold up

@@ -240,6 +240,9 @@ pub struct Geometry {
     pub block_size: usize,
     /// `segment_size` in blocks (`RELSEG_SIZE`).
     pub segment_blocks: u32,
+    /// `wal_segment_size`: the server's, since a first backup may finish before the repository
+    /// has recorded the cluster (its first segment is archived as the backup stops).
+    pub wal_segment_size: crate::pg::WalSegSize,
 }
 
 /// How pages are checked while they are copied (clusters with data checksums).
@@ -676,7 +679,7 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     let (basis, fallback) = match opts.backup_type {
         BackupType::Full => (None, None),
         wanted => {
-            let start = incremental_start(repo, &client, start_lsn, sysid, major, geometry).await?;
+            let start = incremental_start(&client, start_lsn, sysid, major, geometry).await?;
             match incremental::prepare(repo, &client, wanted, &start, opts.archive_timeout).await? {
                 Ok(basis) => (Some(basis), None),
                 Err(why) => {
@@ -724,16 +727,12 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
     drop(client);
 
     // The WAL from start to stop must be archived before this is a backup.
-    let identity = repo
-        .identity()
-        .await?
-        .context("the repository has no archived WAL from this cluster")?;
     let info = &stopped.label;
     let needed = needed_segments(
         info.timeline,
         info.start_lsn,
         stopped.lsn,
-        identity.wal_segment_size,
+        geometry.wal_segment_size,
     );
     tracing::info!(
         "backup {id} stopped at {}; waiting for WAL {} to {} to be archived",
@@ -863,11 +862,16 @@ async fn check_server(
 async fn geometry(client: &tokio_postgres::Client) -> anyhow::Result<Geometry> {
     let row = client
         .query_one(
-            "SELECT current_setting('data_checksums'), current_setting('block_size')::int4, (SELECT setting::int4 FROM pg_settings WHERE name = 'segment_size')",
+            "SELECT current_setting('data_checksums'), current_setting('block_size')::int4, (SELECT setting::int4 FROM pg_settings WHERE name = 'segment_size'), (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')",
             &[],
         )
         .await
-        .context("read data_checksums, block_size and segment_size")?;
+        .context("read data_checksums, block_size, segment_size and wal_segment_size")?;
+    let wal: i64 = row.get(3);
+    let wal_segment_size = u32::try_from(wal)
+        .ok()
+        .and_then(crate::pg::WalSegSize::new)
+        .with_context(|| format!("the server reports wal_segment_size {wal}"))?;
     let (bs, seg): (i32, i32) = (row.get(1), row.get(2));
     let block_size = usize::try_from(bs)
         .ok()
@@ -881,13 +885,13 @@ async fn geometry(client: &tokio_postgres::Client) -> anyhow::Result<Geometry> {
         checksums: row.get::<_, String>(0) == "on",
         block_size,
         segment_blocks,
+        wal_segment_size,
     })
 }
 
 /// Where an incremental backup that started at `lsn` starts: its timeline (from the checkpoint
 /// `pg_backup_start` just wrote) and segment.
 async fn incremental_start(
-    repo: &Repo,
     client: &tokio_postgres::Client,
     lsn: Lsn,
     sysid: SystemId,
@@ -903,10 +907,7 @@ async fn incremental_start(
         .ok()
         .and_then(TimelineId::new)
         .with_context(|| format!("pg_control_checkpoint reports timeline {tli}"))?;
-    let seg_size = repo
-        .identity()
-        .await?
-        .map_or(crate::pg::WalSegSize::DEFAULT, |i| i.wal_segment_size);
+    let seg_size = geometry.wal_segment_size;
     let segment = SegmentName::new(timeline, lsn.segno(seg_size), seg_size)
         .with_context(|| format!("no WAL segment name for {lsn}"))?;
     Ok(incremental::Start {
