@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use crate::harness::{self, Cluster, Scratch, as_postgres, code, pitr, run, stderr};
 
@@ -307,19 +308,62 @@ fn a_repository_not_required_does_not_hold_up_archiving() {
         text.contains("segment(s)") && text.contains("behind"),
         "{text}"
     );
-    // Back: copy catches it up (a backup too), and it verifies clean.
+    // Back: the next push notices what it missed and catches it up (WAL only).
+    set_owner(&spare, true);
+    c.sql("INSERT INTO t VALUES (100)");
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+    let caught_up = harness::poll(
+        "the spare repository to catch up",
+        Duration::from_secs(60),
+        || {
+            let info = json(&p(&["info", "--json"]));
+            (info["repositories"][1]["lag"]["segments"] == 0).then_some(info)
+        },
+    );
+    assert!(
+        caught_up["repositories"][1]["error"].is_null(),
+        "{caught_up:#}"
+    );
+    assert!(
+        !c.data.join("pg_wal/pitr_behind/spare").exists(),
+        "the record that spare was behind is gone"
+    );
+    let metrics = ok(&p(&["metrics"]));
+    assert!(
+        metrics.contains("pitr_repository_lag_segments{repository=\"spare\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pitr_repository_up{repository=\"main\"} 1"),
+        "{metrics}"
+    );
+    // A backup is copied with pitr copy; then every repository verifies clean.
     let conninfo = format!("host={} user=postgres dbname=postgres", c.sock.display());
     let data = c.data.to_string_lossy().into_owned();
     ok(&p(&[
         "backup", "--pgdata", &data, "--dbname", &conninfo, "-q",
     ]));
-    set_owner(&spare, true);
     ok(&p(&["copy", "--from", "main", "--to", "spare"]));
-    let info = json(&p(&["info", "--json"]));
-    assert_eq!(info["repositories"][1]["lag"]["segments"], 0, "{info:#}");
-    ok(&p(&["--repo-name", "spare", "verify"]));
+    let verified = json(&p(&["verify", "--json"]));
+    let per_repo = verified["repositories"].as_array().unwrap();
+    assert_eq!(per_repo.len(), 2, "{verified:#}");
+    for r in per_repo {
+        assert_eq!(
+            r["findings"].as_array().map(Vec::len),
+            Some(0),
+            "{verified:#}"
+        );
+        assert_eq!(r["lag"]["segments"], 0, "{verified:#}");
+    }
+    // expire goes through every repository, each under its own policy (here the flags').
+    let expired = ok(&p(&["expire", "--keep-full", "1", "--dry-run"]));
+    assert!(
+        expired.contains("repository main") && expired.contains("repository spare"),
+        "{expired}"
+    );
     eprintln!(
-        "spare repository: {} segment(s) behind while unwritable, 0 after pitr copy",
+        "spare repository: {} segment(s) behind while unwritable, 0 after the next push caught it up; verify of both clean",
         spare_lag["segments"]
     );
 }

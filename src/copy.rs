@@ -25,6 +25,9 @@ pub struct CopyOptions {
     pub backup: Option<String>,
     /// Objects copied at once.
     pub jobs: usize,
+    /// Only WAL, summaries and roll-ups (no backups): how archive-push catches up a repository
+    /// that missed segments.
+    pub wal_only: bool,
 }
 
 /// A problem found while copying.
@@ -76,6 +79,7 @@ pub async fn run(
         .with_context(|| format!("repository {}", to.location()))?;
     let catalog = Catalog::load(from).await?;
     let backups: Vec<String> = match &opts.backup {
+        _ if opts.wal_only => Vec::new(),
         None => catalog.backups.iter().map(|b| b.id.clone()).collect(),
         Some(want) => {
             let b = catalog

@@ -176,7 +176,11 @@ async fn run_command(command: Command, settings: &config::Settings) -> anyhow::R
     // The commands that work on several repositories open them all (archive-push and archive-get
     // only theirs when --repo-name names one); the others only theirs.
     let all = match &command {
-        Command::ArchivePush(_) | Command::ArchiveGet(_) => !settings.named,
+        Command::ArchivePush(_)
+        | Command::ArchiveGet(_)
+        | Command::Verify(_)
+        | Command::Expire(_)
+        | Command::Metrics => !settings.named,
         Command::Info(_)
         | Command::Copy(_)
         | Command::Restore(_)

@@ -41,12 +41,73 @@ fn timeline_label(t: TimelineId) -> String {
 /// # Errors
 /// The catalog cannot be read.
 pub async fn render(repo: &Repo, now: f64) -> anyhow::Result<String> {
-    let c = Catalog::load(repo).await?;
-    let mut gauges = wal_gauges(&c);
-    gauges.extend(exposure_gauges(repo, &c, now).await?);
-    gauges.extend(window_gauges(&c));
-    gauges.extend(backup_gauges(&c, now));
+    render_catalog(repo, &Catalog::load(repo).await?, now).await
+}
+
+/// [`render`] from a catalog already read.
+///
+/// # Errors
+/// The store cannot be read.
+pub async fn render_catalog(repo: &Repo, c: &Catalog, now: f64) -> anyhow::Result<String> {
+    let mut gauges = wal_gauges(c);
+    gauges.extend(exposure_gauges(repo, c, now).await?);
+    gauges.extend(window_gauges(c));
+    gauges.extend(backup_gauges(c, now));
     gauges.extend(verify_gauges(repo).await);
+    Ok(text(gauges))
+}
+
+/// One configured repository as [`repository_gauges`] shows it.
+#[derive(Debug)]
+pub struct RepoState {
+    /// Its name.
+    pub name: String,
+    /// Whether its catalog could be read.
+    pub up: bool,
+    /// How far it trails the most advanced repository (`None`: unreadable).
+    pub lag: Option<crate::info::Lag>,
+}
+
+/// Each repository's state when several are configured, labelled `repository="NAME"`: whether it
+/// answers and how far it trails the most advanced one.
+pub fn repository_gauges(repos: &[RepoState]) -> String {
+    let label = |name: &str| {
+        let escaped = name
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n");
+        format!("{{repository=\"{escaped}\"}}")
+    };
+    text(vec![
+        gauge(
+            "pitr_repository_up",
+            "1 when the repository's catalog could be read, 0 when it could not.",
+            repos
+                .iter()
+                .map(|r| (label(&r.name), if r.up { 1.0 } else { 0.0 }))
+                .collect(),
+        ),
+        gauge(
+            "pitr_repository_lag_segments",
+            "WAL segments of the newest timeline the most advanced repository holds and this one lacks.",
+            repos
+                .iter()
+                .filter_map(|r| r.lag.map(|l| (label(&r.name), l.segments as f64)))
+                .collect(),
+        ),
+        gauge(
+            "pitr_repository_lag_seconds",
+            "Seconds between the latest commit recoverable from the most advanced repository and from this one.",
+            repos
+                .iter()
+                .filter_map(|r| r.lag.map(|l| (label(&r.name), l.seconds)))
+                .collect(),
+        ),
+    ])
+}
+
+/// Gauges as Prometheus text exposition.
+fn text(gauges: Vec<Gauge>) -> String {
     let mut o = String::new();
     for g in gauges {
         let _ = writeln!(o, "# HELP {} {}", g.name, g.help);
@@ -55,7 +116,7 @@ pub async fn render(repo: &Repo, now: f64) -> anyhow::Result<String> {
             let _ = writeln!(o, "{}{labels} {v}", g.name);
         }
     }
-    Ok(o)
+    o
 }
 
 /// Segments per timeline, the newest segment, the latest commit.
@@ -224,4 +285,44 @@ async fn verify_gauges(repo: &Repo) -> Vec<Gauge> {
             status.findings as f64,
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RepoState, repository_gauges};
+    use crate::info::Lag;
+
+    #[test]
+    fn each_repository_is_labelled_by_its_name() {
+        let state = |name: &str, up: bool, lag: Option<Lag>| RepoState {
+            name: name.into(),
+            up,
+            lag,
+        };
+        let behind = Lag {
+            segments: 3,
+            seconds: 61.5,
+        };
+        let text = repository_gauges(&[
+            state("nas", true, Some(Lag::default())),
+            state("off\"site", true, Some(behind)),
+            state("gone", false, None),
+        ]);
+        assert!(
+            text.contains("pitr_repository_up{repository=\"gone\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pitr_repository_lag_segments{repository=\"nas\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pitr_repository_lag_seconds{repository=\"off\\\"site\"} 61.5"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("lag_segments{repository=\"gone\"}"),
+            "{text}"
+        );
+    }
 }

@@ -262,6 +262,25 @@ impl RepoSet {
         })
     }
 
+    /// Every repository's catalog, read at once (`Err`: why it could not be, in one line).
+    pub async fn catalogs(&self) -> Vec<Result<Catalog, String>> {
+        futures::future::join_all(self.members.iter().map(|m| async move {
+            match &m.repo {
+                Ok(r) => Catalog::load(r)
+                    .await
+                    .map_err(|e| crate::error::one_line(&e)),
+                Err(e) => Err(e.to_string()),
+            }
+        }))
+        .await
+    }
+
+    /// Each repository's lag behind the most advanced one, from [`RepoSet::catalogs`].
+    pub fn lags(loaded: &[Result<Catalog, String>]) -> Vec<Option<crate::info::Lag>> {
+        let cats: Vec<Option<&Catalog>> = loaded.iter().map(|l| l.as_ref().ok()).collect();
+        crate::info::lags(&cats)
+    }
+
     /// The member named `name`.
     pub fn named(&self, name: &str) -> Option<&Member> {
         self.members.iter().find(|m| m.spec.name == name)

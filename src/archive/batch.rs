@@ -242,26 +242,40 @@ pub async fn push_to_set(
             .ok();
     }
     let name = push::name_of(wal_path)?;
+    let pg_wal = crate::durable::parent_dir(wal_path).to_path_buf();
+    // The ones that stored this file and had missed earlier ones are caught up from a required
+    // repository, once that one has stored it too.
+    let mut to_catch_up = Vec::new();
     match optional_done {
         Some(done) => {
             for (m, (own, _)) in optional.iter().zip(done) {
-                if let Err(e) = own {
-                    tracing::warn!(
-                        "repository {} (not required) missed {name}: {e:#}; pitr copy catches it up",
-                        m.spec.name
-                    );
+                match own {
+                    Err(e) => {
+                        tracing::warn!(
+                            "repository {} (not required) missed {name}: {e:#}; a later push or pitr copy catches it up",
+                            m.spec.name
+                        );
+                        mark_behind(&pg_wal, &m.spec);
+                    }
+                    Ok(_) if is_behind(&pg_wal, &m.spec) => to_catch_up.push(*m),
+                    Ok(_) => {}
                 }
             }
         }
-        None => tracing::warn!(
-            "repositories not required ({}) did not answer within {} s: they may miss {name}; pitr copy catches them up",
-            optional
-                .iter()
-                .map(|m| m.spec.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            OPTIONAL_GRACE.as_secs()
-        ),
+        None => {
+            tracing::warn!(
+                "repositories not required ({}) did not answer within {} s: they may miss {name}; a later push or pitr copy catches them up",
+                optional
+                    .iter()
+                    .map(|m| m.spec.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                OPTIONAL_GRACE.as_secs()
+            );
+            for m in &optional {
+                mark_behind(&pg_wal, &m.spec);
+            }
+        }
     }
     let mut report = None;
     let mut in_all: Option<Vec<(WalFileName, PathBuf)>> = None;
@@ -278,8 +292,101 @@ pub async fn push_to_set(
         });
     }
     write_markers(&location, wal_path, &in_all.unwrap_or_default());
+    let source = required.iter().find_map(|m| m.repo.as_ref().ok());
+    if let Some(from) = source {
+        for m in to_catch_up {
+            catch_up(&pg_wal, from, m).await;
+        }
+    }
     report
         .ok_or_else(|| anyhow::anyhow!("{name}: no repository is required, so none was waited for"))
+}
+
+/// Where archive-push records that a repository not required missed a file: one file per
+/// repository, named after it, holding its URL.
+pub const BEHIND_DIR: &str = "pitr_behind";
+
+/// How long one push spends catching a repository up (copying is resumable: the next push goes on).
+const CATCH_UP_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn behind_marker(pg_wal: &Path, spec: &crate::config::RepoSpec) -> PathBuf {
+    let safe: String = spec
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    pg_wal.join(BEHIND_DIR).join(safe)
+}
+
+/// Record that `spec`'s repository missed a file.
+fn mark_behind(pg_wal: &Path, spec: &crate::config::RepoSpec) {
+    let marker = behind_marker(pg_wal, spec);
+    let written = marker
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&marker, &spec.url));
+    if let Err(e) = written {
+        tracing::warn!(
+            "record that repository {} is behind in {}: {e}",
+            spec.name,
+            marker.display()
+        );
+    }
+}
+
+fn is_behind(pg_wal: &Path, spec: &crate::config::RepoSpec) -> bool {
+    behind_marker(pg_wal, spec).exists()
+}
+
+/// Copy into `m`'s repository the WAL it lacks from `from`, for at most [`CATCH_UP_BUDGET`]; the
+/// record that it is behind goes once nothing is left to copy.
+async fn catch_up(pg_wal: &Path, from: &Repo, m: &crate::repos::Member) {
+    let Ok(to) = &m.repo else { return };
+    let opts = crate::copy::CopyOptions {
+        backup: None,
+        jobs: 4,
+        wal_only: true,
+    };
+    let copied = tokio::time::timeout(
+        CATCH_UP_BUDGET,
+        crate::copy::run(from, to, &opts, &|_, _| {}),
+    )
+    .await;
+    match copied {
+        Ok(Ok(report)) if report.findings.is_empty() => {
+            tracing::info!(
+                "repository {} caught up: {} WAL object(s) copied from {}",
+                m.spec.name,
+                report.objects_copied,
+                from.location()
+            );
+            let _ = std::fs::remove_file(behind_marker(pg_wal, &m.spec));
+        }
+        Ok(Ok(report)) => {
+            let first = report
+                .findings
+                .first()
+                .map(|f| format!("{} {}", f.object, f.detail))
+                .unwrap_or_default();
+            tracing::warn!(
+                "repository {}: catching up left {} problem(s) (first: {first}); pitr copy names them all",
+                m.spec.name,
+                report.findings.len(),
+            );
+        }
+        Ok(Err(e)) => tracing::warn!("repository {}: catching up failed: {e:#}", m.spec.name),
+        Err(_) => tracing::info!(
+            "repository {}: still catching up after {} s; the next push goes on",
+            m.spec.name,
+            CATCH_UP_BUDGET.as_secs()
+        ),
+    }
 }
 
 /// The name of `path` if it is a segment (or partial segment), the files one listing can answer for.

@@ -82,7 +82,11 @@ pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
     let report = pitr::copy::run(
         source,
         &target,
-        &pitr::copy::CopyOptions { backup, jobs },
+        &pitr::copy::CopyOptions {
+            backup,
+            jobs,
+            wal_only: false,
+        },
         &progress,
     )
     .await?;

@@ -1,8 +1,8 @@
 //! `pitr expire`: the retention policy applied, and the window before and after.
 
 use pitr::catalog::Catalog;
-use pitr::config::Settings;
 use pitr::exit;
+use pitr::repos::RepoSet;
 use pitr::restore::plan;
 use pitr::storage::Repo;
 
@@ -62,7 +62,7 @@ impl From<PolicyArgs> for pitr::expire::Policy {
 ///
 /// # Errors
 /// Its failure, for `main` to report.
-pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
+pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
     let Args {
         policy: flags,
         dry_run,
@@ -70,15 +70,70 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         force,
     } = args;
     let flags: pitr::expire::Policy = flags.into();
-
-    let policy = if flags.is_empty() {
-        settings.expire.clone()
-    } else {
-        flags
+    let how = How {
+        dry_run,
+        max_delete,
+        force,
     };
+    let policy_of = |spec: &pitr::config::RepoSpec| {
+        if flags.is_empty() {
+            spec.expire.clone()
+        } else {
+            flags.clone()
+        }
+    };
+    if !repos.is_several() {
+        let spec = repos
+            .chosen_spec()
+            .ok_or_else(|| anyhow::anyhow!("no repository configured"))?;
+        expire_one(repos.chosen()?, &policy_of(spec), &how).await?;
+        return Ok(exit::SUCCESS);
+    }
+    // Several repositories: each under its own policy (or the flags'), one after another; one
+    // that fails does not stop the others, and fails the command.
+    let mut failed: Vec<String> = Vec::new();
+    for m in &repos.members {
+        crate::sayln!("repository {} ({})", m.spec.name, m.spec.url);
+        let policy = policy_of(&m.spec);
+        if policy.is_empty() {
+            crate::sayln!("no retention policy for this repository: nothing expired");
+            continue;
+        }
+        let done = match &m.repo {
+            Ok(r) => expire_one(r, &policy, &how).await,
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        };
+        if let Err(e) = done {
+            tracing::error!("repository {}: {}", m.spec.name, pitr::error::one_line(&e));
+            failed.push(m.spec.name.clone());
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "expire failed for repository {} (the others were expired as their policies say)",
+            failed.join(", ")
+        );
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// How expire deletes: `--dry-run`, `--max-delete`, `--force`.
+struct How {
+    dry_run: bool,
+    max_delete: usize,
+    force: bool,
+}
+
+/// Expire one repository under `policy`, saying what went.
+async fn expire_one(repo: &Repo, policy: &pitr::expire::Policy, how: &How) -> anyhow::Result<()> {
+    let How {
+        dry_run,
+        max_delete,
+        force,
+    } = *how;
     let now = pitr::pg::PgTimestamp::now();
     let (outcome, deletions) =
-        pitr::expire::run(repo, &policy, now, dry_run, max_delete, force).await?;
+        pitr::expire::run(repo, policy, now, dry_run, max_delete, force).await?;
     crate::sayln!("before: {}", outcome.window_before);
     let verb = if dry_run { "would delete" } else { "deleted" };
     let mut expired = outcome.backups.clone();
@@ -119,5 +174,5 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
     } else {
         crate::sayln!("after:  {}", plan::window_text(&Catalog::load(repo).await?));
     }
-    Ok(exit::SUCCESS)
+    Ok(())
 }

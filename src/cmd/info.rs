@@ -22,23 +22,14 @@ pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
     let Args { json } = args;
 
     // Every repository's catalog at once; the chosen one's failure is the command's.
-    let loaded = futures::future::join_all(repos.members.iter().map(|m| async move {
-        match &m.repo {
-            Ok(r) => Catalog::load(r)
-                .await
-                .map_err(|e| pitr::error::one_line(&e)),
-            Err(e) => Err(e.to_string()),
-        }
-    }))
-    .await;
+    let loaded = repos.catalogs().await;
     let chosen = repos.chosen()?;
     let catalog = match loaded.get(repos.chosen) {
         Some(Ok(c)) => c,
         _ => &Catalog::load(chosen).await?,
     };
     let info = Info::new(chosen.location(), catalog);
-    let cats: Vec<Option<&Catalog>> = loaded.iter().map(|l| l.as_ref().ok()).collect();
-    let lags = pitr::info::lags(&cats);
+    let lags = RepoSet::lags(&loaded);
     let entries: Vec<RepoEntry> = repos
         .members
         .iter()

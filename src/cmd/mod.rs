@@ -46,6 +46,9 @@ pub(crate) async fn run(
         Command::Restore(a) => return restore::run(a, repos, settings).await,
         Command::Replica(a) => return replica::run(a, repos, settings).await,
         Command::Drill(a) => return drill::run(a, repos, settings).await,
+        Command::Verify(a) => return verify::run(a, repos).await,
+        Command::Expire(a) => return expire::run(a, repos).await,
+        Command::Metrics => return metrics::run(repos).await,
         other => run_one(other, repos.chosen()?, settings).await,
     }
 }
@@ -110,16 +113,16 @@ async fn run_one(command: Command, repo: &Repo, settings: &Settings) -> anyhow::
         | Command::Copy(_)
         | Command::Restore(_)
         | Command::Replica(_)
-        | Command::Drill(_) => Err(anyhow::anyhow!(
+        | Command::Drill(_)
+        | Command::Verify(_)
+        | Command::Expire(_)
+        | Command::Metrics => Err(anyhow::anyhow!(
             "internal: a command of several repositories ran on one"
         )),
         Command::ArchivePrefetch(a) => archive_prefetch::run(a, repo).await,
         Command::ArchiveSpoolClean(a) => Ok(archive_prefetch::clean(&a)),
         Command::Backup(a) => backup::run(a, repo, settings).await,
-        Command::Verify(a) => verify::run(a, repo).await,
         Command::Check(a) => check::run(a, repo, settings).await,
-        Command::Expire(a) => expire::run(a, repo, settings).await,
-        Command::Metrics => metrics::run(repo).await,
         Command::Key(a) => key::run(a, repo).await,
     }
 }
