@@ -629,7 +629,6 @@ impl Drop for LatencyProxy {
     }
 }
 
-/// The bucket of the S3 server `scripts/test` starts, or `None` (the test is skipped) outside CI.
 /// The Azurite container `scripts/test` made (`PITR_TEST_AZURE_CONTAINER`); `None` (a skip)
 /// outside CI when no Azurite runs.
 pub fn azure_container() -> Option<String> {
@@ -646,6 +645,7 @@ pub fn azure_container() -> Option<String> {
     }
 }
 
+/// The bucket of the S3 server `scripts/test` starts, or `None` (the test is skipped) outside CI.
 pub fn s3_bucket() -> Option<String> {
     match std::env::var("PITR_TEST_S3_BUCKET") {
         Ok(bucket) => Some(bucket),

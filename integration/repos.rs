@@ -367,3 +367,113 @@ fn a_repository_not_required_does_not_hold_up_archiving() {
         spare_lag["segments"]
     );
 }
+
+/// `pitr copy` killed half-way (SIGKILL, through a slow store) and run again: the target ends
+/// complete, the backup appears only once its manifest is there, and it verifies clean.
+#[test]
+fn a_copy_killed_half_way_completes_when_run_again() {
+    let Some(bin) = harness::pg_bin(15) else {
+        return;
+    };
+    let Some(bucket) = harness::s3_bucket() else {
+        return;
+    };
+    let (scratch, _dir, local, c) = harness::archiving_cluster(15, &bin, "autovacuum = off");
+    c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 50000) g");
+    let out = harness::pitr_backup(scratch.path(), &local, &c, &["-q"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    for _ in 0..3 {
+        c.sql("INSERT INTO t SELECT g FROM generate_series(1, 1000) g");
+        let last = c.switch_wal();
+        c.wait_archived(&last);
+    }
+    let remote = format!(
+        "s3://{bucket}/copy-kill-{}-{}",
+        std::process::id(),
+        scratch.path().file_name().unwrap().to_string_lossy()
+    );
+    let args = [
+        "--repo", &local, "--repo", &remote, "copy", "--from", "repo1", "--to", "repo2", "--jobs",
+        "1",
+    ];
+    // Through 50 ms per request, one object at a time: killed once the first WAL objects are in.
+    let proxy = harness::LatencyProxy::start(50);
+    let mut child = Command::new(scratch.pitr_copy())
+        .args(args)
+        .env("AWS_ENDPOINT_URL", &proxy.endpoint)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let target = pitr::storage::Repo::open(&remote).unwrap();
+    let listed = || {
+        harness::block_on(target.list(&pitr::storage::layout::Prefix::Everything))
+            .map(|l| {
+                l.iter()
+                    .map(|e| e.key().to_string())
+                    .collect::<Vec<String>>()
+            })
+            .unwrap_or_default()
+    };
+    harness::poll(
+        "the copy to store its first WAL objects",
+        Duration::from_secs(60),
+        || {
+            let keys = listed();
+            (keys.iter().filter(|k| k.starts_with("wal/")).count() >= 2).then_some(())
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(proxy);
+    let half = listed();
+    assert!(
+        !half.iter().any(|k| k.contains("/manifest.")),
+        "killed before the manifest: {half:?}"
+    );
+    let info = json(&pitr(
+        scratch.path(),
+        &["--repo", &remote, "info", "--json"],
+        &[],
+    ));
+    assert_eq!(
+        info["backups"].as_array().map(Vec::len),
+        Some(0),
+        "a half-copied backup is not listed: {info:#}"
+    );
+    // Again, at full speed: what is there is left alone, the rest copied, and it verifies clean.
+    let again = json(&pitr(
+        scratch.path(),
+        &[&args[..], &["--json"]].concat(),
+        &[],
+    ));
+    assert!(again["objects_present"].as_u64().unwrap() >= 2, "{again:#}");
+    assert_eq!(
+        again["findings"].as_array().map(Vec::len),
+        Some(0),
+        "{again:#}"
+    );
+    assert_eq!(
+        again["backups_copied"].as_array().map(Vec::len),
+        Some(1),
+        "{again:#}"
+    );
+    let out = pitr(scratch.path(), &["--repo", &remote, "verify"], &[]);
+    assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+    let info = json(&pitr(
+        scratch.path(),
+        &["--repo", &remote, "info", "--json"],
+        &[],
+    ));
+    assert_eq!(
+        info["backups"].as_array().map(Vec::len),
+        Some(1),
+        "{info:#}"
+    );
+    eprintln!(
+        "copy killed with {} object(s) in the target; run again: {} copied, {} already there; verify clean",
+        half.len(),
+        again["objects_copied"],
+        again["objects_present"]
+    );
+}
