@@ -596,6 +596,12 @@ pub struct LatencyProxy {
 
 impl LatencyProxy {
     pub fn start(delay_ms: u32) -> LatencyProxy {
+        LatencyProxy::start_on(delay_ms, 0)
+    }
+
+    /// [`LatencyProxy::start`] on `port` (0: a free one): a proxy stopped and started again on
+    /// the same port is a server that went down and came back.
+    pub fn start_on(delay_ms: u32, port: u16) -> LatencyProxy {
         let target = std::env::var("AWS_ENDPOINT_URL")
             .expect("the S3 server's endpoint")
             .trim_start_matches("http://")
@@ -604,7 +610,14 @@ impl LatencyProxy {
             env!("CARGO_MANIFEST_DIR"),
             "/scripts/latency-proxy"
         ))
-        .args(["--target", &target, "--delay-ms", &delay_ms.to_string()])
+        .args([
+            "--target",
+            &target,
+            "--delay-ms",
+            &delay_ms.to_string(),
+            "--port",
+            &port.to_string(),
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

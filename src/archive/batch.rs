@@ -171,6 +171,10 @@ async fn push_batch(
 /// the file; it then answers without it (a store that is down never holds up archiving).
 pub const OPTIONAL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The grace instead when every repository not required is known to be behind (it missed a file
+/// already): a short try, so that an outage costs each push this much and not [`OPTIONAL_GRACE`].
+pub const BEHIND_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn push_member(
     m: &crate::repos::Member,
     wal_path: &Path,
@@ -199,9 +203,10 @@ pub fn set_location(repos: &[crate::config::RepoSpec]) -> String {
 }
 
 /// [`push_with_ahead`] into every repository of `set` at once: success once each required one
-/// stored the file; the others get it too when they answer within [`OPTIONAL_GRACE`] after that,
-/// and a failure of theirs is only logged (`pitr copy` catches them up). A file pushed ahead gets
-/// its marker once every required repository stored it.
+/// stored the file; the others get it too when they answer within [`OPTIONAL_GRACE`] after that
+/// ([`BEHIND_GRACE`] once they are known to be behind). A failure of theirs is logged and recorded
+/// ([`BEHIND_DIR`]), and the next push that reaches one catches it up from a required repository.
+/// A file pushed ahead gets its marker once every required repository stored it.
 ///
 /// # Errors
 /// A required repository could not store `wal_path` (or could not be opened).
@@ -236,13 +241,16 @@ pub async fn push_to_set(
             o = &mut optional_runs, if optional_done.is_none() => optional_done = Some(o),
         }
     };
+    let pg_wal = crate::durable::parent_dir(wal_path).to_path_buf();
+    let grace = if optional.iter().all(|m| is_behind(&pg_wal, &m.spec)) {
+        BEHIND_GRACE
+    } else {
+        OPTIONAL_GRACE
+    };
     if optional_done.is_none() {
-        optional_done = tokio::time::timeout(OPTIONAL_GRACE, &mut optional_runs)
-            .await
-            .ok();
+        optional_done = tokio::time::timeout(grace, &mut optional_runs).await.ok();
     }
     let name = push::name_of(wal_path)?;
-    let pg_wal = crate::durable::parent_dir(wal_path).to_path_buf();
     // The ones that stored this file and had missed earlier ones are caught up from a required
     // repository, once that one has stored it too.
     let mut to_catch_up = Vec::new();
@@ -264,13 +272,13 @@ pub async fn push_to_set(
         }
         None => {
             tracing::warn!(
-                "repositories not required ({}) did not answer within {} s: they may miss {name}; a later push or pitr copy catches them up",
+                "repositories not required ({}) did not answer within {} ms: they may miss {name}; a later push or pitr copy catches them up",
                 optional
                     .iter()
                     .map(|m| m.spec.name.as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
-                OPTIONAL_GRACE.as_secs()
+                grace.as_millis()
             );
             for m in &optional {
                 mark_behind(&pg_wal, &m.spec);
