@@ -179,10 +179,19 @@ async fn push_member(
     m: &crate::repos::Member,
     wal_path: &Path,
     parallel: usize,
+    prepared: Option<anyhow::Result<push::Prepared>>,
 ) -> (anyhow::Result<PushReport>, Vec<(WalFileName, PathBuf)>) {
-    match &m.repo {
-        Ok(repo) => push_batch(repo, wal_path, m.spec.compress, parallel).await,
-        Err(e) => (
+    match (&m.repo, prepared) {
+        (Ok(repo), Some(p)) => {
+            let start = Instant::now();
+            let stored = match p {
+                Ok(p) => push::store_prepared(repo, p, m.spec.compress, start).await,
+                Err(e) => Err(e),
+            };
+            (stored, Vec::new())
+        }
+        (Ok(repo), None) => push_batch(repo, wal_path, m.spec.compress, parallel).await,
+        (Err(e), _) => (
             Err(anyhow::anyhow!("{e}").context(format!("open repository {}", m.spec.name))),
             Vec::new(),
         ),
@@ -225,14 +234,47 @@ pub async fn push_to_set(
     if let Some(report) = answered_by_marker(&location, wal_path) {
         return Ok(report);
     }
-    let required: Vec<&crate::repos::Member> =
-        set.members.iter().filter(|m| m.spec.required).collect();
-    let optional: Vec<&crate::repos::Member> =
-        set.members.iter().filter(|m| !m.spec.required).collect();
-    let required_runs =
-        futures::future::join_all(required.iter().map(|m| push_member(m, wal_path, parallel)));
-    let optional_runs =
-        futures::future::join_all(optional.iter().map(|m| push_member(m, wal_path, parallel)));
+    // One file at a time: it is read, compressed and indexed once for every repository (once per
+    // compression), then each stores the same bytes.
+    let mut shared: Vec<Option<anyhow::Result<push::Prepared>>> =
+        set.members.iter().map(|_| None).collect();
+    if parallel <= 1 {
+        let opened: Vec<(usize, (&Repo, Compression))> = set
+            .members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.repo.as_ref().ok().map(|r| (i, (r, m.spec.compress))))
+            .collect();
+        let targets: Vec<(&Repo, Compression)> = opened.iter().map(|(_, t)| *t).collect();
+        if let Some(prepared) = push::prepare_shared(&targets, wal_path).await {
+            for ((i, _), p) in opened.iter().zip(prepared) {
+                if let Some(slot) = shared.get_mut(*i) {
+                    *slot = Some(p);
+                }
+            }
+        }
+    }
+    let mut required = Vec::new();
+    let mut optional = Vec::new();
+    for (m, p) in set.members.iter().zip(shared) {
+        if m.spec.required {
+            required.push((m, p));
+        } else {
+            optional.push((m, p));
+        }
+    }
+    let required_runs = futures::future::join_all(
+        required
+            .iter_mut()
+            .map(|(m, p)| push_member(m, wal_path, parallel, p.take())),
+    );
+    let optional_runs = futures::future::join_all(
+        optional
+            .iter_mut()
+            .map(|(m, p)| push_member(m, wal_path, parallel, p.take())),
+    );
+    let required: Vec<&crate::repos::Member> = required.iter().map(|(m, _)| *m).collect();
+    let optional: Vec<&crate::repos::Member> = optional.iter().map(|(m, _)| *m).collect();
     tokio::pin!(required_runs, optional_runs);
     let mut optional_done = None;
     let required_done = loop {
@@ -615,5 +657,48 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// Several repositories get the segment compressed once per compression: those with the same
+    /// compression hold the very same bytes, one with another holds its own, and each reads back
+    /// the segment.
+    #[tokio::test]
+    async fn a_segment_is_encoded_once_for_repositories_that_share_a_compression() {
+        let (_d, files) = pg_wal(1);
+        let spec = |name: &str, compress: Compression| crate::config::RepoSpec {
+            name: name.into(),
+            url: format!("memory://{name}"),
+            required: true,
+            compress,
+            encryption: None,
+            expire: crate::expire::Policy::default(),
+        };
+        let stores: Vec<Arc<InMemory>> = (0..3).map(|_| Arc::new(InMemory::new())).collect();
+        let members = [
+            ("a", Compression::Zstd),
+            ("b", Compression::Zstd),
+            ("c", Compression::None),
+        ]
+        .iter()
+        .zip(&stores)
+        .map(|((name, c), store)| crate::repos::Member {
+            spec: spec(name, *c),
+            repo: Ok(Repo::from_store(store.clone(), &format!("memory://{name}"))),
+        })
+        .collect();
+        let set = crate::repos::RepoSet { members, chosen: 0 };
+        let report = push_to_set(&set, &files[0], 1).await.unwrap();
+        assert!(matches!(report.outcome, PutOutcome::Stored { .. }));
+        let name = report.name;
+        let mut stored = Vec::new();
+        for m in &set.members {
+            let key = ObjectKey::Wal(name);
+            let repo = m.repo.as_ref().unwrap();
+            stored.push(repo.get_stored(&key).await.unwrap().unwrap());
+            let got = m.repo.as_ref().unwrap().get(&key).await.unwrap().unwrap();
+            assert_eq!(got, std::fs::read(&files[0]).unwrap(), "{}", m.spec.name);
+        }
+        assert_eq!(stored[0], stored[1], "the same compression, the same bytes");
+        assert!(stored[2].len() > stored[0].len(), "uncompressed in c");
     }
 }

@@ -89,9 +89,7 @@ pub async fn push(
 ) -> anyhow::Result<PushReport> {
     let start = Instant::now();
     let prepared = prepare(repo, wal_path, compression).await?;
-    let report = store(repo, prepared, compression, start).await?;
-    crate::rollup::after_push(repo, &[report.name]).await;
-    Ok(report)
+    store_prepared(repo, prepared, compression, start).await
 }
 
 /// Validate, index and encode the file at `wal_path`.
@@ -134,11 +132,48 @@ pub async fn prepare_known(
     known: Known,
 ) -> anyhow::Result<Prepared> {
     let name = name_of(wal_path)?;
+    let Some(opened) = open_segment(wal_path, name)? else {
+        return prepare_small(repo, wal_path, name, compression).await;
+    };
+    let identity = check_identity(repo, &opened);
+    // A local repository gets the frames as they are done (see `staged`), unless the segment is
+    // known to be stored already.
+    let staged = match repo.local_wal_path(name) {
+        Some(dest) if !matches!(known, Known::Is(true)) => Staged::begin(&dest).ok(),
+        _ => None,
+    };
+    let stored_already = look_up(repo, name, known);
+    let (stored, summary, staged) = encode_opened(opened, compression, staged).await?;
+    Ok(Prepared::new(
+        name,
+        wal_path,
+        (stored, len_of(wal_path)),
+        summary,
+        Some(identity),
+        Some(stored_already),
+        staged,
+    ))
+}
+
+/// A segment file opened and its first page checked.
+pub struct Opened {
+    name: WalFileName,
+    seg: SegmentName,
+    file: std::fs::File,
+    len: usize,
+    header: crate::pg::segment::SegmentHeader,
+    display: String,
+}
+
+/// Open the segment (or partial segment) at `wal_path` and check its first page; `None` for a
+/// history or backup history file.
+///
+/// # Errors
+/// The file cannot be read, or is not the segment its name says.
+fn open_segment(wal_path: &Path, name: WalFileName) -> anyhow::Result<Option<Opened>> {
     let seg = match name {
         WalFileName::Segment(seg) | WalFileName::Partial(seg) => seg,
-        WalFileName::History(_) | WalFileName::BackupHistory { .. } => {
-            return prepare_small(repo, wal_path, name, compression).await;
-        }
+        WalFileName::History(_) | WalFileName::BackupHistory { .. } => return Ok(None),
     };
     let file =
         std::fs::File::open(wal_path).with_context(|| format!("open {}", wal_path.display()))?;
@@ -151,34 +186,129 @@ pub async fn prepare_known(
         .with_context(|| format!("read {}", wal_path.display()))?;
     let header =
         validate_segment_start(seg, &first, len).with_context(|| format!("refuse {name}"))?;
-    let identity = {
-        let repo = repo.clone();
-        let want = RepoIdentity::from_header(&header);
-        tokio::spawn(async move { repo.ensure_identity(&want).await })
-    };
-    // A local repository gets the frames as they are done (see `staged`), unless the segment is
-    // known to be stored already.
-    let staged = match repo.local_wal_path(name) {
-        Some(dest) if !matches!(known, Known::Is(true)) => Staged::begin(&dest).ok(),
-        _ => None,
-    };
-    let stored_already = look_up(repo, name, known);
+    Ok(Some(Opened {
+        name,
+        seg,
+        file,
+        len,
+        header,
+        display: wal_path.display().to_string(),
+    }))
+}
+
+/// The size of the file at `path` (0 when it cannot be read again: only reported).
+fn len_of(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// The check of the segment's cluster against `repo`, started (it runs while the segment is
+/// compressed; [`store`] waits for it).
+fn check_identity(repo: &Repo, opened: &Opened) -> tokio::task::JoinHandle<Result<(), RepoError>> {
+    let repo = repo.clone();
+    let want = RepoIdentity::from_header(&opened.header);
+    tokio::spawn(async move { repo.ensure_identity(&want).await })
+}
+
+/// Compress and index an opened segment (its frames also written to `staged`).
+async fn encode_opened(
+    opened: Opened,
+    compression: Compression,
+    staged: Option<Staged>,
+) -> anyhow::Result<EncodedSegment> {
+    let Opened {
+        name,
+        seg,
+        file,
+        len,
+        header,
+        display,
+    } = opened;
     let index = matches!(name, WalFileName::Segment(_)).then_some((seg, header));
-    let display = wal_path.display().to_string();
-    let (stored, summary, staged) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         encode_segment(&file, len, compression, staged, index)
             .with_context(|| format!("read {display}"))
     })
-    .await??;
-    Ok(Prepared::new(
-        name,
-        wal_path,
-        (stored, len as u64),
-        summary,
-        Some(identity),
-        Some(stored_already),
-        staged,
-    ))
+    .await?
+}
+
+/// Prepare the segment at `wal_path` for each of `repos` (with its compression), compressing and
+/// indexing it once per compression while the repositories' checks run: each [`Prepared`] holds
+/// the same bytes, and [`store_prepared`] stores it. `None` for a history or backup history file
+/// (pushed into each the ordinary way). One result per repository, in order.
+pub async fn prepare_shared(
+    repos: &[(&Repo, Compression)],
+    wal_path: &Path,
+) -> Option<Vec<anyhow::Result<Prepared>>> {
+    let opened = match name_of(wal_path).and_then(|name| open_segment(wal_path, name)) {
+        Ok(Some(o)) => o,
+        Ok(None) => return None,
+        Err(e) => {
+            let msg = crate::error::one_line(&e);
+            let mut out = vec![Err(e)];
+            out.extend((1..repos.len()).map(|_| Err(anyhow::anyhow!("{msg}"))));
+            return Some(out);
+        }
+    };
+    let name = opened.name;
+    let checks: Vec<_> = repos
+        .iter()
+        .map(|(r, _)| (check_identity(r, &opened), look_up(r, name, Known::Ask)))
+        .collect();
+    let mut encoded: Vec<(Compression, anyhow::Result<EncodedSegment>)> = Vec::new();
+    let mut opened = Some(opened);
+    for (_, c) in repos {
+        if encoded.iter().any(|(e, _)| e == c) {
+            continue;
+        }
+        // Opened again for a second compression (rare: repositories that differ).
+        let this = match opened.take() {
+            Some(o) => Ok(o),
+            None => open_segment(wal_path, name)
+                .and_then(|o| o.ok_or_else(|| anyhow::anyhow!("{name} is no segment"))),
+        };
+        let done = match this {
+            Ok(o) => encode_opened(o, *c, None).await,
+            Err(e) => Err(e),
+        };
+        encoded.push((*c, done));
+    }
+    let original_len = len_of(wal_path);
+    Some(
+        repos
+            .iter()
+            .zip(checks)
+            .map(|((_, c), (identity, looked))| {
+                match encoded.iter().find(|(e, _)| e == c).map(|(_, r)| r) {
+                    Some(Ok((stored, summary, _))) => Ok(Prepared::new(
+                        name,
+                        wal_path,
+                        (stored.clone(), original_len),
+                        summary.clone(),
+                        Some(identity),
+                        Some(looked),
+                        None,
+                    )),
+                    Some(Err(e)) => Err(anyhow::anyhow!("{}", crate::error::one_line(e))),
+                    None => Err(anyhow::anyhow!("internal: {name} was not encoded")),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// [`store`] a prepared file and bring the WAL index's roll-ups up to date, as [`push`] does.
+///
+/// # Errors
+/// As [`store`].
+pub async fn store_prepared(
+    repo: &Repo,
+    prepared: Prepared,
+    compression: Compression,
+    start: Instant,
+) -> anyhow::Result<PushReport> {
+    let report = store(repo, prepared, compression, start).await?;
+    crate::rollup::after_push(repo, &[report.name]).await;
+    Ok(report)
 }
 
 /// Whether the repository holds `name` already, found out while the segment is compressed.
