@@ -10,6 +10,7 @@ mod blocks;
 mod encryption;
 mod harness;
 mod incremental;
+mod receive;
 mod reliability;
 mod repos;
 mod restore;

@@ -32,6 +32,8 @@ pub mod manifest;
 pub mod metrics;
 pub mod pg;
 pub mod pgconn;
+pub mod receive;
+pub mod replication;
 pub mod repos;
 pub mod restore;
 pub mod rollup;

@@ -97,6 +97,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::ArchiveSpoolClean(_) => "archive-spool-clean",
         Command::Key(_) => "key",
         Command::Copy(_) => "copy",
+        Command::Receive(_) => "receive",
     }
 }
 
@@ -171,7 +172,7 @@ async fn run_command(command: Command, settings: &config::Settings) -> anyhow::R
     // Only the commands that store a cluster's first objects may bring a repository into being.
     let creates = matches!(
         &command,
-        Command::ArchivePush(_) | Command::Backup(_) | Command::Check(_)
+        Command::ArchivePush(_) | Command::Backup(_) | Command::Check(_) | Command::Receive(_)
     );
     // The commands that work on several repositories open them all (archive-push and archive-get
     // only theirs when --repo-name names one); the others only theirs.

@@ -139,6 +139,9 @@ pub enum Command {
     /// Copy the WAL and backups one repository holds and another lacks (--from NAME --to NAME),
     /// checking every object on read and after write; resumable, never overwriting.
     Copy(super::copy::Args),
+    /// Stream WAL from the server over the replication protocol into the repository (runs in the
+    /// foreground until stopped; each completed segment is stored as archive-push stores it).
+    Receive(super::receive::Args),
     /// An encrypted repository's keys: generate a key file, add a key, list them, retire one
     /// (its objects are rewrapped by the active key, never re-encrypted).
     Key(super::key::Args),

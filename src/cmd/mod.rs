@@ -22,6 +22,7 @@ pub(crate) mod info;
 pub(crate) mod key;
 pub(crate) mod metrics;
 pub(crate) mod output;
+pub(crate) mod receive;
 pub(crate) mod replica;
 pub(crate) mod restore;
 pub(crate) mod verify;
@@ -124,6 +125,7 @@ async fn run_one(command: Command, repo: &Repo, settings: &Settings) -> anyhow::
         Command::Backup(a) => backup::run(a, repo, settings).await,
         Command::Check(a) => check::run(a, repo, settings).await,
         Command::Key(a) => key::run(a, repo).await,
+        Command::Receive(a) => receive::run(a, repo, settings).await,
     }
 }
 

@@ -1,0 +1,651 @@
+//! PostgreSQL's streaming replication protocol: a physical replication connection
+//! (`replication=true`), its commands (`IDENTIFY_SYSTEM`, `SHOW`, `TIMELINE_HISTORY`,
+//! `CREATE_REPLICATION_SLOT`, `READ_REPLICATION_SLOT`, `START_REPLICATION`) and the CopyBoth
+//! stream of WAL. No other module knows the wire: `receive` asks this one for WAL.
+//!
+//! tokio-postgres speaks no replication mode, so the connection is made here: startup,
+//! authentication as libpq does it (trust, password, md5, SCRAM-SHA-256), simple queries, and the
+//! copy sub-protocol. postgres-protocol encodes the frontend messages and computes md5 and SCRAM;
+//! `wire` parses what the server sends.
+
+pub mod wire;
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::config::{Host, SslMode};
+
+use crate::pg::{Lsn, TimelineId};
+use wire::{Frame, StreamMessage};
+
+/// How long connecting (up to the first `ReadyForQuery`) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connection's transport.
+enum Transport {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Transport {
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Transport::Tcp(s) => s.read_buf(buf).await,
+            Transport::Unix(s) => s.read_buf(buf).await,
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Transport::Tcp(s) => s.write_all(data).await,
+            Transport::Unix(s) => s.write_all(data).await,
+        }
+    }
+}
+
+/// What `IDENTIFY_SYSTEM` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SystemInfo {
+    /// The cluster's system identifier.
+    pub system_identifier: u64,
+    /// The server's current timeline.
+    pub timeline: TimelineId,
+    /// Its current WAL flush position.
+    pub xlogpos: Lsn,
+}
+
+/// What the stream brings next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// WAL bytes.
+    Wal {
+        /// Where they start.
+        start: Lsn,
+        /// The server's end of WAL.
+        server_end: Lsn,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// A keepalive.
+    Keepalive {
+        /// The server's end of WAL.
+        server_end: Lsn,
+        /// Whether it wants a status update now.
+        reply: bool,
+    },
+    /// The timeline being streamed ended (the server was promoted, or follows another). The
+    /// connection is ready for another `START_REPLICATION`.
+    EndOfTimeline {
+        /// The next timeline.
+        next: TimelineId,
+        /// Where it starts.
+        start: Lsn,
+    },
+}
+
+/// A physical replication connection.
+pub struct ReplConn {
+    io: Transport,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// `server_version` as the server reported it at startup (`18.1`, `15.14 (Debian …)`).
+    pub server_version: String,
+    /// Where it connects, for messages (never the password).
+    pub describe: String,
+    streaming: bool,
+}
+
+/// The server's major version from `server_version` (`15.14 (Debian …)` → 15).
+pub fn major_of(server_version: &str) -> Option<u32> {
+    server_version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse().ok())
+}
+
+impl ReplConn {
+    /// Connect to the server `cfg` names (the first host that answers), in replication mode.
+    ///
+    /// # Errors
+    /// No host can be reached, the login is refused (the server's message, one line), the server
+    /// asks for TLS or an authentication pitr does not speak.
+    pub async fn connect(cfg: &tokio_postgres::Config) -> anyhow::Result<ReplConn> {
+        let describe = crate::pgconn::describe(cfg);
+        if cfg.get_ssl_mode() == SslMode::Require {
+            bail!(
+                "connect to PostgreSQL ({describe}) for replication: sslmode=require is not supported by pitr's replication connection yet (use a Unix socket, or sslmode=prefer/disable on a trusted network)"
+            );
+        }
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let mut last = None;
+        for host in cfg.get_hosts() {
+            let io = match host {
+                Host::Tcp(h) => tokio::net::TcpStream::connect((h.as_str(), port))
+                    .await
+                    .map(|s| {
+                        let _ = s.set_nodelay(true);
+                        Transport::Tcp(s)
+                    }),
+                Host::Unix(dir) => {
+                    tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+                        .await
+                        .map(Transport::Unix)
+                }
+            };
+            match io {
+                Ok(io) => {
+                    let mut conn = ReplConn {
+                        io,
+                        rbuf: BytesMut::with_capacity(64 << 10),
+                        wbuf: BytesMut::new(),
+                        server_version: String::new(),
+                        describe: describe.clone(),
+                        streaming: false,
+                    };
+                    tokio::time::timeout(CONNECT_TIMEOUT, conn.startup(cfg))
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!(
+                                "connect to PostgreSQL ({describe}): no answer within {} s",
+                                CONNECT_TIMEOUT.as_secs()
+                            )
+                        })??;
+                    return Ok(conn);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(anyhow::Error::new(e).context(format!(
+                "connect to PostgreSQL ({describe}) for replication"
+            ))),
+            None => bail!("connect to PostgreSQL ({describe}): no host to connect to"),
+        }
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        let out = self.wbuf.split();
+        self.io
+            .write_all(&out)
+            .await
+            .with_context(|| format!("write to PostgreSQL ({})", self.describe))
+    }
+
+    /// The next message from the server.
+    async fn read(&mut self) -> anyhow::Result<Frame> {
+        loop {
+            if let Some(f) = wire::take_frame(&mut self.rbuf)
+                .map_err(|e| anyhow::anyhow!("PostgreSQL ({}): {e}", self.describe))?
+            {
+                return Ok(f);
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.rbuf)
+                .await
+                .with_context(|| format!("read from PostgreSQL ({})", self.describe))?;
+            if n == 0 {
+                bail!(
+                    "PostgreSQL ({}) closed the replication connection",
+                    self.describe
+                );
+            }
+        }
+    }
+
+    /// A server error as this connection's error.
+    fn server_error(&self, body: Bytes) -> anyhow::Error {
+        anyhow::Error::new(ServerError {
+            code: wire::error_code(body.clone()),
+            text: wire::error_text(body),
+        })
+        .context(format!("PostgreSQL ({})", self.describe))
+    }
+
+    async fn startup(&mut self, cfg: &tokio_postgres::Config) -> anyhow::Result<()> {
+        let user = cfg.get_user().unwrap_or("postgres").to_string();
+        let app = cfg.get_application_name().unwrap_or("pitr").to_string();
+        let params = [
+            ("user", user.as_str()),
+            ("replication", "true"),
+            ("application_name", app.as_str()),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf)?;
+        self.flush().await?;
+        let describe = self.describe.clone();
+        let password = || -> anyhow::Result<Vec<u8>> {
+            cfg.get_password().map(<[u8]>::to_vec).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "PostgreSQL ({describe}) asks for a password: give it in the connection string or PGPASSWORD"
+                )
+            })
+        };
+        let mut scram: Option<postgres_protocol::authentication::sasl::ScramSha256> = None;
+        loop {
+            let f = self.read().await?;
+            match f.tag {
+                b'R' => {
+                    let mut b = wire::Body::new(f.body, "authentication");
+                    match b.i32().map_err(anyhow::Error::msg)? {
+                        0 => {}
+                        3 => {
+                            let mut pw = password()?;
+                            pw.push(0);
+                            frontend::password_message(&pw, &mut self.wbuf)?;
+                            self.flush().await?;
+                        }
+                        5 => {
+                            let salt = b.bytes(4).map_err(anyhow::Error::msg)?;
+                            let salt = [salt[0], salt[1], salt[2], salt[3]];
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                user.as_bytes(),
+                                &password()?,
+                                salt,
+                            );
+                            let mut pw = hash.into_bytes();
+                            pw.push(0);
+                            frontend::password_message(&pw, &mut self.wbuf)?;
+                            self.flush().await?;
+                        }
+                        10 => {
+                            let mut mechanisms = Vec::new();
+                            while let Ok(m) = b.cstr() {
+                                if m.is_empty() {
+                                    break;
+                                }
+                                mechanisms.push(m);
+                            }
+                            if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
+                                bail!(
+                                    "PostgreSQL ({}) offers only {} (pitr speaks SCRAM-SHA-256, md5 and password)",
+                                    self.describe,
+                                    mechanisms.join(", ")
+                                );
+                            }
+                            let s = postgres_protocol::authentication::sasl::ScramSha256::new(
+                                &password()?,
+                                postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                s.message(),
+                                &mut self.wbuf,
+                            )?;
+                            self.flush().await?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().context("SCRAM continue before start")?;
+                            s.update(&b.rest()).with_context(|| {
+                                format!("SCRAM authentication with {}", self.describe)
+                            })?;
+                            frontend::sasl_response(s.message(), &mut self.wbuf)?;
+                            self.flush().await?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().context("SCRAM final before start")?;
+                            s.finish(&b.rest()).with_context(|| {
+                                format!(
+                                    "SCRAM authentication with {}: the server's proof is wrong",
+                                    self.describe
+                                )
+                            })?;
+                        }
+                        other => bail!(
+                            "PostgreSQL ({}) asks for authentication method {other}, which pitr does not speak (trust, password, md5 and SCRAM-SHA-256 it does)",
+                            self.describe
+                        ),
+                    }
+                }
+                b'S' => {
+                    let mut b = wire::Body::new(f.body, "ParameterStatus");
+                    if let (Ok(k), Ok(v)) = (b.cstr(), b.cstr())
+                        && k == "server_version"
+                    {
+                        self.server_version = v;
+                    }
+                }
+                b'K' | b'N' => {}
+                b'E' => return Err(self.server_error(f.body)),
+                b'Z' => return Ok(()),
+                other => bail!(
+                    "PostgreSQL ({}) sent message {:?} during startup",
+                    self.describe,
+                    char::from(other)
+                ),
+            }
+        }
+    }
+
+    /// Run a replication command and collect the rows of its result (each column as text).
+    ///
+    /// # Errors
+    /// The server refuses the command (its message), or the connection fails.
+    pub async fn query(&mut self, command: &str) -> anyhow::Result<Vec<Vec<Option<Bytes>>>> {
+        frontend::query(command, &mut self.wbuf)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut failed = None;
+        loop {
+            let f = self.read().await?;
+            match f.tag {
+                b'T' | b'C' | b'N' | b'I' | b'S' => {}
+                b'D' => rows.push(wire::data_row(f.body).map_err(anyhow::Error::msg)?),
+                b'E' => failed = Some(self.server_error(f.body)),
+                b'Z' => {
+                    return match failed {
+                        Some(e) => Err(e.context(format!("run {command}"))),
+                        None => Ok(rows),
+                    };
+                }
+                other => bail!(
+                    "PostgreSQL ({}) answered {command} with message {:?}",
+                    self.describe,
+                    char::from(other)
+                ),
+            }
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`.
+    ///
+    /// # Errors
+    /// The command fails or its answer is malformed.
+    pub async fn identify_system(&mut self) -> anyhow::Result<SystemInfo> {
+        let rows = self.query("IDENTIFY_SYSTEM").await?;
+        let row = rows.first().context("IDENTIFY_SYSTEM returned no row")?;
+        let col = |i: usize| -> anyhow::Result<String> {
+            row.get(i)
+                .and_then(|c| c.as_ref())
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .with_context(|| format!("IDENTIFY_SYSTEM returned no column {i}"))
+        };
+        let system_identifier = col(0)?
+            .parse()
+            .context("IDENTIFY_SYSTEM: systemid is not a number")?;
+        let timeline = col(1)?
+            .parse::<u32>()
+            .ok()
+            .and_then(TimelineId::new)
+            .context("IDENTIFY_SYSTEM: timeline is not a timeline")?;
+        let xlogpos = col(2)?
+            .parse::<Lsn>()
+            .map_err(|e| anyhow::anyhow!("IDENTIFY_SYSTEM: xlogpos: {e}"))?;
+        Ok(SystemInfo {
+            system_identifier,
+            timeline,
+            xlogpos,
+        })
+    }
+
+    /// `SHOW name`, as text.
+    ///
+    /// # Errors
+    /// The command fails.
+    pub async fn show(&mut self, name: &str) -> anyhow::Result<String> {
+        let rows = self.query(&format!("SHOW {name}")).await?;
+        rows.first()
+            .and_then(|r| r.first())
+            .and_then(|c| c.as_ref())
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .with_context(|| format!("SHOW {name} returned nothing"))
+    }
+
+    /// `TIMELINE_HISTORY tli`: the history file's name and content.
+    ///
+    /// # Errors
+    /// The server has no such file, or the connection fails.
+    pub async fn timeline_history(&mut self, tli: TimelineId) -> anyhow::Result<(String, Bytes)> {
+        let rows = self
+            .query(&format!("TIMELINE_HISTORY {}", tli.get()))
+            .await?;
+        let row = rows.first().context("TIMELINE_HISTORY returned no row")?;
+        let name = row
+            .first()
+            .and_then(|c| c.as_ref())
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .context("TIMELINE_HISTORY returned no file name")?;
+        let content = row
+            .get(1)
+            .and_then(|c| c.clone())
+            .context("TIMELINE_HISTORY returned no content")?;
+        Ok((name, content))
+    }
+
+    /// The physical slot's restart position and timeline (`READ_REPLICATION_SLOT`, PostgreSQL
+    /// 15+); `Ok(None)` when there is no such slot or it holds no position.
+    ///
+    /// # Errors
+    /// The command fails (on PostgreSQL 14 and older it does not exist).
+    pub async fn read_slot(&mut self, slot: &str) -> anyhow::Result<Option<(Lsn, TimelineId)>> {
+        let rows = self
+            .query(&format!("READ_REPLICATION_SLOT {}", quote_ident(slot)))
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let text = |i: usize| {
+            row.get(i)
+                .and_then(|c| c.as_ref())
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+        };
+        let (Some(lsn), Some(tli)) = (text(1), text(2)) else {
+            return Ok(None);
+        };
+        let lsn = lsn
+            .parse::<Lsn>()
+            .map_err(|e| anyhow::anyhow!("READ_REPLICATION_SLOT: {e}"))?;
+        let tli = tli
+            .parse::<u32>()
+            .ok()
+            .and_then(TimelineId::new)
+            .context("READ_REPLICATION_SLOT: not a timeline")?;
+        Ok(Some((lsn, tli)))
+    }
+
+    /// Create a physical slot that reserves WAL at once, in the syntax of server `major`.
+    ///
+    /// # Errors
+    /// The slot exists, or the server refuses.
+    pub async fn create_slot(&mut self, slot: &str, major: u32) -> anyhow::Result<()> {
+        let cmd = if major >= 15 {
+            format!(
+                "CREATE_REPLICATION_SLOT {} PHYSICAL (RESERVE_WAL)",
+                quote_ident(slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {} PHYSICAL RESERVE_WAL",
+                quote_ident(slot)
+            )
+        };
+        self.query(&cmd).await.map(|_| ())
+    }
+
+    /// `START_REPLICATION [SLOT s] PHYSICAL start TIMELINE tli`: from here on the connection
+    /// carries the stream ([`ReplConn::next_event`], [`ReplConn::send_status`]).
+    ///
+    /// # Errors
+    /// The server refuses (the position is gone, the slot is in use, …).
+    pub async fn start_replication(
+        &mut self,
+        slot: Option<&str>,
+        start: Lsn,
+        tli: TimelineId,
+    ) -> anyhow::Result<()> {
+        let slot = slot
+            .map(|s| format!("SLOT {} ", quote_ident(s)))
+            .unwrap_or_default();
+        let cmd = format!(
+            "START_REPLICATION {slot}PHYSICAL {start} TIMELINE {}",
+            tli.get()
+        );
+        frontend::query(&cmd, &mut self.wbuf)?;
+        self.flush().await?;
+        loop {
+            let f = self.read().await?;
+            match f.tag {
+                b'W' => {
+                    self.streaming = true;
+                    return Ok(());
+                }
+                b'N' | b'S' => {}
+                b'E' => {
+                    let e = self.server_error(f.body);
+                    // The ReadyForQuery that follows.
+                    while self.read().await?.tag != b'Z' {}
+                    return Err(e.context(format!("run {cmd}")));
+                }
+                other => bail!(
+                    "PostgreSQL ({}) answered {cmd} with message {:?}",
+                    self.describe,
+                    char::from(other)
+                ),
+            }
+        }
+    }
+
+    /// The next thing the stream brings.
+    ///
+    /// # Errors
+    /// The connection fails, the server reports an error, or sends something that is not the
+    /// protocol.
+    pub async fn next_event(&mut self) -> anyhow::Result<Event> {
+        if !self.streaming {
+            bail!("internal: next_event without START_REPLICATION");
+        }
+        loop {
+            let f = self.read().await?;
+            match f.tag {
+                b'd' => {
+                    return Ok(
+                        match wire::stream_message(f.body).map_err(anyhow::Error::msg)? {
+                            StreamMessage::XLogData {
+                                start, end, data, ..
+                            } => Event::Wal {
+                                start: Lsn(start),
+                                server_end: Lsn(end),
+                                data,
+                            },
+                            StreamMessage::Keepalive { end, reply, .. } => Event::Keepalive {
+                                server_end: Lsn(end),
+                                reply,
+                            },
+                        },
+                    );
+                }
+                b'c' => return self.end_of_timeline().await,
+                b'N' | b'S' => {}
+                b'E' => return Err(self.server_error(f.body)),
+                other => bail!(
+                    "PostgreSQL ({}) sent message {:?} in the replication stream",
+                    self.describe,
+                    char::from(other)
+                ),
+            }
+        }
+    }
+
+    /// The server ended the copy: answer with CopyDone and read where the next timeline starts.
+    async fn end_of_timeline(&mut self) -> anyhow::Result<Event> {
+        self.streaming = false;
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        let mut next = None;
+        loop {
+            let f = self.read().await?;
+            match f.tag {
+                b'D' => {
+                    let cols = wire::data_row(f.body).map_err(anyhow::Error::msg)?;
+                    let text = |i: usize| {
+                        cols.get(i)
+                            .and_then(|c| c.as_ref())
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                    };
+                    let tli = text(0)
+                        .and_then(|t| t.parse::<u32>().ok())
+                        .and_then(TimelineId::new)
+                        .context("end of timeline: no next timeline")?;
+                    let start = text(1)
+                        .context("end of timeline: no start position")?
+                        .parse::<Lsn>()
+                        .map_err(|e| anyhow::anyhow!("end of timeline: {e}"))?;
+                    next = Some((tli, start));
+                }
+                b'T' | b'C' | b'N' | b'S' | b'd' => {}
+                b'E' => return Err(self.server_error(f.body)),
+                b'Z' => {
+                    return match next {
+                        Some((next, start)) => Ok(Event::EndOfTimeline { next, start }),
+                        None => bail!(
+                            "PostgreSQL ({}) ended the replication stream without naming the next timeline (was the server shut down?)",
+                            self.describe
+                        ),
+                    };
+                }
+                other => bail!(
+                    "PostgreSQL ({}) sent message {:?} after the end of the stream",
+                    self.describe,
+                    char::from(other)
+                ),
+            }
+        }
+    }
+
+    /// Tell the server what is written, flushed (here: durably in the repository) and applied.
+    ///
+    /// # Errors
+    /// The connection fails.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply: bool,
+    ) -> anyhow::Result<()> {
+        let now = crate::pg::PgTimestamp::now().0;
+        let msg = wire::status_update(write.0, flush.0, apply.0, now, reply);
+        frontend::CopyData::new(&msg[..])?.write(&mut self.wbuf);
+        self.flush().await
+    }
+}
+
+/// A replication identifier quoted as PostgreSQL's grammar wants it.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// An error the server reported.
+#[derive(Debug)]
+pub struct ServerError {
+    /// Its SQLSTATE.
+    pub code: Option<String>,
+    /// Its text, one line.
+    pub text: String,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn major_versions_and_identifiers() {
+        assert_eq!(major_of("18.1"), Some(18));
+        assert_eq!(major_of("15.14 (Debian 15.14-0+deb12u1)"), Some(15));
+        assert_eq!(major_of("13beta2"), Some(13));
+        assert_eq!(major_of(""), None);
+        assert_eq!(quote_ident("pitr"), "\"pitr\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}
