@@ -479,6 +479,19 @@ impl Cluster {
         })
     }
 
+    /// Stop the server as a crash would (`-m immediate`: no checkpoint, nothing more written).
+    pub fn crash(&mut self) {
+        if self.running {
+            run_ok(
+                as_postgres(&mut Command::new(self.bin.join("pg_ctl")))
+                    .args(["-w", "-m", "immediate", "-D"])
+                    .arg(&self.data)
+                    .arg("stop"),
+            );
+            self.running = false;
+        }
+    }
+
     pub fn server_log_tail(&self) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();

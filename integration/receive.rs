@@ -34,8 +34,20 @@ fn stored_segments(repo: &Path) -> Vec<String> {
 }
 
 fn start_receive(scratch: &Scratch, url: &str, conninfo: &str, log: &Path) -> Child {
+    start_receive_with(scratch, url, conninfo, log, &[])
+}
+
+fn start_receive_with(
+    scratch: &Scratch,
+    url: &str,
+    conninfo: &str,
+    log: &Path,
+    extra: &[&str],
+) -> Child {
     let log = std::fs::File::create(log).unwrap();
-    Command::new(scratch.pitr_copy())
+    // As the server's user, as a service would run it (and as restore_command reads it back).
+    harness::as_postgres(&mut Command::new(scratch.pitr_copy()))
+        .current_dir("/tmp")
         .args([
             "--repo",
             url,
@@ -48,6 +60,7 @@ fn start_receive(scratch: &Scratch, url: &str, conninfo: &str, log: &Path) -> Ch
             "--status-interval",
             "200ms",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -191,4 +204,198 @@ fn receive_refuses_a_missing_slot() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Restore `url` to its latest WAL into a new directory as the postgres user, start it, and
+/// return the rows of `marks`.
+fn restore_latest_rows(scratch: &Scratch, url: &str, major: u32, bin: &Path, name: &str) -> String {
+    let target = scratch.path().join(name);
+    let out = harness::run(
+        harness::as_postgres(&mut Command::new(scratch.pitr_copy()))
+            .args([
+                "--repo",
+                url,
+                "restore",
+                "--target-dir",
+                target.to_str().unwrap(),
+                "--latest",
+            ])
+            .current_dir("/tmp"),
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let r = Cluster::existing(major, bin, target, Scratch::new(), "archive_mode = off");
+    r.wait_promoted();
+    r.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM marks")
+}
+
+/// The position the slot holds, which `receive` moves only to what is stored.
+fn slot_lsn(c: &Cluster) -> String {
+    c.sql("SELECT coalesce(restart_lsn::text, '') FROM pg_replication_slots WHERE slot_name = 'pitr_receive'")
+}
+
+/// A commit in the middle of a segment, the server crashed before the segment ends: the
+/// repository holds it, because receive stores the part of the segment in progress.
+fn a_commit_before_its_segment_ends_is_in_the_repository(major: u32) {
+    let Some(bin) = harness::pg_bin(major) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let url = format!("file://{}", scratch.subdir("repo").display());
+    let mut c = Cluster::start(major, &bin, "false", "archive_mode = off", &[]);
+    let conninfo = format!("host={} user=postgres", c.sock.display());
+    let log = scratch.path().join("receive.log");
+    let mut rx = start_receive_with(
+        &scratch,
+        &url,
+        &conninfo,
+        &log,
+        &["--flush-interval", "200ms"],
+    );
+    c.sql("CREATE TABLE marks(id int primary key)");
+    c.sql("INSERT INTO marks VALUES (1)");
+    poll("receive to stream", Duration::from_secs(30), || {
+        (c.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pitr' AND state = 'streaming'") == "1").then_some(())
+    });
+    let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    c.sql("INSERT INTO marks VALUES (2)");
+    let commit = c.sql("SELECT pg_current_wal_flush_lsn()");
+    let started = std::time::Instant::now();
+    poll(
+        "receive to store the commit",
+        Duration::from_secs(30),
+        || {
+            (c.sql(&format!(
+            "SELECT restart_lsn >= '{commit}' FROM pg_replication_slots WHERE slot_name = 'pitr_receive'"
+        )) == "t")
+            .then_some(())
+        },
+    );
+    let lag = started.elapsed();
+    c.crash();
+    rx.kill().unwrap();
+    rx.wait().unwrap();
+    assert_eq!(
+        restore_latest_rows(&scratch, &url, major, &bin, "restored"),
+        "1,2"
+    );
+    eprintln!(
+        "PG {major}: a commit at {commit}, in the middle of its segment, was in the repository within {:.0} ms (flush interval 200 ms); restored after a crash: rows 1,2",
+        lag.as_secs_f64() * 1e3
+    );
+}
+
+#[test]
+fn pg15_a_commit_before_its_segment_ends_is_in_the_repository() {
+    a_commit_before_its_segment_ends_is_in_the_repository(15);
+}
+
+#[test]
+fn pg18_a_commit_before_its_segment_ends_is_in_the_repository() {
+    a_commit_before_its_segment_ends_is_in_the_repository(18);
+}
+
+/// `--synchronous` with `synchronous_standby_names = 'pitr'`: a commit waits while receive is
+/// stopped and returns once it runs; a commit that returned is in the repository even when the
+/// server crashes right after it.
+fn synchronous_receive_holds_every_commit_that_returned(major: u32) {
+    let Some(bin) = harness::pg_bin(major) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let url = format!("file://{}", scratch.subdir("repo").display());
+    let mut c = Cluster::start(
+        major,
+        &bin,
+        "false",
+        "archive_mode = off\nsynchronous_standby_names = 'pitr'",
+        &[],
+    );
+    let conninfo = format!("host={} user=postgres", c.sock.display());
+    let sync = ["--synchronous", "--flush-interval", "10s"];
+    let mut rx = start_receive_with(
+        &scratch,
+        &url,
+        &conninfo,
+        &scratch.path().join("rx1.log"),
+        &sync,
+    );
+    c.sql("CREATE TABLE marks(id int primary key)");
+    c.sql("INSERT INTO marks VALUES (1)");
+    poll(
+        "receive to be the synchronous standby",
+        Duration::from_secs(30),
+        || {
+            (c.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pitr' AND sync_state = 'sync'") == "1").then_some(())
+        },
+    );
+    let out = harness::pitr_backup(scratch.path(), &url, &c, &["-q"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // Stopped: a commit waits for it.
+    rx.kill().unwrap();
+    rx.wait().unwrap();
+    let mut waiting = Command::new(bin.join("psql"))
+        .args([
+            "-h",
+            c.sock.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-Atc",
+            "INSERT INTO marks VALUES (2)",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    poll(
+        "the commit to wait for the synchronous standby",
+        Duration::from_secs(30),
+        || {
+            (c.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'") == "1")
+                .then_some(())
+        },
+    );
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the commit returned without pitr"
+    );
+    let mut rx = start_receive_with(
+        &scratch,
+        &url,
+        &conninfo,
+        &scratch.path().join("rx2.log"),
+        &sync,
+    );
+    let status = poll(
+        "the waiting commit to return",
+        Duration::from_secs(30),
+        || waiting.try_wait().unwrap(),
+    );
+    assert!(status.success());
+
+    // A commit that returned, then a crash at once: it is in the repository.
+    c.sql("INSERT INTO marks VALUES (3)");
+    c.crash();
+    rx.kill().unwrap();
+    rx.wait().unwrap();
+    assert_eq!(
+        restore_latest_rows(&scratch, &url, major, &bin, "restored"),
+        "1,2,3"
+    );
+    eprintln!(
+        "PG {major}: --synchronous: a commit waited while receive was stopped and returned once it ran; the commit made right before a crash was restored"
+    );
+}
+
+#[test]
+fn pg15_synchronous_receive_holds_every_commit_that_returned() {
+    synchronous_receive_holds_every_commit_that_returned(15);
+}
+
+#[test]
+fn pg18_synchronous_receive_holds_every_commit_that_returned() {
+    synchronous_receive_holds_every_commit_that_returned(18);
 }

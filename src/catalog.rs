@@ -277,7 +277,7 @@ pub(crate) fn summary_sources(listed: &[Found]) -> Vec<(SegmentName, ObjectKey, 
         .iter()
         .filter_map(|f| match f.what {
             Listed::Summary(s) => Some(s),
-            Listed::Wal(_) => None,
+            Listed::Wal(_) | Listed::Streamed(_) => None,
         })
         .collect();
     listed
@@ -363,7 +363,8 @@ async fn read_listed(
                 fetch.push((ObjectKey::Wal(name), None));
             }
             Listed::Wal(name) => wal.push(name),
-            Listed::Summary(_) => {}
+            // Summaries are read below; a segment in progress (`pitr receive`) is not archived.
+            Listed::Summary(_) | Listed::Streamed(_) => {}
         }
     }
     if summaries_too {

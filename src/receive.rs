@@ -29,6 +29,12 @@ pub struct ReceiveOptions {
     pub compression: Compression,
     /// How often the server hears what is stored, at the least.
     pub status_interval: Duration,
+    /// How often the part of the segment in progress received so far is stored (the repository
+    /// then trails the server by about this much).
+    pub flush_interval: Duration,
+    /// Store what is received at once, every time (a synchronous standby: commits on the primary
+    /// wait until their WAL is in the repository).
+    pub synchronous: bool,
     /// Where completed segments wait, as files, until they are stored.
     pub spool: PathBuf,
     /// Stop once this many segments were stored (tests, and one-shot catch-ups); `None`: run until
@@ -251,8 +257,9 @@ async fn store_history(
     Ok(())
 }
 
-/// Receive one timeline from `start`, storing each segment it completes: `Some(next timeline,
-/// its start)` when the timeline ends, `None` once `stop_after` segments are stored.
+/// Receive one timeline from `start`, storing each segment it completes and, every
+/// `flush_interval` (at once when `synchronous`), the part of the one in progress: `Some(next
+/// timeline, its start)` when the timeline ends, `None` once `stop_after` segments are stored.
 async fn stream(
     conn: &mut ReplConn,
     repo: &Repo,
@@ -269,15 +276,28 @@ async fn stream(
         data: Vec::with_capacity(size),
     };
     let mut received = start;
+    // Everything before it is durably in the repository.
+    let mut flushed = start;
     let mut last_status = Instant::now();
-    let mut ticker = tokio::time::interval(opts.status_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status = tokio::time::interval(opts.status_interval);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flush = tokio::time::interval(opts.flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
             e = conn.next_event() => e?,
-            _ = ticker.tick() => {
+            _ = flush.tick() => {
+                if received > flushed {
+                    store_streamed(repo, opts, seg_size, &cur).await?;
+                    flushed = received;
+                    conn.send_status(received, flushed, Lsn::INVALID, false).await?;
+                    last_status = Instant::now();
+                }
+                continue;
+            }
+            _ = status.tick() => {
                 if last_status.elapsed() >= opts.status_interval {
-                    conn.send_status(received, done.stored_to, Lsn::INVALID, false).await?;
+                    conn.send_status(received, flushed, Lsn::INVALID, false).await?;
                     last_status = Instant::now();
                 }
                 continue;
@@ -309,9 +329,11 @@ async fn stream(
                     received = Lsn(received.0 + take as u64);
                     if cur.data.len() == size {
                         store_segment(repo, opts, seg_size, &cur).await?;
+                        forget_streamed(repo, seg_size, &cur).await;
                         done.segments += 1;
                         done.stored_to = received;
-                        conn.send_status(received, done.stored_to, Lsn::INVALID, false)
+                        flushed = received;
+                        conn.send_status(received, flushed, Lsn::INVALID, false)
                             .await?;
                         last_status = Instant::now();
                         if opts.stop_after.is_some_and(|n| done.segments >= n) {
@@ -325,23 +347,66 @@ async fn stream(
                         };
                     }
                 }
+                // A synchronous standby stores what it has as soon as no more is waiting.
+                if opts.synchronous && received > flushed && !conn.has_message() {
+                    store_streamed(repo, opts, seg_size, &cur).await?;
+                    flushed = received;
+                    conn.send_status(received, flushed, Lsn::INVALID, false)
+                        .await?;
+                    last_status = Instant::now();
+                }
             }
             Event::Keepalive { reply, .. } => {
                 if reply {
-                    conn.send_status(received, done.stored_to, Lsn::INVALID, false)
+                    conn.send_status(received, flushed, Lsn::INVALID, false)
                         .await?;
                     last_status = Instant::now();
                 }
             }
             Event::EndOfTimeline { next, start } => {
-                // The old timeline's last segment is incomplete: stored as a .partial, as
-                // PostgreSQL's own archiver stores it at a promotion.
-                if !cur.data.is_empty() {
-                    store_partial(repo, opts, seg_size, &mut cur).await?;
+                // The old timeline's last segment stays as its received part: the new timeline's
+                // first segment begins with the same WAL, and PostgreSQL archives its own
+                // `.partial` of it.
+                if received > flushed {
+                    store_streamed(repo, opts, seg_size, &cur).await?;
                 }
                 return Ok(Some((next, start)));
             }
         }
+    }
+}
+
+/// Store the part of the segment in progress received so far (replacing the last one stored).
+async fn store_streamed(
+    repo: &Repo,
+    opts: &ReceiveOptions,
+    seg_size: WalSegSize,
+    cur: &Current,
+) -> anyhow::Result<()> {
+    let name = SegmentName::new(cur.tli, cur.segno, seg_size)
+        .with_context(|| format!("no segment name for {}", cur.start))?;
+    let stored = crate::storage::envelope::encode(&cur.data, opts.compression)
+        .with_context(|| format!("encode the received part of {name}"))?;
+    let key = crate::storage::layout::ObjectKey::Streamed(name);
+    repo.replace_durably(&key, stored.into())
+        .await
+        .with_context(|| format!("store the received part of {name}"))?;
+    tracing::debug!(
+        "stored the received part of {name}: up to {}",
+        Lsn(cur.start.0 + cur.data.len() as u64)
+    );
+    Ok(())
+}
+
+/// Delete the received part of a segment now stored whole (a leftover is harmless: archive-get
+/// prefers the whole segment).
+async fn forget_streamed(repo: &Repo, seg_size: WalSegSize, cur: &Current) {
+    let Some(name) = SegmentName::new(cur.tli, cur.segno, seg_size) else {
+        return;
+    };
+    let key = crate::storage::layout::ObjectKey::Streamed(name);
+    if let Err(e) = repo.delete(&key).await {
+        tracing::debug!("delete the received part of {name}: {e}");
     }
 }
 
@@ -359,26 +424,6 @@ async fn store_segment(
     tracing::info!(
         "stored {name} (received up to {})",
         Lsn(cur.start.0 + cur.data.len() as u64)
-    );
-    Ok(())
-}
-
-/// Store an incomplete segment, zero-filled to its size, as `<segment>.partial`.
-async fn store_partial(
-    repo: &Repo,
-    opts: &ReceiveOptions,
-    seg_size: WalSegSize,
-    cur: &mut Current,
-) -> anyhow::Result<()> {
-    let name = SegmentName::new(cur.tli, cur.segno, seg_size)
-        .with_context(|| format!("no segment name for {}", cur.start))?;
-    let received = cur.data.len();
-    cur.data.resize(seg_size.bytes() as usize, 0);
-    let path = opts.spool.join(format!("{name}.partial"));
-    store_file(repo, opts, &path, &cur.data).await?;
-    tracing::info!(
-        "stored {name}.partial ({received} bytes of timeline {})",
-        cur.tli.get()
     );
     Ok(())
 }

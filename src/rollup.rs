@@ -325,7 +325,7 @@ pub async fn write_chunk(
         .iter()
         .filter_map(|f| match f.what {
             Listed::Wal(w) => Some(w.to_string()),
-            Listed::Summary(_) => None,
+            Listed::Summary(_) | Listed::Streamed(_) => None,
         })
         .collect();
     // Each segment's summary, in segment order (carried in the segment's object, or beside it).

@@ -156,13 +156,53 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
             // "Not found" ends recovery: say it only for a repository that is really there. A
             // missing bucket, an unmounted or emptied directory answers every read with "not found"
             // too, and promoting on that would silently drop the rest of the history.
-            repo.require_identity()
+            let identity = repo
+                .require_identity()
                 .await
                 .with_context(|| format!("fetch {name}"))?;
+            if let WalFileName::Segment(seg) = name
+                && let Some(bytes) =
+                    get_streamed(repo, seg, identity.wal_segment_size.bytes(), dest).await?
+            {
+                return Ok(GetOutcome::Written { bytes });
+            }
             tracing::debug!("{name} is not in {}", repo.location());
             Ok(GetOutcome::NotFound)
         }
     }
+}
+
+/// The part of segment `seg` that `pitr receive` has stored while the segment was in progress,
+/// written to `dest` as the segment, zero-filled to its size (what PostgreSQL makes of a
+/// `.partial` segment renamed into place: it replays to the end of the valid WAL in it).
+/// `None` when there is none.
+///
+/// # Errors
+/// The object is corrupt or cannot be read, or `dest` cannot be written.
+async fn get_streamed(
+    repo: &Repo,
+    seg: crate::pg::SegmentName,
+    seg_size: u32,
+    dest: &Path,
+) -> anyhow::Result<Option<u64>> {
+    let Some(data) = repo
+        .get(&ObjectKey::Streamed(seg))
+        .await
+        .with_context(|| format!("fetch the received part of {seg}"))?
+    else {
+        return Ok(None);
+    };
+    let received = data.len();
+    let mut whole = data;
+    whole.resize((seg_size as usize).max(received), 0);
+    let target = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || durable::replace_atomically(&target, &whole))
+        .await?
+        .with_context(|| format!("write {seg} to {}", dest.display()))?;
+    tracing::info!(
+        "{seg} is not archived whole: restored the {received} bytes pitr receive stored of it (the rest zeros)"
+    );
+    Ok(Some(u64::from(seg_size)))
 }
 
 /// [`get_with_prefetch`] across the repositories of `set`, in order: the first that holds the file

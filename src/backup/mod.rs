@@ -841,9 +841,20 @@ async fn check_server(
         .get::<_, String>(1)
         .parse()
         .context("the server's system identifier")?;
-    if archive_mode == "off" {
+    // With archive_mode off, WAL can still reach the repository through `pitr receive` (a
+    // walsender whose application_name is pitr); the wait for the backup's WAL checks it arrives.
+    let streaming = archive_mode == "off"
+        && client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pitr' AND state = 'streaming'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false);
+    if archive_mode == "off" && !streaming {
         bail!(
-            "archive_mode is off on this server: a backup without archived WAL can never be restored (set archive_mode = on and archive_command to pitr archive-push, then restart)"
+            "archive_mode is off on this server and no pitr receive streams from it: a backup without archived WAL can never be restored (set archive_mode = on and archive_command to pitr archive-push, then restart; or run pitr receive)"
         );
     }
     if let Some(identity) = repo.identity().await?

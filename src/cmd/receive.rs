@@ -25,6 +25,15 @@ pub(crate) struct Args {
     /// Tell the server what is stored at least this often.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     status_interval: std::time::Duration,
+    /// Store the part of the segment in progress received so far this often (the repository then
+    /// trails the server by about this much; 0 stores only whole segments).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    flush_interval: std::time::Duration,
+    /// Be a synchronous standby: store what arrives at once and only then report it flushed, so
+    /// that with `synchronous_standby_names = 'pitr'` a commit returns once its WAL is in the
+    /// repository (RPO 0).
+    #[arg(long)]
+    synchronous: bool,
     /// Where completed segments wait until they are stored [default: a directory under $TMPDIR].
     #[arg(long, value_name = "DIR")]
     spool_dir: Option<PathBuf>,
@@ -43,6 +52,8 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         slot,
         create_slot,
         status_interval,
+        flush_interval,
+        synchronous,
         spool_dir,
         segments,
     } = args;
@@ -59,6 +70,13 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         create_slot,
         compression: settings.compress,
         status_interval: status_interval.max(std::time::Duration::from_millis(100)),
+        // 0: whole segments only (a tick so rare it never comes).
+        flush_interval: if flush_interval.is_zero() {
+            std::time::Duration::from_secs(365 * 86400)
+        } else {
+            flush_interval.max(std::time::Duration::from_millis(10))
+        },
+        synchronous,
         spool,
         stop_after: segments,
     };

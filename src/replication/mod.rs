@@ -196,6 +196,14 @@ impl ReplConn {
         }
     }
 
+    /// Whether a whole message from the server is already here (read, not yet handed out).
+    pub fn has_message(&self) -> bool {
+        self.rbuf.len() >= 5
+            && self.rbuf.len()
+                > u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]])
+                    as usize
+    }
+
     /// A server error as this connection's error.
     fn server_error(&self, body: Bytes) -> anyhow::Error {
         anyhow::Error::new(ServerError {

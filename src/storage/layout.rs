@@ -40,6 +40,9 @@ pub enum ObjectKey {
     Wal(WalFileName),
     /// The index summary of a segment.
     Summary(SegmentName),
+    /// The part of a segment `pitr receive` has received so far, replaced as it grows and deleted
+    /// once the whole segment is stored (never a `.partial` PostgreSQL archives: those are `Wal`).
+    Streamed(SegmentName),
     /// A base backup's manifest.
     BackupManifest(String),
     /// The object that claims a backup id (a conditional create: two backups started in the same
@@ -132,6 +135,8 @@ pub enum Listed {
     Wal(WalFileName),
     /// A segment's summary.
     Summary(SegmentName),
+    /// The received part of a segment in progress.
+    Streamed(SegmentName),
 }
 
 impl Listed {
@@ -139,7 +144,7 @@ impl Listed {
     pub fn segment(&self) -> Option<SegmentName> {
         match self {
             Listed::Wal(w) => w.segment(),
-            Listed::Summary(s) => Some(*s),
+            Listed::Summary(s) | Listed::Streamed(s) => Some(*s),
         }
     }
 }
@@ -186,6 +191,12 @@ fn parse_rollup_key(key: &str) -> Option<ObjectKey> {
 pub fn parse_wal_key(key: &str) -> Option<Listed> {
     let rest = key.strip_prefix("wal/")?;
     let (dir, file) = rest.split_once('/')?;
+    if let Some(seg) = file.strip_suffix(STREAMED_SUFFIX) {
+        return match seg.parse().ok()? {
+            WalFileName::Segment(s) if dir == tli_dir(s.tli) => Some(Listed::Streamed(s)),
+            _ => None,
+        };
+    }
     if let Some(name) = file.strip_suffix(SUFFIX) {
         let name: WalFileName = name.parse().ok()?;
         let expected_dir = match name {
@@ -218,6 +229,9 @@ fn tli_dir(tli: TimelineId) -> String {
 /// Suffix of every enveloped object.
 pub const SUFFIX: &str = ".pitr";
 
+/// Suffix of the received part of a segment in progress.
+const STREAMED_SUFFIX: &str = ".streamed.pitr";
+
 /// Key of the verify status (kept as it was first written, `.json` without the envelope suffix).
 const VERIFY_STATUS: &str = "status/verify.json";
 
@@ -229,6 +243,7 @@ impl ObjectKey {
             ObjectKey::Wal(name @ WalFileName::History(_)) => format!("wal/history/{name}{SUFFIX}"),
             ObjectKey::Wal(name) => format!("wal/{}/{name}{SUFFIX}", tli_dir(name.timeline())),
             ObjectKey::Summary(seg) => format!("wal/{}/{seg}.idx", tli_dir(seg.tli)),
+            ObjectKey::Streamed(seg) => format!("wal/{}/{seg}{STREAMED_SUFFIX}", tli_dir(seg.tli)),
             ObjectKey::BackupManifest(id) => format!("{BACKUP_PREFIX}/{id}/manifest{SUFFIX}"),
             ObjectKey::BackupClaim(id) => format!("{BACKUP_PREFIX}/{id}/started{SUFFIX}"),
             ObjectKey::BackupLabel(id) => format!("{BACKUP_PREFIX}/{id}/backup_label{SUFFIX}"),
@@ -277,6 +292,7 @@ impl ObjectKey {
             return Some(match listed {
                 Listed::Wal(name) => ObjectKey::Wal(name),
                 Listed::Summary(seg) => ObjectKey::Summary(seg),
+                Listed::Streamed(seg) => ObjectKey::Streamed(seg),
             });
         }
         let rest = key.strip_prefix(BACKUP_PREFIX)?.strip_prefix('/')?;

@@ -316,6 +316,47 @@ impl Repo {
         .map_err(|e| self.store_err("write", &key.key(), e))
     }
 
+    /// Replace the object under `key` durably: in a local repository in the clear, a file written
+    /// beside it, fsynced and renamed over it (its directory fsynced); in an object store, a PUT,
+    /// durable once answered. For objects that change (the received part of a segment): the old
+    /// content or the whole new one, never a mix.
+    ///
+    /// # Errors
+    /// The write fails; the old object is then unchanged.
+    pub async fn replace_durably(
+        &self,
+        key: &ObjectKey,
+        stored: envelope::Encoded,
+    ) -> Result<u64, RepoError> {
+        let stored_bytes = stored.len() as u64;
+        match (&self.local_root, &self.keyring) {
+            (Some(root), None) => {
+                let dest = root.join(key.key());
+                let bytes: Vec<u8> = stored.into_parts().concat();
+                let path = dest.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    crate::durable::write_atomically(&path, &bytes)
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(|source| RepoError::Local {
+                    op: "write",
+                    path: dest,
+                    source,
+                })?;
+            }
+            _ => {
+                self.overwrite(key, PutPayload::from_iter(stored.into_parts()))
+                    .await?
+            }
+        }
+        Ok(stored_bytes)
+    }
+
     /// What an object found under `key` means for a put in `mode`.
     async fn existing(
         &self,
