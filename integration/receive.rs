@@ -148,12 +148,7 @@ fn receive_streams_into_the_repository(major: u32) {
     poll(
         "the slot to reach what is stored",
         Duration::from_secs(30),
-        || {
-            (c.sql(&format!(
-            "SELECT restart_lsn >= '{last_end}' FROM pg_replication_slots WHERE slot_name = 'pitr_receive'"
-        )) == "t")
-            .then_some(())
-        },
+        || slot_reached(&c, &last_end).then_some(()),
     );
     rx.kill().unwrap();
     rx.wait().unwrap();
@@ -228,9 +223,11 @@ fn restore_latest_rows(scratch: &Scratch, url: &str, major: u32, bin: &Path, nam
     r.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM marks")
 }
 
-/// The position the slot holds, which `receive` moves only to what is stored.
-fn slot_lsn(c: &Cluster) -> String {
-    c.sql("SELECT coalesce(restart_lsn::text, '') FROM pg_replication_slots WHERE slot_name = 'pitr_receive'")
+/// Whether the slot's position (which `receive` moves only to what is stored) reached `lsn`.
+fn slot_reached(c: &Cluster, lsn: &str) -> bool {
+    c.sql(&format!(
+        "SELECT restart_lsn >= '{lsn}' FROM pg_replication_slots WHERE slot_name = 'pitr_receive'"
+    )) == "t"
 }
 
 /// A commit in the middle of a segment, the server crashed before the segment ends: the
@@ -264,12 +261,7 @@ fn a_commit_before_its_segment_ends_is_in_the_repository(major: u32) {
     poll(
         "receive to store the commit",
         Duration::from_secs(30),
-        || {
-            (c.sql(&format!(
-            "SELECT restart_lsn >= '{commit}' FROM pg_replication_slots WHERE slot_name = 'pitr_receive'"
-        )) == "t")
-            .then_some(())
-        },
+        || slot_reached(&c, &commit).then_some(()),
     );
     let lag = started.elapsed();
     c.crash();
