@@ -391,3 +391,86 @@ fn pg15_synchronous_receive_holds_every_commit_that_returned() {
 fn pg18_synchronous_receive_holds_every_commit_that_returned() {
     synchronous_receive_holds_every_commit_that_returned(18);
 }
+
+/// SCRAM-SHA-256: the password from PGPASSWORD or from a password file; a wrong one is a one-line
+/// error naming the failure, exit 1.
+#[test]
+fn receive_authenticates_with_scram() {
+    let Some(bin) = harness::pg_bin(18) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let url = format!("file://{}", scratch.subdir("repo").display());
+    let c = Cluster::start(
+        18,
+        &bin,
+        "false",
+        "archive_mode = off\npassword_encryption = 'scram-sha-256'",
+        &[],
+    );
+    c.sql("CREATE ROLE rep WITH LOGIN REPLICATION PASSWORD 'right-secret'");
+    let hba = c.data.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("local replication rep scram-sha-256\n{old}")).unwrap();
+    c.sql("SELECT pg_reload_conf()");
+    let conninfo = format!("host={} user=rep", c.sock.display());
+    let pgpass = scratch.path().join("pgpass");
+    std::fs::write(&pgpass, "localhost:*:replication:rep:right-secret\n").unwrap();
+    std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let pgpass_s = pgpass.to_string_lossy().into_owned();
+    for (how, env) in [
+        ("PGPASSWORD", ("PGPASSWORD", "right-secret")),
+        ("a password file", ("PGPASSFILE", pgpass_s.as_str())),
+    ] {
+        let mut rx = Command::new(harness::PITR)
+            .args([
+                "--repo",
+                &url,
+                "receive",
+                "--dbname",
+                &conninfo,
+                "--segments",
+                "1",
+            ])
+            .env(env.0, env.1)
+            .env_remove(if env.0 == "PGPASSWORD" {
+                "PGPASSFILE"
+            } else {
+                "PGPASSWORD"
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        poll("receive to stream as rep", Duration::from_secs(30), || {
+            if let Some(status) = rx.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(rx.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("with {how}, receive ended ({status}): {err}");
+            }
+            (c.sql("SELECT count(*) FROM pg_stat_replication WHERE usename = 'rep' AND state = 'streaming'") == "1").then_some(())
+        });
+        c.sql("SELECT count(pg_logical_emit_message(false, 'x', 'y'))");
+        c.switch_wal();
+        let out = poll(
+            "receive to store a segment and stop",
+            Duration::from_secs(30),
+            || rx.try_wait().unwrap(),
+        );
+        let mut err = String::new();
+        std::io::Read::read_to_string(rx.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(out.success(), "with {how}: {err}");
+    }
+    let out = pitr(
+        scratch.path(),
+        &["--repo", &url, "receive", "--dbname", &conninfo],
+        &[("PGPASSWORD", "wrong"), ("PGPASSFILE", "/nonexistent")],
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("password authentication failed") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!err.contains("wrong"), "the password is not printed: {err}");
+}

@@ -76,8 +76,66 @@ pub fn config(dbname: Option<&str>, pgdata: Option<&Path>) -> anyhow::Result<Con
     {
         cfg.password(p);
     }
+    if cfg.get_password().is_none()
+        && let Some(p) = password_for(&cfg, cfg.get_dbname().unwrap_or("postgres"))
+    {
+        cfg.password(p);
+    }
     cfg.application_name("pitr");
     Ok(cfg)
+}
+
+/// The password the password file (`PGPASSFILE`, else `~/.pgpass`) holds for `cfg`'s first host,
+/// port and user and database `dbname` (`replication` for a physical replication connection), as
+/// libpq reads it: `host:port:database:user:password` lines, `*` matching anything, `\:` and
+/// `\\` escaped; a Unix socket matches `localhost` or its directory. A file that others can read
+/// is ignored, as libpq ignores it.
+pub fn password_for(cfg: &Config, dbname: &str) -> Option<String> {
+    let path = std::env::var_os("PGPASSFILE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+    let meta = std::fs::metadata(&path).ok()?;
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+        tracing::warn!(
+            "password file {} has group or world access; ignored (chmod 0600 it)",
+            path.display()
+        );
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    let hosts: Vec<String> = match cfg.get_hosts().first()? {
+        Host::Tcp(h) => vec![h.clone()],
+        Host::Unix(p) => vec!["localhost".into(), p.display().to_string()],
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = cfg.get_user().unwrap_or("");
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|line| {
+            let fields = pgpass_fields(line)?;
+            let [h, p, d, u, pw] = <[String; 5]>::try_from(fields).ok()?;
+            let any = |f: &str, v: &str| f == "*" || f == v;
+            (hosts.iter().any(|x| any(&h, x)) && any(&p, &port) && any(&d, dbname) && any(&u, user))
+                .then_some(pw)
+        })
+}
+
+/// A password file line's fields, unescaped; `None` unless there are five.
+fn pgpass_fields(line: &str) -> Option<Vec<String>> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    fields.last_mut()?.push(next);
+                }
+            }
+            ':' if fields.len() < 5 => fields.push(String::new()),
+            c => fields.last_mut()?.push(c),
+        }
+    }
+    (fields.len() == 5).then_some(fields)
 }
 
 /// A short description of where `cfg` connects, for messages (never the password).
@@ -135,6 +193,16 @@ pub async fn server_major(client: &Client) -> anyhow::Result<PgMajor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn password_file_lines() {
+        assert_eq!(
+            pgpass_fields("db1:5432:*:rep:se\\:cret").unwrap(),
+            ["db1", "5432", "*", "rep", "se:cret"]
+        );
+        assert_eq!(pgpass_fields("a:b:c:d:e:f").unwrap()[4], "e:f");
+        assert!(pgpass_fields("a:b:c").is_none());
+    }
 
     #[test]
     fn conninfo_forms_and_postmaster_pid() {

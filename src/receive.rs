@@ -185,11 +185,15 @@ async fn start_position(
         let (lsn, tli) = found.unwrap_or((sys.xlogpos, sys.timeline));
         return Ok((segment_start(lsn, seg_size), tli));
     }
-    let catalog = crate::catalog::Catalog::load(repo).await?;
-    let held = catalog
-        .timelines
-        .get(&sys.timeline)
-        .and_then(|t| t.segments.last().copied());
+    // A repository with nothing in it yet (pitr.json comes with the first segment) holds nothing.
+    let held = match repo.identity().await? {
+        None => None,
+        Some(_) => crate::catalog::Catalog::load(repo)
+            .await?
+            .timelines
+            .get(&sys.timeline)
+            .and_then(|t| t.segments.last().copied()),
+    };
     let here = segment_start(sys.xlogpos, seg_size);
     let start = match held {
         Some(SegNo(n)) => {

@@ -224,12 +224,16 @@ impl ReplConn {
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)?;
         self.flush().await?;
         let describe = self.describe.clone();
+        // A physical replication connection's database, for the password file, is `replication`.
         let password = || -> anyhow::Result<Vec<u8>> {
-            cfg.get_password().map(<[u8]>::to_vec).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "PostgreSQL ({describe}) asks for a password: give it in the connection string or PGPASSWORD"
-                )
-            })
+            cfg.get_password()
+                .map(<[u8]>::to_vec)
+                .or_else(|| crate::pgconn::password_for(cfg, "replication").map(String::into_bytes))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "PostgreSQL ({describe}) asks for a password: give it in the connection string, PGPASSWORD or the password file (~/.pgpass, PGPASSFILE)"
+                    )
+                })
         };
         let mut scram: Option<postgres_protocol::authentication::sasl::ScramSha256> = None;
         loop {
