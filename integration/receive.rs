@@ -474,3 +474,96 @@ fn receive_authenticates_with_scram() {
     );
     assert!(!err.contains("wrong"), "the password is not printed: {err}");
 }
+
+/// Streaming from a standby that is promoted: receive follows it onto the new timeline, stores
+/// the history file and the new timeline's segments, and `info` shows both timelines.
+fn receive_follows_a_promotion(major: u32) {
+    let Some(bin) = harness::pg_bin(major) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let url = format!("file://{}", scratch.subdir("repo").display());
+    let primary = Cluster::start(major, &bin, "false", "archive_mode = off", &[]);
+    let standby_dir = scratch.path().join("standby");
+    harness::run_ok(
+        harness::as_postgres(&mut Command::new(bin.join("pg_basebackup")))
+            .args([
+                "-h",
+                primary.sock.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "-D",
+            ])
+            .arg(&standby_dir),
+    );
+    let standby = Cluster::existing(
+        major,
+        &bin,
+        standby_dir,
+        Scratch::new(),
+        "archive_mode = off\nhot_standby = on",
+    );
+    poll("the standby to stream", Duration::from_secs(60), || {
+        (primary.sql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") == "1")
+            .then_some(())
+    });
+    let conninfo = format!("host={} user=postgres", standby.sock.display());
+    let mut rx = start_receive(&scratch, &url, &conninfo, &scratch.path().join("rx.log"));
+    primary.sql("CREATE TABLE t(i int)");
+    let before = primary.switch_wal();
+    let repo = Path::new(url.trim_start_matches("file://"));
+    poll(
+        &format!("{before} from the standby"),
+        Duration::from_secs(60),
+        || {
+            stored_segments(repo)
+                .iter()
+                .any(|s| s.as_str() >= before.as_str())
+                .then_some(())
+        },
+    );
+    standby.sql("SELECT pg_promote()");
+    standby.wait_promoted();
+    standby.sql("INSERT INTO t VALUES (1)");
+    let after = standby.switch_wal();
+    assert!(after.starts_with("00000002"), "{after}");
+    poll(
+        &format!("{after} on the new timeline"),
+        Duration::from_secs(60),
+        || {
+            stored_segments(repo)
+                .iter()
+                .any(|s| s.as_str() >= after.as_str())
+                .then_some(())
+        },
+    );
+    rx.kill().unwrap();
+    rx.wait().unwrap();
+    assert!(repo.join("wal/history/00000002.history.pitr").exists());
+    let out = pitr(scratch.path(), &["--repo", &url, "info", "--json"], &[]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let timelines: Vec<u64> = info["timelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["timeline"].as_u64())
+        .collect();
+    assert!(timelines.contains(&1) && timelines.contains(&2), "{info:#}");
+    eprintln!(
+        "PG {major}: receive followed the standby's promotion: {before} on timeline 1, {after} on timeline 2, history stored"
+    );
+}
+
+#[test]
+fn pg15_receive_follows_a_promotion() {
+    receive_follows_a_promotion(15);
+}
+
+#[test]
+fn pg18_receive_follows_a_promotion() {
+    receive_follows_a_promotion(18);
+}
