@@ -567,3 +567,119 @@ fn pg15_receive_follows_a_promotion() {
 fn pg18_receive_follows_a_promotion() {
     receive_follows_a_promotion(18);
 }
+
+/// TLS over TCP (`sslmode=require`) to a server whose `pg_hba.conf` takes replication over TCP only
+/// with TLS; a server without TLS is refused under `require`.
+#[test]
+fn receive_speaks_tls() {
+    let Some(bin) = harness::pg_bin(15) else {
+        return;
+    };
+    let scratch = Scratch::new();
+    let url = format!("file://{}", scratch.subdir("repo").display());
+    let certs = scratch.subdir("certs");
+    let (cert, key) = (certs.join("server.crt"), certs.join("server.key"));
+    harness::run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-x509",
+                "-days",
+                "2",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args(["-newkey", "rsa:2048", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    harness::run_ok(Command::new("chown").args(["-R", "postgres"]).arg(&certs));
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = Cluster::start(
+        15,
+        &bin,
+        "false",
+        &format!(
+            "archive_mode = off\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nlisten_addresses = '127.0.0.1'\nport = {port}",
+            cert.display(),
+            key.display()
+        ),
+        &[],
+    );
+    let hba = c.data.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostssl replication all 127.0.0.1/32 trust\nhostnossl replication all 127.0.0.1/32 reject\n{old}"),
+    )
+    .unwrap();
+    let psql = |sql: &str| {
+        let out = harness::run_ok(
+            Command::new(bin.join("psql"))
+                .args(["-X", "-A", "-t", "-U", "postgres", "-d", "postgres", "-h"])
+                .arg(&c.sock)
+                .args(["-p", &port.to_string(), "-c", sql]),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    psql("SELECT pg_reload_conf()");
+    let conninfo = format!("host=127.0.0.1 port={port} user=postgres sslmode=require");
+    let mut rx = Command::new(harness::PITR)
+        .args([
+            "--repo",
+            &url,
+            "receive",
+            "--dbname",
+            &conninfo,
+            "--segments",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    poll(
+        "receive to stream over TLS",
+        Duration::from_secs(30),
+        || {
+            if let Some(status) = rx.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(rx.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("receive ended ({status}): {err}");
+            }
+            (psql("SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl AND r.state = 'streaming'") == "1").then_some(())
+        },
+    );
+    psql("SELECT pg_switch_wal()");
+    let status = poll(
+        "receive to store a segment over TLS",
+        Duration::from_secs(30),
+        || rx.try_wait().unwrap(),
+    );
+    assert!(status.success());
+    // Without TLS on the server, require refuses; disable then meets pg_hba's reject.
+    psql("ALTER SYSTEM SET ssl = off");
+    psql("SELECT pg_reload_conf()");
+    poll("TLS to be off", Duration::from_secs(30), || {
+        (psql("SHOW ssl") == "off").then_some(())
+    });
+    let out = pitr(
+        scratch.path(),
+        &["--repo", &url, "receive", "--dbname", &conninfo],
+        &[],
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not accept TLS"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -8,6 +8,7 @@
 //! copy sub-protocol. postgres-protocol encodes the frontend messages and computes md5 and SCRAM;
 //! `wire` parses what the server sends.
 
+mod tls;
 pub mod wire;
 
 use std::time::Duration;
@@ -27,6 +28,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The connection's transport.
 enum Transport {
     Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
     Unix(tokio::net::UnixStream),
 }
 
@@ -34,6 +36,7 @@ impl Transport {
     async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         match self {
             Transport::Tcp(s) => s.read_buf(buf).await,
+            Transport::Tls(s) => s.read_buf(buf).await,
             Transport::Unix(s) => s.read_buf(buf).await,
         }
     }
@@ -41,6 +44,10 @@ impl Transport {
     async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Transport::Tcp(s) => s.write_all(data).await,
+            Transport::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
             Transport::Unix(s) => s.write_all(data).await,
         }
     }
@@ -114,21 +121,22 @@ impl ReplConn {
     /// asks for TLS or an authentication pitr does not speak.
     pub async fn connect(cfg: &tokio_postgres::Config) -> anyhow::Result<ReplConn> {
         let describe = crate::pgconn::describe(cfg);
-        if cfg.get_ssl_mode() == SslMode::Require {
-            bail!(
-                "connect to PostgreSQL ({describe}) for replication: sslmode=require is not supported by pitr's replication connection yet (use a Unix socket, or sslmode=prefer/disable on a trusted network)"
-            );
-        }
         let port = cfg.get_ports().first().copied().unwrap_or(5432);
         let mut last = None;
         for host in cfg.get_hosts() {
             let io = match host {
-                Host::Tcp(h) => tokio::net::TcpStream::connect((h.as_str(), port))
-                    .await
-                    .map(|s| {
+                Host::Tcp(h) => match tokio::net::TcpStream::connect((h.as_str(), port)).await {
+                    Ok(s) => {
                         let _ = s.set_nodelay(true);
-                        Transport::Tcp(s)
-                    }),
+                        match cfg.get_ssl_mode() {
+                            SslMode::Disable => Ok(Transport::Tcp(s)),
+                            mode => tls::negotiate(s, h, mode == SslMode::Require)
+                                .await
+                                .with_context(|| format!("connect to PostgreSQL ({describe})"))?,
+                        }
+                    }
+                    Err(e) => Err(e),
+                },
                 Host::Unix(dir) => {
                     tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
                         .await
