@@ -422,44 +422,19 @@ fn receive_authenticates_with_scram() {
         ("PGPASSWORD", ("PGPASSWORD", "right-secret")),
         ("a password file", ("PGPASSFILE", pgpass_s.as_str())),
     ] {
-        let mut rx = Command::new(harness::PITR)
-            .args([
-                "--repo",
-                &url,
-                "receive",
-                "--dbname",
-                &conninfo,
-                "--segments",
-                "1",
-            ])
-            .env(env.0, env.1)
-            .env_remove(if env.0 == "PGPASSWORD" {
-                "PGPASSFILE"
-            } else {
-                "PGPASSWORD"
-            })
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        poll("receive to stream as rep", Duration::from_secs(30), || {
-            if let Some(status) = rx.try_wait().unwrap() {
-                let mut err = String::new();
-                std::io::Read::read_to_string(rx.stderr.as_mut().unwrap(), &mut err).unwrap();
-                panic!("with {how}, receive ended ({status}): {err}");
-            }
-            (c.sql("SELECT count(*) FROM pg_stat_replication WHERE usename = 'rep' AND state = 'streaming'") == "1").then_some(())
-        });
-        c.sql("SELECT count(pg_logical_emit_message(false, 'x', 'y'))");
-        c.switch_wal();
-        let out = poll(
-            "receive to store a segment and stop",
-            Duration::from_secs(30),
-            || rx.try_wait().unwrap(),
+        eprintln!("password from {how}");
+        one_segment(
+            &url,
+            &conninfo,
+            &[env],
+            || {
+                c.sql("SELECT count(*) FROM pg_stat_replication WHERE usename = 'rep' AND state = 'streaming'") == "1"
+            },
+            || {
+                c.sql("SELECT count(pg_logical_emit_message(false, 'x', 'y'))");
+                c.switch_wal();
+            },
         );
-        let mut err = String::new();
-        std::io::Read::read_to_string(rx.stderr.as_mut().unwrap(), &mut err).unwrap();
-        assert!(out.success(), "with {how}: {err}");
     }
     let out = pitr(
         scratch.path(),
@@ -632,39 +607,19 @@ fn receive_speaks_tls() {
     };
     psql("SELECT pg_reload_conf()");
     let conninfo = format!("host=127.0.0.1 port={port} user=postgres sslmode=require");
-    let mut rx = Command::new(harness::PITR)
-        .args([
-            "--repo",
-            &url,
-            "receive",
-            "--dbname",
-            &conninfo,
-            "--segments",
-            "1",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    poll(
-        "receive to stream over TLS",
-        Duration::from_secs(30),
+    one_segment(
+        &url,
+        &conninfo,
+        &[],
         || {
-            if let Some(status) = rx.try_wait().unwrap() {
-                let mut err = String::new();
-                std::io::Read::read_to_string(rx.stderr.as_mut().unwrap(), &mut err).unwrap();
-                panic!("receive ended ({status}): {err}");
-            }
-            (psql("SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl AND r.state = 'streaming'") == "1").then_some(())
+            psql(
+                "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid) WHERE s.ssl AND r.state = 'streaming'",
+            ) == "1"
+        },
+        || {
+            psql("SELECT pg_switch_wal()");
         },
     );
-    psql("SELECT pg_switch_wal()");
-    let status = poll(
-        "receive to store a segment over TLS",
-        Duration::from_secs(30),
-        || rx.try_wait().unwrap(),
-    );
-    assert!(status.success());
     // Without TLS on the server, require refuses; disable then meets pg_hba's reject.
     psql("ALTER SYSTEM SET ssl = off");
     psql("SELECT pg_reload_conf()");
@@ -682,4 +637,52 @@ fn receive_speaks_tls() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `pitr receive --segments 1` from `conninfo` into `url`, with `env`: waits until `streaming()`
+/// says it streams (failing with its stderr if it ends first), runs `switch()` to complete a
+/// segment, and asserts it stored one and exited 0.
+fn one_segment(
+    url: &str,
+    conninfo: &str,
+    env: &[(&str, &str)],
+    streaming: impl Fn() -> bool,
+    switch: impl Fn(),
+) {
+    let mut cmd = Command::new(harness::PITR);
+    cmd.args([
+        "--repo",
+        url,
+        "receive",
+        "--dbname",
+        conninfo,
+        "--segments",
+        "1",
+    ])
+    .env_remove("PGPASSWORD")
+    .env_remove("PGPASSFILE")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut rx = cmd.spawn().unwrap();
+    let stderr_of = |rx: &mut Child| {
+        let mut err = String::new();
+        std::io::Read::read_to_string(rx.stderr.as_mut().unwrap(), &mut err).unwrap();
+        err
+    };
+    poll("receive to stream", Duration::from_secs(30), || {
+        if let Some(status) = rx.try_wait().unwrap() {
+            panic!("receive ended ({status}): {}", stderr_of(&mut rx));
+        }
+        streaming().then_some(())
+    });
+    switch();
+    let status = poll(
+        "receive to store a segment and stop",
+        Duration::from_secs(30),
+        || rx.try_wait().unwrap(),
+    );
+    assert!(status.success(), "{}", stderr_of(&mut rx));
 }
