@@ -80,6 +80,8 @@ struct Current {
     segno: SegNo,
     start: Lsn,
     data: Vec<u8>,
+    /// How much of `data` is stored as chunks.
+    chunked: usize,
 }
 
 /// Stream WAL from the server `cfg` names into `repo` until stopped (or `stop_after`).
@@ -278,6 +280,7 @@ async fn stream(
         segno: start.segno(seg_size),
         start,
         data: Vec::with_capacity(size),
+        chunked: 0,
     };
     let mut received = start;
     // Everything before it is durably in the repository.
@@ -292,7 +295,7 @@ async fn stream(
             e = conn.next_event() => e?,
             _ = flush.tick() => {
                 if received > flushed {
-                    store_streamed(repo, opts, seg_size, &cur).await?;
+                    store_streamed(repo, opts, seg_size, &mut cur).await?;
                     flushed = received;
                     conn.send_status(received, flushed, Lsn::INVALID, false).await?;
                     last_status = Instant::now();
@@ -348,12 +351,13 @@ async fn stream(
                             segno: SegNo(cur.segno.0 + 1),
                             start: received,
                             data: Vec::with_capacity(size),
+                            chunked: 0,
                         };
                     }
                 }
                 // A synchronous standby stores what it has as soon as no more is waiting.
                 if opts.synchronous && received > flushed && !conn.has_message() {
-                    store_streamed(repo, opts, seg_size, &cur).await?;
+                    store_streamed(repo, opts, seg_size, &mut cur).await?;
                     flushed = received;
                     conn.send_status(received, flushed, Lsn::INVALID, false)
                         .await?;
@@ -372,7 +376,7 @@ async fn stream(
                 // first segment begins with the same WAL, and PostgreSQL archives its own
                 // `.partial` of it.
                 if received > flushed {
-                    store_streamed(repo, opts, seg_size, &cur).await?;
+                    store_streamed(repo, opts, seg_size, &mut cur).await?;
                 }
                 return Ok(Some((next, start)));
             }
@@ -380,38 +384,53 @@ async fn stream(
     }
 }
 
-/// Store the part of the segment in progress received so far (replacing the last one stored).
+/// Store what was received of the segment in progress since the last chunk, as one more chunk.
 async fn store_streamed(
     repo: &Repo,
     opts: &ReceiveOptions,
     seg_size: WalSegSize,
-    cur: &Current,
+    cur: &mut Current,
 ) -> anyhow::Result<()> {
     let name = SegmentName::new(cur.tli, cur.segno, seg_size)
         .with_context(|| format!("no segment name for {}", cur.start))?;
-    let stored = crate::storage::envelope::encode(&cur.data, opts.compression)
-        .with_context(|| format!("encode the received part of {name}"))?;
-    let key = crate::storage::layout::ObjectKey::Streamed(name);
+    let Some(new) = cur.data.get(cur.chunked..).filter(|n| !n.is_empty()) else {
+        return Ok(());
+    };
+    let stored = crate::storage::envelope::encode(new, opts.compression)
+        .with_context(|| format!("encode what was received of {name}"))?;
+    let offset = u32::try_from(cur.chunked).context("a chunk beyond 4 GiB")?;
+    let key = crate::storage::layout::ObjectKey::Streamed { seg: name, offset };
     repo.replace_durably(&key, stored.into())
         .await
-        .with_context(|| format!("store the received part of {name}"))?;
+        .with_context(|| format!("store what was received of {name}"))?;
+    cur.chunked = cur.data.len();
     tracing::debug!(
-        "stored the received part of {name}: up to {}",
+        "stored {name} up to {} (a chunk from offset {offset})",
         Lsn(cur.start.0 + cur.data.len() as u64)
     );
     Ok(())
 }
 
-/// Delete the received part of a segment now stored whole (a leftover is harmless: archive-get
-/// prefers the whole segment).
+/// Delete the chunks of a segment now stored whole (a leftover is harmless: archive-get prefers
+/// the whole segment).
 async fn forget_streamed(repo: &Repo, seg_size: WalSegSize, cur: &Current) {
     let Some(name) = SegmentName::new(cur.tli, cur.segno, seg_size) else {
         return;
     };
-    let key = crate::storage::layout::ObjectKey::Streamed(name);
-    if let Err(e) = repo.delete(&key).await {
-        tracing::debug!("delete the received part of {name}: {e}");
+    let prefix = crate::storage::layout::Prefix::Streamed(name);
+    let listed = match repo.list(&prefix).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!("list what was received of {name}: {e}");
+            return;
+        }
+    };
+    for e in listed {
+        if let Err(err) = repo.delete(&e).await {
+            tracing::debug!("delete {}: {err}", e.key());
+        }
     }
+    let _ = repo.remove_empty_local_dirs(&prefix);
 }
 
 /// Write `cur` (a whole segment) to the spool and store it as archive-push does.

@@ -172,28 +172,54 @@ pub async fn get(repo: &Repo, wal_name: &str, dest: &Path) -> anyhow::Result<Get
     }
 }
 
-/// The part of segment `seg` that `pitr receive` has stored while the segment was in progress,
-/// written to `dest` as the segment, zero-filled to its size (what PostgreSQL makes of a
-/// `.partial` segment renamed into place: it replays to the end of the valid WAL in it).
-/// `None` when there is none.
+/// What `pitr receive` stored of segment `seg` while receiving it (its chunks, put together up to
+/// the first hole), written to `dest` as the segment, zero-filled to its size: what PostgreSQL
+/// makes of a `.partial` segment renamed into place (it replays to the end of the valid WAL in
+/// it). `None` when there is none.
 ///
 /// # Errors
-/// The object is corrupt or cannot be read, or `dest` cannot be written.
+/// A chunk is corrupt or cannot be read, or `dest` cannot be written.
 async fn get_streamed(
     repo: &Repo,
     seg: crate::pg::SegmentName,
     seg_size: u32,
     dest: &Path,
 ) -> anyhow::Result<Option<u64>> {
-    let Some(data) = repo
-        .get(&ObjectKey::Streamed(seg))
+    let listed = repo
+        .list(&crate::storage::layout::Prefix::Streamed(seg))
         .await
-        .with_context(|| format!("fetch the received part of {seg}"))?
-    else {
+        .with_context(|| format!("list what was received of {seg}"))?;
+    let mut chunks: Vec<(u32, ObjectKey)> = listed
+        .into_iter()
+        .filter_map(|e| match e.object {
+            Some(k @ ObjectKey::Streamed { offset, .. }) => Some((offset, k)),
+            _ => None,
+        })
+        .collect();
+    if chunks.is_empty() {
         return Ok(None);
-    };
-    let received = data.len();
-    let mut whole = data;
+    }
+    chunks.sort_by_key(|(offset, _)| *offset);
+    // Chunks of an earlier run of receive may overlap later ones: the WAL at one position is the
+    // same in both, so each adds what lies beyond the bytes so far.
+    let mut whole: Vec<u8> = Vec::new();
+    for (offset, key) in chunks {
+        let offset = offset as usize;
+        if offset > whole.len() {
+            break;
+        }
+        let Some(data) = repo
+            .get(&key)
+            .await
+            .with_context(|| format!("fetch what was received of {seg}"))?
+        else {
+            break;
+        };
+        if let Some(beyond) = data.get(whole.len() - offset..) {
+            whole.extend_from_slice(beyond);
+        }
+    }
+    let received = whole.len();
     whole.resize((seg_size as usize).max(received), 0);
     let target = dest.to_path_buf();
     tokio::task::spawn_blocking(move || durable::replace_atomically(&target, &whole))

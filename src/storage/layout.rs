@@ -40,9 +40,15 @@ pub enum ObjectKey {
     Wal(WalFileName),
     /// The index summary of a segment.
     Summary(SegmentName),
-    /// The part of a segment `pitr receive` has received so far, replaced as it grows and deleted
-    /// once the whole segment is stored (never a `.partial` PostgreSQL archives: those are `Wal`).
-    Streamed(SegmentName),
+    /// The bytes from `offset` of a segment `pitr receive` stored while receiving it, one object per
+    /// flush (the chunks of a segment together are what was received of it), deleted once the
+    /// whole segment is stored (never a `.partial` PostgreSQL archives: those are `Wal`).
+    Streamed {
+        /// The segment.
+        seg: SegmentName,
+        /// Where in it the bytes start.
+        offset: u32,
+    },
     /// A base backup's manifest.
     BackupManifest(String),
     /// The object that claims a backup id (a conditional create: two backups started in the same
@@ -100,6 +106,8 @@ pub enum Prefix {
     Backups,
     /// Everything of one backup.
     Backup(String),
+    /// The chunks `pitr receive` stored of one segment in progress.
+    Streamed(SegmentName),
 }
 
 impl Prefix {
@@ -113,6 +121,7 @@ impl Prefix {
             Prefix::Index => INDEX_PREFIX.to_string(),
             Prefix::Backups => BACKUP_PREFIX.to_string(),
             Prefix::Backup(id) => format!("{BACKUP_PREFIX}/{id}"),
+            Prefix::Streamed(seg) => format!("{WAL_PREFIX}/{}/{seg}{STREAMED_DIR}", tli_dir(seg.tli)),
         }
     }
 
@@ -191,7 +200,9 @@ fn parse_rollup_key(key: &str) -> Option<ObjectKey> {
 pub fn parse_wal_key(key: &str) -> Option<Listed> {
     let rest = key.strip_prefix("wal/")?;
     let (dir, file) = rest.split_once('/')?;
-    if let Some(seg) = file.strip_suffix(STREAMED_SUFFIX) {
+    if let Some((seg, chunk)) = file.split_once('/') {
+        let seg = seg.strip_suffix(STREAMED_DIR)?;
+        streamed_offset(chunk)?;
         return match seg.parse().ok()? {
             WalFileName::Segment(s) if dir == tli_dir(s.tli) => Some(Listed::Streamed(s)),
             _ => None,
@@ -229,8 +240,17 @@ fn tli_dir(tli: TimelineId) -> String {
 /// Suffix of every enveloped object.
 pub const SUFFIX: &str = ".pitr";
 
-/// Suffix of the received part of a segment in progress.
-const STREAMED_SUFFIX: &str = ".streamed.pitr";
+/// Suffix of the directory of a segment's received chunks.
+const STREAMED_DIR: &str = ".streamed";
+
+/// The offset a received chunk's file name (`00A00000.pitr`) states.
+fn streamed_offset(chunk: &str) -> Option<u32> {
+    let hex = chunk.strip_suffix(SUFFIX)?;
+    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(hex, 16).ok()
+}
 
 /// Key of the verify status (kept as it was first written, `.json` without the envelope suffix).
 const VERIFY_STATUS: &str = "status/verify.json";
@@ -243,7 +263,10 @@ impl ObjectKey {
             ObjectKey::Wal(name @ WalFileName::History(_)) => format!("wal/history/{name}{SUFFIX}"),
             ObjectKey::Wal(name) => format!("wal/{}/{name}{SUFFIX}", tli_dir(name.timeline())),
             ObjectKey::Summary(seg) => format!("wal/{}/{seg}.idx", tli_dir(seg.tli)),
-            ObjectKey::Streamed(seg) => format!("wal/{}/{seg}{STREAMED_SUFFIX}", tli_dir(seg.tli)),
+            ObjectKey::Streamed { seg, offset } => format!(
+                "wal/{}/{seg}{STREAMED_DIR}/{offset:08X}{SUFFIX}",
+                tli_dir(seg.tli)
+            ),
             ObjectKey::BackupManifest(id) => format!("{BACKUP_PREFIX}/{id}/manifest{SUFFIX}"),
             ObjectKey::BackupClaim(id) => format!("{BACKUP_PREFIX}/{id}/started{SUFFIX}"),
             ObjectKey::BackupLabel(id) => format!("{BACKUP_PREFIX}/{id}/backup_label{SUFFIX}"),
@@ -292,7 +315,10 @@ impl ObjectKey {
             return Some(match listed {
                 Listed::Wal(name) => ObjectKey::Wal(name),
                 Listed::Summary(seg) => ObjectKey::Summary(seg),
-                Listed::Streamed(seg) => ObjectKey::Streamed(seg),
+                Listed::Streamed(seg) => ObjectKey::Streamed {
+                    seg,
+                    offset: streamed_offset(key.rsplit('/').next()?)?,
+                },
             });
         }
         let rest = key.strip_prefix(BACKUP_PREFIX)?.strip_prefix('/')?;
@@ -340,6 +366,37 @@ impl ObjectKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn received_chunks_have_keys_of_their_own() {
+        let seg: SegmentName = match "000000020000000000000003".parse().unwrap() {
+            WalFileName::Segment(s) => s,
+            other => panic!("{other:?}"),
+        };
+        let chunk = ObjectKey::Streamed {
+            seg,
+            offset: 0x0A_0000,
+        };
+        let key = chunk.key();
+        assert_eq!(
+            key,
+            "wal/00000002/000000020000000000000003.streamed/000A0000.pitr"
+        );
+        assert_eq!(ObjectKey::parse(&key), Some(chunk));
+        assert_eq!(
+            Prefix::Streamed(seg).key(),
+            "wal/00000002/000000020000000000000003.streamed"
+        );
+        // Not a chunk: a bad offset, another timeline's directory, a nested path.
+        for bad in [
+            "wal/00000002/000000020000000000000003.streamed/A0000.pitr",
+            "wal/00000001/000000020000000000000003.streamed/000A0000.pitr",
+            "wal/00000002/000000020000000000000003.streamed/x/000A0000.pitr",
+            "wal/00000002/000000020000000000000003/000A0000.pitr",
+        ] {
+            assert_eq!(ObjectKey::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn keys() {
