@@ -264,6 +264,24 @@ fn a_commit_before_its_segment_ends_is_in_the_repository(major: u32) {
         || slot_reached(&c, &commit).then_some(()),
     );
     let lag = started.elapsed();
+    // `pitr metrics` shows where receive stands.
+    let (hi, lo) = commit.split_once('/').unwrap();
+    let commit_bytes =
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    let metrics = poll(
+        "metrics to show the commit stored",
+        Duration::from_secs(30),
+        || {
+            let out = pitr(scratch.path(), &["--repo", &url, "metrics"], &[]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stored = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pitr_receive_stored_lsn_bytes "))
+                .and_then(|v| v.parse::<f64>().ok())?;
+            (stored >= commit_bytes as f64).then_some(text)
+        },
+    );
+    assert!(metrics.contains("pitr_receive_lag_bytes "), "{metrics}");
     c.crash();
     rx.kill().unwrap();
     rx.wait().unwrap();

@@ -479,6 +479,24 @@ fn verify_status() {
     );
 }
 
+#[test]
+fn receive_status() {
+    let status = crate::receive::ReceiveStatus {
+        format_version: 1,
+        updated_at: at("2026-12-03T19:00:00.500000Z"),
+        server: "host=db1 port=5432 user=replicator dbname=postgres".into(),
+        timeline: 2,
+        received_lsn: "0/5000148".parse().unwrap(),
+        stored_lsn: "0/5000000".parse().unwrap(),
+        server_lsn: "0/5000148".parse().unwrap(),
+        behind_since: Some(at("2026-12-03T18:59:59.900000Z")),
+    };
+    let written = serde_json::to_string_pretty(&status).unwrap();
+    let file = check("receive-status-v1.json", &written);
+    let read = crate::format::decode::<crate::receive::ReceiveStatus>(file.as_bytes()).unwrap();
+    assert_eq!(read, status);
+}
+
 /// A format newer than this pitr reads is refused by name, never read as an older one.
 #[tokio::test]
 async fn newer_formats_are_refused_by_name() {

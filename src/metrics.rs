@@ -54,6 +54,7 @@ pub async fn render_catalog(repo: &Repo, c: &Catalog, now: f64) -> anyhow::Resul
     gauges.extend(window_gauges(c));
     gauges.extend(backup_gauges(c, now));
     gauges.extend(verify_gauges(repo).await);
+    gauges.extend(receive_gauges(repo, now).await);
     Ok(text(gauges))
 }
 
@@ -283,6 +284,54 @@ async fn verify_gauges(repo: &Repo) -> Vec<Gauge> {
             "pitr_verify_last_findings",
             "Findings of the last pitr verify (0 = sound).",
             status.findings as f64,
+        ),
+    ]
+}
+
+/// Where `pitr receive` stands, from its status object (nothing when it never ran here).
+async fn receive_gauges(repo: &Repo, now: f64) -> Vec<Gauge> {
+    let status = match repo.get(&ObjectKey::ReceiveStatus).await {
+        Ok(Some(json)) => crate::format::decode::<crate::receive::ReceiveStatus>(&json),
+        _ => return Vec::new(),
+    };
+    let s = match status {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("{}: {e}", ObjectKey::ReceiveStatus.key());
+            return Vec::new();
+        }
+    };
+    vec![
+        one(
+            "pitr_receive_last_update_timestamp_seconds",
+            "When pitr receive last recorded where it stands (it does every --status-interval).",
+            secs(s.updated_at),
+        ),
+        one(
+            "pitr_receive_received_lsn_bytes",
+            "WAL position pitr receive has received up to.",
+            s.received_lsn.0 as f64,
+        ),
+        one(
+            "pitr_receive_stored_lsn_bytes",
+            "WAL position the repository holds everything before (through pitr receive).",
+            s.stored_lsn.0 as f64,
+        ),
+        one(
+            "pitr_receive_lag_bytes",
+            "Bytes of WAL the server had that the repository did not, at the last update.",
+            s.server_lsn.0.saturating_sub(s.stored_lsn.0) as f64,
+        ),
+        one(
+            "pitr_receive_lag_seconds",
+            "How long the repository had trailed the server's end of WAL at the last update (0: it did not).",
+            s.behind_since
+                .map_or(0.0, |t| (secs(s.updated_at) - secs(t)).max(0.0)),
+        ),
+        one(
+            "pitr_receive_status_age_seconds",
+            "Seconds since pitr receive last recorded where it stands (grows when it is not running).",
+            (now - secs(s.updated_at)).max(0.0),
         ),
     ]
 }

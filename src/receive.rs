@@ -42,6 +42,57 @@ pub struct ReceiveOptions {
     pub stop_after: Option<u64>,
 }
 
+/// `status/receive.json`: where `pitr receive` stands, replaced at every status update.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReceiveStatus {
+    /// Its format version.
+    pub format_version: u32,
+    /// When it was written.
+    pub updated_at: crate::pg::PgTimestamp,
+    /// The server streamed from (never a password).
+    pub server: String,
+    /// The timeline being streamed.
+    pub timeline: u32,
+    /// Everything before this position has been received.
+    pub received_lsn: Lsn,
+    /// Everything before this position is durably in the repository.
+    pub stored_lsn: Lsn,
+    /// The server's end of WAL, as it last said.
+    pub server_lsn: Lsn,
+    /// Since when the repository trails the server's end of WAL (`None`: it does not).
+    pub behind_since: Option<crate::pg::PgTimestamp>,
+}
+
+/// The receive status format this pitr writes.
+pub const RECEIVE_STATUS_FORMAT: u32 = 1;
+
+impl crate::format::Versioned for ReceiveStatus {
+    const WHAT: &'static str = "receive status";
+    const SUPPORTED: u32 = RECEIVE_STATUS_FORMAT;
+    fn version(&self) -> u32 {
+        self.format_version
+    }
+}
+
+/// Record where receive stands (a failure is only logged: the stream matters more).
+async fn record_status(repo: &Repo, status: &ReceiveStatus) {
+    let key = crate::storage::layout::ObjectKey::ReceiveStatus;
+    let written = match serde_json::to_vec(status) {
+        Ok(json) => match repo.seal(&key, &json, Compression::None) {
+            Ok(stored) => repo
+                .put(&key, stored, crate::storage::PutMode::OverwriteDerived)
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = written {
+        tracing::warn!("record the receive status in {}: {e:#}", key.key());
+    }
+}
+
 /// What one run stored.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
@@ -285,6 +336,9 @@ async fn stream(
     let mut received = start;
     // Everything before it is durably in the repository.
     let mut flushed = start;
+    let mut server_lsn = start;
+    let mut behind_since: Option<crate::pg::PgTimestamp> = None;
+    let mut status_recorded: Option<Instant> = None;
     let mut last_status = Instant::now();
     let mut status = tokio::time::interval(opts.status_interval);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -307,11 +361,34 @@ async fn stream(
                     conn.send_status(received, flushed, Lsn::INVALID, false).await?;
                     last_status = Instant::now();
                 }
+                if status_recorded.is_none_or(|t| t.elapsed() >= opts.status_interval) {
+                    if flushed >= server_lsn {
+                        behind_since = None;
+                    } else if behind_since.is_none() {
+                        behind_since = Some(crate::pg::PgTimestamp::now());
+                    }
+                    record_status(repo, &ReceiveStatus {
+                        format_version: RECEIVE_STATUS_FORMAT,
+                        updated_at: crate::pg::PgTimestamp::now(),
+                        server: conn.describe.clone(),
+                        timeline: tli.get(),
+                        received_lsn: received,
+                        stored_lsn: flushed,
+                        server_lsn,
+                        behind_since,
+                    }).await;
+                    status_recorded = Some(Instant::now());
+                }
                 continue;
             }
         };
         match event {
-            Event::Wal { start, data, .. } => {
+            Event::Wal {
+                start,
+                data,
+                server_end,
+            } => {
+                server_lsn = server_lsn.max(server_end);
                 let mut data = &data[..];
                 let mut at = start;
                 // After a restart the server may resend what is here already.
@@ -364,7 +441,8 @@ async fn stream(
                     last_status = Instant::now();
                 }
             }
-            Event::Keepalive { reply, .. } => {
+            Event::Keepalive { reply, server_end } => {
+                server_lsn = server_lsn.max(server_end);
                 if reply {
                     conn.send_status(received, flushed, Lsn::INVALID, false)
                         .await?;

@@ -76,6 +76,8 @@ pub enum ObjectKey {
     },
     /// The last `pitr verify` result, for `pitr metrics` (derived: replaced by each run).
     VerifyStatus,
+    /// Where `pitr receive` stands, for `pitr metrics` and `info` (replaced as it goes).
+    ReceiveStatus,
     /// An encrypted repository's key `id` (hex), wrapped by the operator's secret.
     RepoKey(String),
     /// A copy of the entry of the key new objects are encrypted with.
@@ -121,7 +123,9 @@ impl Prefix {
             Prefix::Index => INDEX_PREFIX.to_string(),
             Prefix::Backups => BACKUP_PREFIX.to_string(),
             Prefix::Backup(id) => format!("{BACKUP_PREFIX}/{id}"),
-            Prefix::Streamed(seg) => format!("{WAL_PREFIX}/{}/{seg}{STREAMED_DIR}", tli_dir(seg.tli)),
+            Prefix::Streamed(seg) => {
+                format!("{WAL_PREFIX}/{}/{seg}{STREAMED_DIR}", tli_dir(seg.tli))
+            }
         }
     }
 
@@ -255,6 +259,9 @@ fn streamed_offset(chunk: &str) -> Option<u32> {
 /// Key of the verify status (kept as it was first written, `.json` without the envelope suffix).
 const VERIFY_STATUS: &str = "status/verify.json";
 
+/// Key of the receive status.
+const RECEIVE_STATUS: &str = "status/receive.json";
+
 impl ObjectKey {
     /// The key relative to the repository prefix.
     pub fn key(&self) -> String {
@@ -278,6 +285,7 @@ impl ObjectKey {
                 format!("{BACKUP_PREFIX}/{id}/data/{path}.{part}{SUFFIX}")
             }
             ObjectKey::VerifyStatus => VERIFY_STATUS.to_string(),
+            ObjectKey::ReceiveStatus => RECEIVE_STATUS.to_string(),
             ObjectKey::RepoKey(id) => format!("{KEYS_PREFIX}/{id}.json"),
             ObjectKey::ActiveKey => format!("{KEYS_PREFIX}/active.json"),
             ObjectKey::Rollup { first, last } => format!(
@@ -293,6 +301,7 @@ impl ObjectKey {
         match key {
             "pitr.json" => return Some(ObjectKey::Identity),
             VERIFY_STATUS => return Some(ObjectKey::VerifyStatus),
+            RECEIVE_STATUS => return Some(ObjectKey::ReceiveStatus),
             _ => {}
         }
         if key.starts_with(INDEX_PREFIX) {
