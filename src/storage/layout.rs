@@ -7,6 +7,9 @@
 //!                                            `.partial` and `.backup` files
 //! wal/<TTTTTTTT>/<segment>.idx               a summary stored beside its segment (earlier
 //!                                            versions; one too long to carry); preferred when there
+//! wal/<TTTTTTTT>/<segment>.streamed/<offset>.pitr
+//!                                            what `pitr receive` stored of the segment in progress,
+//!                                            a chunk per flush (deleted once the segment is stored)
 //! wal/history/<TTTTTTTT>.history.pitr        timeline history files
 //! index/<TTTTTTTT>/<first>-<last>.roll.pitr  a roll-up of 256 segments' summaries (see `rollup`;
 //!                                            derived, written once, ignored when stale)
@@ -19,6 +22,7 @@
 //! backups/<id>/tablespace_map.pitr            byte-exact from pg_backup_stop (when there are tablespaces)
 //! backups/<id>/manifest.pitr                 written LAST: a backup exists only once this does
 //! status/verify.json                         the last `pitr verify` result (derived, replaced)
+//! status/receive.json                        where `pitr receive` stands (replaced as it goes)
 //! keys/<id>.json                             an encrypted repository's keys, each wrapped by the
 //!                                            operator's secret (in the clear: see `keys`)
 //! keys/active.json                           a copy of the entry of the key new objects use
