@@ -362,7 +362,7 @@ async fn expired_wal(
                 | WalFileName::Partial(s)
                 | WalFileName::BackupHistory { segment: s, .. },
             )) => (*s, true),
-            Some(ObjectKey::Summary(s)) => (*s, false),
+            Some(ObjectKey::Summary(s) | ObjectKey::Streamed { seg: s, .. }) => (*s, false),
             _ => continue, // history files and anything unknown stay
         };
         if segment.segno(seg_size).is_some_and(|n| n < before) {
