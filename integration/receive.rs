@@ -282,6 +282,13 @@ fn a_commit_before_its_segment_ends_is_in_the_repository(major: u32) {
         },
     );
     assert!(metrics.contains("pitr_receive_lag_bytes "), "{metrics}");
+    let out = pitr(scratch.path(), &["--repo", &url, "info", "--json"], &[]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(info["receive"]["stored_lsn"].is_string(), "{info:#}");
+    let text =
+        String::from_utf8_lossy(&pitr(scratch.path(), &["--repo", &url, "info"], &[]).stdout)
+            .into_owned();
+    assert!(text.contains("receive      from"), "{text}");
     c.crash();
     rx.kill().unwrap();
     rx.wait().unwrap();

@@ -290,16 +290,8 @@ async fn verify_gauges(repo: &Repo) -> Vec<Gauge> {
 
 /// Where `pitr receive` stands, from its status object (nothing when it never ran here).
 async fn receive_gauges(repo: &Repo, now: f64) -> Vec<Gauge> {
-    let status = match repo.get(&ObjectKey::ReceiveStatus).await {
-        Ok(Some(json)) => crate::format::decode::<crate::receive::ReceiveStatus>(&json),
-        _ => return Vec::new(),
-    };
-    let s = match status {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("{}: {e}", ObjectKey::ReceiveStatus.key());
-            return Vec::new();
-        }
+    let Some(s) = crate::receive::status(repo).await else {
+        return Vec::new();
     };
     vec![
         one(

@@ -74,6 +74,26 @@ impl crate::format::Versioned for ReceiveStatus {
     }
 }
 
+/// Where `pitr receive` last said it stands in `repo` (`None`: it never ran there, or the status
+/// cannot be read, which is logged).
+pub async fn status(repo: &Repo) -> Option<ReceiveStatus> {
+    let key = crate::storage::layout::ObjectKey::ReceiveStatus;
+    match repo.get(&key).await {
+        Ok(Some(json)) => match crate::format::decode::<ReceiveStatus>(&json) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("{}: {e}", key.key());
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!("{}: {e}", key.key());
+            None
+        }
+    }
+}
+
 /// Record where receive stands (a failure is only logged: the stream matters more).
 async fn record_status(repo: &Repo, status: &ReceiveStatus) {
     let key = crate::storage::layout::ObjectKey::ReceiveStatus;

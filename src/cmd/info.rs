@@ -45,19 +45,45 @@ pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
             info: l.as_ref().ok().map(|c| Info::new(&m.spec.url, c)),
         })
         .collect();
+    let receive = pitr::receive::status(chosen).await;
     if json {
         let mut v = serde_json::to_value(&info)?;
         if let Some(o) = v.as_object_mut() {
             o.insert("repositories".into(), serde_json::to_value(&entries)?);
+            if let Some(r) = &receive {
+                o.insert("receive".into(), serde_json::to_value(r)?);
+            }
         }
         crate::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         crate::out!("{}", render(&info));
+        if let Some(r) = &receive {
+            crate::out!("{}", render_receive(r));
+        }
         if repos.is_several() {
             crate::out!("{}", render_repositories(&entries));
         }
     }
     Ok(exit::SUCCESS)
+}
+
+/// Where `pitr receive` stood when it last said.
+fn render_receive(r: &pitr::receive::ReceiveStatus) -> String {
+    let age = (pitr::pg::PgTimestamp::now().0 - r.updated_at.0) as f64 / 1e6;
+    let behind = r.server_lsn.0.saturating_sub(r.stored_lsn.0);
+    let state = if behind == 0 {
+        "the repository holds all the server had".to_string()
+    } else {
+        format!("{behind} bytes behind the server")
+    };
+    format!(
+        "\nreceive      from {} on timeline {}: stored up to {} ({state}), last update {} ({:.0} s ago)\n",
+        r.server,
+        r.timeline,
+        r.stored_lsn,
+        r.updated_at.rfc3339(),
+        age.max(0.0)
+    )
 }
 
 /// One repository in `info --json`'s `repositories[]`: its settings, its lag behind the most
