@@ -108,12 +108,43 @@ fn receive_streams_into_the_repository(major: u32) {
     wait_stored(&last);
     let first_run = stored_segments(&repo);
 
-    // Killed, more WAL meanwhile, started again: it resumes from the slot.
+    // Killed under load (pgbench), a segment and more written meanwhile, started again while the
+    // load goes on: it resumes from the slot.
+    let init = c.client("pgbench", &["-i", "-s", "1", "postgres"]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let mut load = Command::new(bin.join("pgbench"))
+        .args([
+            "-h",
+            c.sock.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "2",
+            "-T",
+            "8",
+            "postgres",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wal_file = || c.sql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
+    let at_kill = wal_file();
     rx.kill().unwrap();
     rx.wait().unwrap();
-    let last = write(3..6);
+    poll(
+        "a segment written while receive is down",
+        Duration::from_secs(60),
+        || (wal_file() > at_kill || load.try_wait().unwrap().is_some()).then_some(()),
+    );
     let log2 = scratch.path().join("receive-again.log");
     let mut rx = start_receive(&scratch, &url, &conninfo, &log2);
+    let loaded = poll("pgbench to end", Duration::from_secs(60), || {
+        load.try_wait().unwrap()
+    });
+    assert!(loaded.success());
+    let last = write(3..6);
     wait_stored(&last);
 
     // Every stored segment is the server's own, byte for byte, with no gap between them.
@@ -158,7 +189,7 @@ fn receive_streams_into_the_repository(major: u32) {
         "{logged}"
     );
     eprintln!(
-        "PG {major}: receive stored {} segment(s) ({} before the kill), {}..{}, each identical to pg_wal; slot at or past {last_end}",
+        "PG {major}: receive stored {} segment(s) ({} before it was killed under pgbench load), {}..{}, each identical to pg_wal; slot at or past {last_end}",
         stored.len(),
         first_run.len(),
         stored.first().unwrap(),
@@ -511,7 +542,13 @@ fn receive_follows_a_promotion(major: u32) {
             .then_some(())
     });
     let conninfo = format!("host={} user=postgres", standby.sock.display());
-    let mut rx = start_receive(&scratch, &url, &conninfo, &scratch.path().join("rx.log"));
+    let mut rx = start_receive_with(
+        &scratch,
+        &url,
+        &conninfo,
+        &scratch.path().join("rx.log"),
+        &["-v"],
+    );
     primary.sql("CREATE TABLE t(i int)");
     let before = primary.switch_wal();
     let repo = Path::new(url.trim_start_matches("file://"));
@@ -530,16 +567,23 @@ fn receive_follows_a_promotion(major: u32) {
     standby.sql("INSERT INTO t VALUES (1)");
     let after = standby.switch_wal();
     assert!(after.starts_with("00000002"), "{after}");
-    poll(
-        &format!("{after} on the new timeline"),
-        Duration::from_secs(60),
-        || {
-            stored_segments(repo)
-                .iter()
-                .any(|s| s.as_str() >= after.as_str())
-                .then_some(())
-        },
-    );
+    let rx_log = scratch.path().join("rx.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !stored_segments(repo)
+        .iter()
+        .any(|s| s.as_str() >= after.as_str())
+    {
+        let ended = rx.try_wait().unwrap();
+        if ended.is_some() || std::time::Instant::now() > deadline {
+            panic!(
+                "{after} never reached the repository (receive: {ended:?}); stored {:?}\nreceive's log:\n{}\nthe standby's log:\n{}",
+                stored_segments(repo),
+                std::fs::read_to_string(&rx_log).unwrap_or_default(),
+                standby.server_log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     rx.kill().unwrap();
     rx.wait().unwrap();
     assert!(repo.join("wal/history/00000002.history.pitr").exists());
