@@ -469,7 +469,8 @@ async fn stream(
                     last_status = Instant::now();
                 }
             }
-            Event::EndOfTimeline { next, start } => {
+            Event::StreamEnded => {
+                let (next, start) = conn.end_of_timeline().await?;
                 // The old timeline's last segment stays as its received part: the new timeline's
                 // first segment begins with the same WAL, and PostgreSQL archives its own
                 // `.partial` of it.

@@ -83,14 +83,10 @@ pub enum Event {
         /// Whether it wants a status update now.
         reply: bool,
     },
-    /// The timeline being streamed ended (the server was promoted, or follows another). The
-    /// connection is ready for another `START_REPLICATION`.
-    EndOfTimeline {
-        /// The next timeline.
-        next: TimelineId,
-        /// Where it starts.
-        start: Lsn,
-    },
+    /// The server ended the stream (the timeline ended: it was promoted, or follows another).
+    /// Call [`ReplConn::end_of_timeline`] next, outside any `select!`, for where the next
+    /// timeline starts.
+    StreamEnded,
 }
 
 /// A physical replication connection.
@@ -528,7 +524,8 @@ impl ReplConn {
         }
     }
 
-    /// The next thing the stream brings.
+    /// The next thing the stream brings. Cancel-safe: a message is either handed out whole or
+    /// left in the read buffer (so it may be raced against timers in a `select!`).
     ///
     /// # Errors
     /// The connection fails, the server reports an error, or sends something that is not the
@@ -557,7 +554,12 @@ impl ReplConn {
                         },
                     );
                 }
-                b'c' => return self.end_of_timeline().await,
+                // Nothing more is awaited here, so that a caller's select! that drops this future
+                // cannot lose the rest of the exchange (next_event is cancel-safe).
+                b'c' => {
+                    self.streaming = false;
+                    return Ok(Event::StreamEnded);
+                }
                 b'N' | b'S' => {}
                 b'E' => return Err(self.server_error(f.body)),
                 other => bail!(
@@ -569,9 +571,13 @@ impl ReplConn {
         }
     }
 
-    /// The server ended the copy: answer with CopyDone and read where the next timeline starts.
-    async fn end_of_timeline(&mut self) -> anyhow::Result<Event> {
-        self.streaming = false;
+    /// After [`Event::StreamEnded`]: answer with CopyDone and read which timeline comes next and
+    /// where it starts. The connection is then ready for another `START_REPLICATION`.
+    ///
+    /// # Errors
+    /// The server ended without naming a next timeline (it was shut down), or the connection
+    /// fails.
+    pub async fn end_of_timeline(&mut self) -> anyhow::Result<(TimelineId, Lsn)> {
         frontend::copy_done(&mut self.wbuf);
         self.flush().await?;
         let mut next = None;
@@ -599,7 +605,7 @@ impl ReplConn {
                 b'E' => return Err(self.server_error(f.body)),
                 b'Z' => {
                     return match next {
-                        Some((next, start)) => Ok(Event::EndOfTimeline { next, start }),
+                        Some((next, start)) => Ok((next, start)),
                         None => bail!(
                             "PostgreSQL ({}) ended the replication stream without naming the next timeline (was the server shut down?)",
                             self.describe
@@ -658,6 +664,103 @@ impl std::error::Error for ServerError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn row(cols: &[&[u8]]) -> Vec<u8> {
+        let mut b = (cols.len() as i16).to_be_bytes().to_vec();
+        for c in cols {
+            b.extend_from_slice(&(c.len() as i32).to_be_bytes());
+            b.extend_from_slice(c);
+        }
+        msg(b'D', &b)
+    }
+
+    /// A recorded exchange: START_REPLICATION, WAL, a keepalive, the end of the timeline and the
+    /// next one's start, fed to the client over a socket pair.
+    #[tokio::test]
+    async fn a_stream_to_the_end_of_its_timeline() {
+        let (client, mut server) = tokio::net::UnixStream::pair().unwrap();
+        let mut conn = ReplConn {
+            io: Transport::Unix(client),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            server_version: "18.1".into(),
+            describe: "test".into(),
+            streaming: false,
+        };
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&0x0300_0000u64.to_be_bytes());
+        w.extend_from_slice(&0x0300_0010u64.to_be_bytes());
+        w.extend_from_slice(&0u64.to_be_bytes());
+        w.extend_from_slice(&[7u8; 16]);
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&0x0300_0010u64.to_be_bytes());
+        k.extend_from_slice(&0u64.to_be_bytes());
+        k.push(1);
+        let mut recorded = msg(b'W', &[0, 0, 0]);
+        recorded.extend(msg(b'd', &w));
+        recorded.extend(msg(b'd', &k));
+        recorded.extend(msg(b'c', b""));
+        recorded.extend(msg(b'T', &[0, 2]));
+        recorded.extend(row(&[b"2", b"0/3000010"]));
+        recorded.extend(msg(b'C', b"START_STREAMING\0"));
+        recorded.extend(msg(b'C', b"START_REPLICATION\0"));
+        recorded.extend(msg(b'Z', b"I"));
+        // Byte by byte, as a slow network would deliver it.
+        let feeder = tokio::spawn(async move {
+            for b in recorded {
+                server.write_all(&[b]).await.unwrap();
+            }
+            let mut sent = vec![0u8; 256];
+            let mut got = Vec::new();
+            while !got.ends_with(&[b'c', 0, 0, 0, 4]) {
+                let n = server.read(&mut sent).await.unwrap();
+                assert!(n > 0, "the client closed before its CopyDone");
+                got.extend_from_slice(&sent[..n]);
+            }
+            got
+        });
+        conn.start_replication(Some("s"), Lsn(0x0300_0000), TimelineId::ONE)
+            .await
+            .unwrap();
+        assert_eq!(
+            conn.next_event().await.unwrap(),
+            Event::Wal {
+                start: Lsn(0x0300_0000),
+                server_end: Lsn(0x0300_0010),
+                data: Bytes::from(vec![7u8; 16]),
+            }
+        );
+        assert_eq!(
+            conn.next_event().await.unwrap(),
+            Event::Keepalive {
+                server_end: Lsn(0x0300_0010),
+                reply: true
+            }
+        );
+        conn.send_status(Lsn(0x0300_0010), Lsn(0x0300_0000), Lsn::INVALID, false)
+            .await
+            .unwrap();
+        assert_eq!(conn.next_event().await.unwrap(), Event::StreamEnded);
+        let (next, start) = conn.end_of_timeline().await.unwrap();
+        assert_eq!(next.get(), 2);
+        assert_eq!(start, Lsn(0x0300_0010));
+        let sent = feeder.await.unwrap();
+        // The client's messages: the query, a status update (CopyData 'r'), its CopyDone.
+        assert_eq!(sent[0], b'Q');
+        let query = String::from_utf8_lossy(&sent[5..]);
+        assert!(
+            query.starts_with("START_REPLICATION SLOT \"s\" PHYSICAL 0/3000000 TIMELINE 1"),
+            "{query}"
+        );
+        assert!(sent.windows(2).any(|w| w == [b'd', 0]), "no status update");
+    }
 
     #[test]
     fn major_versions_and_identifiers() {
