@@ -15,5 +15,6 @@ mod reliability;
 mod repos;
 mod restore;
 mod scale;
+mod stream;
 mod trust;
 mod walindex;

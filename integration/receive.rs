@@ -526,6 +526,8 @@ fn receive_follows_a_promotion(major: u32) {
                 "-X",
                 "stream",
                 "-R",
+                "-c",
+                "fast",
                 "-D",
             ])
             .arg(&standby_dir),

@@ -15,6 +15,8 @@
 
 pub mod bundle;
 pub mod incremental;
+pub mod stream;
+pub mod tar;
 pub mod walk;
 
 use std::io::IsTerminal;
@@ -1064,7 +1066,7 @@ async fn stop_backup(
     })
 }
 
-async fn wait_for_wal(
+pub(crate) async fn wait_for_wal(
     repo: &Repo,
     needed: &[SegmentName],
     timeout: Duration,

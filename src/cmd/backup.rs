@@ -12,8 +12,18 @@ use std::time::Instant;
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
     /// The cluster's data directory.
-    #[arg(long, env = "PGDATA", value_name = "DIR")]
-    pgdata: PathBuf,
+    #[arg(
+        long,
+        env = "PGDATA",
+        value_name = "DIR",
+        required_unless_present = "stream"
+    )]
+    pgdata: Option<PathBuf>,
+    /// Take the backup over the replication protocol (BASE_BACKUP) from the server --dbname names,
+    /// a primary or a standby, on this host or another: no access to its data directory. Full
+    /// backups only, for now.
+    #[arg(long, requires = "dbname")]
+    stream: bool,
     /// libpq connection string or URI [default: PGHOST/PGPORT/PGUSER/PGDATABASE, then the socket
     /// of the server running on --pgdata].
     #[arg(long, value_name = "CONNINFO")]
@@ -49,6 +59,7 @@ pub(crate) struct Args {
 pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow::Result<u8> {
     let Args {
         pgdata,
+        stream,
         dbname,
         label,
         jobs,
@@ -58,6 +69,22 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
         no_bundle,
     } = args;
 
+    if stream {
+        return run_streamed(
+            repo,
+            settings,
+            (dbname.unwrap_or_default(), label),
+            (default_jobs(jobs), archive_timeout, !no_bundle, json),
+            backup_type,
+        )
+        .await;
+    }
+    let Some(pgdata) = pgdata else {
+        return Err(super::usage(
+            "name the data directory: --pgdata DIR (or PGDATA), or take the backup with --stream"
+                .into(),
+        ));
+    };
     let opts = BackupOptions {
         pgdata,
         dbname,
@@ -124,6 +151,59 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
             ),
             "the data directory holds damaged pages (disk, controller or memory); the backup is stored as read, `pitr info` and `pitr verify` list it: check the hardware, then restore those relations from an older backup or repair them"
         ));
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// `backup --stream`: a full backup over the replication protocol.
+async fn run_streamed(
+    repo: &Repo,
+    settings: &Settings,
+    (dbname, label): (String, Option<String>),
+    (jobs, archive_timeout, bundle, json): (usize, std::time::Duration, bool, bool),
+    backup_type: BackupType,
+) -> anyhow::Result<u8> {
+    if backup_type != BackupType::Full {
+        return Err(super::usage(format!(
+            "backup --stream takes full backups only for now; a local pitr backup --type {backup_type} (on the database host, with --pgdata) takes incremental ones on every PostgreSQL version"
+        )));
+    }
+    let opts = pitr::backup::stream::StreamOptions {
+        dbname,
+        label,
+        jobs,
+        compression: settings.compress,
+        archive_timeout,
+        bundle,
+    };
+    let started = Instant::now();
+    let m = pitr::backup::stream::run(repo, &opts).await?;
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        let summary = serde_json::json!({
+            "id": m.id, "label": m.label, "timeline": m.timeline, "type": m.backup_type,
+            "streamed": true,
+            "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn,
+            "start_time": m.start_time, "stop_time": m.stop_time,
+            "start_wal": m.start_wal, "stop_wal": m.stop_wal,
+            "files": m.files.len(), "size_bytes": m.size_bytes, "stored_bytes": m.stored_bytes,
+            "compression": m.compression, "jobs": jobs, "duration_seconds": secs,
+            "throughput_mib_per_second": mib(m.size_bytes) / secs.max(1e-9),
+        });
+        crate::outln!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        crate::sayln!(
+            "backup {} complete (streamed): {} files, {:.1} MiB received, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
+            m.id,
+            m.files.len(),
+            mib(m.size_bytes),
+            mib(m.stored_bytes),
+            m.compression,
+            secs,
+            mib(m.size_bytes) / secs.max(1e-9),
+            m.start_wal,
+            m.stop_wal
+        );
     }
     Ok(exit::SUCCESS)
 }

@@ -99,6 +99,8 @@ pub struct ReplConn {
     /// Where it connects, for messages (never the password).
     pub describe: String,
     streaming: bool,
+    /// A `BASE_BACKUP` being read.
+    backup: Option<BackupState>,
 }
 
 /// The server's major version from `server_version` (`15.14 (Debian …)` → 15).
@@ -148,6 +150,7 @@ impl ReplConn {
                         server_version: String::new(),
                         describe: describe.clone(),
                         streaming: false,
+                        backup: None,
                     };
                     tokio::time::timeout(CONNECT_TIMEOUT, conn.startup(cfg))
                         .await
@@ -639,6 +642,204 @@ impl ReplConn {
     }
 }
 
+/// Where `BASE_BACKUP` starts: its start position and timeline, and the tablespaces it sends
+/// (`None`: the main data directory), each as (oid, location).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupStart {
+    /// The start position (the backup's checkpoint redo point).
+    pub lsn: Lsn,
+    /// Its timeline.
+    pub tli: TimelineId,
+    /// The tablespaces, in the order the server lists them.
+    pub tablespaces: Vec<(Option<u32>, Option<String>)>,
+}
+
+/// What `BASE_BACKUP` sends next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupEvent {
+    /// A new archive begins: the main data directory (`None`) or tablespace `oid`.
+    Archive(Option<u32>),
+    /// Bytes of the current archive (a tar stream without its end-of-archive blocks).
+    Data(Bytes),
+    /// The backup ended at this position, on this timeline.
+    End {
+        /// The end position.
+        lsn: Lsn,
+        /// Its timeline.
+        tli: TimelineId,
+    },
+}
+
+/// The state of a `BASE_BACKUP` being read.
+#[derive(Debug, Default)]
+struct BackupState {
+    major: u32,
+    /// PostgreSQL 13 and 14 send one CopyOut per tablespace, in the listed order.
+    archives: Vec<Option<u32>>,
+    next_archive: usize,
+    end: Option<(Lsn, TimelineId)>,
+}
+
+impl ReplConn {
+    /// Start `BASE_BACKUP` (a fast checkpoint, no WAL, no server manifest, a tablespace map, not
+    /// waiting for archiving: pitr waits for the WAL itself) in the syntax of server `major`, and
+    /// read its start. The archives follow through [`ReplConn::backup_event`].
+    ///
+    /// # Errors
+    /// The server refuses (a backup already running on 13, not a replication role, …).
+    pub async fn base_backup(&mut self, label: &str, major: u32) -> anyhow::Result<BackupStart> {
+        let label = label.replace('\'', "''");
+        let cmd = if major >= 15 {
+            format!(
+                "BASE_BACKUP (LABEL '{label}', CHECKPOINT 'fast', WAIT false, MANIFEST 'no', TABLESPACE_MAP true)"
+            )
+        } else {
+            format!("BASE_BACKUP LABEL '{label}' FAST NOWAIT TABLESPACE_MAP MANIFEST 'no'")
+        };
+        frontend::query(&cmd, &mut self.wbuf)?;
+        self.flush().await?;
+        let start = self.result_set(&cmd).await?;
+        let first = start
+            .first()
+            .context("BASE_BACKUP sent no start position")?;
+        let text = |row: &Vec<Option<Bytes>>, i: usize| {
+            row.get(i)
+                .and_then(|c| c.as_ref())
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+        };
+        let lsn = text(first, 0)
+            .context("BASE_BACKUP: no start position")?
+            .parse::<Lsn>()
+            .map_err(|e| anyhow::anyhow!("BASE_BACKUP start: {e}"))?;
+        let tli = text(first, 1)
+            .and_then(|t| t.parse::<u32>().ok())
+            .and_then(TimelineId::new)
+            .context("BASE_BACKUP: no start timeline")?;
+        let rows = self.result_set(&cmd).await?;
+        let tablespaces: Vec<(Option<u32>, Option<String>)> = rows
+            .iter()
+            .map(|r| (text(r, 0).and_then(|o| o.parse().ok()), text(r, 1)))
+            .collect();
+        self.backup = Some(BackupState {
+            major,
+            archives: tablespaces.iter().map(|(oid, _)| *oid).collect(),
+            ..BackupState::default()
+        });
+        Ok(BackupStart {
+            lsn,
+            tli,
+            tablespaces,
+        })
+    }
+
+    /// The rows of one result set (up to its CommandComplete).
+    async fn result_set(&mut self, cmd: &str) -> anyhow::Result<Vec<Vec<Option<Bytes>>>> {
+        let mut rows = Vec::new();
+        loop {
+            let f = self.read().await?;
+            match f.tag {
+                b'T' | b'S' => {}
+                b'N' => tracing::warn!("{}", wire::error_text(f.body)),
+                b'D' => rows.push(wire::data_row(f.body).map_err(anyhow::Error::msg)?),
+                b'C' => return Ok(rows),
+                b'E' => {
+                    let e = self.server_error(f.body);
+                    while self.read().await?.tag != b'Z' {}
+                    return Err(e.context(format!("run {cmd}")));
+                }
+                other => bail!(
+                    "PostgreSQL ({}) answered {cmd} with message {:?}",
+                    self.describe,
+                    char::from(other)
+                ),
+            }
+        }
+    }
+
+    /// What `BASE_BACKUP` sends next. The server's warnings (a page that fails its checksum) are
+    /// logged.
+    ///
+    /// # Errors
+    /// The server reports an error, or sends something that is not the protocol.
+    pub async fn backup_event(&mut self) -> anyhow::Result<BackupEvent> {
+        let Some(mut st) = self.backup.take() else {
+            bail!("internal: backup_event without BASE_BACKUP");
+        };
+        let event = self.next_backup_event(&mut st).await;
+        if !matches!(event, Ok(BackupEvent::End { .. }) | Err(_)) {
+            self.backup = Some(st);
+        }
+        event
+    }
+
+    async fn next_backup_event(&mut self, st: &mut BackupState) -> anyhow::Result<BackupEvent> {
+        loop {
+            let f = self.read().await?;
+            match f.tag {
+                b'H' if st.major < 15 => {
+                    let oid = st.archives.get(st.next_archive).copied().flatten();
+                    st.next_archive += 1;
+                    return Ok(BackupEvent::Archive(oid));
+                }
+                b'H' | b'c' | b'T' | b'C' | b'S' => {}
+                b'N' => tracing::warn!(
+                    "PostgreSQL ({}): {}",
+                    self.describe,
+                    wire::error_text(f.body)
+                ),
+                b'd' if st.major < 15 => return Ok(BackupEvent::Data(f.body)),
+                b'd' => {
+                    let mut b = wire::Body::new(f.body, "BASE_BACKUP");
+                    match b.u8().map_err(anyhow::Error::msg)? {
+                        b'n' => {
+                            let name = b.cstr().map_err(anyhow::Error::msg)?;
+                            let oid = name.strip_suffix(".tar").and_then(|n| n.parse().ok());
+                            return Ok(BackupEvent::Archive(oid));
+                        }
+                        b'd' => return Ok(BackupEvent::Data(b.rest())),
+                        // Progress, and a server manifest (not asked for).
+                        b'p' | b'm' => {}
+                        other => bail!(
+                            "PostgreSQL ({}) sent BASE_BACKUP message {:?}",
+                            self.describe,
+                            char::from(other)
+                        ),
+                    }
+                }
+                b'D' => {
+                    let cols = wire::data_row(f.body).map_err(anyhow::Error::msg)?;
+                    let text = |i: usize| {
+                        cols.get(i)
+                            .and_then(|c| c.as_ref())
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                    };
+                    let lsn = text(0)
+                        .context("BASE_BACKUP: no end position")?
+                        .parse::<Lsn>()
+                        .map_err(|e| anyhow::anyhow!("BASE_BACKUP end: {e}"))?;
+                    let tli = text(1)
+                        .and_then(|t| t.parse::<u32>().ok())
+                        .and_then(TimelineId::new)
+                        .context("BASE_BACKUP: no end timeline")?;
+                    st.end = Some((lsn, tli));
+                }
+                b'E' => return Err(self.server_error(f.body).context("BASE_BACKUP")),
+                b'Z' => {
+                    let (lsn, tli) = st
+                        .end
+                        .context("BASE_BACKUP ended without its end position")?;
+                    return Ok(BackupEvent::End { lsn, tli });
+                }
+                other => bail!(
+                    "PostgreSQL ({}) sent message {:?} during BASE_BACKUP",
+                    self.describe,
+                    char::from(other)
+                ),
+            }
+        }
+    }
+}
+
 /// A replication identifier quoted as PostgreSQL's grammar wants it.
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -693,6 +894,7 @@ mod tests {
             server_version: "18.1".into(),
             describe: "test".into(),
             streaming: false,
+            backup: None,
         };
         let mut w = vec![b'w'];
         w.extend_from_slice(&0x0300_0000u64.to_be_bytes());

@@ -371,10 +371,21 @@ async fn write_all(
         conf.extend_from_slice(format!("{k} = {}\n", conf_quote(v)).as_bytes());
     }
     durable::write_atomically(&auto, &conf).with_context(|| format!("write {}", auto.display()))?;
-    let signal_file = target_dir.join(match signal {
-        Signal::Recovery => "recovery.signal",
-        Signal::Standby => "standby.signal",
-    });
+    let (signal_name, other) = match signal {
+        Signal::Recovery => ("recovery.signal", "standby.signal"),
+        Signal::Standby => ("standby.signal", "recovery.signal"),
+    };
+    // A backup taken on a standby holds its standby.signal: left there, it would make a restore a
+    // standby that never promotes (standby.signal wins over recovery.signal).
+    match std::fs::remove_file(target_dir.join(other)) {
+        Ok(()) => tracing::info!("removed the {other} the backup held (it was taken on a standby)"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("remove {}", target_dir.join(other).display())));
+        }
+    }
+    let signal_file = target_dir.join(signal_name);
     durable::write_atomically(&signal_file, b"")
         .with_context(|| format!("write {}", signal_file.display()))?;
     Ok(restored)
