@@ -155,17 +155,15 @@ struct Current {
     chunked: usize,
 }
 
-/// Stream WAL from the server `cfg` names into `repo` until stopped (or `stop_after`).
+/// A replication connection to the server `cfg` names, checked: a supported major (returned),
+/// and the cluster `repo` holds (or nothing yet).
 ///
 /// # Errors
-/// The server cannot be reached or belongs to another cluster, the slot is missing (and not to be
-/// created) or lost, the server no longer has the WAL the repository needs next, or a segment
-/// cannot be stored.
-pub async fn run(
+/// The server cannot be reached, runs an unsupported version, or is another cluster.
+pub async fn connect_to_cluster(
     repo: &Repo,
     cfg: &tokio_postgres::Config,
-    opts: &ReceiveOptions,
-) -> anyhow::Result<Received> {
+) -> anyhow::Result<(ReplConn, u32, crate::replication::SystemInfo)> {
     let mut conn = ReplConn::connect(cfg).await?;
     let major = major_of(&conn.server_version).unwrap_or(0);
     if !(13..=18).contains(&major) {
@@ -185,6 +183,21 @@ pub async fn run(
             found: format!("cluster {} at {}", sys.system_identifier, conn.describe),
         });
     }
+    Ok((conn, major, sys))
+}
+
+/// Stream WAL from the server `cfg` names into `repo` until stopped (or `stop_after`).
+///
+/// # Errors
+/// The server cannot be reached or belongs to another cluster, the slot is missing (and not to be
+/// created) or lost, the server no longer has the WAL the repository needs next, or a segment
+/// cannot be stored.
+pub async fn run(
+    repo: &Repo,
+    cfg: &tokio_postgres::Config,
+    opts: &ReceiveOptions,
+) -> anyhow::Result<Received> {
+    let (mut conn, major, sys) = connect_to_cluster(repo, cfg).await?;
     let seg_size = parse_segment_size(&conn.show("wal_segment_size").await?)?;
     let (mut start, mut tli) = start_position(&mut conn, cfg, repo, opts, major, sys).await?;
     tracing::info!(

@@ -21,7 +21,7 @@ use crate::manifest::{
     MANIFEST_FORMAT_FULL, Part, Tablespace,
 };
 use crate::pg::{PgTimestamp, SystemId, TimelineId};
-use crate::replication::{BackupEvent, ReplConn, major_of};
+use crate::replication::BackupEvent;
 use crate::storage::layout::ObjectKey;
 use crate::storage::{PutMode, Repo, envelope};
 
@@ -60,25 +60,7 @@ type Stored = anyhow::Result<(usize, usize, Part)>;
 pub async fn run(repo: &Repo, opts: &StreamOptions) -> anyhow::Result<BackupManifest> {
     let started = std::time::Instant::now();
     let cfg = crate::pgconn::config(Some(&opts.dbname), None)?;
-    let mut conn = ReplConn::connect(&cfg).await?;
-    let major = major_of(&conn.server_version).unwrap_or(0);
-    if !(13..=18).contains(&major) {
-        bail!(
-            "PostgreSQL {} ({}) is not supported (pitr supports 13–18)",
-            conn.server_version,
-            conn.describe
-        );
-    }
-    let sys = conn.identify_system().await?;
-    if let Some(id) = repo.identity().await?
-        && id.system_identifier.0 != sys.system_identifier
-    {
-        bail!(crate::storage::RepoError::IdentityMismatch {
-            repo: repo.location().to_string(),
-            repo_has: format!("cluster {}", id.system_identifier),
-            found: format!("cluster {} at {}", sys.system_identifier, conn.describe),
-        });
-    }
+    let (mut conn, major, sys) = crate::receive::connect_to_cluster(repo, &cfg).await?;
     let seg_size = crate::receive::parse_segment_size(&conn.show("wal_segment_size").await?)?;
     let checksums = conn.show("data_checksums").await? == "on";
     let start_time = PgTimestamp::now();
