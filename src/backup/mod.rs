@@ -750,17 +750,7 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         BackupType::Full
     };
     let manifest = BackupManifest {
-        format_version: if entries
-            .iter()
-            .flat_map(|f| &f.parts)
-            .any(|p| p.bundle.is_some())
-        {
-            MANIFEST_FORMAT_BUNDLED
-        } else if basis.is_some() {
-            MANIFEST_FORMAT_INCREMENTAL
-        } else {
-            MANIFEST_FORMAT_FULL
-        },
+        format_version: manifest_format(&entries, basis.is_some()),
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         id: id.clone(),
         label,
@@ -797,14 +787,7 @@ pub async fn run(repo: &Repo, opts: &BackupOptions) -> anyhow::Result<BackupMani
         fallback,
         tally: None,
     };
-    // Written as a stream of compressed windows: the JSON of 100,000 files (some 25 MiB) is
-    // never held whole.
-    let mut sealed = repo.sealing(Compression::Zstd);
-    serde_json::to_writer(&mut sealed, &manifest)?;
-    let key = ObjectKey::BackupManifest(id.clone());
-    repo.put(&key, sealed.finish()?, PutMode::CreateUnique)
-        .await
-        .context("store the backup manifest")?;
+    store_manifest(repo, &manifest).await?;
     tracing::debug!(
         "backup {id} complete in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1040,30 +1023,80 @@ async fn stop_backup(
         .parse()
         .with_context(|| format!("pg_backup_stop returned the LSN {stop_text:?}"))?;
     let label = parse_label(&labelfile).context("read the backup_label pg_backup_stop returned")?;
-    let key = ObjectKey::BackupLabel(id.to_string());
-    repo.put(
-        &key,
-        repo.seal(&key, labelfile.as_bytes(), Compression::None)?,
-        PutMode::CreateUnique,
+    store_label(
+        repo,
+        id,
+        labelfile.as_bytes(),
+        spcmap.as_deref().map(str::as_bytes),
     )
-    .await
-    .context("store backup_label")?;
-    if let Some(map) = &spcmap {
-        let key = ObjectKey::TablespaceMap(id.to_string());
-        repo.put(
-            &key,
-            repo.seal(&key, map.as_bytes(), Compression::None)?,
-            PutMode::CreateUnique,
-        )
-        .await
-        .context("store tablespace_map")?;
-    }
+    .await?;
     Ok(Stopped {
         lsn,
         time,
         label,
         has_tablespace_map: spcmap.is_some(),
     })
+}
+
+/// The manifest format a backup of `files` needs: bundles need format 3, changed blocks 2.
+pub(crate) fn manifest_format(files: &[FileEntry], incremental: bool) -> u32 {
+    if files
+        .iter()
+        .flat_map(|f| &f.parts)
+        .any(|p| p.bundle.is_some())
+    {
+        MANIFEST_FORMAT_BUNDLED
+    } else if incremental {
+        MANIFEST_FORMAT_INCREMENTAL
+    } else {
+        MANIFEST_FORMAT_FULL
+    }
+}
+
+/// Store backup `id`'s `backup_label` and, when there is one, its `tablespace_map`, byte for byte.
+///
+/// # Errors
+/// The store refuses.
+pub(crate) async fn store_label(
+    repo: &Repo,
+    id: &str,
+    label: &[u8],
+    map: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    let key = ObjectKey::BackupLabel(id.to_string());
+    repo.put(
+        &key,
+        repo.seal(&key, label, Compression::None)?,
+        PutMode::CreateUnique,
+    )
+    .await
+    .context("store backup_label")?;
+    if let Some(map) = map {
+        let key = ObjectKey::TablespaceMap(id.to_string());
+        repo.put(
+            &key,
+            repo.seal(&key, map, Compression::None)?,
+            PutMode::CreateUnique,
+        )
+        .await
+        .context("store tablespace_map")?;
+    }
+    Ok(())
+}
+
+/// Store a backup's manifest, last: the backup exists from then on. Written as a stream of
+/// compressed windows: the JSON of 100,000 files (some 25 MiB) is never held whole.
+///
+/// # Errors
+/// The store refuses.
+pub(crate) async fn store_manifest(repo: &Repo, manifest: &BackupManifest) -> anyhow::Result<()> {
+    let mut sealed = repo.sealing(Compression::Zstd);
+    serde_json::to_writer(&mut sealed, manifest)?;
+    let key = ObjectKey::BackupManifest(manifest.id.clone());
+    repo.put(&key, sealed.finish()?, PutMode::CreateUnique)
+        .await
+        .context("store the backup manifest")?;
+    Ok(())
 }
 
 pub(crate) async fn wait_for_wal(

@@ -16,10 +16,7 @@ use futures::stream::FuturesUnordered;
 use super::tar::{self, Item, Kind};
 use super::{bundle, fresh_backup_id, parse_label};
 use crate::compress::Compression;
-use crate::manifest::{
-    BackupManifest, BackupType, CHUNK_SIZE, FileEntry, MANIFEST_FORMAT_BUNDLED,
-    MANIFEST_FORMAT_FULL, Part, Tablespace,
-};
+use crate::manifest::{BackupManifest, BackupType, CHUNK_SIZE, FileEntry, Part, Tablespace};
 use crate::pg::{PgTimestamp, SystemId, TimelineId};
 use crate::replication::BackupEvent;
 use crate::storage::layout::ObjectKey;
@@ -219,25 +216,8 @@ pub async fn run(repo: &Repo, opts: &StreamOptions) -> anyhow::Result<BackupMani
     let label = label.context("the server sent no backup_label")?;
     let label_str = String::from_utf8_lossy(&label).into_owned();
     let info = parse_label(&label_str).context("read the backup_label the server sent")?;
-    let key = ObjectKey::BackupLabel(id.clone());
-    repo.put(
-        &key,
-        repo.seal(&key, &label, Compression::None)?,
-        PutMode::CreateUnique,
-    )
-    .await
-    .context("store backup_label")?;
     let map = map.filter(|m| !m.is_empty());
-    if let Some(map) = &map {
-        let key = ObjectKey::TablespaceMap(id.clone());
-        repo.put(
-            &key,
-            repo.seal(&key, map, Compression::None)?,
-            PutMode::CreateUnique,
-        )
-        .await
-        .context("store tablespace_map")?;
-    }
+    super::store_label(repo, &id, &label, map.as_deref()).await?;
     let (stop_lsn, _stop_tli): (crate::pg::Lsn, TimelineId) = end;
     let needed = crate::catalog::needed_segments(info.timeline, info.start_lsn, stop_lsn, seg_size);
     tracing::info!(
@@ -257,15 +237,7 @@ pub async fn run(repo: &Repo, opts: &StreamOptions) -> anyhow::Result<BackupMani
         })
         .collect();
     let manifest = BackupManifest {
-        format_version: if files
-            .iter()
-            .flat_map(|f| &f.parts)
-            .any(|p| p.bundle.is_some())
-        {
-            MANIFEST_FORMAT_BUNDLED
-        } else {
-            MANIFEST_FORMAT_FULL
-        },
+        format_version: super::manifest_format(&files, false),
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         id: id.clone(),
         label: label_text,
@@ -292,15 +264,7 @@ pub async fn run(repo: &Repo, opts: &StreamOptions) -> anyhow::Result<BackupMani
         fallback: None,
         tally: None,
     };
-    let mut sealed = repo.sealing(Compression::Zstd);
-    serde_json::to_writer(&mut sealed, &manifest)?;
-    repo.put(
-        &ObjectKey::BackupManifest(id.clone()),
-        sealed.finish()?,
-        PutMode::CreateUnique,
-    )
-    .await
-    .context("store the backup manifest")?;
+    super::store_manifest(repo, &manifest).await?;
     tracing::debug!(
         "backup {id} complete in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -360,33 +324,29 @@ impl<'a> PieceCtx<'a> {
             })
             .await??;
             drop(slot);
-            if let Some(b) = bundler.filter(|_| bundle::Bundler::takes(size)) {
-                let stored_len = stored.len() as u64;
-                let (place, closed) = b.add(stored)?;
-                if let Some(closed) = closed {
-                    b.store(repo, closed).await?;
+            let (stored_len, bundle) = match bundler.filter(|_| bundle::Bundler::takes(size)) {
+                Some(b) => {
+                    let stored_len = stored.len() as u64;
+                    let (place, closed) = b.add(stored)?;
+                    if let Some(closed) = closed {
+                        b.store(repo, closed).await?;
+                    }
+                    (stored_len, Some(place))
                 }
-                return Ok((
-                    index,
-                    part,
-                    Part {
-                        size,
-                        crc32c: crc,
-                        stored: stored_len,
-                        bundle: Some(place),
-                    },
-                ));
-            }
-            let key = ObjectKey::BackupPart {
-                id: id.to_string(),
-                path: path.clone(),
-                part: u32::try_from(part).context("more than 4 billion pieces")?,
+                None => {
+                    let key = ObjectKey::BackupPart {
+                        id: id.to_string(),
+                        path: path.clone(),
+                        part: u32::try_from(part).context("more than 4 billion pieces")?,
+                    };
+                    let stored_len = repo
+                        .put(&key, stored, PutMode::CreateUnique)
+                        .await
+                        .with_context(|| format!("store {path}"))?
+                        .stored_bytes();
+                    (stored_len, None)
+                }
             };
-            let stored_len = repo
-                .put(&key, stored, PutMode::CreateUnique)
-                .await
-                .with_context(|| format!("store {path}"))?
-                .stored_bytes();
             Ok((
                 index,
                 part,
@@ -394,7 +354,7 @@ impl<'a> PieceCtx<'a> {
                     size,
                     crc32c: crc,
                     stored: stored_len,
-                    bundle: None,
+                    bundle,
                 },
             ))
         }

@@ -128,18 +128,7 @@ pub(crate) async fn run(args: Args, repo: &Repo, settings: &Settings) -> anyhow:
             ),
             None => String::new(),
         };
-        crate::sayln!(
-            "backup {}{kind} complete: {} files, {:.1} MiB copied, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
-            m.id,
-            m.files.len(),
-            mib(m.size_bytes),
-            mib(m.stored_bytes),
-            m.compression,
-            secs,
-            mib(m.size_bytes) / secs.max(1e-9),
-            m.start_wal,
-            m.stop_wal
-        );
+        say_done(&m, &kind, "copied", secs)?;
     }
     let bad: usize = m.checksum_failures().map(|(_, b)| b.len()).sum();
     if bad > 0 {
@@ -192,18 +181,29 @@ async fn run_streamed(
         });
         crate::outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        crate::sayln!(
-            "backup {} complete (streamed): {} files, {:.1} MiB received, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
-            m.id,
-            m.files.len(),
-            mib(m.size_bytes),
-            mib(m.stored_bytes),
-            m.compression,
-            secs,
-            mib(m.size_bytes) / secs.max(1e-9),
-            m.start_wal,
-            m.stop_wal
-        );
+        say_done(&m, " (streamed)", "received", secs)?;
     }
     Ok(exit::SUCCESS)
+}
+
+/// The one-line summary of a backup.
+fn say_done(
+    m: &pitr::manifest::BackupManifest,
+    kind: &str,
+    verb: &str,
+    secs: f64,
+) -> anyhow::Result<()> {
+    crate::sayln!(
+        "backup {}{kind} complete: {} files, {:.1} MiB {verb}, {:.1} MiB stored ({}), {:.1} s, {:.1} MiB/s; WAL {} to {}",
+        m.id,
+        m.files.len(),
+        mib(m.size_bytes),
+        mib(m.stored_bytes),
+        m.compression,
+        secs,
+        mib(m.size_bytes) / secs.max(1e-9),
+        m.start_wal,
+        m.stop_wal
+    );
+    Ok(())
 }

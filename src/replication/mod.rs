@@ -211,6 +211,20 @@ impl ReplConn {
                     as usize
     }
 
+    /// The server refused `cmd` with error `body`: read up to the ReadyForQuery that follows, so
+    /// the connection can take another command, and return the error.
+    async fn failed(&mut self, body: Bytes, cmd: &str) -> anyhow::Error {
+        let e = self.server_error(body);
+        loop {
+            match self.read().await {
+                Ok(f) if f.tag == b'Z' => break,
+                Ok(_) => {}
+                Err(read) => return e.context(format!("run {cmd} (then: {read})")),
+            }
+        }
+        e.context(format!("run {cmd}"))
+    }
+
     /// A server error as this connection's error.
     fn server_error(&self, body: Bytes) -> anyhow::Error {
         anyhow::Error::new(ServerError {
@@ -512,12 +526,7 @@ impl ReplConn {
                     return Ok(());
                 }
                 b'N' | b'S' => {}
-                b'E' => {
-                    let e = self.server_error(f.body);
-                    // The ReadyForQuery that follows.
-                    while self.read().await?.tag != b'Z' {}
-                    return Err(e.context(format!("run {cmd}")));
-                }
+                b'E' => return Err(self.failed(f.body, &cmd).await),
                 other => bail!(
                     "PostgreSQL ({}) answered {cmd} with message {:?}",
                     self.describe,
@@ -742,11 +751,7 @@ impl ReplConn {
                 b'N' => tracing::warn!("{}", wire::error_text(f.body)),
                 b'D' => rows.push(wire::data_row(f.body).map_err(anyhow::Error::msg)?),
                 b'C' => return Ok(rows),
-                b'E' => {
-                    let e = self.server_error(f.body);
-                    while self.read().await?.tag != b'Z' {}
-                    return Err(e.context(format!("run {cmd}")));
-                }
+                b'E' => return Err(self.failed(f.body, cmd).await),
                 other => bail!(
                     "PostgreSQL ({}) answered {cmd} with message {:?}",
                     self.describe,
