@@ -7,6 +7,7 @@
 mod archive;
 mod backup;
 mod blocks;
+mod docs;
 mod encryption;
 mod harness;
 mod incremental;

@@ -98,6 +98,8 @@ fn command_name(c: &Command) -> &'static str {
         Command::Key(_) => "key",
         Command::Copy(_) => "copy",
         Command::Receive(_) => "receive",
+        Command::Completions(_) => "completions",
+        Command::Man(_) => "man",
     }
 }
 
@@ -122,9 +124,12 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
-    // The only command that needs no repository.
-    if let Command::ArchiveSpoolClean(a) = &cli.command {
-        return Ok(cmd::archive_prefetch::clean(a));
+    // The commands that need no repository.
+    match &cli.command {
+        Command::ArchiveSpoolClean(a) => return Ok(cmd::archive_prefetch::clean(a)),
+        Command::Completions(a) => return cmd::docs::completions(a),
+        Command::Man(a) => return cmd::docs::man(a),
+        _ => {}
     }
     if let Command::Key(a) = &cli.command
         && let Some(done) = cmd::key::without_repository(a)

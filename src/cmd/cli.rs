@@ -148,6 +148,11 @@ pub enum Command {
     /// Show what the repository holds: timelines, WAL ranges and gaps, restore points, and the
     /// recoverable window.
     Info(super::info::Args),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell), e.g.
+    /// `pitr completions bash > /etc/bash_completion.d/pitr`.
+    Completions(super::docs::CompletionsArgs),
+    /// Print the manual page `pitr.1`, or write it and one page per command with --dir DIR.
+    Man(super::docs::ManArgs),
 }
 
 #[cfg(test)]

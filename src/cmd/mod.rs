@@ -16,6 +16,7 @@ pub(crate) mod backup;
 pub(crate) mod check;
 pub(crate) mod cli;
 pub(crate) mod copy;
+pub(crate) mod docs;
 pub(crate) mod drill;
 pub(crate) mod expire;
 pub(crate) mod info;
@@ -117,8 +118,10 @@ async fn run_one(command: Command, repo: &Repo, settings: &Settings) -> anyhow::
         | Command::Drill(_)
         | Command::Verify(_)
         | Command::Expire(_)
-        | Command::Metrics => Err(anyhow::anyhow!(
-            "internal: a command of several repositories ran on one"
+        | Command::Metrics
+        | Command::Completions(_)
+        | Command::Man(_) => Err(anyhow::anyhow!(
+            "internal: a command of several repositories, or of none, ran on one"
         )),
         Command::ArchivePrefetch(a) => archive_prefetch::run(a, repo).await,
         Command::ArchiveSpoolClean(a) => Ok(archive_prefetch::clean(&a)),
