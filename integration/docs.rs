@@ -39,8 +39,15 @@ fn completions_parse_in_their_shell_and_name_every_command() {
             let file = s.path().join(format!("pitr.{shell}"));
             std::fs::write(&file, &script).unwrap();
             let out = run(Command::new(program).arg(flag).arg(&file));
-            assert!(out.status.success(), "{program} rejects the completion: {}", stderr(&out));
-            println!("{shell}: {} bytes, accepted by {program} {flag}", script.len());
+            assert!(
+                out.status.success(),
+                "{program} rejects the completion: {}",
+                stderr(&out)
+            );
+            println!(
+                "{shell}: {} bytes, accepted by {program} {flag}",
+                script.len()
+            );
         }
     }
     let out = pitr(s.path(), &["completions", "tcsh"], &[]);
@@ -59,27 +66,29 @@ fn man_writes_a_page_per_command() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     for c in COMMANDS.iter().chain(&["key-generate"]) {
         let path = dir.join(format!("pitr-{c}.1"));
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(text.contains(&format!(".TH pitr-{c} 1")), "{text}");
         assert!(text.contains(".SH OPTIONS"), "{text}");
     }
     // Rendered by man itself where it is installed.
     if Command::new("man").arg("--version").output().is_ok() {
-        let out = run(
-            Command::new("man")
-                .arg("-l")
-                .arg(dir.join("pitr-restore.1"))
-                .env("MANPAGER", "cat")
-                .env("MANWIDTH", "100"),
-        );
+        let out = run(Command::new("man")
+            .arg("-l")
+            .arg(dir.join("pitr-restore.1"))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100"));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("--target-dir"), "{text}");
     }
     // A directory that cannot be made is named.
     let file = s.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
-    let out = pitr(s.path(), &["man", "--dir", file.join("sub").to_str().unwrap()], &[]);
+    let out = pitr(
+        s.path(),
+        &["man", "--dir", file.join("sub").to_str().unwrap()],
+        &[],
+    );
     assert_ne!(code(&out), 0);
     assert!(stderr(&out).contains("a-file"), "{}", stderr(&out));
 }

@@ -11,6 +11,7 @@ mod docs;
 mod encryption;
 mod harness;
 mod incremental;
+mod operations;
 mod receive;
 mod reliability;
 mod repos;

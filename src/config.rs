@@ -21,6 +21,11 @@
 //! encryption_key_file = "/etc/pitr/offsite.key"
 //! required = false
 //! ```
+//!
+//! Several clusters on one host, each a `[cluster.NAME]` table chosen by `--cluster NAME`: its own
+//! `repo` (or the top-level one with `/NAME` appended), compression, keys and `[cluster.NAME.expire]`.
+//! Keys that name a command's flag (`pgdata`, `jobs`, …) and `[COMMAND]` tables are the command
+//! line's defaults: the binary applies them (it knows the flags) and checks every key.
 
 use std::path::{Path, PathBuf};
 
@@ -117,6 +122,21 @@ pub enum ConfigError {
         /// The passphrase file.
         passphrase: String,
     },
+    /// A key of the config file with a value that cannot be used, or a key nothing takes.
+    #[error("`{key}` {message}: {}", where_in(.path, *.line))]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// The key, dotted (`cluster.main.jobs`).
+        key: String,
+        /// Its line, when known.
+        line: Option<usize>,
+        /// What is wrong with it ("must be a string").
+        message: String,
+    },
+    /// `--cluster NAME` that the config file does not define (or no config file).
+    #[error("{0}")]
+    NoCluster(String),
     /// The config file is not valid.
     #[error("config file {path}: {message}")]
     Parse {
@@ -132,7 +152,7 @@ impl ConfigError {
     pub fn hint(&self) -> &'static str {
         match self {
             ConfigError::NoRepo => {
-                "pass --repo URL, set PITR_REPO, or put repo = \"URL\" in the file named by --config / PITR_CONFIG"
+                "pass --repo URL, set PITR_REPO, or put repo = \"URL\" in the config file (--config / PITR_CONFIG, else /etc/pitr/pitr.toml)"
             }
             ConfigError::Read { .. } => {
                 "check the path given by --config / PITR_CONFIG and its permissions"
@@ -143,10 +163,304 @@ impl ConfigError {
             ConfigError::TwoKeys { .. } => {
                 "configure one of encryption_key_file and encryption_passphrase_file (a flag or environment variable replaces the file's setting of the same kind only)"
             }
+            ConfigError::Key { .. } => {
+                "strings are quoted (repo = \"file:///var/backups/pitr\"), numbers are not (jobs = 4), switches are true or false; keys are the long flags without -- (dashes or underscores), in [COMMAND] or [cluster.NAME] tables or at the top"
+            }
+            ConfigError::NoCluster(_) => {
+                "define the cluster as a [cluster.NAME] table in the config file (--config / PITR_CONFIG, else /etc/pitr/pitr.toml), or leave out --cluster / PITR_CLUSTER"
+            }
             ConfigError::Parse { .. } => {
                 "the file is TOML: strings are quoted (repo = \"file:///var/backups/pitr\", compress = \"zstd\"), and it takes repo, compress and an [expire] table"
             }
         }
+    }
+}
+
+fn where_in(path: &Path, line: Option<usize>) -> String {
+    match line {
+        Some(n) => format!("line {n} of {}", path.display()),
+        None => format!("in {}", path.display()),
+    }
+}
+
+/// Where the config file is looked for when neither `--config` nor `PITR_CONFIG` names one.
+pub const DEFAULT_PATH: &str = "/etc/pitr/pitr.toml";
+
+/// The keys the settings of a repository come from (at the top and in a `[cluster.NAME]` table);
+/// the binary turns every other key into a flag's default.
+pub const SETTING_KEYS: [&str; 5] = [
+    "repo",
+    "compress",
+    "expire",
+    "encryption_key_file",
+    "encryption_passphrase_file",
+];
+
+/// Whether a key of the file spells `name` (dashes and underscores are the same).
+pub fn same_key(key: &str, name: &str) -> bool {
+    key.len() == name.len()
+        && key
+            .bytes()
+            .zip(name.bytes())
+            .all(|(a, b)| a == b || (a == b'-' && b == b'_') || (a == b'_' && b == b'-'))
+}
+
+/// A config file read and parsed: its values, and its text to find the line of a key.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    text: String,
+    /// Its values.
+    pub table: toml::Table,
+}
+
+impl ConfigFile {
+    /// Read and parse the file at `path`.
+    ///
+    /// # Errors
+    /// `Read`, or `Parse` for text that is not TOML.
+    pub fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let table = toml::from_str::<toml::Table>(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            ConfigError::Parse {
+                path: path.into(),
+                message: match line {
+                    Some(n) => format!(
+                        "line {n} ({:?}): {}",
+                        text.lines().nth(n - 1).unwrap_or("").trim(),
+                        e.message().trim()
+                    ),
+                    None => e.message().trim().to_string(),
+                },
+            }
+        })?;
+        Ok(ConfigFile {
+            path: path.into(),
+            text,
+            table,
+        })
+    }
+
+    /// The line of the key at `keys` (table names, then the key; an index into an array of
+    /// tables as its number).
+    pub fn line_of(&self, keys: &[&str]) -> Option<usize> {
+        use toml::de::{DeTable, DeValue};
+        let doc = DeTable::parse(&self.text).ok()?;
+        let mut table: &DeTable = doc.get_ref();
+        let mut start = None;
+        let mut rest = keys;
+        while let Some((first, tail)) = rest.split_first() {
+            let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *first)?;
+            start = Some(k.span().start);
+            let mut value = v;
+            rest = tail;
+            // `[[repo]]` tables: the next key is an index.
+            if let DeValue::Array(items) = value.get_ref()
+                && let Some((i, tail)) = rest.split_first()
+                && let Ok(i) = i.parse::<usize>()
+            {
+                value = items.get(i)?;
+                start = Some(value.span().start);
+                rest = tail;
+            }
+            match value.get_ref() {
+                DeValue::Table(t) => table = t,
+                _ if rest.is_empty() => {}
+                _ => return None,
+            }
+        }
+        let start = start?.min(self.text.len());
+        Some(self.text[..start].matches('\n').count() + 1)
+    }
+
+    /// An error about the key at `keys`.
+    pub fn error(&self, keys: &[&str], message: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            path: self.path.clone(),
+            key: keys.join("."),
+            line: self.line_of(keys),
+            message: message.into(),
+        }
+    }
+
+    /// The names of its `[cluster.NAME]` tables.
+    pub fn cluster_names(&self) -> Vec<String> {
+        match self.table.get("cluster") {
+            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The `[cluster.NAME]` table.
+    ///
+    /// # Errors
+    /// `NoCluster` when the file defines no such cluster; `Key` when it is not a table.
+    pub fn cluster(&self, name: &str) -> Result<&toml::Table, ConfigError> {
+        match self.table.get("cluster") {
+            None => {}
+            Some(toml::Value::Table(t)) => match t.get(name) {
+                Some(toml::Value::Table(c)) => return Ok(c),
+                Some(_) => {
+                    return Err(self.error(&["cluster", name], "must be a table ([cluster.NAME])"));
+                }
+                None => {}
+            },
+            Some(_) => return Err(self.error(&["cluster"], "must be [cluster.NAME] tables")),
+        }
+        let names = self.cluster_names();
+        Err(ConfigError::NoCluster(if names.is_empty() {
+            format!(
+                "no cluster is named {name:?}: {} defines none",
+                self.path.display()
+            )
+        } else {
+            format!(
+                "no cluster is named {name:?} in {} (it defines {})",
+                self.path.display(),
+                names.join(", ")
+            )
+        }))
+    }
+
+    /// The repository settings of `table` (the top level, or a cluster's at `prefix`), each key
+    /// checked on its own so an error names it.
+    ///
+    /// # Errors
+    /// `Key` for a value of the wrong type or an unknown field in `[[repo]]` or `[expire]`.
+    pub fn settings(
+        &self,
+        prefix: &[&str],
+        table: &toml::Table,
+    ) -> Result<FileConfig, ConfigError> {
+        fn at<'a>(prefix: &[&'a str], key: &'a str) -> Vec<&'a str> {
+            let mut k = prefix.to_vec();
+            k.push(key);
+            k
+        }
+        let get = |name: &str| table.iter().find(|(k, _)| same_key(k, name));
+        let mut out = FileConfig::default();
+        if let Some((k, v)) = get("repo") {
+            out.repo = Some(match v {
+                toml::Value::String(s) => FileRepos::One(s.clone()),
+                toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+                    let mut repos = Vec::new();
+                    for (i, item) in items.iter().enumerate() {
+                        let index = i.to_string();
+                        let mut keys = at(prefix, k);
+                        keys.push(&index);
+                        repos.push(item.clone().try_into::<FileRepo>().map_err(|e| {
+                            self.error(
+                                &keys,
+                                format!("(repository {}): {}", i + 1, e.message().trim()),
+                            )
+                        })?);
+                    }
+                    FileRepos::Many(repos)
+                }
+                _ => {
+                    return Err(self.error(
+                        &at(prefix, k),
+                        "must be a string (the repository URL) or [[repo]] tables",
+                    ));
+                }
+            });
+        }
+        if let Some((k, v)) = get("compress") {
+            out.compress = Some(match v.as_str() {
+                Some(s) => v.clone().try_into::<Compression>().map_err(|_| {
+                    self.error(
+                        &at(prefix, k),
+                        format!("must be zstd, lz4 or none, not {s:?}"),
+                    )
+                })?,
+                None => {
+                    return Err(self.error(&at(prefix, k), "must be a string (zstd, lz4 or none)"));
+                }
+            });
+        }
+        if let Some((k, v)) = get("expire") {
+            let Some(t) = v.as_table() else {
+                return Err(self.error(
+                    &at(prefix, k),
+                    "must be a table ([expire] with keep_full, keep_within, …)",
+                ));
+            };
+            // Its other keys are `pitr expire`'s flags (dry_run, max_delete), for the binary.
+            let policy: toml::Table = t
+                .iter()
+                .filter(|(k, _)| k.starts_with("keep"))
+                .map(|(k, v)| (k.replace('-', "_"), v.clone()))
+                .collect();
+            out.expire = Some(toml::Value::Table(policy).try_into().map_err(|e| {
+                self.error(
+                    &at(prefix, k),
+                    format!("(the retention policy): {}", e.message().trim()),
+                )
+            })?);
+        }
+        for (name, slot) in [
+            ("encryption_key_file", &mut out.encryption_key_file),
+            (
+                "encryption_passphrase_file",
+                &mut out.encryption_passphrase_file,
+            ),
+        ] {
+            if let Some((k, v)) = get(name) {
+                match v.as_str() {
+                    Some(s) => *slot = Some(PathBuf::from(s)),
+                    None => {
+                        return Err(self.error(&at(prefix, k), "must be a string (a file path)"));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The settings of cluster `name`: its own keys over the top level's, where a cluster without
+    /// a `repo` of its own uses the top level's with `/NAME` appended (one cluster per repository).
+    ///
+    /// # Errors
+    /// As [`ConfigFile::cluster`] and [`ConfigFile::settings`].
+    pub fn cluster_settings(&self, name: &str) -> Result<FileConfig, ConfigError> {
+        let top = self.settings(&[], &self.table)?;
+        let own = self.settings(&["cluster", name], self.cluster(name)?)?;
+        let under = |url: String| format!("{}/{name}", url.trim_end_matches('/'));
+        let repo = own.repo.or(top.repo.map(|r| match r {
+            FileRepos::One(url) => FileRepos::One(under(url)),
+            FileRepos::Many(tables) => FileRepos::Many(
+                tables
+                    .into_iter()
+                    .map(|t| FileRepo {
+                        url: under(t.url),
+                        ..t
+                    })
+                    .collect(),
+            ),
+        }));
+        let own_key = own.encryption_key_file.is_some() || own.encryption_passphrase_file.is_some();
+        Ok(FileConfig {
+            repo,
+            compress: own.compress.or(top.compress),
+            expire: own.expire.or(top.expire),
+            encryption_key_file: if own_key {
+                own.encryption_key_file
+            } else {
+                top.encryption_key_file
+            },
+            encryption_passphrase_file: if own_key {
+                own.encryption_passphrase_file
+            } else {
+                top.encryption_passphrase_file
+            },
+        })
     }
 }
 
@@ -167,6 +481,8 @@ pub struct Settings {
     pub compress: Compression,
     /// The config file in use, if any (passed on to `restore_command`s pitr writes).
     pub config_path: Option<PathBuf>,
+    /// The `[cluster.NAME]` of the config file in use (`--cluster`).
+    pub cluster: Option<String>,
     /// The chosen repository's retention policy from the config file.
     pub expire: crate::expire::Policy,
     /// Where the chosen repository's key comes from, when it is encrypted.
@@ -188,6 +504,10 @@ impl Settings {
         if let Some(c) = &self.config_path {
             out.push("--config".into());
             out.push(abs(c));
+            if let Some(name) = &self.cluster {
+                out.push("--cluster".into());
+                out.push(name.clone());
+            }
         }
         // `--repo-name` narrows every command to that repository: so does the command passed on.
         let repos: Vec<&RepoSpec> = if self.named {
@@ -236,31 +556,13 @@ impl Settings {
     }
 }
 
-/// Read a config file.
+/// Read a config file's repository settings (the top level's).
 ///
 /// # Errors
-/// `Read` or `Parse`.
+/// `Read`, `Parse` or `Key`.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-        ConfigError::Parse {
-            path: path.into(),
-            message: match line {
-                Some(n) => format!(
-                    "line {n} ({:?}): {}",
-                    text.lines().nth(n - 1).unwrap_or("").trim(),
-                    e.message()
-                ),
-                None => e.message().to_string(),
-            },
-        }
-    })
+    let f = ConfigFile::read(path)?;
+    f.settings(&[], &f.table)
 }
 
 /// What the command line (flags, then environment) says, above the config file.
@@ -270,8 +572,8 @@ pub struct Overrides {
     pub repo: Vec<String>,
     /// `--repo-name` / `PITR_REPO_NAME`.
     pub repo_name: Option<String>,
-    /// `--config` / `PITR_CONFIG`.
-    pub config: Option<PathBuf>,
+    /// `--cluster` / `PITR_CLUSTER`: a `[cluster.NAME]` of the config file.
+    pub cluster: Option<String>,
     /// `--compress` / `PITR_COMPRESS`.
     pub compress: Option<Compression>,
     /// `--encryption-key-file` / `PITR_ENCRYPTION_KEY_FILE`.
@@ -280,14 +582,22 @@ pub struct Overrides {
     pub encryption_passphrase_file: Option<PathBuf>,
 }
 
-/// The settings: `args` over the config file it names, over the defaults.
+/// The settings: `args` over the config file (its `[cluster.NAME]` when `args.cluster` names
+/// one), over the defaults.
 ///
 /// # Errors
-/// No repository anywhere, or a config file that cannot be read or parsed.
-pub fn resolve(args: &Overrides) -> Result<Settings, ConfigError> {
-    let file = match &args.config {
-        Some(p) => read_file(p)?,
-        None => FileConfig::default(),
+/// No repository anywhere, an unknown cluster, or a config value that cannot be used.
+pub fn resolve(args: &Overrides, config: Option<&ConfigFile>) -> Result<Settings, ConfigError> {
+    let cluster = args.cluster.clone().filter(|c| !c.is_empty());
+    let file = match (config, &cluster) {
+        (Some(f), Some(name)) => f.cluster_settings(name)?,
+        (Some(f), None) => f.settings(&[], &f.table)?,
+        (None, Some(name)) => {
+            return Err(ConfigError::NoCluster(format!(
+                "--cluster {name} needs a config file that defines [cluster.{name}], and none was found"
+            )));
+        }
+        (None, None) => FileConfig::default(),
     };
     use crate::storage::keys::KeySource;
     let key_of = |key: Option<PathBuf>, passphrase: Option<PathBuf>| {
@@ -371,6 +681,16 @@ pub fn resolve(args: &Overrides) -> Result<Settings, ConfigError> {
         }
     };
     if repos.is_empty() {
+        if let (Some(f), None) = (config, &cluster) {
+            let names = f.cluster_names();
+            if !names.is_empty() {
+                return Err(ConfigError::NoCluster(format!(
+                    "no repository configured outside the clusters of {} ({}): name one with --cluster",
+                    f.path.display(),
+                    names.join(", ")
+                )));
+            }
+        }
         return Err(ConfigError::NoRepo);
     }
     let (chosen, named) = match args.repo_name.as_deref().filter(|n| !n.is_empty()) {
@@ -398,7 +718,8 @@ pub fn resolve(args: &Overrides) -> Result<Settings, ConfigError> {
         chosen,
         named,
         repos_from_flags,
-        config_path: args.config.clone(),
+        config_path: config.map(|f| f.path.clone()),
+        cluster,
         repos,
     })
 }
@@ -407,17 +728,39 @@ pub fn resolve(args: &Overrides) -> Result<Settings, ConfigError> {
 mod tests {
     use super::*;
 
-    fn args(
-        repo: Option<&str>,
-        compress: Option<Compression>,
+    /// The command line's overrides and the config file it names.
+    struct Args {
+        o: Overrides,
         config: Option<PathBuf>,
-    ) -> Overrides {
-        Overrides {
-            repo: repo.map(Into::into).into_iter().collect(),
-            compress,
-            config,
-            ..Overrides::default()
+    }
+
+    impl std::ops::Deref for Args {
+        type Target = Overrides;
+        fn deref(&self) -> &Overrides {
+            &self.o
         }
+    }
+
+    impl std::ops::DerefMut for Args {
+        fn deref_mut(&mut self) -> &mut Overrides {
+            &mut self.o
+        }
+    }
+
+    fn args(repo: Option<&str>, compress: Option<Compression>, config: Option<PathBuf>) -> Args {
+        Args {
+            o: Overrides {
+                repo: repo.map(Into::into).into_iter().collect(),
+                compress,
+                ..Overrides::default()
+            },
+            config,
+        }
+    }
+
+    fn resolve(a: &Args) -> Result<Settings, ConfigError> {
+        let file = a.config.as_deref().map(ConfigFile::read).transpose()?;
+        super::resolve(&a.o, file.as_ref())
     }
 
     #[test]
@@ -515,12 +858,10 @@ mod tests {
         ));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pitr.toml");
+        // Keys that are not settings are the binary's (flags' defaults, checked there).
         std::fs::write(&path, "repository = \"typo\"\n").unwrap();
         let err = resolve(&args(None, None, Some(path.clone()))).unwrap_err();
-        assert!(
-            matches!(err, ConfigError::Parse { .. }) && err.to_string().contains("pitr.toml"),
-            "{err}"
-        );
+        assert!(matches!(err, ConfigError::NoRepo), "{err}");
         // An unquoted URL: the line and its text are named.
         std::fs::write(&path, "compress = \"zstd\"\nrepo = file:///x\n").unwrap();
         let err = resolve(&args(None, None, Some(path.clone()))).unwrap_err();
@@ -532,7 +873,7 @@ mod tests {
         std::fs::write(&path, "compress = \"brotli\"\n").unwrap();
         assert!(matches!(
             resolve(&args(None, None, Some(path.clone()))),
-            Err(ConfigError::Parse { .. })
+            Err(ConfigError::Key { .. })
         ));
         assert!(matches!(
             resolve(&args(None, None, Some(dir.path().join("missing.toml")))),
@@ -556,5 +897,100 @@ mod tests {
         );
         a.encryption_key_file = Some("/k2".into());
         assert!(matches!(resolve(&a), Err(ConfigError::TwoKeys { .. })));
+    }
+
+    #[test]
+    fn clusters_have_their_own_settings_or_the_top_levels_under_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pitr.toml");
+        std::fs::write(
+            &path,
+            "repo = \"file:///var/backups/pitr/\"\ncompress = \"lz4\"\n[expire]\nkeep_full = 3\ndry_run = true\n\n[cluster.main]\npgdata = \"/srv/main\"\n\n[cluster.reports]\nrepo = \"s3://b/reports\"\ncompress = \"none\"\n[cluster.reports.expire]\nkeep_within = \"7d\"\n",
+        )
+        .unwrap();
+        let mut a = args(None, None, Some(path.clone()));
+        let s = resolve(&a).unwrap();
+        assert_eq!(
+            (s.repo.as_str(), s.cluster.as_deref()),
+            ("file:///var/backups/pitr/", None)
+        );
+        // The policy leaves expire's flags (dry_run) to the command line.
+        assert_eq!(s.expire.keep_full, Some(3));
+        a.cluster = Some("main".into());
+        let s = resolve(&a).unwrap();
+        assert_eq!(
+            (s.repo.as_str(), s.compress, s.expire.keep_full),
+            ("file:///var/backups/pitr/main", Compression::Lz4, Some(3))
+        );
+        let passed = s.passed_on();
+        assert_eq!(&passed[2..], ["--cluster", "main"], "{passed:?}");
+        a.cluster = Some("reports".into());
+        let s = resolve(&a).unwrap();
+        assert_eq!(
+            (s.repo.as_str(), s.compress, s.expire.keep_full),
+            ("s3://b/reports", Compression::None, None)
+        );
+        a.cluster = Some("nightly".into());
+        let err = resolve(&a).unwrap_err().to_string();
+        assert!(
+            err.contains("\"nightly\"") && err.contains("main, reports"),
+            "{err}"
+        );
+        // A cluster needs a config file.
+        let mut a = args(Some("file:///x"), None, None);
+        a.cluster = Some("main".into());
+        assert!(matches!(resolve(&a), Err(ConfigError::NoCluster(_))));
+        // Clusters only: a command without --cluster is told to name one.
+        std::fs::write(&path, "[cluster.a]\nrepo = \"file:///a\"\n").unwrap();
+        let err = resolve(&args(None, None, Some(path)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--cluster") && err.contains("(a)"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_line_and_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pitr.toml");
+        let check = |text: &str, want: &str| {
+            std::fs::write(&path, text).unwrap();
+            let err = resolve(&args(None, None, Some(path.clone()))).unwrap_err();
+            let line = err.to_string();
+            assert!(line.contains(want), "{line}");
+            assert!(line.ends_with(&format!("of {}", path.display())), "{line}");
+            assert!(matches!(err, ConfigError::Key { .. }), "{line}");
+        };
+        check(
+            "# pitr\n\nrepo = 5\n",
+            "`repo` must be a string (the repository URL) or [[repo]] tables: line 3",
+        );
+        check(
+            "repo = \"file:///x\"\ncompress = \"brotli\"\n",
+            "`compress` must be zstd, lz4 or none, not \"brotli\": line 2",
+        );
+        check(
+            "[[repo]]\nname = \"a\"\nurl = \"file:///a\"\n[[repo]]\nname = \"b\"\nurl = \"file:///b\"\nrequird = false\n",
+            "`repo.1` (repository 2): unknown field `requird`",
+        );
+        check(
+            "repo = \"file:///x\"\n[expire]\nkeep_full = \"two\"\n",
+            "`expire` (the retention policy)",
+        );
+        // In a cluster the key is named with its table.
+        std::fs::write(
+            &path,
+            "repo = \"file:///x\"\n[cluster.main]\ncompress = 1\n",
+        )
+        .unwrap();
+        let mut a = args(None, None, Some(path.clone()));
+        a.cluster = Some("main".into());
+        let line = resolve(&a).unwrap_err().to_string();
+        assert_eq!(
+            line,
+            format!(
+                "`cluster.main.compress` must be a string (zstd, lz4 or none): line 3 of {}",
+                path.display()
+            )
+        );
     }
 }

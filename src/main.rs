@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use pitr::exit::{self, Contract};
 use pitr::{config, error};
@@ -27,7 +27,38 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let cli = match Cli::try_parse() {
+    // The config file's defaults join the command line before it is parsed, so a required flag
+    // (backup's --pgdata) may come from the file.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let prepared = match cmd::defaults::prepare(argv.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            let name = argv
+                .iter()
+                .skip(1)
+                .filter_map(|a| a.to_str())
+                .find(|a| Cli::command().find_subcommand(a).is_some())
+                .unwrap_or("")
+                .to_string();
+            let contract = match name.as_str() {
+                "archive-push" => Contract::ArchivePush,
+                "archive-get" => Contract::ArchiveGet {
+                    standby: Path::new("standby.signal").exists(),
+                },
+                _ => Contract::Other,
+            };
+            let err = anyhow::Error::new(e);
+            let name = if name.is_empty() {
+                String::new()
+            } else {
+                format!(" {name}")
+            };
+            eprintln!("pitr{name}: error: {}", error::one_line(&err));
+            return ExitCode::from(contract.for_error(&err));
+        }
+    };
+    let config_file = prepared.file;
+    let cli = match Cli::try_parse_from(prepared.argv) {
         Ok(cli) => cli,
         // --help and --version print as clap renders them; a usage error is one line (stderr may
         // be PostgreSQL's log), naming what is wrong and where the help is.
@@ -63,7 +94,7 @@ fn main() -> ExitCode {
     };
     let name = command_name(&cli.command);
     // A panic is a bug, but it must still answer on the safe side of PostgreSQL's contract.
-    let outcome = std::panic::catch_unwind(|| run(cli));
+    let outcome = std::panic::catch_unwind(|| run(cli, config_file.as_ref()));
     let code = match outcome {
         Ok(Ok(code)) => code,
         Ok(Err(err)) => {
@@ -123,7 +154,7 @@ fn init_logging(verbose: u8, quiet: bool) {
         .init();
 }
 
-fn run(cli: Cli) -> anyhow::Result<u8> {
+fn run(cli: Cli, config_file: Option<&config::ConfigFile>) -> anyhow::Result<u8> {
     // The commands that need no repository.
     match &cli.command {
         Command::ArchiveSpoolClean(a) => return Ok(cmd::archive_prefetch::clean(a)),
@@ -137,19 +168,30 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         return done;
     }
     let g = &cli.global;
-    let settings = config::resolve(&config::Overrides {
+    let overrides = config::Overrides {
         repo: g.repo.clone(),
         repo_name: g.repo_name.clone(),
-        config: g.config.clone(),
+        cluster: g.cluster.clone(),
         compress: g.compress.map(Into::into),
         encryption_key_file: g.encryption_key_file.clone(),
         encryption_passphrase_file: g.encryption_passphrase_file.clone(),
-    })?;
+    };
+    if let Command::Info(a) = &cli.command
+        && a.all
+    {
+        return block_on(cmd::info::run_all(a, &overrides, config_file));
+    }
+    let settings = config::resolve(&overrides, config_file)?;
     if let Command::ArchivePush(a) = &cli.command
         && cmd::archive_push::answered_by_marker(a, &settings)
     {
         return Ok(exit::SUCCESS);
     }
+    block_on(run_command(cli.command, &settings))
+}
+
+/// Run `command` on a runtime of its own until it finishes or a stop signal ends it.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<u8>>) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -164,7 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 pitr::cleanup::remove_all();
                 Err(stopped.into())
             }
-            r = run_command(cli.command, &settings) => r,
+            r = command => r,
         }
     });
     // Everything the command waits for has finished; idle worker threads need not be joined (that

@@ -32,9 +32,14 @@ pub struct GlobalArgs {
     /// first]: a `[[repo]]` table's name, or repo1, repo2, … for --repo flags.
     #[arg(long, global = true, env = "PITR_REPO_NAME", value_name = "NAME")]
     pub repo_name: Option<String>,
-    /// TOML config file (repo, compress); flags and environment override it.
+    /// TOML config file [default: /etc/pitr/pitr.toml when it exists]: repositories, and any
+    /// flag's default as a key (jobs = 4, [backup] type = "incr"); flags and environment override
+    /// it.
     #[arg(long, global = true, env = "PITR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The config file's [cluster.NAME] to work on: its pgdata, repositories, retention, flags.
+    #[arg(long, global = true, env = "PITR_CLUSTER", value_name = "NAME")]
+    pub cluster: Option<String>,
     /// Compression of what archive-push and backup store [default: zstd, level 3]; other commands
     /// ignore it.
     #[arg(

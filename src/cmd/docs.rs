@@ -75,7 +75,8 @@ fn write_pages(cmd: &clap::Command, name: &str, dir: &Path) -> anyhow::Result<()
     clap_mangen::Man::new(page)
         .render(&mut out)
         .with_context(|| format!("render {}", path.display()))?;
-    pitr::durable::write_atomically(&path, &out).with_context(|| format!("write {}", path.display()))?;
+    pitr::durable::write_atomically(&path, &out)
+        .with_context(|| format!("write {}", path.display()))?;
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         write_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
     }

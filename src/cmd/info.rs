@@ -12,6 +12,10 @@ pub(crate) struct Args {
     /// Machine-readable JSON instead of the table.
     #[arg(long)]
     json: bool,
+    /// One line for every [cluster.NAME] of the config file: its repository, recoverable window,
+    /// newest backup and RPO (seconds since its latest recoverable commit).
+    #[arg(long)]
+    pub(crate) all: bool,
 }
 
 /// Run the command.
@@ -19,7 +23,7 @@ pub(crate) struct Args {
 /// # Errors
 /// Its failure, for `main` to report.
 pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
-    let Args { json } = args;
+    let Args { json, all: _ } = args;
 
     // Every repository's catalog at once; the chosen one's failure is the command's.
     let loaded = repos.catalogs().await;
@@ -65,6 +69,143 @@ pub(crate) async fn run(args: Args, repos: &RepoSet) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::SUCCESS)
+}
+
+/// One cluster in `info --all`.
+#[derive(serde::Serialize)]
+struct ClusterEntry {
+    name: String,
+    /// Its repository (the one a restore reads first).
+    repository: Option<String>,
+    /// Why it could not be read (`null` when it was).
+    error: Option<String>,
+    system_identifier: Option<pitr::pg::SystemId>,
+    pg_version: Option<u32>,
+    window: Option<pitr::info::WindowJson>,
+    newest_backup: Option<pitr::info::BackupJson>,
+    /// Seconds from its latest recoverable commit to now: what a loss of the server now would
+    /// cost at most, were nothing more archived.
+    rpo_seconds: Option<f64>,
+}
+
+/// `pitr info --all`: every cluster of the config file.
+///
+/// # Errors
+/// No config file, or one without clusters. A cluster whose repository cannot be read is listed
+/// with the reason and makes the exit code 1.
+pub(crate) async fn run_all(
+    args: &Args,
+    overrides: &pitr::config::Overrides,
+    file: Option<&pitr::config::ConfigFile>,
+) -> anyhow::Result<u8> {
+    use pitr::config::ConfigError;
+    let names = file
+        .map(pitr::config::ConfigFile::cluster_names)
+        .unwrap_or_default();
+    let Some(file) = file.filter(|_| !names.is_empty()) else {
+        return Err(ConfigError::NoCluster(match file {
+            Some(f) => format!(
+                "info --all lists the [cluster.NAME] tables of {}, and it has none",
+                f.path.display()
+            ),
+            None => {
+                "info --all lists the [cluster.NAME] tables of the config file, and none was found"
+                    .into()
+            }
+        })
+        .into());
+    };
+    let now = pitr::pg::PgTimestamp::now();
+    let mut entries = Vec::new();
+    for name in names {
+        let o = pitr::config::Overrides {
+            cluster: Some(name.clone()),
+            // Each cluster's own repositories, not the command line's.
+            repo: Vec::new(),
+            ..overrides.clone()
+        };
+        let mut e = ClusterEntry {
+            name: name.clone(),
+            repository: None,
+            error: None,
+            system_identifier: None,
+            pg_version: None,
+            window: None,
+            newest_backup: None,
+            rpo_seconds: None,
+        };
+        let loaded = async {
+            let settings = pitr::config::resolve(&o, Some(file))?;
+            e.repository = Some(settings.repo.clone());
+            let repos = RepoSet::open(&settings, false, false).await;
+            let repo = repos.chosen()?;
+            anyhow::Ok((settings.repo.clone(), Catalog::load(repo).await))
+        }
+        .await;
+        match loaded {
+            Ok((url, catalog)) => match catalog {
+                Ok(c) => {
+                    let info = Info::new(&url, &c);
+                    e.system_identifier = info.system_identifier;
+                    e.pg_version = info.pg_version;
+                    e.rpo_seconds = info
+                        .window
+                        .as_ref()
+                        .and_then(|w| w.latest)
+                        .map(|t| ((now.0 - t.0).max(0) / 1000) as f64 / 1000.0);
+                    e.window = info.window;
+                    e.newest_backup = info.backups.into_iter().rev().find(|b| b.restorable);
+                }
+                Err(err) => e.error = Some(pitr::error::one_line(&err)),
+            },
+            Err(err) => e.error = Some(pitr::error::one_line(&err)),
+        }
+        entries.push(e);
+    }
+    let failed = entries.iter().filter(|e| e.error.is_some()).count();
+    if args.json {
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "clusters": entries }))?
+        );
+    } else {
+        crate::out!("{}", render_all(&entries));
+    }
+    Ok(super::exit_for_findings(failed))
+}
+
+fn render_all(entries: &[ClusterEntry]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<12} {:<28} {:<28} {:<33} {:>7}  repository",
+        "cluster", "window from", "window to", "newest backup", "RPO s"
+    );
+    for e in entries {
+        let repo = e.repository.as_deref().unwrap_or("-");
+        if let Some(err) = &e.error {
+            let _ = writeln!(o, "{:<12} UNREADABLE: {err}  {repo}", e.name);
+            continue;
+        }
+        let (from, to) = match &e.window {
+            Some(w) => (
+                w.earliest
+                    .map_or("- (no backup)".to_string(), |t| t.rfc3339()),
+                w.latest.map_or("-".to_string(), |t| t.rfc3339()),
+            ),
+            None => ("- (no WAL)".to_string(), "-".to_string()),
+        };
+        let newest = e.newest_backup.as_ref().map_or("-".to_string(), |b| {
+            format!("{} {}", b.backup_type, b.stop_time.rfc3339())
+        });
+        let rpo = e.rpo_seconds.map_or("-".to_string(), |r| format!("{r:.0}"));
+        let _ = writeln!(
+            o,
+            "{:<12} {from:<28} {to:<28} {newest:<33} {rpo:>7}  {repo}",
+            e.name
+        );
+    }
+    o
 }
 
 /// Where `pitr receive` stood when it last said.

@@ -16,6 +16,7 @@ pub(crate) mod backup;
 pub(crate) mod check;
 pub(crate) mod cli;
 pub(crate) mod copy;
+pub(crate) mod defaults;
 pub(crate) mod docs;
 pub(crate) mod drill;
 pub(crate) mod expire;
