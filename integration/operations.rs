@@ -39,13 +39,17 @@ fn two_clusters_in_one_config_file() {
         "",
         &[],
     );
+    // One log for every call, appended by the server's user (archive_command) and root alike.
+    let log = s.path().join("pitr.log");
+    std::fs::write(&log, "").unwrap();
+    harness::chown_postgres(&log);
     let conninfo = |c: &Cluster| format!("host={} user=postgres dbname=postgres", c.sock.display());
     // One repository URL at the top: each cluster stores under its own name in it, except the
     // one with a repository of its own.
     std::fs::write(
         &conf,
         format!(
-            "# two clusters on one host\nrepo = \"file://{repos}\"\n\n[backup]\njobs = 2\narchive_timeout = \"40s\"\n\n\
+            "# two clusters on one host\nrepo = \"file://{repos}\"\nlog_file = \"{log}\"\nlog_format = \"json\"\n[backup]\njobs = 2\narchive_timeout = \"40s\"\n\n\
              [cluster.main]\npgdata = \"{}\"\ndbname = \"{}\"\n\n\
              [cluster.reports]\nrepo = \"file://{repos}-reports\"\npgdata = \"{}\"\ndbname = \"{}\"\n\
              [cluster.reports.backup]\ncompress_level = 1\n",
@@ -54,6 +58,7 @@ fn two_clusters_in_one_config_file() {
             reports.data.display(),
             conninfo(&reports),
             repos = repos.display(),
+            log = log.display(),
         ),
     )
     .unwrap();
@@ -63,7 +68,7 @@ fn two_clusters_in_one_config_file() {
     let err = stderr(&out);
     assert!(
         err.contains(
-            "`cluster.reports.backup.compress_level` is not a flag of pitr backup: line 17 of"
+            "`cluster.reports.backup.compress_level` is not a flag of pitr backup: line 18 of"
         ),
         "{err}"
     );
@@ -128,6 +133,33 @@ fn two_clusters_in_one_config_file() {
         "{table}"
     );
     println!("info --all:\n{table}");
+
+    // The log holds a record of every call: each segment both servers archived, each backup.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    for c in [&main, &reports] {
+        for seg in c.archived_segments() {
+            assert!(
+                records.iter().any(|r| r["command"] == "archive-push"
+                    && r["wal"] == seg.as_str()
+                    && r["exit"] == 0),
+                "no record of {seg} in the log"
+            );
+        }
+    }
+    let backups = records
+        .iter()
+        .filter(|r| r["command"] == "backup" && r["exit"] == 0 && r["message"] == "backup: done")
+        .count();
+    assert_eq!(backups, 2, "{records:#?}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["level"] == "info" && r["message"].as_str().unwrap().contains("started at"))
+    );
 
     // Each restores from its own repository, and its restore_command names the cluster.
     for (name, c) in [("main", &main), ("reports", &reports)] {

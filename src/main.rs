@@ -1,6 +1,5 @@
 //! The `pitr` binary: parse arguments, run the command, map the outcome to an exit code.
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -83,8 +82,39 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    init_logging(cli.global.verbose, cli.global.quiet);
+    let name = command_name(&cli.command);
+    let logging = cmd::logging::Logging {
+        verbose: cli.global.verbose,
+        quiet: cli.global.quiet,
+        level: cli.global.log_level,
+        file: cli.global.log_file.as_deref(),
+        format: cli.global.log_format.unwrap_or_default(),
+        command: name,
+    };
+    if let Err(e) = logging.init() {
+        eprintln!(
+            "pitr {name}: error: {e} (hint: the log file's directory must exist and be writable by the user running pitr)"
+        );
+        // archive-get must not answer "no such file" for a failure of its own.
+        return ExitCode::from(match &cli.command {
+            Command::ArchiveGet(_) => exit::STOP_RECOVERY,
+            _ => exit::FAILURE,
+        });
+    }
+    // The store clients read the retry budget from the environment; the flag (or the config
+    // file's key) sets it there, for this process and the prefetcher it may start.
+    if let Some(budget) = &cli.global.retry_budget
+        && std::env::var(pitr::storage::retry::BUDGET_ENV)
+            .ok()
+            .as_ref()
+            != Some(budget)
+    {
+        // SAFETY: no other thread exists yet (the runtime is built later).
+        unsafe { std::env::set_var(pitr::storage::retry::BUDGET_ENV, budget) };
+    }
     cmd::output::set_quiet(cli.global.quiet);
+    let call = call_subject(&cli.command);
+    let started = std::time::Instant::now();
     let contract = match &cli.command {
         Command::ArchivePush(_) => Contract::ArchivePush,
         Command::ArchiveGet(_) => Contract::ArchiveGet {
@@ -92,22 +122,28 @@ fn main() -> ExitCode {
         },
         _ => Contract::Other,
     };
-    let name = command_name(&cli.command);
     // A panic is a bug, but it must still answer on the safe side of PostgreSQL's contract.
     let outcome = std::panic::catch_unwind(|| run(cli, config_file.as_ref()));
-    let code = match outcome {
-        Ok(Ok(code)) => code,
+    let (code, failure) = match outcome {
+        Ok(Ok(code)) => (code, None),
         Ok(Err(err)) => {
-            eprintln!("pitr {name}: error: {}", error::one_line(&err));
-            contract.for_error(&err)
+            let line = error::one_line(&err);
+            eprintln!("pitr {name}: error: {line}");
+            (contract.for_error(&err), Some(line))
         }
         Err(_) => {
-            eprintln!(
-                "pitr {name}: error: internal error (a bug); please report it with the message above"
-            );
-            contract.for_panic()
+            let line = "internal error (a bug); please report it with the message above";
+            eprintln!("pitr {name}: error: {line}");
+            (contract.for_panic(), Some(line.to_string()))
         }
     };
+    record_call(
+        name,
+        call.as_deref(),
+        code,
+        started.elapsed(),
+        failure.as_deref(),
+    );
     ExitCode::from(code)
 }
 
@@ -134,24 +170,33 @@ fn command_name(c: &Command) -> &'static str {
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
-    let level = match (quiet, verbose) {
-        (true, _) => "error",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        (false, _) => "trace",
-    };
-    // Our own messages at `level`; libraries only when they warn, unless asked for more.
-    let lib = if verbose >= 2 { "debug" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::new(format!("{lib},pitr={level}"));
-    // stderr goes to PostgreSQL's server log under archive/restore_command: no colours there.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .without_time()
-        .init();
+/// The WAL file a call is about (archive-push's `%p` as a name, archive-get's `%f`).
+fn call_subject(c: &Command) -> Option<String> {
+    match c {
+        Command::ArchivePush(a) => Some(a.wal_name()),
+        Command::ArchiveGet(a) => Some(a.wal_name().to_string()),
+        _ => None,
+    }
+}
+
+/// The record of a call, for `--log-file` only (never on stderr).
+fn record_call(
+    name: &str,
+    wal: Option<&str>,
+    code: u8,
+    took: std::time::Duration,
+    failure: Option<&str>,
+) {
+    let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    let subject = wal.map(|w| format!(" {w}")).unwrap_or_default();
+    match failure {
+        None => {
+            tracing::info!(target: cmd::logging::CALL, wal, exit = code, ms, "{name}{subject}: done")
+        }
+        Some(error) => {
+            tracing::error!(target: cmd::logging::CALL, wal, exit = code, ms, error, "{name}{subject}: failed")
+        }
+    }
 }
 
 fn run(cli: Cli, config_file: Option<&config::ConfigFile>) -> anyhow::Result<u8> {

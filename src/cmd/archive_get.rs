@@ -20,6 +20,13 @@ pub(crate) struct Args {
     prefetch: usize,
 }
 
+impl Args {
+    /// The file asked for (for the log file's record of the call).
+    pub(crate) fn wal_name(&self) -> &str {
+        &self.wal_name
+    }
+}
+
 /// Run the command.
 ///
 /// # Errors

@@ -19,6 +19,16 @@ pub(crate) struct Args {
     pub(crate) parallel: u16,
 }
 
+impl Args {
+    /// The name of the file pushed (for the log file's record of the call).
+    pub(crate) fn wal_name(&self) -> String {
+        self.wal_path.file_name().map_or_else(
+            || self.wal_path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    }
+}
+
 /// Async archiving: most calls find their file already stored by an earlier call. Those are
 /// answered before a runtime and a store client exist (tens of milliseconds for a cloud store).
 pub(crate) fn answered_by_marker(args: &Args, settings: &Settings) -> bool {

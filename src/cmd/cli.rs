@@ -68,12 +68,51 @@ pub struct GlobalArgs {
         value_name = "FILE"
     )]
     pub encryption_passphrase_file: Option<PathBuf>,
+    /// How long transient store failures (network errors, timeouts, 5xx answers) are retried:
+    /// `30s`, `2m`, `0` for no retries [default: 60s for cloud stores, none for local
+    /// directories].
+    #[arg(long, global = true, env = "PITR_RETRY_BUDGET", value_name = "DURATION", value_parser = retry_budget)]
+    pub retry_budget: Option<String>,
+    /// Level of the messages on stderr and in --log-file [default: info; -v is debug, -q error].
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_LOG_LEVEL",
+        value_enum,
+        value_name = "LEVEL"
+    )]
+    pub log_level: Option<super::logging::LogLevel>,
+    /// Also append every message to FILE, one line each, and a record of every call (command,
+    /// WAL name, exit code, duration, error): archive-push and archive-get get a history of
+    /// their own.
+    #[arg(long, global = true, env = "PITR_LOG_FILE", value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// How lines are written: text, or json (one object per line with time, level, command,
+    /// pid, message and the event's fields) [default: text].
+    #[arg(
+        long,
+        global = true,
+        env = "PITR_LOG_FORMAT",
+        value_enum,
+        value_name = "FORMAT"
+    )]
+    pub log_format: Option<super::logging::LogFormat>,
     /// More detail on stderr (-vv for even more).
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub verbose: u8,
     /// Only errors on stderr, and no plan or summary on stdout.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+}
+
+/// `--retry-budget`: `0` or a duration.
+fn retry_budget(v: &str) -> Result<String, String> {
+    if v.trim() == "0" {
+        return Ok("0".into());
+    }
+    humantime::parse_duration(v.trim())
+        .map(|_| v.trim().to_string())
+        .map_err(|e| format!("not a duration such as 30s or 2m ({e})"))
 }
 
 /// `--compress`: the command line's names for [`Compression`].

@@ -22,6 +22,7 @@ pub(crate) mod drill;
 pub(crate) mod expire;
 pub(crate) mod info;
 pub(crate) mod key;
+pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod output;
 pub(crate) mod receive;
