@@ -70,8 +70,8 @@ pub struct GlobalArgs {
     pub encryption_passphrase_file: Option<PathBuf>,
     /// How long transient store failures (network errors, timeouts, 5xx answers) are retried:
     /// `30s`, `2m`, `0` for no retries [default: 60s for cloud stores, none for local
-    /// directories].
-    #[arg(long, global = true, env = "PITR_RETRY_BUDGET", value_name = "DURATION", value_parser = retry_budget)]
+    /// directories]. Environment: PITR_RETRY_BUDGET (which the flag replaces).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = retry_budget)]
     pub retry_budget: Option<String>,
     /// Level of the messages on stderr and in --log-file [default: info; -v is debug, -q error].
     #[arg(

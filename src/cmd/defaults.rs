@@ -417,6 +417,47 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_file_is_valid_once_uncommented() {
+        let example = include_str!("../../packaging/pitr.toml");
+        // As installed, every line is a comment: it changes nothing.
+        assert!(example.lines().all(|l| l.is_empty() || l.starts_with('#')));
+        assert_eq!(prepared(example, &["info"]).unwrap(), ["info"]);
+        // With every setting uncommented (prose is `##`), each key is one a command takes, with
+        // a value its flag accepts.
+        let all: String = example
+            .lines()
+            .filter(|l| !l.starts_with("##"))
+            .map(|l| {
+                format!(
+                    "{}\n",
+                    l.strip_prefix("# ").or(l.strip_prefix('#')).unwrap_or(l)
+                )
+            })
+            .collect();
+        for args in [
+            &["--cluster", "main", "backup"][..],
+            &["--cluster", "reports", "backup"],
+            &["archive-get", "000000010000000000000001", "x"],
+            &["archive-push", "x"],
+            &["drill"],
+            &["verify"],
+            &["expire"],
+        ] {
+            let got = prepared(&all, args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(got.len() > args.len(), "{args:?}: nothing added: {got:?}");
+        }
+        let got = prepared(&all, &["--cluster", "main", "backup"]).unwrap();
+        for want in [
+            "--type=incr",
+            "--jobs=2",
+            "--pgdata=/var/lib/postgresql/15/main",
+            "--log-format=text",
+        ] {
+            assert!(got.contains(&want.to_string()), "{want}: {got:?}");
+        }
+    }
+
+    #[test]
     fn bad_keys_and_values_name_file_and_line() {
         assert_eq!(
             prepared("repo = \"file:///r\"\n\njbos = 2\n", &["info"]).unwrap_err(),
