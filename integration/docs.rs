@@ -92,3 +92,39 @@ fn man_writes_a_page_per_command() {
     assert_ne!(code(&out), 0);
     assert!(stderr(&out).contains("a-file"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_command_pages_in_docs_are_current() {
+    let s = Scratch::new();
+    let dir = s.path().join("commands");
+    let out = pitr(
+        s.path(),
+        &[
+            "man",
+            "--format",
+            "markdown",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/commands");
+    let names = |d: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&dir), names(&committed), "pages added or removed");
+    for name in names(&dir) {
+        let want = std::fs::read_to_string(dir.join(&name)).unwrap();
+        let have = std::fs::read_to_string(committed.join(&name)).unwrap();
+        assert!(
+            want == have,
+            "docs/commands/{name} is not what the command line says: regenerate with `pitr man --format markdown --dir docs/commands`"
+        );
+    }
+}

@@ -25,6 +25,19 @@ pub struct ManArgs {
     /// instead of printing `pitr.1` on stdout.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// roff (manual pages) or markdown (one `COMMAND.md` per command and a `README.md` index,
+    /// the text of `--help`; needs --dir).
+    #[arg(long, value_enum, default_value = "roff", requires = "dir")]
+    pub format: PageFormat,
+}
+
+/// `pitr man --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PageFormat {
+    /// Manual pages.
+    Roff,
+    /// Markdown pages.
+    Markdown,
 }
 
 /// Print the completion script for `args.shell` on stdout.
@@ -60,7 +73,11 @@ pub fn man(args: &ManArgs) -> anyhow::Result<u8> {
         Some(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("create the directory {}", dir.display()))?;
-            write_pages(&cmd, "pitr", dir)?;
+            if args.format == PageFormat::Markdown {
+                write_markdown(cmd, dir)?;
+            } else {
+                write_pages(&cmd, "pitr", dir)?;
+            }
         }
     }
     Ok(pitr::exit::SUCCESS)
@@ -81,4 +98,45 @@ fn write_pages(cmd: &clap::Command, name: &str, dir: &Path) -> anyhow::Result<()
         write_pages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
     }
     Ok(())
+}
+
+/// Write one markdown page per command (its `--help`, as `pitr COMMAND --help` prints it) and an
+/// index, `README.md`.
+fn write_markdown(mut cmd: clap::Command, dir: &Path) -> anyhow::Result<()> {
+    cmd.build();
+    let mut index = String::from(
+        "# pitr commands\n\nGenerated from the command line itself (`pitr man --format markdown --dir docs/commands`): each page is the command's `--help`. The same text is in the manual pages (`man pitr-COMMAND`).\n\n",
+    );
+    let mut pages = Vec::new();
+    collect_markdown(&cmd, "pitr", &mut pages);
+    for (name, about, text) in &pages {
+        let file = format!("{}.md", name.trim_start_matches("pitr ").replace(' ', "-"));
+        let path = dir.join(&file);
+        let page = format!("# {name}\n\n```text\n{}\n```\n", text.trim_end());
+        pitr::durable::write_atomically(&path, page.as_bytes())
+            .with_context(|| format!("write {}", path.display()))?;
+        index.push_str(&format!("- [`{name}`]({file}): {about}\n"));
+    }
+    let path = dir.join("README.md");
+    pitr::durable::write_atomically(&path, index.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// (name, one-line about, long help) of each visible subcommand of `cmd`, recursively.
+fn collect_markdown(cmd: &clap::Command, name: &str, out: &mut Vec<(String, String, String)>) {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help" && !s.is_hide_set())
+    {
+        let full = format!("{name} {}", sub.get_name());
+        let about = sub.get_about().map(ToString::to_string).unwrap_or_default();
+        // The environment's values would make the pages differ from machine to machine.
+        let text = sub
+            .clone()
+            .mut_args(|a| a.hide_env_values(true))
+            .render_long_help()
+            .to_string();
+        out.push((full.clone(), about, text));
+        collect_markdown(sub, &full, out);
+    }
 }
