@@ -164,9 +164,8 @@ fn two_clusters_in_one_config_file() {
     // Each restores from its own repository, and its restore_command names the cluster.
     for (name, c) in [("main", &main), ("reports", &reports)] {
         let dir = s.path().join(format!("restored-{name}"));
-        let out = pitr_as_postgres(
-            &s,
-            &[
+        let restore = |extra: &[&str]| {
+            let mut args = vec![
                 "--config",
                 &conf_s,
                 "--cluster",
@@ -177,9 +176,32 @@ fn two_clusters_in_one_config_file() {
                 "--latest",
                 "--action",
                 "promote",
-            ],
+                "--json",
+            ];
+            args.extend_from_slice(extra);
+            let out = pitr_as_postgres(&s, &args);
+            assert_eq!(code(&out), 0, "{name}: {}{}", stdout(&out), stderr(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
+            v
+        };
+        // The plan alone, as JSON: nothing written.
+        let plan = restore(&["--dry-run"]);
+        assert_eq!(plan["dry_run"], true, "{plan:#}");
+        assert!(plan["restored"].is_null() && !dir.exists(), "{plan:#}");
+        assert_eq!(plan["backup"]["type"], "full", "{plan:#}");
+        assert_eq!(plan["chain"].as_array().unwrap().len(), 1, "{plan:#}");
+        assert!(plan["wal"]["segments"].as_u64().unwrap() >= 1, "{plan:#}");
+        let done = restore(&[]);
+        assert_eq!(done["backup"]["id"], plan["backup"]["id"]);
+        assert!(
+            done["restored"]["files"].as_u64().unwrap() > 500,
+            "{done:#}"
         );
-        assert_eq!(code(&out), 0, "{name}: {}{}", stdout(&out), stderr(&out));
+        assert!(
+            done["restored"]["bytes"].as_u64().unwrap() > 1 << 20,
+            "{done:#}"
+        );
         let auto = std::fs::read_to_string(dir.join("postgresql.auto.conf")).unwrap();
         assert!(auto.contains(&format!("--cluster {name}")), "{auto}");
         let r = Cluster::existing(c.major, &c.bin, dir, Scratch::new(), "archive_mode = off");

@@ -56,6 +56,9 @@ pub(crate) struct Args {
     /// Print the plan and exit without writing anything.
     #[arg(long)]
     dry_run: bool,
+    /// Machine-readable JSON (the plan, and what was restored) instead of the text.
+    #[arg(long)]
+    json: bool,
     /// Whether the restored cluster archives once promoted: preserve the backup's settings, or
     /// off (for copies that must not archive into this repository).
     #[arg(
@@ -124,6 +127,7 @@ pub(crate) async fn run(args: Args, repos: &RepoSet, settings: &Settings) -> any
         timeline,
         action,
         dry_run,
+        json,
         archive_mode,
         placement:
             super::Placement {
@@ -139,7 +143,9 @@ pub(crate) async fn run(args: Args, repos: &RepoSet, settings: &Settings) -> any
     let target = match (to, lsn, xid, name) {
         (Some(t), ..) => {
             let t = parse_time(&t).map_err(|e| usage(format!("--to: {e}")))?;
-            crate::sayln!("target time  {} (UTC)", t.rfc3339());
+            if !json {
+                crate::sayln!("target time  {} (UTC)", t.rfc3339());
+            }
             Target::Time(t)
         }
         (_, Some(l), ..) => {
@@ -170,7 +176,7 @@ pub(crate) async fn run(args: Args, repos: &RepoSet, settings: &Settings) -> any
             archive_mode,
         },
         default_jobs(jobs),
-        dry_run,
+        Say { dry_run, json },
         action,
     )
     .await
@@ -192,6 +198,14 @@ fn parse_timeline(s: &str) -> anyhow::Result<TimelineChoice> {
     })
 }
 
+/// Whether a restore only plans, and how it says what it does.
+struct Say {
+    /// `--dry-run`.
+    dry_run: bool,
+    /// `--json`.
+    json: bool,
+}
+
 /// Where and how a restore writes.
 struct RestoreTo<'a> {
     target_dir: &'a Path,
@@ -206,7 +220,7 @@ async fn restore(
     request: &Request,
     to: &RestoreTo<'_>,
     jobs: usize,
-    dry_run: bool,
+    Say { dry_run, json }: Say,
     action: exec::Action,
 ) -> anyhow::Result<u8> {
     let target_dir = to.target_dir;
@@ -216,16 +230,23 @@ async fn restore(
         catalog,
         plan,
         settings,
+        name: source_name,
         ..
-    } = super::source(repos, settings, request, true).await?;
+    } = super::source(repos, settings, request, !json).await?;
     let repo = &repo;
     let relocate = relocations(&plan.backup, to.tablespace_map)?;
     pitr::restore::files::preflight(&plan.backup, target_dir, &relocate)?;
     let owner = owner_ids(to.owner)?;
-    crate::sayln!("{plan}");
-    crate::sayln!("window       {}", plan::window_text(&catalog));
+    let mut report = json.then(|| plan_json(&plan, &catalog, &source_name, target_dir, dry_run));
+    if !json {
+        crate::sayln!("{plan}");
+        crate::sayln!("window       {}", plan::window_text(&catalog));
+    }
     if dry_run {
-        crate::sayln!("dry run: nothing written");
+        match &report {
+            Some(r) => crate::outln!("{}", serde_json::to_string_pretty(r)?),
+            None => crate::sayln!("dry run: nothing written"),
+        }
         return Ok(exit::SUCCESS);
     }
     let commands = exec::RecoveryCommand::for_this_binary(&settings.passed_on())?;
@@ -248,6 +269,16 @@ async fn restore(
     .await?;
     give_to_owner(owner, &plan.backup, target_dir, &relocate)?;
     let secs = started.elapsed().as_secs_f64();
+    if let Some(r) = report.as_mut() {
+        r["restored"] = serde_json::json!({
+            "files": done.files,
+            "bytes": done.bytes,
+            "seconds": (secs * 1000.0).round() / 1000.0,
+            "archiving": exec::archiving_summary(target_dir, to.archive_mode),
+        });
+        crate::outln!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(exit::SUCCESS);
+    }
     let then = match (&plan.target, action) {
         // Without a target PostgreSQL ignores recovery_target_action and promotes at the end of WAL.
         (Target::Latest, _) => format!(
@@ -282,4 +313,42 @@ async fn restore(
         exec::archiving_summary(target_dir, to.archive_mode)
     );
     Ok(exit::SUCCESS)
+}
+
+/// `restore --json`'s plan: what would be (or was) restored, from where, and what recovery does.
+fn plan_json(
+    plan: &plan::Plan,
+    catalog: &pitr::catalog::Catalog,
+    repository: &str,
+    target_dir: &Path,
+    dry_run: bool,
+) -> serde_json::Value {
+    let chain: Vec<&str> = std::iter::once(&plan.backup)
+        .chain(&plan.parents)
+        .map(|b| b.id.as_str())
+        .collect();
+    serde_json::json!({
+        "dry_run": dry_run,
+        "repository": repository,
+        "target_dir": target_dir,
+        "backup": {
+            "id": plan.backup.id,
+            "type": plan.backup.backup_type,
+            "stop_time": plan.backup.stop_time,
+        },
+        "chain": chain,
+        "target": plan.target.to_string(),
+        "exclusive": plan.exclusive,
+        "timeline": plan.timeline,
+        "recovery_target_timeline": plan.timeline_setting,
+        "timeline_path": plan.path,
+        "wal": {
+            "first": plan.first_wal,
+            "last": plan.last_wal,
+            "segments": plan.wal_segments,
+        },
+        "stop": plan.stop,
+        "window": catalog.window().map(pitr::info::WindowJson::from),
+        "restored": serde_json::Value::Null,
+    })
 }
