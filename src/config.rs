@@ -556,15 +556,6 @@ impl Settings {
     }
 }
 
-/// Read a config file's repository settings (the top level's).
-///
-/// # Errors
-/// `Read`, `Parse` or `Key`.
-pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let f = ConfigFile::read(path)?;
-    f.settings(&[], &f.table)
-}
-
 /// What the command line (flags, then environment) says, above the config file.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {

@@ -32,20 +32,15 @@ fn main() -> ExitCode {
     let prepared = match cmd::defaults::prepare(argv.clone()) {
         Ok(p) => p,
         Err(e) => {
+            let commands = Cli::command();
             let name = argv
                 .iter()
                 .skip(1)
                 .filter_map(|a| a.to_str())
-                .find(|a| Cli::command().find_subcommand(a).is_some())
+                .find(|a| commands.find_subcommand(a).is_some())
                 .unwrap_or("")
                 .to_string();
-            let contract = match name.as_str() {
-                "archive-push" => Contract::ArchivePush,
-                "archive-get" => Contract::ArchiveGet {
-                    standby: Path::new("standby.signal").exists(),
-                },
-                _ => Contract::Other,
-            };
+            let contract = contract_for(&name);
             let err = anyhow::Error::new(e);
             let name = if name.is_empty() {
                 String::new()
@@ -115,13 +110,7 @@ fn main() -> ExitCode {
     cmd::output::set_quiet(cli.global.quiet);
     let call = call_subject(&cli.command);
     let started = std::time::Instant::now();
-    let contract = match &cli.command {
-        Command::ArchivePush(_) => Contract::ArchivePush,
-        Command::ArchiveGet(_) => Contract::ArchiveGet {
-            standby: Path::new("standby.signal").exists(),
-        },
-        _ => Contract::Other,
-    };
+    let contract = contract_for(name);
     // A panic is a bug, but it must still answer on the safe side of PostgreSQL's contract.
     let outcome = std::panic::catch_unwind(|| run(cli, config_file.as_ref()));
     let (code, failure) = match outcome {
@@ -145,6 +134,18 @@ fn main() -> ExitCode {
         failure.as_deref(),
     );
     ExitCode::from(code)
+}
+
+/// PostgreSQL's exit-code contract for the command named `name` (`archive-get` on a standby may
+/// answer "not found" for an unreachable store).
+fn contract_for(name: &str) -> Contract {
+    match name {
+        "archive-push" => Contract::ArchivePush,
+        "archive-get" => Contract::ArchiveGet {
+            standby: Path::new("standby.signal").exists(),
+        },
+        _ => Contract::Other,
+    }
 }
 
 fn command_name(c: &Command) -> &'static str {
